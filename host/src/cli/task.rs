@@ -1,0 +1,294 @@
+//! `stem-host task ...`: inspect a component, run one invocation locally.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::units::{compact_duration, human_duration, parse_duration, parse_size};
+use crate::runtime::{
+    RunError, RunHandle, RunLimits, RuntimeConfig, SubTaskRequest, TaskComponent, TaskHooks,
+    TaskInfo,
+};
+use crate::task::{Invocation, LogLevel, TaskDefinition};
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// List the tasks a component declares, with their default options.
+    Inspect {
+        /// The component (.wasm) to inspect.
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one invocation of a task locally, with no broker and no result backend.
+    ///
+    /// Prints the JSON result on stdout and exits 0, or prints why the run failed and exits 1.
+    /// Guest logs and progress go to stderr. Sub-tasks the guest enqueues are listed, not run.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The component (.wasm) that implements the task.
+    file: PathBuf,
+    /// The task name, e.g. hello.add.
+    name: String,
+    /// JSON arguments.
+    #[arg(long, default_value = "{}", conflicts_with = "args_file")]
+    args: String,
+    /// Read the JSON arguments from a file.
+    #[arg(long, value_name = "FILE")]
+    args_file: Option<PathBuf>,
+    /// Memory cap (e.g. 64MiB); defaults to the task's own, else 128MiB.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    memory_limit: Option<u64>,
+    /// Hard time limit (e.g. 30s); defaults to the task's own, else 5m.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    time_limit: Option<Duration>,
+    /// Soft time limit the guest can observe (e.g. 10s).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    soft_time_limit: Option<Duration>,
+    /// The attempt number the guest sees (1 is the first run).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    attempt: u32,
+    /// Print one JSON object with the outcome instead of the bare result.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(command: TaskCommand, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
+    match command {
+        TaskCommand::Inspect { file, json } => inspect(&file, json, config).await,
+        TaskCommand::Run(args) => run_task(args, config).await,
+    }
+}
+
+async fn load(file: &Path, config: RuntimeConfig) -> anyhow::Result<Arc<TaskComponent>> {
+    let runtime = super::sandbox(config)?;
+    let path = file.to_path_buf();
+    tokio::task::spawn_blocking(move || runtime.load_file(&path))
+        .await?
+        .with_context(|| format!("cannot load {}", file.display()))
+}
+
+async fn inspect(file: &Path, json: bool, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
+    let component = load(file, config).await?;
+    let definitions = component
+        .describe()
+        .await
+        .with_context(|| format!("cannot load {}", file.display()))?;
+    if json {
+        let report = json!({
+            "file": file.display().to_string(),
+            "digest": component.digest(),
+            "tasks": definitions,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}  sha256:{}", file.display(), component.digest());
+        print_definitions(definitions);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_definitions(definitions: &[TaskDefinition]) {
+    let width = definitions
+        .iter()
+        .map(|d| d.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("{:<width$}  OPTIONS", "TASK");
+    for definition in definitions {
+        let options = describe_options(definition);
+        println!("{:<width$}  {}", definition.name, options.join(" "));
+        if let Some(description) = &definition.description {
+            println!("{:<width$}  {description}", "");
+        }
+    }
+}
+
+fn describe_options(definition: &TaskDefinition) -> Vec<String> {
+    let o = &definition.options;
+    let ms = |v: u64| compact_duration(Duration::from_millis(v));
+    let mut out = Vec::new();
+    if let Some(v) = &o.queue {
+        out.push(format!("queue={v}"));
+    }
+    if let Some(v) = o.priority {
+        out.push(format!("priority={v}"));
+    }
+    if let Some(v) = o.max_retries {
+        out.push(format!("max_retries={v}"));
+    }
+    if let Some(v) = o.retry_backoff_ms {
+        out.push(format!("retry_backoff={}", ms(v)));
+    }
+    if let Some(v) = o.retry_backoff_max_ms {
+        out.push(format!("retry_backoff_max={}", ms(v)));
+    }
+    if let Some(v) = o.retry_jitter {
+        out.push(format!("retry_jitter={v}"));
+    }
+    if let Some(v) = o.soft_time_limit_ms {
+        out.push(format!("soft_time_limit={}", ms(v)));
+    }
+    if let Some(v) = o.hard_time_limit_ms {
+        out.push(format!("time_limit={}", ms(v)));
+    }
+    if let Some(v) = &o.rate_limit {
+        out.push(format!("rate_limit={v}"));
+    }
+    if let Some(v) = o.memory_limit_bytes {
+        out.push(format!("memory_limit={}MiB", v >> 20));
+    }
+    if out.is_empty() {
+        out.push("(defaults)".to_string());
+    }
+    out
+}
+
+/// Guest logs and progress on stderr; sub-tasks recorded, not run.
+#[derive(Default)]
+struct LocalHooks {
+    subtasks: Mutex<Vec<(String, SubTaskRequest)>>,
+}
+
+#[async_trait::async_trait]
+impl TaskHooks for LocalHooks {
+    fn log(&self, task: &TaskInfo, level: LogLevel, message: &str) {
+        let level = format!("{level:?}").to_lowercase();
+        eprintln!("[{}] {level}: {message}", task.name);
+    }
+
+    fn progress(&self, task: &TaskInfo, percent: u8, message: &str) {
+        eprintln!("[{}] progress {percent}%: {message}", task.name);
+    }
+
+    async fn enqueue(&self, _parent: &TaskInfo, request: SubTaskRequest) -> Result<String, String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.subtasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id.clone(), request));
+        Ok(id)
+    }
+}
+
+async fn run_task(args: RunArgs, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
+    let raw_args = match &args.args_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read arguments from {}", path.display()))?,
+        None => args.args.clone(),
+    };
+    if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&raw_args) {
+        bail!("the arguments are not valid JSON ({error}): {raw_args}");
+    }
+    let component = load(&args.file, config).await?;
+    let definitions = component
+        .describe()
+        .await
+        .with_context(|| format!("cannot load {}", args.file.display()))?;
+    let Some(definition) = definitions.iter().find(|d| d.name == args.name) else {
+        let names: Vec<&str> = definitions.iter().map(|d| d.name.as_str()).collect();
+        bail!(
+            "{} does not declare task `{}`; it declares: {}",
+            args.file.display(),
+            args.name,
+            names.join(", ")
+        );
+    };
+    let defaults = RunLimits::default();
+    let limits = RunLimits {
+        memory_bytes: args
+            .memory_limit
+            .or(definition.options.memory_limit_bytes)
+            .unwrap_or(defaults.memory_bytes),
+        hard_time_limit: args
+            .time_limit
+            .or(definition.options.hard_time_limit())
+            .unwrap_or(defaults.hard_time_limit),
+        soft_time_limit: args
+            .soft_time_limit
+            .or(definition.options.soft_time_limit()),
+    };
+    let invocation = Invocation {
+        attempt: args.attempt,
+        ..Invocation::new(&args.name, raw_args)
+    };
+    let hooks = Arc::new(LocalHooks::default());
+    let started = Instant::now();
+    let outcome = component
+        .run(&invocation, limits, hooks.clone(), &RunHandle::new())
+        .await;
+    let elapsed = started.elapsed();
+    let subtasks = std::mem::take(&mut *hooks.subtasks.lock().unwrap_or_else(|p| p.into_inner()));
+
+    if args.json {
+        let subtasks: Vec<_> = subtasks
+            .iter()
+            .map(|(id, request)| {
+                json!({
+                    "id": id,
+                    "name": request.name,
+                    "args": serde_json::from_str::<serde_json::Value>(&request.args).ok(),
+                    "queue": request.queue,
+                    "priority": request.priority,
+                    "countdown_ms": request.countdown.map(|d| d.as_millis() as u64),
+                })
+            })
+            .collect();
+        let mut report = json!({
+            "task_id": invocation.id,
+            "task": invocation.name,
+            "duration_ms": elapsed.as_secs_f64() * 1e3,
+            "subtasks": subtasks,
+        });
+        match &outcome {
+            Ok(result) => {
+                report["state"] = json!("succeeded");
+                report["result"] = serde_json::from_str(result)?;
+            }
+            Err(error) => {
+                report["state"] = json!(final_state(error));
+                report["error"] = json!(error.to_string());
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (id, request) in &subtasks {
+            eprintln!(
+                "sub-task {} enqueued as {id} with {} (not run: `task run` has no broker)",
+                request.name, request.args
+            );
+        }
+        match &outcome {
+            Ok(result) => {
+                let value: serde_json::Value = serde_json::from_str(result)?;
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                eprintln!("{} succeeded in {}", args.name, human_duration(elapsed));
+            }
+            Err(error) => eprintln!("error: {} {error}", args.name),
+        }
+    }
+    Ok(if outcome.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The state a task in a worker would end in after this one run.
+fn final_state(error: &RunError) -> &'static str {
+    match error {
+        RunError::Retry { .. } => "retrying",
+        RunError::Revoked => "revoked",
+        _ => "failed",
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    stem_host::cli::main()
+}

@@ -1,0 +1,71 @@
+//! Compiled components on local disk, keyed by the component's sha256 and the engine's
+//! compatibility hash, so a worker compiles each component once per wasmtime build and
+//! configuration, not once per process.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use super::error::LoadError;
+
+pub(crate) struct DiskCache {
+    dir: PathBuf,
+    engine_key: String,
+}
+
+impl DiskCache {
+    pub fn new(dir: PathBuf, engine: &Engine) -> Self {
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        DiskCache {
+            dir,
+            engine_key: format!("{:016x}", hasher.finish()),
+        }
+    }
+
+    fn path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
+    }
+
+    /// Loads the compiled artifact for `digest`, compiling `bytes` and storing the result
+    /// when there is none. A cache that cannot be written only costs a recompilation later.
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        digest: &str,
+        bytes: &[u8],
+    ) -> Result<Component, LoadError> {
+        let path = self.path(digest);
+        if path.exists() {
+            // SAFETY: the file was written by `store` below from `Engine::precompile_component`
+            // under a name that carries the engine's compatibility hash; wasmtime checks its
+            // header again and refuses an artifact from another version or configuration.
+            match unsafe { Component::deserialize_file(engine, &path) } {
+                Ok(component) => return Ok(component),
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), "discarding unusable compiled component: {error}");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let compiled = engine
+            .precompile_component(bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        if let Err(error) = self.store(&path, &compiled) {
+            tracing::warn!(dir = %self.dir.display(), "cannot cache the compiled component: {error}");
+        }
+        // SAFETY: `compiled` was produced by this engine a moment ago.
+        unsafe { Component::deserialize(engine, &compiled) }
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))
+    }
+
+    /// Writes through a temporary file and a rename, so a reader never sees half a file.
+    fn store(&self, path: &Path, compiled: &[u8]) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&temporary, compiled)?;
+        std::fs::rename(&temporary, path)
+    }
+}

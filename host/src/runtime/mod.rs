@@ -1,0 +1,570 @@
+//! The sandbox: loads task components and runs one invocation in a fresh, limited instance.
+//!
+//! One [`Runtime`] per process owns the wasmtime [`Engine`] (pooling allocator when the address
+//! space can be reserved, on-demand allocation otherwise), an epoch ticker thread, the on-disk
+//! cache of compiled components and one pre-instantiated linker per component
+//! ([`TaskComponent`]). Every run gets a fresh `Store` with:
+//!
+//! - a memory cap enforced by a resource limiter that traps with a clear error;
+//! - a hard time limit: the epoch callback stops a guest that computes, and the run future is
+//!   dropped if the guest is blocked in a host call;
+//! - a soft time limit the guest observes through `soft-time-limit-exceeded`;
+//! - a [`RunHandle`] to revoke (cooperative) or terminate (forced) that run alone;
+//! - default-deny WASI: no preopened directories, no sockets, no environment variables, no
+//!   arguments, a closed stdin, and stdout/stderr captured in bounded buffers.
+
+mod bindings;
+mod cache;
+mod control;
+mod error;
+mod hooks;
+mod limits;
+mod output;
+mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::OnceCell;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+
+pub use control::RunHandle;
+pub use error::{LoadError, RunError};
+pub use hooks::{DetachedHooks, SubTaskRequest, TaskHooks, TaskInfo};
+pub use limits::RunLimits;
+
+use bindings::stem::task::types as wit;
+use bindings::{Task, TaskPre};
+use cache::DiskCache;
+use limits::{MemoryLimitHit, MemoryLimiter};
+use output::CapturedOutput;
+use state::RunState;
+
+use crate::task::{Invocation, TaskDefinition, TaskOptions};
+
+/// Settings of the process-wide runtime.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Where compiled components are kept; `None` compiles in memory only.
+    pub cache_dir: Option<PathBuf>,
+    /// Instances that may exist at once (the pooling allocator's slots).
+    pub max_instances: u32,
+    /// Largest memory cap a run may be given.
+    pub max_memory_bytes: u64,
+    /// How often the epoch advances: the granularity of hard time limits and termination.
+    pub epoch_tick: Duration,
+    /// Bytes of guest stdout and of stderr kept per run.
+    pub output_capture_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            cache_dir: default_cache_dir(),
+            max_instances: 256,
+            max_memory_bytes: 4 << 30,
+            epoch_tick: Duration::from_millis(5),
+            output_capture_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `$STEM_COMPONENT_CACHE_DIR`, else `$XDG_CACHE_HOME/stem/components`, else
+/// `~/.cache/stem/components`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("STEM_COMPONENT_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("stem").join("components"))
+}
+
+/// Why the runtime itself could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the wasm engine: {0}")]
+pub struct EngineError(String);
+
+/// The process-wide sandbox. Cheap to share behind an `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<RunState>,
+    cache: Option<DiskCache>,
+    components: Mutex<HashMap<String, Arc<TaskComponent>>>,
+    config: RuntimeConfig,
+    pooling: bool,
+    ticker: Arc<EpochTicker>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Self, EngineError> {
+        let (engine, pooling) = create_engine(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| EngineError(format!("{e:#}")))?;
+        Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| EngineError(format!("{e:#}")))?;
+        let ticker = Arc::new(EpochTicker::start(engine.clone(), config.epoch_tick));
+        Ok(Runtime {
+            cache: config
+                .cache_dir
+                .clone()
+                .map(|dir| DiskCache::new(dir, &engine)),
+            engine,
+            linker,
+            components: Mutex::default(),
+            config,
+            pooling,
+            ticker,
+        })
+    }
+
+    /// Whether instances come from the pooling allocator.
+    pub fn uses_pooling_allocator(&self) -> bool {
+        self.pooling
+    }
+
+    /// Compiles (or fetches from cache) and links a component. Loading the same bytes twice
+    /// returns the same [`TaskComponent`]. Compilation takes CPU time: call this from a
+    /// blocking context.
+    pub fn load(&self, bytes: &[u8]) -> Result<Arc<TaskComponent>, LoadError> {
+        let digest = crate::digest::sha256_hex(bytes);
+        if let Some(component) = self.lock_components().get(&digest) {
+            return Ok(component.clone());
+        }
+        check_component_header(bytes)?;
+        let component = match &self.cache {
+            Some(cache) => cache.load_or_compile(&self.engine, &digest, bytes)?,
+            None => Component::new(&self.engine, bytes)
+                .map_err(|e| LoadError::Compile(format!("{e:#}")))?,
+        };
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre = TaskPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let loaded = Arc::new(TaskComponent {
+            digest: digest.clone(),
+            pre,
+            output_capture_bytes: self.config.output_capture_bytes,
+            definitions: OnceCell::new(),
+            _ticker: self.ticker.clone(),
+        });
+        self.lock_components().insert(digest, loaded.clone());
+        Ok(loaded)
+    }
+
+    pub fn load_file(&self, path: &Path) -> Result<Arc<TaskComponent>, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        self.load(&bytes)
+    }
+
+    fn lock_components(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TaskComponent>>> {
+        self.components.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> {
+    let mut wasm = Config::new();
+    wasm.epoch_interruption(true)
+        .wasm_component_model(true);
+
+    let mut pool = PoolingAllocationConfig::default();
+    let slots = config.max_instances;
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * 8)
+        .total_memories(slots * 2)
+        .total_tables(slots * 8)
+        .total_stacks(slots)
+        .max_memory_size(config.max_memory_bytes as usize);
+    let mut pooled = wasm.clone();
+    pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    match Engine::new(&pooled) {
+        Ok(engine) => Ok((engine, true)),
+        Err(error) => {
+            tracing::warn!(
+                "pooling allocator unavailable ({error}); falling back to on-demand allocation"
+            );
+            Engine::new(&wasm)
+                .map(|engine| (engine, false))
+                .map_err(|e| EngineError(format!("{e:#}")))
+        }
+    }
+}
+
+/// Advances the engine's epoch every tick, on its own thread, until dropped. The runtime and
+/// every component it loaded hold it: a guest can only be stopped while the epoch moves.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("stem-epoch".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("cannot spawn the epoch ticker thread");
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Tells a core module or a random file from a component before wasmtime does, with an
+/// error a task author can act on.
+fn check_component_header(bytes: &[u8]) -> Result<(), LoadError> {
+    match bytes.get(..8) {
+        Some([0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00]) => Ok(()),
+        Some([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]) => Err(LoadError::NotAComponent(
+            "this is a core wasm module; build the task crate with `--target wasm32-wasip2` \
+             so that it becomes a component"
+                .to_string(),
+        )),
+        _ => Err(LoadError::NotAComponent(
+            "the file does not start with the WebAssembly magic bytes".to_string(),
+        )),
+    }
+}
+
+/// Why the epoch callback stopped a guest.
+#[derive(Debug, thiserror::Error)]
+enum Interrupted {
+    #[error("hard time limit exceeded")]
+    TimeLimit,
+    #[error("terminated")]
+    Terminated,
+}
+
+/// A compiled, linked component, ready to be instantiated for each run.
+pub struct TaskComponent {
+    digest: String,
+    pre: TaskPre<RunState>,
+    output_capture_bytes: usize,
+    definitions: OnceCell<Vec<TaskDefinition>>,
+    _ticker: Arc<EpochTicker>,
+}
+
+impl TaskComponent {
+    /// The sha256 of the component's bytes, in lower-case hex.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The tasks the component declares, validated, from its first `describe` call.
+    pub async fn describe(&self) -> Result<&[TaskDefinition], LoadError> {
+        let definitions = self
+            .definitions
+            .get_or_try_init(|| async {
+                let info = TaskInfo {
+                    id: "describe".to_string(),
+                    name: "describe".to_string(),
+                    attempt: 1,
+                };
+                let limits = RunLimits {
+                    hard_time_limit: Duration::from_secs(10),
+                    ..RunLimits::default()
+                };
+                let definitions = self
+                    .call(info, limits, Arc::new(DetachedHooks), &RunHandle::new(), |task, store| {
+                        Box::pin(async move { task.stem_task_handler().call_describe(store).await })
+                    })
+                    .await
+                    .map_err(LoadError::Describe)?;
+                validate_definitions(definitions.into_iter().map(TaskDefinition::from).collect())
+            })
+            .await?;
+        Ok(definitions)
+    }
+
+    /// Runs one invocation in a fresh instance and returns the JSON result.
+    pub async fn run(
+        &self,
+        invocation: &Invocation,
+        limits: RunLimits,
+        hooks: Arc<dyn TaskHooks>,
+        handle: &RunHandle,
+    ) -> Result<String, RunError> {
+        let info = TaskInfo {
+            id: invocation.id.clone(),
+            name: invocation.name.clone(),
+            attempt: invocation.attempt,
+        };
+        let wit_invocation = wit::Invocation {
+            id: invocation.id.clone(),
+            name: invocation.name.clone(),
+            args: invocation.args.clone(),
+            attempt: invocation.attempt,
+            headers: invocation.headers.clone(),
+        };
+        let returned = self
+            .call(info, limits, hooks, handle, |task, store| {
+                Box::pin(async move {
+                    task.stem_task_handler()
+                        .call_run(store, &wit_invocation)
+                        .await
+                })
+            })
+            .await?;
+        match returned {
+            Ok(result) => match serde_json::from_str::<serde::de::IgnoredAny>(&result) {
+                Ok(_) => Ok(result),
+                Err(error) => Err(RunError::Failed(format!(
+                    "the task returned a result that is not JSON: {error}"
+                ))),
+            },
+            Err(wit::TaskError::Fail(message)) => Err(RunError::Failed(message)),
+            Err(wit::TaskError::Retry(request)) => Err(RunError::Retry {
+                after: Duration::from_millis(request.after_ms),
+                message: request.message,
+            }),
+            Err(wit::TaskError::Reject(message)) => Err(RunError::Rejected(message)),
+        }
+    }
+
+    /// Instantiates the component in a fresh, limited store and calls one export.
+    async fn call<R>(
+        &self,
+        task: TaskInfo,
+        limits: RunLimits,
+        hooks: Arc<dyn TaskHooks>,
+        handle: &RunHandle,
+        export: impl for<'a> FnOnce(
+            &'a Task,
+            &'a mut Store<RunState>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>,
+        >,
+    ) -> Result<R, RunError> {
+        let stdout = CapturedOutput::new(self.output_capture_bytes);
+        let stderr = CapturedOutput::new(self.output_capture_bytes);
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let started = Instant::now();
+        let hard_deadline = started + limits.hard_time_limit;
+        let task_id = task.id.clone();
+        let mut store = Store::new(
+            self.pre.engine(),
+            RunState {
+                wasi,
+                table: ResourceTable::new(),
+                limiter: MemoryLimiter {
+                    limit: limits.memory_bytes,
+                },
+                task,
+                handle: handle.clone(),
+                soft_deadline: limits.soft_time_limit.map(|soft| started + soft),
+                hooks,
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        let watched = handle.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if watched.is_terminated() {
+                Err(Interrupted::Terminated.into())
+            } else if Instant::now() >= hard_deadline {
+                Err(Interrupted::TimeLimit.into())
+            } else {
+                // Yielding lets the select below notice a deadline or a termination.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let time_limit_exceeded = RunError::TimeLimitExceeded {
+            limit: limits.hard_time_limit,
+        };
+        let outcome = {
+            let run = async {
+                let instance = self
+                    .pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| RunError::Instantiate(format!("{e:#}")))?;
+                export(&instance, &mut store)
+                    .await
+                    .map_err(|error| classify(error, &limits, &stderr))
+            };
+            tokio::select! {
+                biased;
+                _ = handle.terminated() => Err(RunError::Revoked),
+                _ = tokio::time::sleep_until(hard_deadline.into()) => Err(time_limit_exceeded),
+                outcome = run => outcome,
+            }
+        };
+        drop(store);
+        log_guest_output(&task_id, &stdout, &stderr);
+        outcome
+    }
+}
+
+/// Maps an error out of wasmtime to what happened, in the guest's terms.
+fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput) -> RunError {
+    if let Some(hit) = error.downcast_ref::<MemoryLimitHit>() {
+        return RunError::MemoryLimitExceeded {
+            limit: hit.limit,
+            requested: hit.requested,
+        };
+    }
+    if let Some(interrupted) = error.downcast_ref::<Interrupted>() {
+        return match interrupted {
+            Interrupted::TimeLimit => RunError::TimeLimitExceeded {
+                limit: limits.hard_time_limit,
+            },
+            Interrupted::Terminated => RunError::Revoked,
+        };
+    }
+    let mut message = if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        format!("the guest called exit with status {}", exit.0)
+    } else {
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::StackOverflow) => "stack overflow (call stack exhausted)".to_string(),
+            Some(_) if deep_recursion(&error).is_some() => format!(
+                "stack overflow: `{}` recursed without end",
+                deep_recursion(&error).unwrap_or_default()
+            ),
+            Some(Trap::UnreachableCodeReached) => {
+                "the guest aborted (wasm `unreachable` executed; a Rust panic ends this way)"
+                    .to_string()
+            }
+            Some(trap) => trap.to_string(),
+            None => error.root_cause().to_string(),
+        }
+    };
+    let stderr = stderr.text();
+    if !stderr.is_empty() {
+        message.push_str("; guest stderr: ");
+        message.push_str(tail(&stderr, 2048));
+    }
+    RunError::Trapped { message }
+}
+
+/// Rust guests keep their stack in linear memory, so overflowing it traps as an out-of-bounds
+/// access, not as call-stack exhaustion. A backtrace whose innermost frames are all the same
+/// function tells the two apart; returns that function's name.
+fn deep_recursion(error: &wasmtime::Error) -> Option<String> {
+    const SAME_FRAMES: usize = 16;
+    let frames = error.downcast_ref::<wasmtime::WasmBacktrace>()?.frames();
+    let innermost = frames.get(..SAME_FRAMES)?;
+    let first = innermost.first()?;
+    innermost
+        .iter()
+        .all(|frame| frame.func_index() == first.func_index())
+        .then(|| {
+            first
+                .func_name()
+                .map(|name| format!("{:#}", rustc_demangle::demangle(name)))
+                .unwrap_or_else(|| format!("function #{}", first.func_index()))
+        })
+}
+
+fn tail(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut start = text.len() - max;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+fn log_guest_output(task_id: &str, stdout: &CapturedOutput, stderr: &CapturedOutput) {
+    let stdout = stdout.text();
+    if !stdout.is_empty() {
+        tracing::info!(task.id = task_id, "guest stdout: {stdout}");
+    }
+    let stderr = stderr.text();
+    if !stderr.is_empty() {
+        tracing::warn!(task.id = task_id, "guest stderr: {stderr}");
+    }
+}
+
+impl From<wit::TaskDefinition> for TaskDefinition {
+    fn from(definition: wit::TaskDefinition) -> Self {
+        let o = definition.options;
+        TaskDefinition {
+            name: definition.name,
+            description: definition.description,
+            options: TaskOptions {
+                queue: o.queue,
+                priority: o.priority,
+                max_retries: o.max_retries,
+                retry_backoff_ms: o.retry_backoff_ms,
+                retry_backoff_max_ms: o.retry_backoff_max_ms,
+                retry_jitter: o.retry_jitter,
+                soft_time_limit_ms: o.soft_time_limit_ms,
+                hard_time_limit_ms: o.hard_time_limit_ms,
+                rate_limit: o.rate_limit,
+                memory_limit_bytes: o.memory_limit_bytes,
+            },
+        }
+    }
+}
+
+/// Checks what a component declares before anything trusts it.
+fn validate_definitions(
+    definitions: Vec<TaskDefinition>,
+) -> Result<Vec<TaskDefinition>, LoadError> {
+    if definitions.is_empty() {
+        return Err(LoadError::NoTasks);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for definition in &definitions {
+        let name = &definition.name;
+        if !crate::task::is_valid_task_name(name) {
+            return Err(LoadError::InvalidTaskName(name.clone()));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(LoadError::DuplicateTask(name.clone()));
+        }
+        let invalid = |problem: String| LoadError::InvalidOption {
+            name: name.clone(),
+            problem,
+        };
+        let o = &definition.options;
+        if let Some(priority) = o.priority.filter(|p| *p > 9) {
+            return Err(invalid(format!("priority {priority} (expected 0 to 9)")));
+        }
+        if let (Some(soft), Some(hard)) = (o.soft_time_limit_ms, o.hard_time_limit_ms)
+            && soft > hard
+        {
+            return Err(invalid(format!(
+                "a soft time limit ({soft}ms) above its hard time limit ({hard}ms)"
+            )));
+        }
+        if let Some(rate) = &o.rate_limit
+            && crate::task::RateLimit::parse(rate).is_none()
+        {
+            return Err(invalid(format!("an invalid rate limit `{rate}`")));
+        }
+    }
+    Ok(definitions)
+}

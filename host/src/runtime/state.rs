@@ -1,0 +1,101 @@
+//! The data of one run's Store, and the `stem:task/context` interface implemented on it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::stem::task::{context, types};
+use super::control::RunHandle;
+use super::hooks::{SubTaskRequest, TaskHooks, TaskInfo};
+use super::limits::MemoryLimiter;
+use crate::task::LogLevel;
+
+/// Longest log or progress message kept from a guest; longer ones are cut.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+pub(crate) struct RunState {
+    pub wasi: WasiCtx,
+    pub table: ResourceTable,
+    pub limiter: MemoryLimiter,
+    pub task: TaskInfo,
+    pub handle: RunHandle,
+    pub soft_deadline: Option<Instant>,
+    pub hooks: Arc<dyn TaskHooks>,
+}
+
+impl WasiView for RunState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for RunState {}
+
+impl context::Host for RunState {
+    async fn log(&mut self, level: types::LogLevel, message: String) {
+        let level = match level {
+            types::LogLevel::Trace => LogLevel::Trace,
+            types::LogLevel::Debug => LogLevel::Debug,
+            types::LogLevel::Info => LogLevel::Info,
+            types::LogLevel::Warn => LogLevel::Warn,
+            types::LogLevel::Error => LogLevel::Error,
+        };
+        self.hooks.log(&self.task, level, truncate(&message));
+    }
+
+    async fn progress(&mut self, percent: u8, message: String) {
+        self.hooks
+            .progress(&self.task, percent.min(100), truncate(&message));
+    }
+
+    async fn heartbeat(&mut self) {
+        self.hooks.heartbeat(&self.task);
+    }
+
+    async fn is_revoked(&mut self) -> bool {
+        self.handle.is_revoked()
+    }
+
+    async fn soft_time_limit_exceeded(&mut self) -> bool {
+        self.soft_deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    async fn enqueue(
+        &mut self,
+        name: String,
+        args: String,
+        options: types::EnqueueOptions,
+    ) -> Result<String, String> {
+        if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&args) {
+            return Err(format!("arguments of `{name}` are not valid JSON: {error}"));
+        }
+        if options.priority.is_some_and(|p| p > 9) {
+            return Err("priority must be 0 (lowest) to 9 (highest)".to_string());
+        }
+        let request = SubTaskRequest {
+            name,
+            args,
+            queue: options.queue,
+            priority: options.priority,
+            countdown: options.countdown_ms.map(Duration::from_millis),
+        };
+        self.hooks.enqueue(&self.task, request).await
+    }
+}
+
+fn truncate(message: &str) -> &str {
+    if message.len() <= MAX_MESSAGE_BYTES {
+        return message;
+    }
+    let mut end = MAX_MESSAGE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}

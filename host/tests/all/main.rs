@@ -1,0 +1,8 @@
+//! Integration tests of the host, in one binary so that wasmtime is linked once.
+//!
+//! The guest components are built from `examples/` and `tests/guests/` once per run, by
+//! `scripts/build-guests` (or taken from `STEM_GUEST_DIR`).
+
+mod cli;
+mod sandbox;
+mod support;

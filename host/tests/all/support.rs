@@ -1,0 +1,78 @@
+//! Shared fixtures: the guest components and one runtime for every test.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use stem_host::runtime::{Runtime, RuntimeConfig, TaskComponent};
+
+/// `target/` of this build, found from the test binary's own path (`target/debug/deps/...`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.ancestors()
+        .nth(3)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// The directory of built guest components, building them on first use.
+pub fn guest_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("STEM_GUEST_DIR") {
+            return PathBuf::from(dir);
+        }
+        let output = Command::new(workspace_root().join("scripts/build-guests"))
+            .env("CARGO_TARGET_DIR", target_dir())
+            .output()
+            .expect("cannot run scripts/build-guests");
+        assert!(
+            output.status.success(),
+            "building the guest components failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        PathBuf::from(stdout.lines().last().expect("build-guests prints the directory"))
+    })
+}
+
+/// Path of a guest component, e.g. `guest("hello")`.
+pub fn guest(crate_name: &str) -> PathBuf {
+    let path = guest_dir().join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(path.exists(), "missing guest component {}", path.display());
+    path
+}
+
+/// The compiled-component cache the tests share across runs.
+pub fn cache_dir() -> PathBuf {
+    target_dir().join("stem-test-cache")
+}
+
+/// One runtime for the whole test binary, as one worker process has.
+pub fn runtime() -> Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            Arc::new(
+                Runtime::new(RuntimeConfig {
+                    cache_dir: Some(cache_dir()),
+                    ..RuntimeConfig::default()
+                })
+                .expect("runtime"),
+            )
+        })
+        .clone()
+}
+
+pub fn component(crate_name: &str) -> Arc<TaskComponent> {
+    runtime()
+        .load_file(&guest(crate_name))
+        .unwrap_or_else(|e| panic!("cannot load {crate_name}: {e}"))
+}

@@ -1,0 +1,137 @@
+//! Guests that misbehave on purpose. Each task returns `Ok` only if the sandbox let it do
+//! something it should not have been able to do, so a test can tell "denied" from "allowed".
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use serde::Deserialize;
+use stem_guest::TaskError;
+
+/// Loops forever without ever checking revocation or time.
+#[stem_guest::task(name = "hostile.spin")]
+pub fn spin(_args: serde_json::Value) -> Result<(), TaskError> {
+    let mut counter: u64 = 0;
+    loop {
+        counter = black_box(counter.wrapping_add(1));
+    }
+}
+
+#[derive(Deserialize)]
+pub struct SleepArgs {
+    ms: u64,
+}
+
+/// Blocks in a host call (a WASI sleep) instead of computing.
+#[stem_guest::task(name = "hostile.sleep")]
+pub fn sleep(args: SleepArgs) -> Result<(), TaskError> {
+    std::thread::sleep(Duration::from_millis(args.ms));
+    Ok(())
+}
+
+/// Allocates and touches memory until something stops it.
+#[stem_guest::task(name = "hostile.memory_bomb")]
+pub fn memory_bomb(_args: serde_json::Value) -> Result<usize, TaskError> {
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let chunk = vec![0xA5u8; 1 << 20];
+        hoard.push(black_box(chunk));
+        if hoard.len() > 1 << 20 {
+            return Ok(hoard.len());
+        }
+    }
+}
+
+// Endless on purpose: the sandbox must turn the overflow into a failed run.
+#[allow(unconditional_recursion)]
+#[inline(never)]
+fn recurse(depth: u64, padding: [u64; 16]) -> u64 {
+    let padding = black_box(padding);
+    black_box(recurse(depth + 1, padding)) + padding[(depth % 16) as usize]
+}
+
+/// Recurses without end.
+#[stem_guest::task(name = "hostile.stack_overflow")]
+pub fn stack_overflow(_args: serde_json::Value) -> Result<u64, TaskError> {
+    Ok(recurse(0, [7; 16]))
+}
+
+/// Panics with a recognisable message.
+#[stem_guest::task(name = "hostile.panic")]
+pub fn panic(_args: serde_json::Value) -> Result<(), TaskError> {
+    panic!("hostile guest panicked on purpose");
+}
+
+#[derive(Deserialize)]
+pub struct PathArgs {
+    path: String,
+}
+
+/// Tries to read a file of the host.
+#[stem_guest::task(name = "hostile.read_file")]
+pub fn read_file(args: PathArgs) -> Result<String, TaskError> {
+    std::fs::read_to_string(&args.path)
+        .map_err(|e| TaskError::fail(format!("cannot read {}: {e}", args.path)))
+}
+
+/// Tries to create a file.
+#[stem_guest::task(name = "hostile.write_file")]
+pub fn write_file(args: PathArgs) -> Result<(), TaskError> {
+    std::fs::write(&args.path, b"pwned")
+        .map_err(|e| TaskError::fail(format!("cannot write {}: {e}", args.path)))
+}
+
+#[derive(Deserialize)]
+pub struct ConnectArgs {
+    address: String,
+}
+
+/// Tries to open a TCP connection.
+#[stem_guest::task(name = "hostile.connect")]
+pub fn connect(args: ConnectArgs) -> Result<String, TaskError> {
+    let address: std::net::SocketAddr = args
+        .address
+        .parse()
+        .map_err(|e| TaskError::reject(format!("bad address: {e}")))?;
+    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        .map(|_| format!("connected to {address}"))
+        .map_err(|e| TaskError::fail(format!("cannot connect to {address}: {e}")))
+}
+
+#[derive(Deserialize)]
+pub struct EnvArgs {
+    name: String,
+}
+
+/// Tries to read an environment variable of the host process.
+#[stem_guest::task(name = "hostile.env")]
+pub fn env(args: EnvArgs) -> Result<String, TaskError> {
+    let visible = std::env::vars().count();
+    std::env::var(&args.name).map_err(|e| {
+        TaskError::fail(format!(
+            "cannot read environment variable {}: {e} ({visible} variables visible)",
+            args.name
+        ))
+    })
+}
+
+/// Calls `exit(3)` in the middle of a run.
+#[stem_guest::task(name = "hostile.exit")]
+pub fn exit(_args: serde_json::Value) -> Result<(), TaskError> {
+    std::process::exit(3);
+}
+
+#[derive(Deserialize)]
+pub struct FloodArgs {
+    megabytes: usize,
+}
+
+/// Writes many megabytes to stdout, then succeeds.
+#[stem_guest::task(name = "hostile.flood")]
+pub fn flood(args: FloodArgs) -> Result<usize, TaskError> {
+    let line = "x".repeat(1023);
+    let lines = args.megabytes * 1024;
+    for _ in 0..lines {
+        println!("{line}");
+    }
+    Ok(lines)
+}
