@@ -141,7 +141,10 @@ mod tests {
                 period: Duration::from_secs(1)
             })
         );
-        assert_eq!(RateLimit::parse("100/m").map(|r| r.period.as_secs()), Some(60));
+        assert_eq!(
+            RateLimit::parse("100/m").map(|r| r.period.as_secs()),
+            Some(60)
+        );
         assert_eq!(RateLimit::parse("5/h").map(|r| r.count), Some(5));
         assert_eq!(RateLimit::parse("0/s"), None);
         assert_eq!(RateLimit::parse("10/d"), None);

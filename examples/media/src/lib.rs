@@ -30,7 +30,12 @@ pub struct Thumbnail {
 }
 
 /// Shrinks a PPM image with a box filter so its longest side is `max_side`.
-#[stem_guest::task(name = "media.thumbnail", queue = "media", time_limit = "60s", memory_limit = "256MiB")]
+#[stem_guest::task(
+    name = "media.thumbnail",
+    queue = "media",
+    time_limit = "60s",
+    memory_limit = "256MiB"
+)]
 pub fn thumbnail(ctx: &TaskContext, args: ThumbnailArgs) -> Result<Thumbnail, TaskError> {
     if args.max_side == 0 {
         return Err(TaskError::reject("max_side must be at least 1"));
@@ -203,16 +208,18 @@ impl Ppm {
         let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
         for y in 0..height {
             let y0 = (u64::from(y) * u64::from(self.height) / u64::from(height)) as u32;
-            let y1 = ((u64::from(y + 1) * u64::from(self.height)).div_ceil(u64::from(height))) as u32;
+            let y1 =
+                ((u64::from(y + 1) * u64::from(self.height)).div_ceil(u64::from(height))) as u32;
             for x in 0..width {
                 let x0 = (u64::from(x) * u64::from(self.width) / u64::from(width)) as u32;
-                let x1 = ((u64::from(x + 1) * u64::from(self.width)).div_ceil(u64::from(width))) as u32;
+                let x1 =
+                    ((u64::from(x + 1) * u64::from(self.width)).div_ceil(u64::from(width))) as u32;
                 let mut sum = [0u64; 3];
                 for sy in y0..y1 {
                     for sx in x0..x1 {
                         let at = (sy as usize * self.width as usize + sx as usize) * 3;
-                        for channel in 0..3 {
-                            sum[channel] += u64::from(self.pixels[at + channel]);
+                        for (total, value) in sum.iter_mut().zip(&self.pixels[at..at + 3]) {
+                            *total += u64::from(*value);
                         }
                     }
                 }

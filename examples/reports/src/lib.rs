@@ -65,7 +65,10 @@ pub fn generate(ctx: &TaskContext, args: ReportArgs) -> Result<Report, TaskError
         total_cents += line;
         *per_sku.entry(order.sku.as_str()).or_default() += line;
         if (index + 1) % step == 0 {
-            ctx.progress(((index + 1) * 100 / orders.len()) as u8, "aggregating orders");
+            ctx.progress(
+                ((index + 1) * 100 / orders.len()) as u8,
+                "aggregating orders",
+            );
         }
         if ctx.is_revoked() {
             return Err(TaskError::fail("revoked while aggregating"));
@@ -112,7 +115,10 @@ pub struct DeliverArgs {
 #[stem_guest::task(name = "reports.deliver", queue = "reports", max_retries = 5)]
 pub fn deliver(ctx: &TaskContext, args: DeliverArgs) -> Result<String, TaskError> {
     if !args.to.contains('@') {
-        return Err(TaskError::reject(format!("`{}` is not an address", args.to)));
+        return Err(TaskError::reject(format!(
+            "`{}` is not an address",
+            args.to
+        )));
     }
     let message = format!(
         "report for customer {} sent to {}: total {}.{:02}",

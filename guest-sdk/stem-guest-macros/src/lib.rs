@@ -166,7 +166,10 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
             "priority" => {
                 let value = integer(&pair.value)?;
                 if value > 9 {
-                    return Err(syn::Error::new(span, "priority is 0 (lowest) to 9 (highest)"));
+                    return Err(syn::Error::new(
+                        span,
+                        "priority is 0 (lowest) to 9 (highest)",
+                    ));
                 }
                 options.priority = Some(value as u8);
             }
@@ -271,7 +274,9 @@ fn boolean(value: &Expr) -> syn::Result<bool> {
 /// Splits "250ms" into (250, "ms").
 fn number_and_unit(text: &str) -> Option<(u64, &str)> {
     let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let number = text[..digits].parse().ok()?;
     Some((number, text[digits..].trim()))
 }
@@ -315,9 +320,9 @@ fn size_bytes(value: &Expr) -> syn::Result<u64> {
 }
 
 fn check_rate_limit(text: &str, span: Span) -> syn::Result<()> {
-    let valid = text
-        .split_once('/')
-        .is_some_and(|(count, per)| count.trim().parse::<u32>().is_ok_and(|n| n > 0) && matches!(per.trim(), "s" | "m" | "h"));
+    let valid = text.split_once('/').is_some_and(|(count, per)| {
+        count.trim().parse::<u32>().is_ok_and(|n| n > 0) && matches!(per.trim(), "s" | "m" | "h")
+    });
     if valid {
         Ok(())
     } else {

@@ -118,12 +118,10 @@ impl From<TaskError> for types::TaskError {
     fn from(error: TaskError) -> Self {
         match error {
             TaskError::Fail(message) => types::TaskError::Fail(message),
-            TaskError::Retry { after, message } => {
-                types::TaskError::Retry(types::RetryRequest {
-                    after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
-                    message,
-                })
-            }
+            TaskError::Retry { after, message } => types::TaskError::Retry(types::RetryRequest {
+                after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX),
+                message,
+            }),
             TaskError::Reject(message) => types::TaskError::Reject(message),
         }
     }
@@ -280,7 +278,9 @@ pub mod __private {
             .map_err(|e| TaskError::reject(format!("invalid arguments for task `{name}`: {e}")))?;
         let result = handler(args)?;
         serde_json::to_string(&result).map_err(|e| {
-            TaskError::fail(format!("result of task `{name}` cannot be encoded as JSON: {e}"))
+            TaskError::fail(format!(
+                "result of task `{name}` cannot be encoded as JSON: {e}"
+            ))
         })
     }
 }

@@ -97,7 +97,10 @@ pub async fn run(command: BenchCommand, config: RuntimeConfig) -> anyhow::Result
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("====== runtime: instantiate + call {task} ======");
-                println!("  {iterations} runs in {}, one at a time", human_duration(total));
+                println!(
+                    "  {iterations} runs in {}, one at a time",
+                    human_duration(total)
+                );
                 println!(
                     "  allocator: {}",
                     if pooling { "pooling" } else { "on-demand" }

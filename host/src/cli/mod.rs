@@ -24,7 +24,12 @@ use crate::runtime::{Runtime, RuntimeConfig};
 )]
 pub struct Cli {
     /// Directory of compiled components (defaults to ~/.cache/stem/components).
-    #[arg(long, global = true, env = "STEM_COMPONENT_CACHE_DIR", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_COMPONENT_CACHE_DIR",
+        value_name = "DIR"
+    )]
     cache_dir: Option<PathBuf>,
 
     #[command(subcommand)]

@@ -22,7 +22,9 @@ pub enum LoadError {
     NoTasks,
     #[error("the component declares task `{0}` more than once")]
     DuplicateTask(String),
-    #[error("the component declares an invalid task name `{0}`: use letters, digits, `.`, `_`, `-` and `:`")]
+    #[error(
+        "the component declares an invalid task name `{0}`: use letters, digits, `.`, `_`, `-` and `:`"
+    )]
     InvalidTaskName(String),
     #[error("the component declares task `{name}` with {problem}")]
     InvalidOption { name: String, problem: String },

@@ -42,7 +42,12 @@ pub trait TaskHooks: Send + Sync + 'static {
 
     /// Progress also counts as a heartbeat.
     fn progress(&self, task: &TaskInfo, percent: u8, message: &str) {
-        tracing::debug!(task.id = task.id, task.name = task.name, percent, "progress: {message}");
+        tracing::debug!(
+            task.id = task.id,
+            task.name = task.name,
+            percent,
+            "progress: {message}"
+        );
     }
 
     fn heartbeat(&self, _task: &TaskInfo) {}

@@ -151,7 +151,8 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre = TaskPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre =
+            TaskPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
         let loaded = Arc::new(TaskComponent {
             digest: digest.clone(),
             pre,
@@ -178,8 +179,7 @@ impl Runtime {
 
 fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> {
     let mut wasm = Config::new();
-    wasm.epoch_interruption(true)
-        .wasm_component_model(true);
+    wasm.epoch_interruption(true).wasm_component_model(true);
 
     let mut pool = PoolingAllocationConfig::default();
     let slots = config.max_instances;
@@ -288,9 +288,17 @@ impl TaskComponent {
                     ..RunLimits::default()
                 };
                 let definitions = self
-                    .call(info, limits, Arc::new(DetachedHooks), &RunHandle::new(), |task, store| {
-                        Box::pin(async move { task.stem_task_handler().call_describe(store).await })
-                    })
+                    .call(
+                        info,
+                        limits,
+                        Arc::new(DetachedHooks),
+                        &RunHandle::new(),
+                        |task, store| {
+                            Box::pin(
+                                async move { task.stem_task_handler().call_describe(store).await },
+                            )
+                        },
+                    )
                     .await
                     .map_err(LoadError::Describe)?;
                 validate_definitions(definitions.into_iter().map(TaskDefinition::from).collect())

@@ -32,7 +32,9 @@ impl CapturedOutput {
     /// What the guest wrote, lossily decoded, with a note when some of it was dropped.
     pub fn text(&self) -> String {
         let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
-        let mut text = String::from_utf8_lossy(&buffer.bytes).trim_end().to_string();
+        let mut text = String::from_utf8_lossy(&buffer.bytes)
+            .trim_end()
+            .to_string();
         if buffer.dropped > 0 {
             text.push_str(&format!(" [{} more bytes dropped]", buffer.dropped));
         }

@@ -26,7 +26,10 @@ fn inspect_lists_tasks_with_their_options() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
     assert!(stdout.contains("sha256:"), "{stdout}");
-    assert!(stdout.contains("hello.fail   max_retries=2 retry_backoff=100ms"), "{stdout}");
+    assert!(
+        stdout.contains("hello.fail   max_retries=2 retry_backoff=100ms"),
+        "{stdout}"
+    );
     assert!(stdout.contains("Adds two integers."), "{stdout}");
 
     let reports = guest("reports");
@@ -74,7 +77,10 @@ fn run_prints_the_result_of_each_example() {
     assert_eq!(report["state"], "succeeded");
     assert_eq!(report["result"]["orderCount"], 1000);
     assert_eq!(report["subtasks"][0]["name"], "reports.deliver");
-    assert_eq!(report["subtasks"][0]["id"], report["result"]["deliveryTaskId"]);
+    assert_eq!(
+        report["subtasks"][0]["id"],
+        report["result"]["deliveryTaskId"]
+    );
 
     let media = guest("media");
     let output = stem_host(&[
@@ -97,17 +103,28 @@ fn run_fails_clearly_on_bad_input() {
 
     let output = stem_host(&["task", "run", hello, "hello.add", "--args", "{not json"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("not valid JSON"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("not valid JSON"),
+        "{}",
+        text(&output.stderr)
+    );
 
     let output = stem_host(&["task", "run", hello, "hello.nope", "--args", "{}"]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("does not declare task `hello.nope`"), "{stderr}");
+    assert!(
+        stderr.contains("does not declare task `hello.nope`"),
+        "{stderr}"
+    );
     assert!(stderr.contains("hello.add"), "{stderr}");
 
     let output = stem_host(&["task", "run", hello, "hello.add", "--args", r#"{"a":1}"#]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("missing field `b`"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("missing field `b`"),
+        "{}",
+        text(&output.stderr)
+    );
 
     let not_wasm = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(not_wasm.path(), "hello").unwrap();
@@ -135,7 +152,12 @@ fn run_enforces_limits_from_flags() {
     assert_eq!(output.status.code(), Some(1));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["state"], "failed");
-    assert!(report["error"].as_str().unwrap().contains("hard time limit of 300ms"));
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("hard time limit of 300ms")
+    );
 
     let output = stem_host(&[
         "task",

@@ -119,7 +119,10 @@ async fn hello_tasks_return_their_results() {
         Ok(json!(42))
     );
     let payload = json!({"nested": {"list": [1, "two", null]}, "unicode": "héllo ✓"});
-    assert_eq!(run("hello", "hello.echo", payload.clone()).await, Ok(payload));
+    assert_eq!(
+        run("hello", "hello.echo", payload.clone()).await,
+        Ok(payload)
+    );
     let busy = run("hello", "hello.busy", json!({"ms": 50})).await.unwrap();
     assert!(busy["iterations"].as_u64().unwrap() > 0);
     assert!(busy["elapsed_ms"].as_u64().unwrap() >= 50);
@@ -134,7 +137,10 @@ async fn guest_errors_keep_their_kind() {
     );
     let invocation = Invocation {
         attempt: 2,
-        ..Invocation::new("hello.flaky", json!({"succeed_on": 3, "retry_after_ms": 250}).to_string())
+        ..Invocation::new(
+            "hello.flaky",
+            json!({"succeed_on": 3, "retry_after_ms": 250}).to_string(),
+        )
     };
     let retry = component("hello")
         .run(
@@ -168,7 +174,9 @@ async fn guest_errors_keep_their_kind() {
 
 #[tokio::test]
 async fn bad_arguments_are_rejected_with_the_task_and_serde_error() {
-    let error = run("hello", "hello.add", json!({"a": 1})).await.unwrap_err();
+    let error = run("hello", "hello.add", json!({"a": 1}))
+        .await
+        .unwrap_err();
     match error {
         RunError::Rejected(message) => {
             assert!(message.contains("hello.add"), "{message}");
@@ -295,14 +303,21 @@ async fn media_tasks_work_on_real_bytes() {
     )
     .await
     .unwrap();
-    assert_eq!((thumbnail["width"].as_u64(), thumbnail["height"].as_u64()), (Some(64), Some(48)));
+    assert_eq!(
+        (thumbnail["width"].as_u64(), thumbnail["height"].as_u64()),
+        (Some(64), Some(48))
+    );
     let ppm = BASE64.decode(thumbnail["image"].as_str().unwrap()).unwrap();
     let header = b"P6\n64 48\n255\n";
     assert_eq!(&ppm[..header.len()], header);
     let pixels = &ppm[header.len()..];
     assert_eq!(pixels.len(), 64 * 48 * 3);
     assert_eq!(&pixels[..3], &[0, 0, 0], "left edge stays black");
-    assert_eq!(&pixels[pixels.len() - 3..], &[255, 255, 255], "right edge stays white");
+    assert_eq!(
+        &pixels[pixels.len() - 3..],
+        &[255, 255, 255],
+        "right edge stays white"
+    );
     assert_eq!(thumbnail["sha256"], hex::encode(Sha256::digest(&ppm)));
 
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -334,17 +349,31 @@ async fn media_tasks_work_on_real_bytes() {
     let expected = Sha256::digest(Sha256::digest(Sha256::digest(b"stem")));
     assert_eq!(digest, json!(hex::encode(expected)));
 
-    let bad = run("media", "media.thumbnail", json!({"image": "%%%", "max_side": 8})).await;
-    assert!(matches!(&bad, Err(RunError::Rejected(m)) if m.contains("base64")), "{bad:?}");
+    let bad = run(
+        "media",
+        "media.thumbnail",
+        json!({"image": "%%%", "max_side": 8}),
+    )
+    .await;
+    assert!(
+        matches!(&bad, Err(RunError::Rejected(m)) if m.contains("base64")),
+        "{bad:?}"
+    );
 }
 
 #[tokio::test]
 async fn an_infinite_loop_stops_at_the_hard_time_limit() {
     let limit = Duration::from_millis(500);
     let started = Instant::now();
-    let error = run_with("stem-test-hostile", "hostile.spin", json!({}), limits(limit), &RunHandle::new())
-        .await
-        .unwrap_err();
+    let error = run_with(
+        "stem-test-hostile",
+        "hostile.spin",
+        json!({}),
+        limits(limit),
+        &RunHandle::new(),
+    )
+    .await
+    .unwrap_err();
     let elapsed = started.elapsed();
     assert_eq!(error, RunError::TimeLimitExceeded { limit });
     assert!(elapsed >= limit, "stopped early: {elapsed:?}");
@@ -432,7 +461,10 @@ async fn files_of_the_host_are_out_of_reach() {
         json!({"path": target.display().to_string()}),
     )
     .await;
-    assert!(matches!(&write, Err(RunError::Failed(m)) if m.contains("cannot write")), "{write:?}");
+    assert!(
+        matches!(&write, Err(RunError::Failed(m)) if m.contains("cannot write")),
+        "{write:?}"
+    );
     assert!(!target.exists());
     assert_runtime_still_serves().await;
 }
@@ -453,10 +485,7 @@ async fn sockets_are_denied_even_to_a_listening_server() {
         matches!(&error, RunError::Failed(m) if m.contains("Permission denied")),
         "{error:?}"
     );
-    assert!(
-        listener.accept().is_err(),
-        "the guest reached the listener"
-    );
+    assert!(listener.accept().is_err(), "the guest reached the listener");
     assert_runtime_still_serves().await;
 }
 
@@ -487,9 +516,13 @@ async fn exit_fails_the_run_and_not_the_host() {
 
 #[tokio::test]
 async fn flooding_stdout_is_bounded_and_harmless() {
-    let lines = run("stem-test-hostile", "hostile.flood", json!({"megabytes": 4}))
-        .await
-        .unwrap();
+    let lines = run(
+        "stem-test-hostile",
+        "hostile.flood",
+        json!({"megabytes": 4}),
+    )
+    .await
+    .unwrap();
     assert_eq!(lines, json!(4 * 1024));
 }
 
@@ -528,7 +561,10 @@ async fn terminating_one_run_leaves_its_neighbour_alone() {
     let stop_latency = terminated_at.elapsed();
     assert_eq!(outcome, Err(RunError::Revoked));
     assert!(elapsed < Duration::from_secs(2), "ran for {elapsed:?}");
-    assert!(stop_latency < Duration::from_millis(100), "took {stop_latency:?} to stop");
+    assert!(
+        stop_latency < Duration::from_millis(100),
+        "took {stop_latency:?} to stop"
+    );
 
     let neighbour = neighbour.await.unwrap().expect("the neighbour finishes");
     assert_eq!(neighbour["stopped_early"], Value::Null);
@@ -600,10 +636,7 @@ fn files_that_are_not_components_are_refused_with_a_hint() {
         matches!(&random, LoadError::NotAComponent(m) if m.contains("magic")),
         "{random}"
     );
-    let core_module = runtime
-        .load(b"\0asm\x01\0\0\0")
-        .err()
-        .expect("refused");
+    let core_module = runtime.load(b"\0asm\x01\0\0\0").err().expect("refused");
     assert!(
         matches!(&core_module, LoadError::NotAComponent(m) if m.contains("wasm32-wasip2")),
         "{core_module}"
@@ -639,6 +672,9 @@ fn compiled_components_are_cached_on_disk_by_digest() {
     let second = Runtime::new(config).unwrap();
     let loaded = second.load(&bytes).unwrap();
     assert_eq!(loaded.digest(), digest);
-    assert_eq!(std::fs::metadata(&artifact).unwrap().modified().unwrap(), written);
+    assert_eq!(
+        std::fs::metadata(&artifact).unwrap().modified().unwrap(),
+        written
+    );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }

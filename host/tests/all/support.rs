@@ -39,7 +39,12 @@ pub fn guest_dir() -> &'static Path {
             String::from_utf8_lossy(&output.stderr)
         );
         let stdout = String::from_utf8_lossy(&output.stdout);
-        PathBuf::from(stdout.lines().last().expect("build-guests prints the directory"))
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("build-guests prints the directory"),
+        )
     })
 }
 
