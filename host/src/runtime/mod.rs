@@ -177,6 +177,9 @@ impl Runtime {
     }
 }
 
+/// Memory of a pooled slot that stays mapped between runs (Rust guests start near 1-2MiB).
+const KEEP_RESIDENT_BYTES: usize = 4 << 20;
+
 fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> {
     let mut wasm = Config::new();
     wasm.epoch_interruption(true).wasm_component_model(true);
@@ -188,7 +191,12 @@ fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> 
         .total_memories(slots * 2)
         .total_tables(slots * 8)
         .total_stacks(slots)
-        .max_memory_size(config.max_memory_bytes as usize);
+        .max_memory_size(config.max_memory_bytes as usize)
+        // Between runs, reset only the pages a guest dirtied and keep them mapped: far fewer
+        // page faults and TLB shootdowns than unmapping a whole slot per run (Linux 6.7+).
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+        .table_keep_resident(KEEP_RESIDENT_BYTES);
     let mut pooled = wasm.clone();
     pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&pooled) {
