@@ -4,7 +4,7 @@
 //! and one argument of any type that implements `serde::Deserialize`, and returns
 //! `Result<impl Serialize, TaskError>`:
 //!
-//! ```ignore
+//! ```no_run
 //! use serde::Deserialize;
 //! use stem_guest::{TaskContext, TaskError};
 //!
