@@ -59,10 +59,3 @@ pub enum RunError {
     #[error("cannot start the task: {0}")]
     Instantiate(String),
 }
-
-impl RunError {
-    /// Whether retrying the same invocation may succeed.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, RunError::Rejected(_) | RunError::Revoked)
-    }
-}

@@ -174,3 +174,119 @@ fn run_enforces_limits_from_flags() {
         text(&output.stderr)
     );
 }
+
+/// Runs `task run FILE NAME --args ARGS --json [extra]` and returns the JSON report.
+fn run_json(crate_name: &str, task: &str, args: &str, extra: &[&str]) -> Value {
+    let component = guest(crate_name);
+    let mut command = vec![
+        "task",
+        "run",
+        component.to_str().unwrap(),
+        task,
+        "--json",
+        "--args",
+        args,
+    ];
+    command.extend_from_slice(extra);
+    let output = stem_host(&command);
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{task}: {e}; stderr: {}", text(&output.stderr)));
+    assert_eq!(
+        output.status.success(),
+        report["state"] == "succeeded",
+        "{task}: exit code and state disagree: {report}"
+    );
+    report
+}
+
+#[test]
+fn every_example_task_runs_from_the_cli() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+
+    assert_eq!(
+        run_json("hello", "hello.add", r#"{"a":-1,"b":1}"#, &[])["result"],
+        0
+    );
+    assert_eq!(
+        run_json("hello", "hello.echo", r#"{"x":[1,2]}"#, &[])["result"],
+        serde_json::json!({"x": [1, 2]})
+    );
+    let busy = run_json("hello", "hello.busy", r#"{"ms":20}"#, &[]);
+    assert!(busy["result"]["elapsed_ms"].as_u64().unwrap() >= 20);
+    let flaky = run_json("hello", "hello.flaky", r#"{"succeed_on":2}"#, &[]);
+    assert_eq!(flaky["state"], "retrying");
+    assert!(flaky["error"].as_str().unwrap().contains("attempt 1 of 2"));
+    let flaky = run_json(
+        "hello",
+        "hello.flaky",
+        r#"{"succeed_on":2}"#,
+        &["--attempt", "2"],
+    );
+    assert_eq!(flaky["result"], 2);
+    let fail = run_json("hello", "hello.fail", r#"{"message":"no luck"}"#, &[]);
+    assert_eq!(fail["state"], "failed");
+    assert_eq!(fail["error"], "task failed: no luck");
+
+    let deliver = run_json(
+        "reports",
+        "reports.deliver",
+        r#"{"customerId":7,"to":"ops@example.com","totalCents":1234}"#,
+        &[],
+    );
+    assert_eq!(
+        deliver["result"],
+        "report for customer 7 sent to ops@example.com: total 12.34"
+    );
+    let generate = run_json("reports", "reports.generate", r#"{"customerId":7}"#, &[]);
+    assert_eq!(generate["result"]["orderCount"], 1000);
+    assert_eq!(generate["subtasks"], serde_json::json!([]));
+
+    let data = "stem ".repeat(1000);
+    let compressed = run_json(
+        "media",
+        "media.compress",
+        &serde_json::json!({"data": BASE64.encode(&data)}).to_string(),
+        &[],
+    );
+    assert_eq!(compressed["result"]["original_bytes"], 5000);
+    let restored = run_json(
+        "media",
+        "media.decompress",
+        &serde_json::json!({"data": compressed["result"]["data"]}).to_string(),
+        &[],
+    );
+    assert_eq!(
+        BASE64.decode(restored["result"].as_str().unwrap()).unwrap(),
+        data.as_bytes()
+    );
+    let digest = run_json("media", "media.digest", r#"{"data":"c3RlbQ=="}"#, &[]);
+    assert_eq!(digest["result"], stem_host::digest::sha256_hex(b"stem"));
+
+    // A 300x200 mid-grey image, passed through --args-file as a user would for large inputs.
+    let mut ppm = b"P6\n300 200\n255\n".to_vec();
+    ppm.resize(ppm.len() + 300 * 200 * 3, 128);
+    let args = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        args.path(),
+        serde_json::json!({"image": BASE64.encode(&ppm), "max_side": 30}).to_string(),
+    )
+    .unwrap();
+    let component = guest("media");
+    let output = stem_host(&[
+        "task",
+        "run",
+        component.to_str().unwrap(),
+        "media.thumbnail",
+        "--args-file",
+        args.path().to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let thumbnail: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (thumbnail["width"].clone(), thumbnail["height"].clone()),
+        (30.into(), 20.into())
+    );
+    let pixels = BASE64.decode(thumbnail["image"].as_str().unwrap()).unwrap();
+    assert!(pixels.ends_with(&[128, 128, 128]));
+}
