@@ -482,7 +482,7 @@ async fn sockets_are_denied_even_to_a_listening_server() {
     .await
     .unwrap_err();
     assert!(
-        matches!(&error, RunError::Failed(m) if m.contains("Permission denied")),
+        matches!(&error, RunError::Failed(m) if m.contains("access-denied")),
         "{error:?}"
     );
     assert!(listener.accept().is_err(), "the guest reached the listener");

@@ -85,16 +85,33 @@ pub struct ConnectArgs {
     address: String,
 }
 
-/// Tries to open a TCP connection.
+/// Tries to open a TCP connection through `wasi:sockets` directly (std's sockets need a
+/// wasi-libc with socket support, which not every toolchain has).
 #[stem_guest::task(name = "hostile.connect")]
 pub fn connect(args: ConnectArgs) -> Result<String, TaskError> {
-    let address: std::net::SocketAddr = args
+    use wasi::sockets::network::{IpAddressFamily, IpSocketAddress, Ipv4SocketAddress};
+    let address: std::net::SocketAddrV4 = args
         .address
         .parse()
-        .map_err(|e| TaskError::reject(format!("bad address: {e}")))?;
-    std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        .map_err(|e| TaskError::reject(format!("bad IPv4 address: {e}")))?;
+    let denied = |step: &str, error: wasi::sockets::network::ErrorCode| {
+        TaskError::fail(format!("cannot connect to {address}: {step}: {error:?}"))
+    };
+    let socket = wasi::sockets::tcp_create_socket::create_tcp_socket(IpAddressFamily::Ipv4)
+        .map_err(|e| denied("create-tcp-socket", e))?;
+    let [a, b, c, d] = address.ip().octets();
+    let remote = IpSocketAddress::Ipv4(Ipv4SocketAddress {
+        port: address.port(),
+        address: (a, b, c, d),
+    });
+    socket
+        .start_connect(&wasi::sockets::instance_network::instance_network(), remote)
+        .map_err(|e| denied("start-connect", e))?;
+    socket.subscribe().block();
+    socket
+        .finish_connect()
         .map(|_| format!("connected to {address}"))
-        .map_err(|e| TaskError::fail(format!("cannot connect to {address}: {e}")))
+        .map_err(|e| denied("finish-connect", e))
 }
 
 #[derive(Deserialize)]
