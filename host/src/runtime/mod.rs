@@ -460,12 +460,12 @@ fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput)
     let mut message = if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
         format!("the guest called exit with status {}", exit.0)
     } else {
+        let recursed = deep_recursion(&error);
         match error.downcast_ref::<Trap>() {
             Some(Trap::StackOverflow) => "stack overflow (call stack exhausted)".to_string(),
-            Some(_) if deep_recursion(&error).is_some() => format!(
-                "stack overflow: `{}` recursed without end",
-                deep_recursion(&error).unwrap_or_default()
-            ),
+            Some(_) if let Some(function) = recursed => {
+                format!("stack overflow: `{function}` recursed without end")
+            }
             Some(Trap::UnreachableCodeReached) => {
                 "the guest aborted (wasm `unreachable` executed; a Rust panic ends this way)"
                     .to_string()
