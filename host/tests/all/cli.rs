@@ -62,18 +62,12 @@ fn run_prints_the_result_of_each_example() {
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert_eq!(text(&output.stdout).trim(), "42");
 
-    let reports = guest("reports");
-    let output = stem_host(&[
-        "task",
-        "run",
-        reports.to_str().unwrap(),
+    let report = run_json(
+        "reports",
         "reports.generate",
-        "--args",
         r#"{"customerId":42,"deliverTo":"finance@example.com"}"#,
-        "--json",
-    ]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        &[],
+    );
     assert_eq!(report["state"], "succeeded");
     assert_eq!(report["result"]["orderCount"], 1000);
     assert_eq!(report["subtasks"][0]["name"], "reports.deliver");
