@@ -6,12 +6,31 @@
 //! - [`runtime`]: the sandbox. Compiles components once, runs each invocation in a fresh
 //!   instance under a memory cap, hard and soft time limits and default-deny WASI.
 //! - [`task`]: what a task is (definition, options, invocation), shared by every module.
+//! - [`envelope`]: a task on its way to a worker; [`codec`]: how its arguments and result are
+//!   encoded.
+//! - [`broker`]: delivery of envelopes (leases, priorities, delays, dead letters, broadcast).
+//! - [`backend`]: task history (states, results, groups and chords, worker heartbeats).
+//! - [`stores`]: revocations, Beat's schedule and its locks.
+//! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, ...).
 //! - [`digest`]: content addresses (sha256) of components.
 //! - [`cli`]: the `stem-host` command line.
 //!
+//! Each storage contract is a trait in its module, with the in-memory adapter (tests and demos)
+//! and the durable ones (SQLite, then Redis and Postgres) as submodules beside it. They share
+//! one error type, [`storage::StorageError`], and one notion of time, [`time::Timestamp`].
+//!
 //! Errors are concrete types in the library modules; `anyhow` is used only in the CLI.
 
+pub mod backend;
+pub mod broker;
 pub mod cli;
+pub mod codec;
+pub mod config;
 pub mod digest;
+pub mod envelope;
 pub mod runtime;
+mod sqlite;
+pub mod storage;
+pub mod stores;
 pub mod task;
+pub mod time;

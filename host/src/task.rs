@@ -29,6 +29,12 @@ pub struct TaskOptions {
     pub rate_limit: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_limit_bytes: Option<u64>,
+    /// Payload encoder of the arguments (see [`crate::codec`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_encoder: Option<String>,
+    /// Payload encoder of the result.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_encoder: Option<String>,
 }
 
 impl TaskOptions {

@@ -34,7 +34,9 @@ pub struct Thumbnail {
     name = "media.thumbnail",
     queue = "media",
     time_limit = "60s",
-    memory_limit = "256MiB"
+    memory_limit = "256MiB",
+    args_encoder = "gzip",
+    result_encoder = "gzip"
 )]
 pub fn thumbnail(ctx: &TaskContext, args: ThumbnailArgs) -> Result<Thumbnail, TaskError> {
     if args.max_side == 0 {

@@ -18,7 +18,7 @@ use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, MetaNameValue, Token};
 /// Options: `name = "..."` (defaults to the function name), `queue = "..."`, `priority = 0..=9`,
 /// `max_retries = N`, `retry_backoff = "2s"`, `retry_backoff_max = "5m"`, `retry_jitter = bool`,
 /// `soft_time_limit = "10s"`, `time_limit = "30s"`, `rate_limit = "10/s"`,
-/// `memory_limit = "64MiB"`. Durations take `ms`, `s`, `m` or `h`; sizes take `B`, `KiB`,
+/// `memory_limit = "64MiB"`, `args_encoder = "gzip"`, `result_encoder = "base64"`. Durations take `ms`, `s`, `m` or `h`; sizes take `B`, `KiB`,
 /// `MiB` or `GiB`. The function's doc comment becomes the task's description.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -41,6 +41,8 @@ struct Options {
     hard_time_limit_ms: Option<u64>,
     rate_limit: Option<String>,
     memory_limit_bytes: Option<u64>,
+    args_encoder: Option<String>,
+    result_encoder: Option<String>,
 }
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
@@ -87,6 +89,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     };
     let queue = opt_str(&options.queue);
     let rate_limit = opt_str(&options.rate_limit);
+    let args_encoder = opt_str(&options.args_encoder);
+    let result_encoder = opt_str(&options.result_encoder);
     let priority = match options.priority {
         Some(v) => quote! { ::core::option::Option::Some(#v) },
         None => quote! { ::core::option::Option::None },
@@ -137,6 +141,8 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                         hard_time_limit_ms: #hard_time_limit_ms,
                         rate_limit: #rate_limit,
                         memory_limit_bytes: #memory_limit_bytes,
+                        args_encoder: #args_encoder,
+                        result_encoder: #result_encoder,
                     },
                     run: #run,
                 });
@@ -191,13 +197,18 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
                 options.rate_limit = Some(value);
             }
             "memory_limit" => options.memory_limit_bytes = Some(size_bytes(&pair.value)?),
+            "args_encoder" => options.args_encoder = Some(non_empty(string(&pair.value)?, span)?),
+            "result_encoder" => {
+                options.result_encoder = Some(non_empty(string(&pair.value)?, span)?)
+            }
             other => {
                 return Err(syn::Error::new(
                     pair.path.span(),
                     format!(
                         "unknown task option `{other}`; expected one of: name, queue, priority, \
                          max_retries, retry_backoff, retry_backoff_max, retry_jitter, \
-                         soft_time_limit, time_limit, rate_limit, memory_limit"
+                         soft_time_limit, time_limit, rate_limit, memory_limit, args_encoder, \
+                         result_encoder"
                     ),
                 ));
             }

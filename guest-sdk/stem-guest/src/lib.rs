@@ -246,6 +246,8 @@ pub mod __private {
         pub hard_time_limit_ms: Option<u64>,
         pub rate_limit: Option<&'static str>,
         pub memory_limit_bytes: Option<u64>,
+        pub args_encoder: Option<&'static str>,
+        pub result_encoder: Option<&'static str>,
     }
 
     pub type RunFn = fn(&TaskContext, &str) -> Result<String, TaskError>;
@@ -310,6 +312,8 @@ impl handler::Guest for Component {
                         hard_time_limit_ms: o.hard_time_limit_ms,
                         rate_limit: o.rate_limit.map(str::to_string),
                         memory_limit_bytes: o.memory_limit_bytes,
+                        args_encoder: o.args_encoder.map(str::to_string),
+                        result_encoder: o.result_encoder.map(str::to_string),
                     },
                 }
             })

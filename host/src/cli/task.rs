@@ -148,6 +148,12 @@ fn describe_options(definition: &TaskDefinition) -> Vec<String> {
     if let Some(v) = o.memory_limit_bytes {
         out.push(format!("memory_limit={}MiB", v >> 20));
     }
+    if let Some(v) = &o.args_encoder {
+        out.push(format!("args_encoder={v}"));
+    }
+    if let Some(v) = &o.result_encoder {
+        out.push(format!("result_encoder={v}"));
+    }
     if out.is_empty() {
         out.push("(defaults)".to_string());
     }

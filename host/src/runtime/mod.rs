@@ -540,6 +540,8 @@ impl From<wit::TaskDefinition> for TaskDefinition {
                 hard_time_limit_ms: o.hard_time_limit_ms,
                 rate_limit: o.rate_limit,
                 memory_limit_bytes: o.memory_limit_bytes,
+                args_encoder: o.args_encoder,
+                result_encoder: o.result_encoder,
             },
         }
     }

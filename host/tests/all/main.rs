@@ -4,5 +4,7 @@
 //! `scripts/build-guests` (or taken from `STEM_GUEST_DIR`).
 
 mod cli;
+mod conformance;
 mod sandbox;
+mod sqlite_crash;
 mod support;

@@ -110,6 +110,8 @@ async fn examples_declare_their_tasks_and_options() {
         .expect("media.thumbnail");
     assert_eq!(thumbnail.options.memory_limit_bytes, Some(256 << 20));
     assert_eq!(thumbnail.options.queue.as_deref(), Some("media"));
+    assert_eq!(thumbnail.options.args_encoder.as_deref(), Some("gzip"));
+    assert_eq!(thumbnail.options.result_encoder.as_deref(), Some("gzip"));
 }
 
 #[tokio::test]

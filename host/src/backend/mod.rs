@@ -1,0 +1,340 @@
+//! Result backends: the history of every task (its state, result or error), group and chord
+//! bookkeeping, and worker heartbeats.
+//!
+//! The [`ResultBackend`] contract is the same for every adapter; the shared conformance suite
+//! (`host/tests/all/conformance/backend.rs`) runs unchanged against each of them.
+//!
+//! - A task's [`TaskStatus`] moves through the closed set of [`TaskState`]s; results are stored
+//!   encoded, with the id of their encoder, so any process can decode them.
+//! - [`ResultBackend::wait`] returns once a task reaches a terminal state, whichever process
+//!   wrote it.
+//! - Groups count their finished members atomically, once per member however often it is
+//!   reported, and a chord's callback can be claimed exactly once.
+//! - Results, groups and heartbeats expire after their TTL.
+//!
+//! Adapters: [`memory`] (one process) and [`sqlite`] (one host).
+
+pub mod memory;
+pub mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Payload;
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+/// How long results are kept when nothing else is configured.
+pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long group and chord records are kept.
+pub const DEFAULT_GROUP_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a worker counts as alive after its last heartbeat.
+pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(60);
+
+/// Where a task is in its life. Each state names who moves the task out of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Published and waiting in the broker. A worker receives it next.
+    Pending,
+    /// A worker has it and is preparing the run. The worker starts it.
+    Received,
+    /// Running in the sandbox. The worker records how it ended.
+    Started,
+    /// Failed or asked to retry, and published again for a later attempt. A worker receives it.
+    Retrying,
+    /// Terminal: finished with a result.
+    Succeeded,
+    /// Terminal: failed for good (error, rejection, or retries exhausted).
+    Failed,
+    /// Terminal: cancelled before or while running, or expired before it ran.
+    Revoked,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Pending,
+        TaskState::Received,
+        TaskState::Started,
+        TaskState::Retrying,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Revoked,
+    ];
+
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Revoked
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Received => "received",
+            TaskState::Started => "started",
+            TaskState::Retrying => "retrying",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<TaskState, String> {
+        TaskState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| {
+                let names: Vec<_> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+                format!(
+                    "unknown task state `{text}` (use one of {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Why a task failed, was retried or was revoked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    /// A short machine-readable kind, e.g. `failed`, `time_limit`, `trap`, `revoked`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// The recorded state of one task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub id: String,
+    pub state: TaskState,
+    /// The task name, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// The encoded result of a succeeded task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Payload>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskFailure>,
+    /// The attempt this state belongs to; 1 for the first run.
+    pub attempt: u32,
+    /// The worker that wrote this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    pub updated_at: Timestamp,
+}
+
+impl TaskStatus {
+    /// A status in `state` at the first attempt, stamped now.
+    pub fn new(id: impl Into<String>, state: TaskState) -> TaskStatus {
+        TaskStatus {
+            id: id.into(),
+            state,
+            task: None,
+            result: None,
+            error: None,
+            attempt: 1,
+            worker: None,
+            group_id: None,
+            parent_id: None,
+            root_id: None,
+            updated_at: Timestamp::now(),
+        }
+    }
+
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a status always serialises")
+    }
+
+    pub(crate) fn from_json(id: &str, text: &str) -> Result<TaskStatus, StorageError> {
+        serde_json::from_str(text).map_err(|e| StorageError::corrupt(format!("status of {id}"), e))
+    }
+}
+
+/// Which statuses [`ResultBackend::list`] returns, most recently updated first.
+#[derive(Clone, Debug)]
+pub struct StatusQuery {
+    pub state: Option<TaskState>,
+    pub task: Option<String>,
+    pub limit: usize,
+}
+
+impl Default for StatusQuery {
+    fn default() -> StatusQuery {
+        StatusQuery {
+            state: None,
+            task: None,
+            limit: 100,
+        }
+    }
+}
+
+impl StatusQuery {
+    pub(crate) fn selects(&self, status: &TaskStatus) -> bool {
+        self.state.is_none_or(|state| state == status.state)
+            && self
+                .task
+                .as_ref()
+                .is_none_or(|task| status.task.as_ref() == Some(task))
+    }
+}
+
+/// A group of tasks, and for a chord the callback to run once all of them have finished.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub id: String,
+    /// How many members the group has.
+    pub size: u32,
+    /// Member task ids that have finished, in the order they were reported.
+    pub finished: Vec<String>,
+    /// The chord callback's envelope (JSON), if this group is a chord.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<String>,
+    /// Whether the chord callback has been claimed for dispatch.
+    pub callback_claimed: bool,
+    pub created_at: Timestamp,
+}
+
+impl GroupRecord {
+    pub fn new(id: impl Into<String>, size: u32, callback: Option<String>) -> GroupRecord {
+        GroupRecord {
+            id: id.into(),
+            size,
+            finished: Vec::new(),
+            callback,
+            callback_claimed: false,
+            created_at: Timestamp::now(),
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.finished.len() as u64 >= u64::from(self.size)
+    }
+}
+
+/// Counts after a member was reported finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupProgress {
+    pub finished: u32,
+    pub size: u32,
+}
+
+impl GroupProgress {
+    pub fn is_complete(self) -> bool {
+        self.finished >= self.size
+    }
+}
+
+/// What a worker says about itself, every few seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHeartbeat {
+    pub worker_id: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub queues: Vec<String>,
+    pub concurrency: u32,
+    /// Tasks running now.
+    pub in_flight: u32,
+    /// Tasks finished since the worker started.
+    pub processed: u64,
+    pub started_at: Timestamp,
+    pub last_seen: Timestamp,
+}
+
+/// Task history. See the module documentation for the guarantees.
+#[async_trait]
+pub trait ResultBackend: Send + Sync {
+    /// Records a task's status, replacing the previous one. It expires after `ttl`, or the
+    /// backend's default result TTL.
+    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError>;
+
+    /// The current status, unless unknown or expired.
+    async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError>;
+
+    /// Waits until the task reaches a terminal state, at most `timeout`, and returns its status
+    /// then: terminal, or the last one seen if the wait timed out (`None` if it never had one).
+    async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError>;
+
+    /// Statuses matching `query`, most recently updated first.
+    async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError>;
+
+    /// Creates (or replaces) a group record; it expires after `ttl` or the default group TTL.
+    async fn create_group(
+        &self,
+        group: &GroupRecord,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError>;
+
+    /// The group, unless unknown or expired.
+    async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError>;
+
+    /// Records that member `task_id` finished, atomically. Reporting the same member twice
+    /// counts it once. Fails with [`StorageError::NotFound`] if the group is unknown.
+    async fn group_member_finished(
+        &self,
+        group_id: &str,
+        task_id: &str,
+    ) -> Result<GroupProgress, StorageError>;
+
+    /// Claims the chord callback for dispatch: `true` for exactly one caller, once every member
+    /// has finished; `false` for everyone else and before then. Fails with
+    /// [`StorageError::NotFound`] if the group is unknown.
+    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError>;
+
+    /// Records a worker heartbeat; the worker counts as gone after `ttl` or the default
+    /// heartbeat TTL.
+    async fn heartbeat(
+        &self,
+        heartbeat: &WorkerHeartbeat,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError>;
+
+    /// Heartbeats of the workers alive now, sorted by worker id.
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>, StorageError>;
+}
+
+/// Expiry times of the three kinds of records.
+#[derive(Clone, Copy, Debug)]
+pub struct Ttls {
+    /// `None` keeps results until they are deleted.
+    pub result: Option<Duration>,
+    pub group: Duration,
+    pub heartbeat: Duration,
+}
+
+impl Default for Ttls {
+    fn default() -> Ttls {
+        Ttls {
+            result: Some(DEFAULT_RESULT_TTL),
+            group: DEFAULT_GROUP_TTL,
+            heartbeat: DEFAULT_HEARTBEAT_TTL,
+        }
+    }
+}
+
+impl Ttls {
+    pub(crate) fn result_expiry(&self, ttl: Option<Duration>, now: Timestamp) -> Option<Timestamp> {
+        ttl.or(self.result).map(|ttl| now.saturating_add(ttl))
+    }
+}

@@ -1,0 +1,437 @@
+//! The SQLite result backend: task history in one local file, no infrastructure.
+//!
+//! Waiting for a result polls the file every [`SqliteBackendOptions::poll_interval`], so it
+//! works from any process on the host; writes from the same process wake waiters at once.
+//! SQLite allows one writer at a time: keep the backend in its own file, apart from the broker.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::Notify;
+
+use super::{
+    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
+};
+use crate::broker::DEFAULT_NAMESPACE;
+use crate::sqlite::{self, Periodic};
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE stem_task_results (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        task TEXT,
+        status TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE INDEX stem_task_results_updated ON stem_task_results (namespace, updated_at);
+    CREATE INDEX stem_task_results_expiry ON stem_task_results (expires_at);
+    CREATE TABLE stem_groups (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        callback TEXT,
+        callback_claimed INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE TABLE stem_group_members (
+        namespace TEXT NOT NULL,
+        group_id TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        PRIMARY KEY (namespace, group_id, task_id)
+    );
+    CREATE TABLE stem_worker_heartbeats (
+        namespace TEXT NOT NULL,
+        worker_id TEXT NOT NULL,
+        heartbeat TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, worker_id)
+    );
+"];
+
+/// Tuning for [`SqliteBackend::open`].
+#[derive(Clone, Debug)]
+pub struct SqliteBackendOptions {
+    /// Keeps environments sharing one file apart.
+    pub namespace: String,
+    /// Default expiry of results, groups and heartbeats.
+    pub ttls: Ttls,
+    /// How often expired rows are deleted.
+    pub cleanup_interval: Duration,
+    /// How often [`ResultBackend::wait`] reads the file.
+    pub poll_interval: Duration,
+    pub max_connections: u32,
+}
+
+impl Default for SqliteBackendOptions {
+    fn default() -> SqliteBackendOptions {
+        SqliteBackendOptions {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            ttls: Ttls::default(),
+            cleanup_interval: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(50),
+            max_connections: 4,
+        }
+    }
+}
+
+/// A result backend on a SQLite file. Clones share the connection pool.
+#[derive(Clone)]
+pub struct SqliteBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    options: SqliteBackendOptions,
+    /// Wakes this backend's waiters when it writes a status.
+    changed: Notify,
+    _cleaner: Periodic,
+}
+
+impl SqliteBackend {
+    /// Opens the backend in the file at `path`, creating and migrating it if needed.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        options: SqliteBackendOptions,
+    ) -> Result<SqliteBackend, StorageError> {
+        let pool = sqlite::open(path.as_ref(), options.max_connections).await?;
+        sqlite::migrate(&pool, "result-backend", MIGRATIONS).await?;
+        let cleaner = {
+            let pool = pool.clone();
+            Periodic::spawn(options.cleanup_interval, move || clean(pool.clone()))
+        };
+        Ok(SqliteBackend {
+            inner: Arc::new(Inner {
+                pool,
+                options,
+                changed: Notify::new(),
+                _cleaner: cleaner,
+            }),
+        })
+    }
+
+    fn namespace(&self) -> &str {
+        &self.inner.options.namespace
+    }
+
+    fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    fn ttls(&self) -> &Ttls {
+        &self.inner.options.ttls
+    }
+
+    async fn group_exists(&self, group_id: &str, now: Timestamp) -> Result<bool, StorageError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM stem_groups WHERE namespace = ? AND id = ? AND expires_at > ?",
+        )
+        .bind(self.namespace())
+        .bind(group_id)
+        .bind(now.as_sql())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(found.is_some())
+    }
+}
+
+/// Deletes every expired row.
+async fn clean(pool: SqlitePool) {
+    let now = Timestamp::now().as_sql();
+    let cleaned = async {
+        sqlx::query("DELETE FROM stem_task_results WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&pool)
+            .await?;
+        sqlx::query(
+            "DELETE FROM stem_group_members WHERE (namespace, group_id) IN
+                 (SELECT namespace, id FROM stem_groups WHERE expires_at <= ?)",
+        )
+        .bind(now)
+        .execute(&pool)
+        .await?;
+        sqlx::query("DELETE FROM stem_groups WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&pool)
+            .await?;
+        sqlx::query("DELETE FROM stem_worker_heartbeats WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&pool)
+            .await?;
+        Ok::<(), sqlx::Error>(())
+    };
+    if let Err(error) = cleaned.await {
+        tracing::warn!(%error, "cleaning expired results failed");
+    }
+}
+
+#[async_trait]
+impl ResultBackend for SqliteBackend {
+    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError> {
+        let now = Timestamp::now();
+        let expires_at = self.ttls().result_expiry(ttl, now);
+        sqlx::query(
+            "INSERT INTO stem_task_results (namespace, id, state, task, status, updated_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (namespace, id) DO UPDATE SET
+                 state = excluded.state, task = excluded.task, status = excluded.status,
+                 updated_at = excluded.updated_at, expires_at = excluded.expires_at",
+        )
+        .bind(self.namespace())
+        .bind(&status.id)
+        .bind(status.state.as_str())
+        .bind(&status.task)
+        .bind(status.to_json())
+        .bind(status.updated_at.as_sql())
+        .bind(expires_at.map(Timestamp::as_sql))
+        .execute(self.pool())
+        .await?;
+        self.inner.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError> {
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM stem_task_results
+             WHERE namespace = ? AND id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(self.namespace())
+        .bind(id)
+        .bind(Timestamp::now().as_sql())
+        .fetch_optional(self.pool())
+        .await?;
+        text.map(|text| TaskStatus::from_json(id, &text))
+            .transpose()
+    }
+
+    async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let status = self.get(id).await?;
+            let now = tokio::time::Instant::now();
+            if status.as_ref().is_some_and(|s| s.state.is_terminal()) || now >= deadline {
+                return Ok(status);
+            }
+            let wake = (now + self.inner.options.poll_interval).min(deadline);
+            let _ = tokio::time::timeout_at(wake, changed).await;
+        }
+    }
+
+    async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {
+        let mut sql = String::from(
+            "SELECT id, status FROM stem_task_results
+             WHERE namespace = ? AND (expires_at IS NULL OR expires_at > ?)",
+        );
+        if query.state.is_some() {
+            sql.push_str(" AND state = ?");
+        }
+        if query.task.is_some() {
+            sql.push_str(" AND task = ?");
+        }
+        sql.push_str(" ORDER BY updated_at DESC, id LIMIT ?");
+        let mut select = sqlx::query(&sql)
+            .bind(self.namespace())
+            .bind(Timestamp::now().as_sql());
+        if let Some(state) = query.state {
+            select = select.bind(state.as_str());
+        }
+        if let Some(task) = &query.task {
+            select = select.bind(task);
+        }
+        let rows = select
+            .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|row| TaskStatus::from_json(row.get("id"), row.get("status")))
+            .collect()
+    }
+
+    async fn create_group(
+        &self,
+        group: &GroupRecord,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
+        let expires_at = Timestamp::now().saturating_add(ttl.unwrap_or(self.ttls().group));
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM stem_group_members WHERE namespace = ? AND group_id = ?")
+            .bind(self.namespace())
+            .bind(&group.id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO stem_groups
+                 (namespace, id, size, callback, callback_claimed, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(self.namespace())
+        .bind(&group.id)
+        .bind(i64::from(group.size))
+        .bind(&group.callback)
+        .bind(group.callback_claimed)
+        .bind(group.created_at.as_sql())
+        .bind(expires_at.as_sql())
+        .execute(&mut *tx)
+        .await?;
+        for member in &group.finished {
+            sqlx::query(
+                "INSERT OR IGNORE INTO stem_group_members (namespace, group_id, task_id)
+                 VALUES (?, ?, ?)",
+            )
+            .bind(self.namespace())
+            .bind(&group.id)
+            .bind(member)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
+        let Some(row) = sqlx::query(
+            "SELECT size, callback, callback_claimed, created_at FROM stem_groups
+             WHERE namespace = ? AND id = ? AND expires_at > ?",
+        )
+        .bind(self.namespace())
+        .bind(id)
+        .bind(Timestamp::now().as_sql())
+        .fetch_optional(self.pool())
+        .await?
+        else {
+            return Ok(None);
+        };
+        let finished = sqlx::query_scalar(
+            "SELECT task_id FROM stem_group_members
+             WHERE namespace = ? AND group_id = ? ORDER BY rowid",
+        )
+        .bind(self.namespace())
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(Some(GroupRecord {
+            id: id.to_owned(),
+            size: u32::try_from(row.get::<i64, _>("size")).unwrap_or(0),
+            finished,
+            callback: row.get("callback"),
+            callback_claimed: row.get("callback_claimed"),
+            created_at: Timestamp::from_sql(row.get("created_at")),
+        }))
+    }
+
+    async fn group_member_finished(
+        &self,
+        group_id: &str,
+        task_id: &str,
+    ) -> Result<GroupProgress, StorageError> {
+        let now = Timestamp::now();
+        // The insert comes first so the transaction takes the write lock at once: a read
+        // first would have to upgrade its lock, which SQLite refuses when another writer won.
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO stem_group_members (namespace, group_id, task_id)
+             SELECT namespace, id, ? FROM stem_groups
+             WHERE namespace = ? AND id = ? AND expires_at > ?",
+        )
+        .bind(task_id)
+        .bind(self.namespace())
+        .bind(group_id)
+        .bind(now.as_sql())
+        .execute(&mut *tx)
+        .await?;
+        let row = sqlx::query(
+            "SELECT size, (SELECT COUNT(*) FROM stem_group_members m
+                           WHERE m.namespace = g.namespace AND m.group_id = g.id) AS finished
+             FROM stem_groups g WHERE namespace = ? AND id = ? AND expires_at > ?",
+        )
+        .bind(self.namespace())
+        .bind(group_id)
+        .bind(now.as_sql())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StorageError::NotFound(format!("group {group_id}")))?;
+        tx.commit().await?;
+        Ok(GroupProgress {
+            finished: u32::try_from(row.get::<i64, _>("finished")).unwrap_or(u32::MAX),
+            size: u32::try_from(row.get::<i64, _>("size")).unwrap_or(0),
+        })
+    }
+
+    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
+        let now = Timestamp::now();
+        let claimed = sqlx::query(
+            "UPDATE stem_groups AS g SET callback_claimed = 1
+             WHERE namespace = ? AND id = ? AND expires_at > ? AND callback_claimed = 0
+               AND size <= (SELECT COUNT(*) FROM stem_group_members m
+                            WHERE m.namespace = g.namespace AND m.group_id = g.id)",
+        )
+        .bind(self.namespace())
+        .bind(group_id)
+        .bind(now.as_sql())
+        .execute(self.pool())
+        .await?;
+        if claimed.rows_affected() == 1 {
+            return Ok(true);
+        }
+        if self.group_exists(group_id, now).await? {
+            Ok(false)
+        } else {
+            Err(StorageError::NotFound(format!("group {group_id}")))
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        heartbeat: &WorkerHeartbeat,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
+        let expires_at = Timestamp::now().saturating_add(ttl.unwrap_or(self.ttls().heartbeat));
+        let text = serde_json::to_string(heartbeat).expect("a heartbeat always serialises");
+        sqlx::query(
+            "INSERT OR REPLACE INTO stem_worker_heartbeats (namespace, worker_id, heartbeat, expires_at)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(self.namespace())
+        .bind(&heartbeat.worker_id)
+        .bind(text)
+        .bind(expires_at.as_sql())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT worker_id, heartbeat FROM stem_worker_heartbeats
+             WHERE namespace = ? AND expires_at > ? ORDER BY worker_id",
+        )
+        .bind(self.namespace())
+        .bind(Timestamp::now().as_sql())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                serde_json::from_str(row.get("heartbeat")).map_err(|e| {
+                    StorageError::corrupt(
+                        format!("heartbeat of worker {}", row.get::<String, _>("worker_id")),
+                        e,
+                    )
+                })
+            })
+            .collect()
+    }
+}

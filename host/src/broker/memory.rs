@@ -1,0 +1,507 @@
+//! The in-memory broker: one process, nothing survives it. For tests and demos.
+//!
+//! Entries are stored as the same JSON text the durable adapters store, so decoding, corrupt
+//! entries and dead-lettering behave exactly as they do there.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::local_broadcast::LocalChannels;
+use super::{
+    Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
+    undecodable_reason,
+};
+use crate::envelope::Envelope;
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+/// A handle on in-memory queues. Clones and [`MemoryBroker::with_namespace`] share storage.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+    namespace: String,
+    visibility_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    /// Woken whenever an entry may have become deliverable.
+    changed: Notify,
+    channels: LocalChannels,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    queues: HashMap<QueueKey, Queue>,
+    dead: Vec<(String, DeadLetter)>,
+}
+
+type QueueKey = (String, String);
+
+/// Entries in delivery order: priority descending, then publication order.
+#[derive(Default)]
+struct Queue {
+    entries: BTreeMap<(Reverse<u8>, u64), Entry>,
+    priorities: HashMap<u64, u8>,
+}
+
+struct Entry {
+    visible_at: Timestamp,
+    lease_token: Option<String>,
+    deliveries: u32,
+    payload: String,
+}
+
+impl Entry {
+    fn is_leased(&self, now: Timestamp) -> bool {
+        self.lease_token.is_some() && self.visible_at > now
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> MemoryBroker {
+        MemoryBroker::new()
+    }
+}
+
+impl MemoryBroker {
+    pub fn new() -> MemoryBroker {
+        MemoryBroker {
+            shared: Arc::default(),
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+        }
+    }
+
+    /// A handle on the same storage that sees only `namespace`.
+    pub fn with_namespace(&self, namespace: &str) -> MemoryBroker {
+        MemoryBroker {
+            namespace: namespace.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    pub fn with_visibility_timeout(mut self, timeout: Duration) -> MemoryBroker {
+        self.visibility_timeout = timeout;
+        self
+    }
+
+    /// Stores `payload` as a queue entry without checking it, the way a corrupted or foreign
+    /// entry would sit in a durable broker. Tests use it to exercise dead-lettering.
+    pub fn insert_raw(&self, queue: &str, payload: &str) {
+        let mut state = self.lock();
+        let id = state.next_id();
+        state.queues.entry(self.key(queue)).or_default().insert(
+            id,
+            0,
+            Timestamp::now(),
+            payload.to_owned(),
+        );
+        drop(state);
+        self.shared.changed.notify_waiters();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn key(&self, queue: &str) -> QueueKey {
+        (self.namespace.clone(), queue.to_owned())
+    }
+
+    /// Leases what is ready now; otherwise says when something might be.
+    fn take_ready(
+        &self,
+        queues: &[String],
+        max: usize,
+        lease: Duration,
+    ) -> (Vec<Delivery>, Option<Timestamp>) {
+        let now = Timestamp::now();
+        let leased_until = now.saturating_add(lease);
+        let mut state = self.lock();
+        let mut candidates = Vec::new();
+        let mut next_visible: Option<Timestamp> = None;
+        for queue in queues {
+            let Some(entries) = state.queues.get(&self.key(queue)) else {
+                continue;
+            };
+            let mut ready = 0;
+            for (key, entry) in &entries.entries {
+                if entry.visible_at <= now {
+                    candidates.push((*key, queue.clone()));
+                    ready += 1;
+                    if ready == max {
+                        break;
+                    }
+                } else {
+                    next_visible =
+                        Some(next_visible.map_or(entry.visible_at, |t| t.min(entry.visible_at)));
+                }
+            }
+        }
+        candidates.sort_by_key(|(key, _)| *key);
+        let mut deliveries = Vec::new();
+        let mut corrupt = Vec::new();
+        for (key, queue) in candidates {
+            if deliveries.len() == max {
+                break;
+            }
+            let entries = state
+                .queues
+                .get_mut(&self.key(&queue))
+                .expect("queue was just read");
+            let entry = entries.entries.get_mut(&key).expect("entry was just read");
+            match Envelope::from_json(&entry.payload) {
+                Ok(envelope) => {
+                    let token = new_lease_token();
+                    entry.lease_token = Some(token.clone());
+                    entry.visible_at = leased_until;
+                    entry.deliveries += 1;
+                    deliveries.push(Delivery {
+                        envelope,
+                        receipt: Receipt {
+                            queue,
+                            entry: key.1.to_string(),
+                            token,
+                        },
+                        deliveries: entry.deliveries,
+                        leased_until,
+                    });
+                }
+                Err(error) => corrupt.push((queue, key.1, undecodable_reason(&error))),
+            }
+        }
+        for (queue, id, reason) in corrupt {
+            tracing::warn!(
+                queue,
+                entry = id,
+                reason,
+                "dead-lettering an undecodable entry"
+            );
+            if let Some(entry) = state
+                .queues
+                .get_mut(&self.key(&queue))
+                .and_then(|q| q.remove(id))
+            {
+                state.bury(&self.namespace, queue, id, entry.payload, reason, now);
+            }
+        }
+        (deliveries, next_visible)
+    }
+
+    /// Runs `change` on the entry `receipt` leases, unless another delivery has replaced that
+    /// lease since.
+    fn with_leased<T>(
+        &self,
+        receipt: &Receipt,
+        change: impl FnOnce(&mut State, &QueueKey, u64) -> T,
+    ) -> Result<T, StorageError> {
+        let lost = || StorageError::LeaseLost(receipt.entry.clone());
+        let id: u64 = receipt.entry.parse().map_err(|_| lost())?;
+        let key = self.key(&receipt.queue);
+        let mut state = self.lock();
+        let held = state
+            .queues
+            .get(&key)
+            .and_then(|q| q.get(id))
+            .is_some_and(|entry| entry.lease_token.as_deref() == Some(receipt.token.as_str()));
+        if !held {
+            return Err(lost());
+        }
+        Ok(change(&mut state, &key, id))
+    }
+}
+
+impl State {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn bury(
+        &mut self,
+        namespace: &str,
+        queue: String,
+        id: u64,
+        payload: String,
+        reason: String,
+        now: Timestamp,
+    ) {
+        let letter = DeadLetter::new(id.to_string(), queue, payload, reason, now);
+        self.dead.push((namespace.to_owned(), letter));
+    }
+
+    fn dead_in<'a>(
+        &'a self,
+        namespace: &'a str,
+        query: &'a DeadLetterQuery,
+    ) -> impl Iterator<Item = &'a DeadLetter> + 'a {
+        self.dead
+            .iter()
+            .filter(move |(ns, letter)| ns == namespace && query.selects(letter))
+            .map(|(_, letter)| letter)
+            .take(query.limit.unwrap_or(usize::MAX))
+    }
+}
+
+impl Queue {
+    fn insert(&mut self, id: u64, priority: u8, visible_at: Timestamp, payload: String) {
+        self.priorities.insert(id, priority);
+        let entry = Entry {
+            visible_at,
+            lease_token: None,
+            deliveries: 0,
+            payload,
+        };
+        self.entries.insert((Reverse(priority), id), entry);
+    }
+
+    fn get(&self, id: u64) -> Option<&Entry> {
+        let priority = *self.priorities.get(&id)?;
+        self.entries.get(&(Reverse(priority), id))
+    }
+
+    fn get_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        let priority = *self.priorities.get(&id)?;
+        self.entries.get_mut(&(Reverse(priority), id))
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let priority = self.priorities.remove(&id)?;
+        self.entries.remove(&(Reverse(priority), id))
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
+        self.publish_batch(std::slice::from_ref(envelope)).await
+    }
+
+    async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
+        for envelope in envelopes {
+            envelope.validate()?;
+        }
+        let now = Timestamp::now();
+        let mut state = self.lock();
+        for envelope in envelopes {
+            let id = state.next_id();
+            state
+                .queues
+                .entry(self.key(&envelope.queue))
+                .or_default()
+                .insert(
+                    id,
+                    envelope.priority,
+                    envelope.ready_at(now),
+                    envelope.to_json(),
+                );
+        }
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        options: &ConsumeOptions,
+    ) -> Result<Vec<Delivery>, StorageError> {
+        let lease = options.lease.unwrap_or(self.visibility_timeout);
+        let deadline = tokio::time::Instant::now() + options.wait;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (deliveries, next_visible) = self.take_ready(queues, options.max.max(1), lease);
+            let now = tokio::time::Instant::now();
+            if !deliveries.is_empty() || now >= deadline {
+                return Ok(deliveries);
+            }
+            let wake = next_visible
+                .map(|at| now + at.saturating_since(Timestamp::now()))
+                .map_or(deadline, |at| at.min(deadline));
+            let _ = tokio::time::timeout_at(wake, changed).await;
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
+        self.with_leased(receipt, |state, key, id| {
+            state.queues.get_mut(key).and_then(|q| q.remove(id));
+        })
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
+        let visible_at = Timestamp::now().saturating_add(delay);
+        self.with_leased(receipt, |state, key, id| {
+            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.get_mut(id)) {
+                entry.lease_token = None;
+                entry.visible_at = visible_at;
+            }
+        })?;
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        receipt: &Receipt,
+        lease: Duration,
+    ) -> Result<Timestamp, StorageError> {
+        let leased_until = Timestamp::now().saturating_add(lease);
+        self.with_leased(receipt, |state, key, id| {
+            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.get_mut(id)) {
+                entry.visible_at = leased_until;
+            }
+        })?;
+        Ok(leased_until)
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
+        let namespace = self.namespace.clone();
+        self.with_leased(receipt, |state, key, id| {
+            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.remove(id)) {
+                let queue = key.1.clone();
+                state.bury(
+                    &namespace,
+                    queue,
+                    id,
+                    entry.payload,
+                    reason.to_owned(),
+                    Timestamp::now(),
+                );
+            }
+        })
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
+        Ok(self
+            .lock()
+            .dead_in(&self.namespace, query)
+            .cloned()
+            .collect())
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<ReplayReport, StorageError> {
+        let selected = self.dead_letters(query).await?;
+        let mut report = ReplayReport::default();
+        for letter in selected {
+            match letter.replay_envelope() {
+                Ok(envelope) => {
+                    self.publish(&envelope).await?;
+                    let mut state = self.lock();
+                    state
+                        .dead
+                        .retain(|(ns, dead)| !(*ns == self.namespace && dead.id == letter.id));
+                    report.replayed.push(envelope.id);
+                }
+                Err(error) => report.skipped.push((letter.id, error.to_string())),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
+        let mut state = self.lock();
+        let doomed: Vec<String> = state
+            .dead_in(&self.namespace, query)
+            .map(|letter| letter.id.clone())
+            .collect();
+        state
+            .dead
+            .retain(|(ns, letter)| !(*ns == self.namespace && doomed.contains(&letter.id)));
+        Ok(doomed.len() as u64)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, StorageError> {
+        let now = Timestamp::now();
+        let mut state = self.lock();
+        let Some(entries) = state.queues.get_mut(&self.key(queue)) else {
+            return Ok(0);
+        };
+        let doomed: Vec<u64> = entries
+            .entries
+            .iter()
+            .filter(|(_, entry)| !entry.is_leased(now))
+            .map(|((_, id), _)| *id)
+            .collect();
+        for id in &doomed {
+            entries.remove(*id);
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats, StorageError> {
+        let now = Timestamp::now();
+        let state = self.lock();
+        let mut stats = QueueStats {
+            queue: queue.to_owned(),
+            ..QueueStats::default()
+        };
+        if let Some(entries) = state.queues.get(&self.key(queue)) {
+            for entry in entries.entries.values() {
+                if entry.is_leased(now) {
+                    stats.in_flight += 1;
+                } else if entry.visible_at > now {
+                    stats.delayed += 1;
+                } else {
+                    stats.ready += 1;
+                }
+            }
+        }
+        stats.dead = state
+            .dead
+            .iter()
+            .filter(|(ns, letter)| *ns == self.namespace && letter.queue == queue)
+            .count() as u64;
+        Ok(stats)
+    }
+
+    async fn queues(&self) -> Result<Vec<String>, StorageError> {
+        let state = self.lock();
+        let mut names: Vec<String> = state
+            .queues
+            .iter()
+            .filter(|((ns, _), queue)| *ns == self.namespace && !queue.entries.is_empty())
+            .map(|((_, name), _)| name.clone())
+            .chain(
+                state
+                    .dead
+                    .iter()
+                    .filter(|(ns, _)| *ns == self.namespace)
+                    .map(|(_, letter)| letter.queue.clone()),
+            )
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn broadcast(&self, channel: &str, message: &str) -> Result<(), StorageError> {
+        self.shared
+            .channels
+            .send(&format!("{}:{channel}", self.namespace), message);
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError> {
+        Ok(self
+            .shared
+            .channels
+            .subscribe(&format!("{}:{channel}", self.namespace)))
+    }
+}

@@ -1,0 +1,267 @@
+//! Brokers: delivery of task envelopes from producers to workers.
+//!
+//! The [`Broker`] contract is the same for every adapter; the shared conformance suite
+//! (`host/tests/all/conformance/broker.rs`) runs unchanged against each of them.
+//!
+//! - Publish an [`Envelope`] to its queue. Priorities run 0–9, higher first, FIFO within a
+//!   priority; `not_before` delays delivery.
+//! - [`Broker::consume`] leases up to `max` entries from one or more queues for a visibility
+//!   timeout. A delivery is [acked](Broker::ack) when done, [nacked](Broker::nack) to be
+//!   retried after a delay, or [extended](Broker::extend_lease) while it runs. A delivery
+//!   whose lease runs out is delivered again: delivery is at least once.
+//! - Entries that cannot be run go to the dead-letter queue with a reason, either because the
+//!   worker says so or because the stored entry cannot be decoded (the consumer carries on).
+//! - Broadcast channels fan a message out to every current subscriber (worker control).
+//! - Every adapter works inside a namespace; namespaces never see each other's entries.
+//!
+//! Adapters: [`memory`] (one process, for tests and demos) and [`sqlite`] (one host, no
+//! infrastructure).
+
+mod local_broadcast;
+pub mod memory;
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::envelope::Envelope;
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+/// The namespace adapters use when none is configured.
+pub const DEFAULT_NAMESPACE: &str = "stem";
+
+/// The lease a delivery gets when the consumer does not ask for one.
+pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What [`Broker::consume`] asks for.
+#[derive(Clone, Debug)]
+pub struct ConsumeOptions {
+    /// The most deliveries to return.
+    pub max: usize,
+    /// The lease (visibility timeout); `None` uses the adapter's default.
+    pub lease: Option<Duration>,
+    /// How long to wait for a first delivery when nothing is ready; zero returns at once.
+    pub wait: Duration,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> ConsumeOptions {
+        ConsumeOptions {
+            max: 1,
+            lease: None,
+            wait: Duration::ZERO,
+        }
+    }
+}
+
+/// Identifies one lease of one queue entry. Every delivery of an entry gets a fresh token, so a
+/// consumer whose lease ran out cannot ack or extend an entry another consumer now holds: it
+/// gets [`StorageError::LeaseLost`]. Until the entry is delivered again, the old receipt
+/// still works.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub queue: String,
+    /// The adapter's id for the stored entry.
+    pub entry: String,
+    pub(crate) token: String,
+}
+
+/// An envelope leased to a consumer.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub envelope: Envelope,
+    pub receipt: Receipt,
+    /// 1 on the first delivery of this entry, then counts redeliveries.
+    pub deliveries: u32,
+    pub leased_until: Timestamp,
+}
+
+/// An entry in the dead-letter queue.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    /// The adapter's id for the dead-letter entry.
+    pub id: String,
+    pub queue: String,
+    /// Absent when the entry was too corrupt to read.
+    pub task_id: Option<String>,
+    pub task: Option<String>,
+    pub reason: String,
+    pub dead_at: Timestamp,
+    /// The stored entry as it was, decodable or not.
+    pub payload: String,
+}
+
+impl DeadLetter {
+    /// Builds the record for a stored entry, reading what it can of it.
+    pub(crate) fn new(
+        id: String,
+        queue: String,
+        payload: String,
+        reason: String,
+        dead_at: Timestamp,
+    ) -> DeadLetter {
+        let envelope = Envelope::from_json(&payload).ok();
+        DeadLetter {
+            id,
+            queue,
+            task_id: envelope.as_ref().map(|e| e.id.clone()),
+            task: envelope.map(|e| e.task),
+            reason,
+            dead_at,
+            payload,
+        }
+    }
+
+    /// The envelope to publish on replay: a fresh first attempt of the same task id.
+    pub fn replay_envelope(&self) -> Result<Envelope, StorageError> {
+        let mut envelope = Envelope::from_json(&self.payload)
+            .map_err(|e| StorageError::corrupt(format!("dead letter {}", self.id), e))?;
+        envelope.attempt = 1;
+        envelope.not_before = None;
+        Ok(envelope)
+    }
+
+    /// Whether `key` names this dead letter: its own id or its task's id.
+    pub fn matches(&self, key: &str) -> bool {
+        self.id == key || self.task_id.as_deref() == Some(key)
+    }
+}
+
+/// Which dead letters to list, replay or purge.
+#[derive(Clone, Debug, Default)]
+pub struct DeadLetterQuery {
+    /// Only this queue's; `None` for every queue.
+    pub queue: Option<String>,
+    /// Only these (dead-letter ids or task ids); empty for all.
+    pub ids: Vec<String>,
+    /// At most this many, oldest first.
+    pub limit: Option<usize>,
+}
+
+impl DeadLetterQuery {
+    pub(crate) fn selects(&self, letter: &DeadLetter) -> bool {
+        self.queue.as_ref().is_none_or(|q| *q == letter.queue)
+            && (self.ids.is_empty() || self.ids.iter().any(|id| letter.matches(id)))
+    }
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplayReport {
+    /// Task ids published again.
+    pub replayed: Vec<String>,
+    /// Dead letters left in place, with why (an entry too corrupt to replay).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Counts for one queue at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Deliverable now (including entries whose lease ran out).
+    pub ready: u64,
+    /// Waiting for their `not_before` or a nack delay.
+    pub delayed: u64,
+    /// Leased to a consumer.
+    pub in_flight: u64,
+    /// In the dead-letter queue.
+    pub dead: u64,
+}
+
+/// Messages of one broadcast channel, from the moment of subscribing.
+pub struct Subscription {
+    receiver: mpsc::UnboundedReceiver<String>,
+}
+
+impl Subscription {
+    pub(crate) fn new(receiver: mpsc::UnboundedReceiver<String>) -> Subscription {
+        Subscription { receiver }
+    }
+
+    /// The next message; `None` once the broker is gone.
+    pub async fn recv(&mut self) -> Option<String> {
+        self.receiver.recv().await
+    }
+}
+
+/// Delivery of task envelopes. See the module documentation for the guarantees.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Stores an envelope on its queue. Refuses an envelope that fails
+    /// [`Envelope::validate`].
+    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError>;
+
+    /// Stores many envelopes at once, in one transaction where the adapter has them.
+    async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
+        for envelope in envelopes {
+            self.publish(envelope).await?;
+        }
+        Ok(())
+    }
+
+    /// Leases up to `options.max` ready entries from `queues`, highest priority first, then
+    /// oldest first. Waits up to `options.wait` for one when none is ready. Entries that cannot
+    /// be decoded are dead-lettered on the way and not returned.
+    async fn consume(
+        &self,
+        queues: &[String],
+        options: &ConsumeOptions,
+    ) -> Result<Vec<Delivery>, StorageError>;
+
+    /// Removes a delivered entry for good.
+    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError>;
+
+    /// Gives a delivered entry back, to be delivered again after `delay`.
+    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError>;
+
+    /// Keeps a delivery leased for `lease` from now.
+    async fn extend_lease(
+        &self,
+        receipt: &Receipt,
+        lease: Duration,
+    ) -> Result<Timestamp, StorageError>;
+
+    /// Moves a delivered entry to the dead-letter queue.
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError>;
+
+    /// Dead letters, oldest first.
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError>;
+
+    /// Publishes the selected dead letters again as first attempts and removes them.
+    async fn replay_dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<ReplayReport, StorageError>;
+
+    /// Deletes the selected dead letters; returns how many.
+    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError>;
+
+    /// Deletes every entry of `queue` that is not leased; returns how many.
+    async fn purge(&self, queue: &str) -> Result<u64, StorageError>;
+
+    /// Counts for one queue.
+    async fn stats(&self, queue: &str) -> Result<QueueStats, StorageError>;
+
+    /// Every queue with entries or dead letters, sorted by name.
+    async fn queues(&self) -> Result<Vec<String>, StorageError>;
+
+    /// Sends `message` to every current subscriber of `channel`.
+    async fn broadcast(&self, channel: &str, message: &str) -> Result<(), StorageError>;
+
+    /// Receives what is broadcast on `channel` from now on.
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError>;
+}
+
+/// Fresh lease tokens; random so that two processes never mint the same one.
+pub(crate) fn new_lease_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// The reason recorded for an entry the broker could not decode.
+pub(crate) fn undecodable_reason(error: &serde_json::Error) -> String {
+    format!("undecodable entry: {error}")
+}

@@ -1,0 +1,526 @@
+//! The SQLite broker: durable queues in one local file, no infrastructure.
+//!
+//! Limits, as for every SQLite adapter: one host only (the file must be on local disk);
+//! consumers poll, so an idle queue answers within [`SqliteBrokerOptions::poll_interval`]
+//! (publishes from the same process wake consumers at once); SQLite allows one writer at a
+//! time, so keep the broker and the result backend in separate files; broadcast reaches
+//! subscribers in the same process only.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::sqlite::SqlitePool;
+use tokio::sync::Notify;
+
+use super::local_broadcast::LocalChannels;
+use super::{
+    Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
+    undecodable_reason,
+};
+use crate::envelope::Envelope;
+use crate::sqlite::{self, Periodic, placeholders};
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE stem_queue_entries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        visible_at INTEGER NOT NULL,
+        lease_token TEXT,
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX stem_queue_entries_order
+        ON stem_queue_entries (namespace, queue, priority DESC, id);
+    CREATE TABLE stem_dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace TEXT NOT NULL,
+        queue TEXT NOT NULL,
+        task_id TEXT,
+        reason TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        dead_at INTEGER NOT NULL
+    );
+    CREATE INDEX stem_dead_letters_queue ON stem_dead_letters (namespace, queue, id);
+    CREATE INDEX stem_dead_letters_task ON stem_dead_letters (namespace, task_id);
+"];
+
+/// Broadcast subscribers of every SQLite broker in this process, by file and namespace.
+static CHANNELS: LazyLock<LocalChannels> = LazyLock::new(LocalChannels::default);
+
+/// Tuning for [`SqliteBroker::open`].
+#[derive(Clone, Debug)]
+pub struct SqliteBrokerOptions {
+    /// Keeps environments sharing one file apart.
+    pub namespace: String,
+    /// The lease of a delivery when the consumer does not ask for one.
+    pub visibility_timeout: Duration,
+    /// How often a waiting consumer looks for due entries.
+    pub poll_interval: Duration,
+    /// How often expired dead letters are deleted.
+    pub sweeper_interval: Duration,
+    /// How long dead letters are kept; `None` keeps them until purged.
+    pub dead_letter_retention: Option<Duration>,
+    pub max_connections: u32,
+}
+
+impl Default for SqliteBrokerOptions {
+    fn default() -> SqliteBrokerOptions {
+        SqliteBrokerOptions {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+            poll_interval: Duration::from_millis(50),
+            sweeper_interval: Duration::from_secs(60),
+            dead_letter_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_connections: 4,
+        }
+    }
+}
+
+/// A broker on a SQLite file. Clones share the connection pool.
+#[derive(Clone)]
+pub struct SqliteBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: SqlitePool,
+    options: SqliteBrokerOptions,
+    /// Wakes consumers of this broker when it publishes.
+    published: Notify,
+    /// Prefix of this file and namespace's broadcast channels.
+    channel_prefix: String,
+    _sweeper: Periodic,
+}
+
+impl SqliteBroker {
+    /// Opens the broker in the file at `path`, creating and migrating it if needed.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        options: SqliteBrokerOptions,
+    ) -> Result<SqliteBroker, StorageError> {
+        let path = path.as_ref();
+        let pool = sqlite::open(path, options.max_connections).await?;
+        sqlite::migrate(&pool, "broker", MIGRATIONS).await?;
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        let sweeper = {
+            let pool = pool.clone();
+            let namespace = options.namespace.clone();
+            let retention = options.dead_letter_retention;
+            Periodic::spawn(options.sweeper_interval, move || {
+                sweep(pool.clone(), namespace.clone(), retention)
+            })
+        };
+        Ok(SqliteBroker {
+            inner: Arc::new(Inner {
+                channel_prefix: format!("{}\0{}\0", canonical.display(), options.namespace),
+                pool,
+                options,
+                published: Notify::new(),
+                _sweeper: sweeper,
+            }),
+        })
+    }
+
+    fn namespace(&self) -> &str {
+        &self.inner.options.namespace
+    }
+
+    fn pool(&self) -> &SqlitePool {
+        &self.inner.pool
+    }
+
+    /// Leases what is ready now, dead-lettering entries that cannot be decoded.
+    async fn take_ready(
+        &self,
+        queues: &[String],
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>, StorageError> {
+        let now = Timestamp::now();
+        let leased_until = now.saturating_add(lease);
+        let token = new_lease_token();
+        let sql = format!(
+            "UPDATE stem_queue_entries
+             SET lease_token = ?, visible_at = ?, deliveries = deliveries + 1
+             WHERE id IN (
+                 SELECT id FROM stem_queue_entries
+                 WHERE namespace = ? AND queue IN ({}) AND visible_at <= ?
+                 ORDER BY priority DESC, id
+                 LIMIT ?)
+             RETURNING id, queue, priority, deliveries, payload",
+            placeholders(queues.len())
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(&token)
+            .bind(leased_until.as_sql())
+            .bind(self.namespace());
+        for queue in queues {
+            query = query.bind(queue);
+        }
+        let mut rows = query
+            .bind(now.as_sql())
+            .bind(i64::try_from(max).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await?;
+        rows.sort_by_key(|row| (-row.get::<i64, _>("priority"), row.get::<i64, _>("id")));
+        let mut deliveries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get("id");
+            let queue: String = row.get("queue");
+            let payload: String = row.get("payload");
+            let receipt = Receipt {
+                queue,
+                entry: id.to_string(),
+                token: token.clone(),
+            };
+            match Envelope::from_json(&payload) {
+                Ok(envelope) => deliveries.push(Delivery {
+                    envelope,
+                    receipt,
+                    deliveries: u32::try_from(row.get::<i64, _>("deliveries")).unwrap_or(u32::MAX),
+                    leased_until,
+                }),
+                Err(error) => {
+                    let reason = undecodable_reason(&error);
+                    tracing::warn!(
+                        queue = receipt.queue,
+                        entry = id,
+                        reason,
+                        "dead-lettering an undecodable entry"
+                    );
+                    self.dead_letter(&receipt, &reason).await?;
+                }
+            }
+        }
+        Ok(deliveries)
+    }
+
+    /// Runs `sql` (which binds the entry id then the token first) against the leased entry.
+    async fn on_leased(
+        &self,
+        receipt: &Receipt,
+        sql: &str,
+        extra: Option<i64>,
+    ) -> Result<(), StorageError> {
+        let lost = || StorageError::LeaseLost(receipt.entry.clone());
+        let id: i64 = receipt.entry.parse().map_err(|_| lost())?;
+        let mut query = sqlx::query(sql);
+        if let Some(value) = extra {
+            query = query.bind(value);
+        }
+        let done = query
+            .bind(id)
+            .bind(&receipt.token)
+            .bind(self.namespace())
+            .execute(self.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(lost());
+        }
+        Ok(())
+    }
+
+    async fn select_dead(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
+        let mut sql = String::from(
+            "SELECT id, queue, reason, payload, dead_at FROM stem_dead_letters WHERE namespace = ?",
+        );
+        let mut binds = vec![self.namespace()];
+        if let Some(queue) = &query.queue {
+            sql.push_str(" AND queue = ?");
+            binds.push(queue);
+        }
+        if !query.ids.is_empty() {
+            let list = placeholders(query.ids.len());
+            sql.push_str(&format!(
+                " AND (CAST(id AS TEXT) IN ({list}) OR task_id IN ({list}))"
+            ));
+            binds.extend(query.ids.iter().map(String::as_str));
+            binds.extend(query.ids.iter().map(String::as_str));
+        }
+        sql.push_str(" ORDER BY id LIMIT ?");
+        let mut select = sqlx::query(&sql);
+        for bind in binds {
+            select = select.bind(bind);
+        }
+        let limit = query
+            .limit
+            .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        let rows = select.bind(limit).fetch_all(self.pool()).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                DeadLetter::new(
+                    row.get::<i64, _>("id").to_string(),
+                    row.get("queue"),
+                    row.get("payload"),
+                    row.get("reason"),
+                    Timestamp::from_sql(row.get("dead_at")),
+                )
+            })
+            .collect())
+    }
+
+    async fn delete_dead(&self, ids: &[String]) -> Result<u64, StorageError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "DELETE FROM stem_dead_letters WHERE namespace = ? AND CAST(id AS TEXT) IN ({})",
+            placeholders(ids.len())
+        );
+        let mut delete = sqlx::query(&sql).bind(self.namespace());
+        for id in ids {
+            delete = delete.bind(id);
+        }
+        Ok(delete.execute(self.pool()).await?.rows_affected())
+    }
+}
+
+/// Deletes dead letters older than the retention.
+async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>) {
+    let Some(retention) = retention else { return };
+    let cutoff = Timestamp::from_millis(
+        Timestamp::now()
+            .as_millis()
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
+    );
+    let swept = sqlx::query("DELETE FROM stem_dead_letters WHERE namespace = ? AND dead_at < ?")
+        .bind(&namespace)
+        .bind(cutoff.as_sql())
+        .execute(&pool)
+        .await;
+    if let Err(error) = swept {
+        tracing::warn!(%error, "sweeping expired dead letters failed");
+    }
+}
+
+#[async_trait]
+impl Broker for SqliteBroker {
+    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
+        self.publish_batch(std::slice::from_ref(envelope)).await
+    }
+
+    async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
+        for envelope in envelopes {
+            envelope.validate()?;
+        }
+        let now = Timestamp::now();
+        let mut tx = self.pool().begin().await?;
+        for envelope in envelopes {
+            sqlx::query(
+                "INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(self.namespace())
+            .bind(&envelope.queue)
+            .bind(i64::from(envelope.priority))
+            .bind(envelope.ready_at(now).as_sql())
+            .bind(envelope.to_json())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.inner.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        options: &ConsumeOptions,
+    ) -> Result<Vec<Delivery>, StorageError> {
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease = options
+            .lease
+            .unwrap_or(self.inner.options.visibility_timeout);
+        let deadline = tokio::time::Instant::now() + options.wait;
+        loop {
+            let published = self.inner.published.notified();
+            tokio::pin!(published);
+            published.as_mut().enable();
+            let deliveries = self.take_ready(queues, options.max.max(1), lease).await?;
+            let now = tokio::time::Instant::now();
+            if !deliveries.is_empty() || now >= deadline {
+                return Ok(deliveries);
+            }
+            let wake = (now + self.inner.options.poll_interval).min(deadline);
+            let _ = tokio::time::timeout_at(wake, published).await;
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
+        self.on_leased(
+            receipt,
+            "DELETE FROM stem_queue_entries WHERE id = ? AND lease_token = ? AND namespace = ?",
+            None,
+        )
+        .await
+    }
+
+    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
+        let visible_at = Timestamp::now().saturating_add(delay);
+        self.on_leased(
+            receipt,
+            "UPDATE stem_queue_entries SET lease_token = NULL, visible_at = ?
+             WHERE id = ? AND lease_token = ? AND namespace = ?",
+            Some(visible_at.as_sql()),
+        )
+        .await?;
+        self.inner.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend_lease(
+        &self,
+        receipt: &Receipt,
+        lease: Duration,
+    ) -> Result<Timestamp, StorageError> {
+        let leased_until = Timestamp::now().saturating_add(lease);
+        self.on_leased(
+            receipt,
+            "UPDATE stem_queue_entries SET visible_at = ?
+             WHERE id = ? AND lease_token = ? AND namespace = ?",
+            Some(leased_until.as_sql()),
+        )
+        .await?;
+        Ok(leased_until)
+    }
+
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
+        let lost = || StorageError::LeaseLost(receipt.entry.clone());
+        let id: i64 = receipt.entry.parse().map_err(|_| lost())?;
+        let mut tx = self.pool().begin().await?;
+        let removed = sqlx::query(
+            "DELETE FROM stem_queue_entries WHERE id = ? AND lease_token = ? AND namespace = ?
+             RETURNING queue, payload",
+        )
+        .bind(id)
+        .bind(&receipt.token)
+        .bind(self.namespace())
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(lost)?;
+        let payload: String = removed.get("payload");
+        let task_id = Envelope::from_json(&payload).ok().map(|e| e.id);
+        sqlx::query(
+            "INSERT INTO stem_dead_letters (namespace, queue, task_id, reason, payload, dead_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(self.namespace())
+        .bind(removed.get::<String, _>("queue"))
+        .bind(task_id)
+        .bind(reason)
+        .bind(payload)
+        .bind(Timestamp::now().as_sql())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
+        self.select_dead(query).await
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<ReplayReport, StorageError> {
+        let mut report = ReplayReport::default();
+        for letter in self.select_dead(query).await? {
+            match letter.replay_envelope() {
+                Ok(envelope) => {
+                    self.publish(&envelope).await?;
+                    self.delete_dead(std::slice::from_ref(&letter.id)).await?;
+                    report.replayed.push(envelope.id);
+                }
+                Err(error) => report.skipped.push((letter.id, error.to_string())),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
+        let ids: Vec<String> = self
+            .select_dead(query)
+            .await?
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        self.delete_dead(&ids).await
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, StorageError> {
+        let purged = sqlx::query(
+            "DELETE FROM stem_queue_entries
+             WHERE namespace = ? AND queue = ? AND (lease_token IS NULL OR visible_at <= ?)",
+        )
+        .bind(self.namespace())
+        .bind(queue)
+        .bind(Timestamp::now().as_sql())
+        .execute(self.pool())
+        .await?;
+        Ok(purged.rows_affected())
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats, StorageError> {
+        let now = Timestamp::now().as_sql();
+        let row = sqlx::query(
+            "SELECT
+                 COALESCE(SUM(visible_at <= ?), 0) AS ready,
+                 COALESCE(SUM(visible_at > ? AND lease_token IS NULL), 0) AS delayed,
+                 COALESCE(SUM(visible_at > ? AND lease_token IS NOT NULL), 0) AS in_flight,
+                 (SELECT COUNT(*) FROM stem_dead_letters WHERE namespace = ? AND queue = ?) AS dead
+             FROM stem_queue_entries WHERE namespace = ? AND queue = ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(now)
+        .bind(self.namespace())
+        .bind(queue)
+        .bind(self.namespace())
+        .bind(queue)
+        .fetch_one(self.pool())
+        .await?;
+        let count = |column: &str| u64::try_from(row.get::<i64, _>(column)).unwrap_or(0);
+        Ok(QueueStats {
+            queue: queue.to_owned(),
+            ready: count("ready"),
+            delayed: count("delayed"),
+            in_flight: count("in_flight"),
+            dead: count("dead"),
+        })
+    }
+
+    async fn queues(&self) -> Result<Vec<String>, StorageError> {
+        let names = sqlx::query_scalar(
+            "SELECT queue FROM stem_queue_entries WHERE namespace = ?
+             UNION SELECT queue FROM stem_dead_letters WHERE namespace = ?
+             ORDER BY queue",
+        )
+        .bind(self.namespace())
+        .bind(self.namespace())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(names)
+    }
+
+    async fn broadcast(&self, channel: &str, message: &str) -> Result<(), StorageError> {
+        CHANNELS.send(&format!("{}{channel}", self.inner.channel_prefix), message);
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError> {
+        Ok(CHANNELS.subscribe(&format!("{}{channel}", self.inner.channel_prefix)))
+    }
+}

@@ -1,0 +1,286 @@
+//! Which adapters a process uses, chosen by URL.
+//!
+//! `memory://[name]` (this process only; the same name shares storage), `sqlite://PATH`
+//! (a local file, created if missing; `sqlite:PATH` works too), and later `redis://`,
+//! `rediss://` and `postgres://`. With no URL at all, everything runs on SQLite files in the
+//! working directory, one per role as the SQLite adapter advises:
+//! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
+//! (`STEM_SQLITE_BACKEND_PATH`) and `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use crate::backend::ResultBackend;
+use crate::backend::memory::MemoryBackend;
+use crate::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
+use crate::broker::memory::MemoryBroker;
+use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
+use crate::broker::{Broker, DEFAULT_NAMESPACE};
+use crate::storage::StorageError;
+use crate::stores::revoke::RevokeStore;
+use crate::stores::revoke::memory::MemoryRevokeStore;
+use crate::stores::revoke::sqlite::SqliteRevokeStore;
+
+/// The storage roles a URL can fill, with their defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Broker,
+    Backend,
+    Revoke,
+}
+
+impl Role {
+    /// The environment variable holding this role's URL.
+    pub fn url_variable(self) -> &'static str {
+        match self {
+            Role::Broker => "STEM_BROKER_URL",
+            Role::Backend => "STEM_RESULT_BACKEND_URL",
+            Role::Revoke => "STEM_REVOKE_STORE_URL",
+        }
+    }
+
+    fn sqlite_variable(self) -> &'static str {
+        match self {
+            Role::Broker => "STEM_SQLITE_BROKER_PATH",
+            Role::Backend => "STEM_SQLITE_BACKEND_PATH",
+            Role::Revoke => "STEM_SQLITE_REVOKE_PATH",
+        }
+    }
+
+    fn default_file(self) -> &'static str {
+        match self {
+            Role::Broker => "stem_broker.sqlite",
+            Role::Backend => "stem_backend.sqlite",
+            Role::Revoke => "stem_revoke.sqlite",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Broker => "broker",
+            Role::Backend => "result backend",
+            Role::Revoke => "revoke store",
+        }
+    }
+}
+
+/// A parsed adapter URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdapterUrl {
+    Memory(String),
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {role} URL `{url}`: {reason}")]
+    Url {
+        role: &'static str,
+        url: String,
+        reason: String,
+    },
+    #[error("cannot open the {role} at `{url}`: {source}")]
+    Open {
+        role: &'static str,
+        url: String,
+        source: StorageError,
+    },
+}
+
+impl AdapterUrl {
+    /// Parses `url` for `role`; the error names the role and what is wrong.
+    pub fn parse(role: Role, url: &str) -> Result<AdapterUrl, ConfigError> {
+        let invalid = |reason: &str| ConfigError::Url {
+            role: role.name(),
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = url
+            .split_once(':')
+            .ok_or_else(|| invalid("expected memory://, sqlite://PATH, redis:// or postgres://"))?;
+        match scheme {
+            "memory" => Ok(AdapterUrl::Memory(rest.trim_start_matches("//").to_owned())),
+            "sqlite" => {
+                let path = rest.strip_prefix("//").unwrap_or(rest);
+                if path.is_empty() {
+                    return Err(invalid("the SQLite URL names no file (sqlite://PATH)"));
+                }
+                Ok(AdapterUrl::Sqlite(PathBuf::from(path)))
+            }
+            "redis" | "rediss" | "postgres" | "postgresql" => Err(invalid(
+                "this build has no adapter for it yet; use sqlite://PATH or memory://",
+            )),
+            _ => Err(invalid(
+                "unknown scheme; expected memory://, sqlite://PATH, redis:// or postgres://",
+            )),
+        }
+    }
+
+    /// The URL to use for `role`: `explicit` (a flag or its environment variable), else the
+    /// SQLite file for the role.
+    pub fn resolve(role: Role, explicit: Option<&str>) -> Result<AdapterUrl, ConfigError> {
+        match explicit.filter(|url| !url.is_empty()) {
+            Some(url) => AdapterUrl::parse(role, url),
+            None => Ok(AdapterUrl::Sqlite(
+                std::env::var_os(role.sqlite_variable())
+                    .filter(|path| !path.is_empty())
+                    .map_or_else(|| PathBuf::from(role.default_file()), PathBuf::from),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AdapterUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdapterUrl::Memory(name) => write!(f, "memory://{name}"),
+            AdapterUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+        }
+    }
+}
+
+/// In-memory adapters by name, so that every `memory://NAME` in a process is the same store.
+#[derive(Default)]
+struct MemoryAdapters {
+    brokers: HashMap<String, MemoryBroker>,
+    backends: HashMap<String, MemoryBackend>,
+    revokes: HashMap<String, MemoryRevokeStore>,
+}
+
+static MEMORY: LazyLock<Mutex<MemoryAdapters>> = LazyLock::new(Mutex::default);
+
+fn memory() -> std::sync::MutexGuard<'static, MemoryAdapters> {
+    MEMORY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn opened<T>(
+    role: Role,
+    url: &AdapterUrl,
+    result: Result<T, StorageError>,
+) -> Result<T, ConfigError> {
+    result.map_err(|source| ConfigError::Open {
+        role: role.name(),
+        url: url.to_string(),
+        source,
+    })
+}
+
+/// Opens the broker at `url` in `namespace`.
+pub async fn open_broker(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn Broker>, ConfigError> {
+    let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            let mut memory = memory();
+            let broker = memory.brokers.entry(name.clone()).or_default();
+            Arc::new(broker.with_namespace(namespace))
+        }
+        AdapterUrl::Sqlite(path) => {
+            let options = SqliteBrokerOptions {
+                namespace: namespace.to_owned(),
+                ..SqliteBrokerOptions::default()
+            };
+            Arc::new(opened(
+                Role::Broker,
+                url,
+                SqliteBroker::open(path, options).await,
+            )?)
+        }
+    })
+}
+
+/// Opens the result backend at `url` in `namespace`.
+pub async fn open_backend(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn ResultBackend>, ConfigError> {
+    let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            let mut memory = memory();
+            let backend = memory.backends.entry(name.clone()).or_default();
+            Arc::new(backend.with_namespace(namespace))
+        }
+        AdapterUrl::Sqlite(path) => {
+            let options = SqliteBackendOptions {
+                namespace: namespace.to_owned(),
+                ..SqliteBackendOptions::default()
+            };
+            Arc::new(opened(
+                Role::Backend,
+                url,
+                SqliteBackend::open(path, options).await,
+            )?)
+        }
+    })
+}
+
+/// Opens the revoke store at `url` in `namespace`.
+pub async fn open_revoke_store(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn RevokeStore>, ConfigError> {
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            Arc::new(memory().revokes.entry(name.clone()).or_default().clone())
+        }
+        AdapterUrl::Sqlite(path) => Arc::new(opened(
+            Role::Revoke,
+            url,
+            SqliteRevokeStore::open(path, namespace).await,
+        )?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_clear_errors() {
+        assert_eq!(
+            AdapterUrl::parse(Role::Broker, "sqlite:///var/lib/stem/broker.db").unwrap(),
+            AdapterUrl::Sqlite("/var/lib/stem/broker.db".into())
+        );
+        assert_eq!(
+            AdapterUrl::parse(Role::Broker, "sqlite://relative.db").unwrap(),
+            AdapterUrl::Sqlite("relative.db".into())
+        );
+        assert_eq!(
+            AdapterUrl::parse(Role::Backend, "sqlite:plain.db").unwrap(),
+            AdapterUrl::Sqlite("plain.db".into())
+        );
+        assert_eq!(
+            AdapterUrl::parse(Role::Backend, "memory://").unwrap(),
+            AdapterUrl::Memory(String::new())
+        );
+        let error = AdapterUrl::parse(Role::Backend, "mysql://db").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("invalid result backend URL `mysql://db`: unknown scheme"),
+            "{error}"
+        );
+        assert!(AdapterUrl::parse(Role::Broker, "sqlite://").is_err());
+        assert!(AdapterUrl::parse(Role::Broker, "nothing").is_err());
+    }
+
+    #[test]
+    fn sqlite_files_are_the_default() {
+        assert_eq!(
+            AdapterUrl::resolve(Role::Revoke, Some("memory://x")).unwrap(),
+            AdapterUrl::Memory("x".into())
+        );
+        if std::env::var_os("STEM_SQLITE_BROKER_PATH").is_none() {
+            assert_eq!(
+                AdapterUrl::resolve(Role::Broker, None).unwrap(),
+                AdapterUrl::Sqlite("stem_broker.sqlite".into())
+            );
+        }
+    }
+}

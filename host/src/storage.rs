@@ -1,0 +1,38 @@
+//! The error every storage contract (broker, result backend, stores) returns.
+//!
+//! One type for all of them because their failures are the same few kinds, and a caller's
+//! response depends on the kind, not on which contract failed: fix the input, retry later,
+//! or accept that a lease was lost.
+
+use crate::envelope::EnvelopeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The adapter could not open or reach its storage; the message names the location.
+    #[error("cannot open {location}: {reason}")]
+    Open { location: String, reason: String },
+    /// A broker refused an envelope that would break its guarantees.
+    #[error("invalid envelope: {0}")]
+    InvalidEnvelope(#[from] EnvelopeError),
+    /// An ack, nack, extension or dead-lettering came after the delivery's lease ran out and
+    /// the entry was delivered again (or is gone). The entry was left alone.
+    #[error("the lease on queue entry {0} was lost: it expired and the entry was delivered again")]
+    LeaseLost(String),
+    /// The record an operation needs does not exist (or has expired).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A stored record could not be read back.
+    #[error("stored {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error(transparent)]
+    Sqlite(#[from] sqlx::Error),
+}
+
+impl StorageError {
+    pub(crate) fn corrupt(what: impl Into<String>, reason: impl ToString) -> StorageError {
+        StorageError::Corrupt {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+}

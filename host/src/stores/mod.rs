@@ -1,0 +1,13 @@
+//! Stores the platform keeps beside the broker and the result backend.
+//!
+//! - [`revoke`]: revocations, which survive restarts and which workers honour before and
+//!   during a run.
+//! - [`schedule`]: Beat's periodic schedule entries, shared by every Beat instance.
+//! - [`lock`]: named locks with an owner and a TTL, so only one Beat fires each entry.
+//!
+//! Each is a small contract with an in-memory adapter; durable adapters sit beside it. One
+//! conformance suite per contract (`host/tests/all/conformance/`) runs against every adapter.
+
+pub mod lock;
+pub mod revoke;
+pub mod schedule;

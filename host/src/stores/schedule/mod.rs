@@ -1,0 +1,56 @@
+//! The schedule store: Beat's periodic entries, shared by every Beat instance.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+/// One periodic task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleEntry {
+    pub id: String,
+    pub task: String,
+    /// JSON arguments.
+    pub args: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// When it fires, e.g. `every 5m` or a cron expression; Beat interprets it.
+    pub spec: String,
+    pub enabled: bool,
+    pub next_run_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_at: Option<Timestamp>,
+    pub total_runs: u64,
+}
+
+/// Schedule entries. Several Beats may share a store: [`ScheduleStore::mark_run`] lets only
+/// one of them record each firing.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync {
+    /// Adds an entry or replaces the one with the same id.
+    async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError>;
+
+    async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError>;
+
+    /// Every entry, by id.
+    async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError>;
+
+    /// Deletes an entry; `false` if there was none.
+    async fn remove(&self, id: &str) -> Result<bool, StorageError>;
+
+    /// Enabled entries due at `now`, earliest first, at most `limit`.
+    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError>;
+
+    /// Records a firing, if the entry's next run is still `expected_next_run`; `false` when
+    /// another Beat recorded it first (or the entry is gone).
+    async fn mark_run(
+        &self,
+        id: &str,
+        expected_next_run: Timestamp,
+        ran_at: Timestamp,
+        next_run_at: Timestamp,
+    ) -> Result<bool, StorageError>;
+}

@@ -1,0 +1,176 @@
+//! Harnesses for every adapter the suites run against.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stem_host::backend::ResultBackend;
+use stem_host::backend::memory::MemoryBackend;
+use stem_host::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
+use stem_host::broker::Broker;
+use stem_host::broker::memory::MemoryBroker;
+use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
+use stem_host::stores::lock::LockStore;
+use stem_host::stores::lock::memory::MemoryLockStore;
+use stem_host::stores::revoke::RevokeStore;
+use stem_host::stores::revoke::memory::MemoryRevokeStore;
+use stem_host::stores::revoke::sqlite::SqliteRevokeStore;
+use stem_host::stores::schedule::ScheduleStore;
+use stem_host::stores::schedule::memory::MemoryScheduleStore;
+use tempfile::TempDir;
+
+use super::Connect;
+use super::broker::RawEntries;
+
+/// How often SQLite adapters poll in the suites: fast, so waits end soon after a change.
+const SQLITE_POLL: Duration = Duration::from_millis(10);
+
+pub struct Memory {
+    broker: MemoryBroker,
+    backend: MemoryBackend,
+    revokes: MemoryRevokeStore,
+    locks: MemoryLockStore,
+    schedules: MemoryScheduleStore,
+}
+
+impl Memory {
+    pub async fn new() -> Memory {
+        Memory {
+            broker: MemoryBroker::new(),
+            backend: MemoryBackend::default(),
+            revokes: MemoryRevokeStore::default(),
+            locks: MemoryLockStore::default(),
+            schedules: MemoryScheduleStore::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Connect<dyn Broker> for Memory {
+    async fn connect(&self, namespace: &str) -> Arc<dyn Broker> {
+        Arc::new(self.broker.with_namespace(namespace))
+    }
+}
+
+#[async_trait]
+impl RawEntries for Memory {
+    async fn insert_raw(&self, namespace: &str, queue: &str, payload: &str) {
+        self.broker
+            .with_namespace(namespace)
+            .insert_raw(queue, payload);
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ResultBackend> for Memory {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ResultBackend> {
+        Arc::new(self.backend.with_namespace(namespace))
+    }
+}
+
+/// The in-memory stores serve one process and have no namespaces.
+#[async_trait]
+impl Connect<dyn RevokeStore> for Memory {
+    async fn connect(&self, _namespace: &str) -> Arc<dyn RevokeStore> {
+        Arc::new(self.revokes.clone())
+    }
+}
+
+#[async_trait]
+impl Connect<dyn LockStore> for Memory {
+    async fn connect(&self, _namespace: &str) -> Arc<dyn LockStore> {
+        Arc::new(self.locks.clone())
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ScheduleStore> for Memory {
+    async fn connect(&self, _namespace: &str) -> Arc<dyn ScheduleStore> {
+        Arc::new(self.schedules.clone())
+    }
+}
+
+/// Fresh SQLite files in a temporary directory, separate for broker and backend.
+pub struct Sqlite {
+    dir: TempDir,
+}
+
+impl Sqlite {
+    pub async fn new() -> Sqlite {
+        Sqlite {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    fn broker_path(&self) -> PathBuf {
+        self.dir.path().join("stem_broker.sqlite")
+    }
+
+    fn backend_path(&self) -> PathBuf {
+        self.dir.path().join("stem_backend.sqlite")
+    }
+}
+
+#[async_trait]
+impl Connect<dyn Broker> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn Broker> {
+        let options = SqliteBrokerOptions {
+            namespace: namespace.to_owned(),
+            poll_interval: SQLITE_POLL,
+            ..SqliteBrokerOptions::default()
+        };
+        Arc::new(
+            SqliteBroker::open(self.broker_path(), options)
+                .await
+                .expect("open broker"),
+        )
+    }
+}
+
+#[async_trait]
+impl RawEntries for Sqlite {
+    async fn insert_raw(&self, namespace: &str, queue: &str, payload: &str) {
+        let url = format!("sqlite://{}", self.broker_path().display());
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("open broker file");
+        sqlx::query(
+            "INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+             VALUES (?, ?, 0, 0, ?)",
+        )
+        .bind(namespace)
+        .bind(queue)
+        .bind(payload)
+        .execute(&pool)
+        .await
+        .expect("insert a raw entry");
+        pool.close().await;
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ResultBackend> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ResultBackend> {
+        let options = SqliteBackendOptions {
+            namespace: namespace.to_owned(),
+            poll_interval: SQLITE_POLL,
+            cleanup_interval: Duration::from_millis(200),
+            ..SqliteBackendOptions::default()
+        };
+        Arc::new(
+            SqliteBackend::open(self.backend_path(), options)
+                .await
+                .expect("open backend"),
+        )
+    }
+}
+
+#[async_trait]
+impl Connect<dyn RevokeStore> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn RevokeStore> {
+        let store =
+            SqliteRevokeStore::open(self.dir.path().join("stem_revoke.sqlite"), Some(namespace));
+        Arc::new(store.await.expect("open revoke store"))
+    }
+}

@@ -1,0 +1,343 @@
+//! The result-backend contract (`stem_host::backend`), for every adapter.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use stem_host::backend::{
+    GroupRecord, ResultBackend, StatusQuery, TaskFailure, TaskState, TaskStatus, WorkerHeartbeat,
+};
+use stem_host::codec::Codecs;
+use stem_host::storage::StorageError;
+use stem_host::time::Timestamp;
+
+use super::{Connect, PATIENCE, SHORT, adapters};
+
+/// One test per case for the adapter whose harness `$make` builds.
+macro_rules! backend_suite {
+    ($adapter:ident, $make:expr) => {
+        mod $adapter {
+            use super::*;
+            backend_suite!(@cases $make;
+                states_and_payloads_round_trip, wait_sees_a_result_written_elsewhere,
+                wait_times_out_with_the_last_status, list_filters_and_orders,
+                result_ttl_expires, chord_callback_is_claimed_exactly_once,
+                group_members_count_once, groups_expire_and_unknown_groups_are_errors,
+                heartbeats_expire, namespaces_are_isolated);
+        }
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make.await;
+                super::$case(&harness).await;
+            }
+        )*
+    };
+}
+
+backend_suite!(memory, adapters::Memory::new());
+backend_suite!(sqlite, adapters::Sqlite::new());
+
+const NS: &str = "conformance";
+
+type Harness = dyn Connect<dyn ResultBackend>;
+
+fn status(id: &str, state: TaskState) -> TaskStatus {
+    let mut status = TaskStatus::new(id, state);
+    status.task = Some("reports.generate".into());
+    status
+}
+
+async fn states_and_payloads_round_trip(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    let codecs = Codecs::default();
+    let json = r#"{"rows":[1,2,3],"title":"Q4 ✓"}"#;
+    for encoder in ["json", "base64", "gzip"] {
+        let id = format!("task-{encoder}");
+        let mut done = status(&id, TaskState::Succeeded);
+        done.result = Some(codecs.encode_result(Some(encoder), json).unwrap());
+        done.attempt = 3;
+        done.worker = Some("worker-1".into());
+        done.group_id = Some("g".into());
+        backend.set(&done, None).await.unwrap();
+        let read = backend.get(&id).await.unwrap().expect("stored");
+        assert_eq!(read, done);
+        let payload = read.result.expect("result");
+        assert_eq!(
+            payload.encoder, encoder,
+            "the encoder id is stored beside the payload"
+        );
+        assert_eq!(codecs.decode(&payload).unwrap(), json);
+    }
+    for state in TaskState::ALL {
+        let mut written = status("task-states", state);
+        if state == TaskState::Failed {
+            written.error = Some(TaskFailure {
+                kind: "time_limit".into(),
+                message: "ran longer than 5s".into(),
+            });
+        }
+        backend.set(&written, None).await.unwrap();
+        assert_eq!(backend.get("task-states").await.unwrap(), Some(written));
+    }
+    assert_eq!(backend.get("never-written").await.unwrap(), None);
+}
+
+async fn wait_sees_a_result_written_elsewhere(harness: &Harness) {
+    let writer = harness.connect(NS).await;
+    let reader = harness.connect(NS).await;
+    writer
+        .set(&status("t-wait", TaskState::Started), None)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move { reader.wait("t-wait", PATIENCE).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut done = status("t-wait", TaskState::Succeeded);
+    done.result = Some(Codecs::default().encode_result(None, "42").unwrap());
+    writer.set(&done, None).await.unwrap();
+    let seen = tokio::time::timeout(PATIENCE, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, Some(done));
+}
+
+async fn wait_times_out_with_the_last_status(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    backend
+        .set(&status("t-slow", TaskState::Started), None)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let seen = backend.wait("t-slow", SHORT).await.unwrap();
+    assert!(started.elapsed() >= SHORT - Duration::from_millis(20));
+    assert_eq!(seen.map(|s| s.state), Some(TaskState::Started));
+    assert_eq!(
+        backend
+            .wait("t-unknown", Duration::from_millis(50))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn list_filters_and_orders(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    for (i, state) in [
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Succeeded,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut written = status(&format!("t-{i}"), state);
+        written.updated_at = Timestamp::from_millis(Timestamp::now().as_millis() + i as u64);
+        backend.set(&written, None).await.unwrap();
+    }
+    let mut other = status("t-other", TaskState::Succeeded);
+    other.task = Some("hello.add".into());
+    other.updated_at = Timestamp::from_millis(0);
+    backend.set(&other, None).await.unwrap();
+
+    let ids = |statuses: Vec<TaskStatus>| statuses.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    let succeeded = StatusQuery {
+        state: Some(TaskState::Succeeded),
+        ..StatusQuery::default()
+    };
+    assert_eq!(
+        ids(backend.list(&succeeded).await.unwrap()),
+        ["t-2", "t-0", "t-other"]
+    );
+    let reports = StatusQuery {
+        task: Some("reports.generate".into()),
+        limit: 2,
+        ..StatusQuery::default()
+    };
+    assert_eq!(ids(backend.list(&reports).await.unwrap()), ["t-2", "t-1"]);
+}
+
+async fn result_ttl_expires(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    backend
+        .set(&status("t-short", TaskState::Succeeded), Some(SHORT))
+        .await
+        .unwrap();
+    backend
+        .set(&status("t-long", TaskState::Succeeded), Some(PATIENCE * 10))
+        .await
+        .unwrap();
+    assert!(backend.get("t-short").await.unwrap().is_some());
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(backend.get("t-short").await.unwrap(), None);
+    let listed = backend.list(&StatusQuery::default()).await.unwrap();
+    assert_eq!(
+        listed.into_iter().map(|s| s.id).collect::<Vec<_>>(),
+        ["t-long"]
+    );
+}
+
+async fn chord_callback_is_claimed_exactly_once(harness: &Harness) {
+    const MEMBERS: usize = 1000;
+    const CONNECTIONS: usize = 8;
+    let backend = harness.connect(NS).await;
+    let chord = GroupRecord::new(
+        "chord-1",
+        MEMBERS as u32,
+        Some(r#"{"task":"report.merge"}"#.into()),
+    );
+    backend.create_group(&chord, None).await.unwrap();
+    assert!(
+        !backend.claim_chord_callback("chord-1").await.unwrap(),
+        "not before every member finished"
+    );
+
+    let claims = Arc::new(AtomicUsize::new(0));
+    let completions = Arc::new(AtomicUsize::new(0));
+    let mut connections = Vec::new();
+    for _ in 0..CONNECTIONS {
+        connections.push(harness.connect(NS).await);
+    }
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let backend = connections[i % CONNECTIONS].clone();
+        let (claims, completions) = (claims.clone(), completions.clone());
+        members.push(tokio::spawn(async move {
+            let progress = backend
+                .group_member_finished("chord-1", &format!("member-{i}"))
+                .await
+                .unwrap();
+            if progress.is_complete() {
+                completions.fetch_add(1, Ordering::SeqCst);
+            }
+            if progress.is_complete() && backend.claim_chord_callback("chord-1").await.unwrap() {
+                claims.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for member in members {
+        member.await.unwrap();
+    }
+    assert_eq!(
+        claims.load(Ordering::SeqCst),
+        1,
+        "the callback is dispatched exactly once"
+    );
+    assert!(completions.load(Ordering::SeqCst) >= 1);
+    assert!(!backend.claim_chord_callback("chord-1").await.unwrap());
+    let group = backend.get_group("chord-1").await.unwrap().expect("group");
+    assert_eq!(group.finished.len(), MEMBERS);
+    assert!(group.callback_claimed && group.is_complete());
+    assert_eq!(group.callback, chord.callback);
+}
+
+async fn group_members_count_once(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    backend
+        .create_group(&GroupRecord::new("g-dup", 3, None), None)
+        .await
+        .unwrap();
+    for member in ["a", "b", "a", "b", "a"] {
+        let progress = backend
+            .group_member_finished("g-dup", member)
+            .await
+            .unwrap();
+        assert!(!progress.is_complete());
+    }
+    let progress = backend.group_member_finished("g-dup", "c").await.unwrap();
+    assert_eq!((progress.finished, progress.size), (3, 3));
+    let group = backend.get_group("g-dup").await.unwrap().unwrap();
+    assert_eq!(group.finished, ["a", "b", "c"]);
+    assert!(backend.claim_chord_callback("g-dup").await.unwrap());
+}
+
+async fn groups_expire_and_unknown_groups_are_errors(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    backend
+        .create_group(&GroupRecord::new("g-ttl", 2, None), Some(SHORT))
+        .await
+        .unwrap();
+    assert!(backend.get_group("g-ttl").await.unwrap().is_some());
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(backend.get_group("g-ttl").await.unwrap(), None);
+    let missing = backend
+        .group_member_finished("g-ttl", "a")
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StorageError::NotFound(_)), "{missing}");
+    assert!(matches!(
+        backend.claim_chord_callback("g-never").await,
+        Err(StorageError::NotFound(_))
+    ));
+}
+
+fn heartbeat(worker_id: &str) -> WorkerHeartbeat {
+    WorkerHeartbeat {
+        worker_id: worker_id.into(),
+        hostname: "node-1".into(),
+        pid: 42,
+        queues: vec!["default".into()],
+        concurrency: 4,
+        in_flight: 1,
+        processed: 10,
+        started_at: Timestamp::now(),
+        last_seen: Timestamp::now(),
+    }
+}
+
+async fn heartbeats_expire(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    backend
+        .heartbeat(&heartbeat("w-b"), Some(PATIENCE * 10))
+        .await
+        .unwrap();
+    backend
+        .heartbeat(&heartbeat("w-a"), Some(SHORT))
+        .await
+        .unwrap();
+    let alive: Vec<String> = backend
+        .workers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.worker_id)
+        .collect();
+    assert_eq!(alive, ["w-a", "w-b"]);
+    let mut busier = heartbeat("w-b");
+    busier.processed = 11;
+    backend
+        .heartbeat(&busier, Some(PATIENCE * 10))
+        .await
+        .unwrap();
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(backend.workers().await.unwrap(), vec![busier]);
+}
+
+async fn namespaces_are_isolated(harness: &Harness) {
+    let a = harness.connect("ns-a").await;
+    let b = harness.connect("ns-b").await;
+    a.set(&status("same-id", TaskState::Succeeded), None)
+        .await
+        .unwrap();
+    b.set(&status("same-id", TaskState::Failed), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.get("same-id").await.unwrap().unwrap().state,
+        TaskState::Succeeded
+    );
+    assert_eq!(
+        b.get("same-id").await.unwrap().unwrap().state,
+        TaskState::Failed
+    );
+    a.create_group(&GroupRecord::new("g", 1, None), None)
+        .await
+        .unwrap();
+    assert_eq!(b.get_group("g").await.unwrap(), None);
+    a.heartbeat(&heartbeat("w"), None).await.unwrap();
+    assert!(b.workers().await.unwrap().is_empty());
+    assert_eq!(b.list(&StatusQuery::default()).await.unwrap().len(), 1);
+}

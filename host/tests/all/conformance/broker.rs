@@ -1,0 +1,657 @@
+//! The broker contract (`stem_host::broker`), for every adapter.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use stem_host::broker::{Broker, ConsumeOptions, DeadLetterQuery, Delivery};
+use stem_host::codec::Payload;
+use stem_host::envelope::Envelope;
+use stem_host::storage::StorageError;
+
+use super::{Connect, PATIENCE, SHORT, adapters};
+
+/// Writes entries behind the broker's back, as corruption or a foreign producer would.
+#[async_trait]
+pub trait RawEntries: Send + Sync {
+    async fn insert_raw(&self, namespace: &str, queue: &str, payload: &str);
+}
+
+pub trait BrokerHarness: Connect<dyn Broker> + RawEntries {}
+impl<T: Connect<dyn Broker> + RawEntries> BrokerHarness for T {}
+
+/// One test per case for the adapter whose harness `$make` builds.
+macro_rules! broker_suite {
+    ($adapter:ident, $make:expr) => {
+        mod $adapter {
+            use super::*;
+            broker_suite!(@cases $make;
+                round_trip, invalid_envelopes_are_refused, priority_order, consume_across_queues,
+                not_before_delays, ack_removes, nack_requeues_after_its_delay,
+                expired_lease_is_redelivered_and_not_before, extend_lease_prevents_redelivery,
+                concurrent_consumers_never_share_a_delivery, consume_wakes_on_publish,
+                dead_letters_list_show_replay_purge, corrupt_entries_are_dead_lettered,
+                broadcast_reaches_every_subscriber, namespaces_are_isolated,
+                purge_and_stats, publish_batch_stores_everything);
+        }
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let harness = $make.await;
+                super::$case(&harness).await;
+            }
+        )*
+    };
+}
+
+broker_suite!(memory, adapters::Memory::new());
+broker_suite!(sqlite, adapters::Sqlite::new());
+
+const NS: &str = "conformance";
+
+fn envelope(task: &str) -> Envelope {
+    Envelope::new(task, Payload::json(r#"{"n":1}"#))
+}
+
+fn queues(names: &[&str]) -> Vec<String> {
+    names.iter().map(|name| name.to_string()).collect()
+}
+
+fn take(max: usize, lease: Duration) -> ConsumeOptions {
+    ConsumeOptions {
+        max,
+        lease: Some(lease),
+        wait: Duration::ZERO,
+    }
+}
+
+fn wait_for_one(lease: Duration) -> ConsumeOptions {
+    ConsumeOptions {
+        max: 1,
+        lease: Some(lease),
+        wait: PATIENCE,
+    }
+}
+
+fn ids(deliveries: &[Delivery]) -> Vec<String> {
+    deliveries.iter().map(|d| d.envelope.id.clone()).collect()
+}
+
+async fn round_trip(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let mut sent = envelope("hello.add").with_queue("q");
+    sent.headers.insert("trace".into(), "t-1".into());
+    sent.parent_id = Some("parent".into());
+    broker.publish(&sent).await.unwrap();
+    let got = broker
+        .consume(&queues(&["q"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope, sent);
+    assert_eq!(got[0].deliveries, 1);
+    assert_eq!(got[0].receipt.queue, "q");
+    assert!(
+        broker
+            .consume(&queues(&["other"]), &take(10, PATIENCE))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn invalid_envelopes_are_refused(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let too_high = envelope("hello.add").with_priority(10);
+    let refused = broker.publish(&too_high).await.unwrap_err();
+    assert!(
+        matches!(refused, StorageError::InvalidEnvelope(_)),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("priority 10"), "{refused}");
+    let bad_name = envelope("not a name");
+    assert!(
+        broker
+            .publish_batch(&[envelope("fine"), bad_name])
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        broker.stats("default").await.unwrap().ready,
+        0,
+        "a refused batch stores nothing"
+    );
+}
+
+async fn priority_order(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let sent: Vec<Envelope> = [0, 5, 9, 5, 1]
+        .into_iter()
+        .map(|priority| envelope("t.p").with_priority(priority))
+        .collect();
+    for envelope in &sent {
+        broker.publish(envelope).await.unwrap();
+    }
+    let got = broker
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    let expected: Vec<String> = [2, 1, 3, 4, 0]
+        .iter()
+        .map(|&i| sent[i].id.clone())
+        .collect();
+    assert_eq!(
+        ids(&got),
+        expected,
+        "higher priority first, then first published"
+    );
+
+    for envelope in &sent {
+        broker
+            .publish(&envelope.clone().with_id(format!("{}-again", envelope.id)))
+            .await
+            .unwrap();
+    }
+    let one_by_one: Vec<u8> = {
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            let got = broker
+                .consume(&queues(&["default"]), &take(1, PATIENCE))
+                .await
+                .unwrap();
+            order.push(got[0].envelope.priority);
+        }
+        order
+    };
+    assert_eq!(one_by_one, vec![9, 5, 5, 1, 0]);
+}
+
+async fn consume_across_queues(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let low = envelope("t.low").with_queue("a").with_priority(1);
+    let high = envelope("t.high").with_queue("b").with_priority(7);
+    let elsewhere = envelope("t.other").with_queue("c").with_priority(9);
+    broker
+        .publish_batch(&[low.clone(), high.clone(), elsewhere])
+        .await
+        .unwrap();
+    let got = broker
+        .consume(&queues(&["a", "b"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), vec![high.id, low.id]);
+    assert_eq!(got[0].receipt.queue, "b");
+}
+
+async fn not_before_delays(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let delayed = envelope("t.later").delayed(SHORT);
+    let now = envelope("t.now");
+    let published = Instant::now();
+    broker
+        .publish_batch(&[delayed.clone(), now.clone()])
+        .await
+        .unwrap();
+    let stats = broker.stats("default").await.unwrap();
+    assert_eq!((stats.ready, stats.delayed), (1, 1));
+    let first = broker
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&first), vec![now.id]);
+    let second = broker
+        .consume(&queues(&["default"]), &wait_for_one(PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), vec![delayed.id.clone()]);
+    let waited = published.elapsed();
+    assert!(
+        waited >= SHORT - Duration::from_millis(20),
+        "delivered after {waited:?}"
+    );
+    assert_eq!(second[0].envelope.not_before, delayed.not_before);
+}
+
+async fn ack_removes(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    broker.publish(&envelope("t.ack")).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(1, SHORT))
+        .await
+        .unwrap();
+    broker.ack(&got[0].receipt).await.unwrap();
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 0, 0, 0, 0)
+    );
+    tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+    assert!(
+        broker
+            .consume(&queues(&["default"]), &take(1, SHORT))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = broker.ack(&got[0].receipt).await.unwrap_err();
+    assert!(matches!(again, StorageError::LeaseLost(_)), "{again}");
+}
+
+async fn nack_requeues_after_its_delay(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let sent = envelope("t.nack");
+    broker.publish(&sent).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    let nacked = Instant::now();
+    broker.nack(&got[0].receipt, SHORT).await.unwrap();
+    assert_eq!(broker.stats("default").await.unwrap().delayed, 1);
+    assert!(
+        broker
+            .consume(&queues(&["default"]), &take(1, PATIENCE))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = broker
+        .consume(&queues(&["default"]), &wait_for_one(PATIENCE))
+        .await
+        .unwrap();
+    assert!(nacked.elapsed() >= SHORT - Duration::from_millis(20));
+    assert_eq!(ids(&again), vec![sent.id]);
+    assert_eq!(again[0].deliveries, 2);
+
+    broker
+        .nack(&again[0].receipt, Duration::ZERO)
+        .await
+        .unwrap();
+    let at_once = broker
+        .consume(&queues(&["default"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(at_once.len(), 1, "a nack without delay requeues at once");
+}
+
+async fn expired_lease_is_redelivered_and_not_before(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    let sent = envelope("t.lease");
+    broker.publish(&sent).await.unwrap();
+    let leased = Instant::now();
+    let first = broker
+        .consume(&queues(&["default"]), &take(1, SHORT))
+        .await
+        .unwrap();
+    assert_eq!(broker.stats("default").await.unwrap().in_flight, 1);
+    assert!(
+        other
+            .consume(&queues(&["default"]), &take(1, SHORT))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a leased entry is not delivered to anyone else"
+    );
+    let second = other
+        .consume(&queues(&["default"]), &wait_for_one(SHORT))
+        .await
+        .unwrap();
+    assert!(
+        leased.elapsed() >= SHORT - Duration::from_millis(20),
+        "redelivered after {:?}",
+        leased.elapsed()
+    );
+    assert_eq!(ids(&second), vec![sent.id]);
+    assert_eq!(second[0].deliveries, 2);
+    let stale = broker.ack(&first[0].receipt).await.unwrap_err();
+    assert!(matches!(stale, StorageError::LeaseLost(_)), "{stale}");
+    assert!(
+        broker
+            .extend_lease(&first[0].receipt, PATIENCE)
+            .await
+            .is_err()
+    );
+    other.ack(&second[0].receipt).await.unwrap();
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 0, 0, 0, 0)
+    );
+}
+
+async fn extend_lease_prevents_redelivery(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    broker.publish(&envelope("t.extend")).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(1, SHORT))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < SHORT * 3 {
+        tokio::time::sleep(SHORT / 4).await;
+        broker.extend_lease(&got[0].receipt, SHORT).await.unwrap();
+        assert!(
+            other
+                .consume(&queues(&["default"]), &take(1, SHORT))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    broker.ack(&got[0].receipt).await.unwrap();
+}
+
+async fn concurrent_consumers_never_share_a_delivery(harness: &impl BrokerHarness) {
+    const TASKS: usize = 600;
+    const CONSUMERS: usize = 8;
+    let producer = harness.connect(NS).await;
+    let sent: Vec<Envelope> = (0..TASKS).map(|_| envelope("t.race")).collect();
+    producer.publish_batch(&sent).await.unwrap();
+    let mut consumers = Vec::new();
+    for _ in 0..CONSUMERS {
+        let broker = harness.connect(NS).await;
+        consumers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = broker
+                    .consume(&queues(&["default"]), &take(7, PATIENCE))
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                for delivery in got {
+                    broker.ack(&delivery.receipt).await.unwrap();
+                    mine.push(delivery.envelope.id);
+                }
+            }
+        }));
+    }
+    let mut seen = HashSet::new();
+    for consumer in consumers {
+        for id in consumer.await.unwrap() {
+            assert!(seen.insert(id.clone()), "{id} was delivered twice");
+        }
+    }
+    let expected: HashSet<String> = sent.into_iter().map(|e| e.id).collect();
+    assert_eq!(seen, expected);
+}
+
+async fn consume_wakes_on_publish(harness: &impl BrokerHarness) {
+    let consumer = harness.connect(NS).await;
+    let producer = harness.connect(NS).await;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = consumer
+            .consume(&queues(&["default"]), &wait_for_one(PATIENCE))
+            .await
+            .unwrap();
+        (got, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = envelope("t.wake");
+    producer.publish(&sent).await.unwrap();
+    let (got, waited) = waiting.await.unwrap();
+    assert_eq!(ids(&got), vec![sent.id]);
+    assert!(waited < PATIENCE / 2, "the consumer waited {waited:?}");
+}
+
+async fn dead_letters_list_show_replay_purge(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let sent: Vec<Envelope> = (0..3)
+        .map(|_| envelope("t.dead").with_queue("work"))
+        .collect();
+    broker.publish_batch(&sent).await.unwrap();
+    let got = broker
+        .consume(&queues(&["work"]), &take(3, PATIENCE))
+        .await
+        .unwrap();
+    broker
+        .dead_letter(&got[0].receipt, "max retries exceeded")
+        .await
+        .unwrap();
+    broker
+        .dead_letter(&got[1].receipt, "rejected by the task")
+        .await
+        .unwrap();
+    broker.ack(&got[2].receipt).await.unwrap();
+    assert!(
+        broker.ack(&got[0].receipt).await.is_err(),
+        "a dead-lettered entry is gone"
+    );
+
+    let all = broker
+        .dead_letters(&DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].task_id.as_deref(), Some(got[0].envelope.id.as_str()));
+    assert_eq!(all[0].reason, "max retries exceeded");
+    assert_eq!(all[0].queue, "work");
+    assert_eq!(all[0].task.as_deref(), Some("t.dead"));
+    assert_eq!(broker.stats("work").await.unwrap().dead, 2);
+
+    let by_task = DeadLetterQuery {
+        ids: vec![got[1].envelope.id.clone()],
+        ..DeadLetterQuery::default()
+    };
+    let shown = broker.dead_letters(&by_task).await.unwrap();
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].reason, "rejected by the task");
+    let by_entry = DeadLetterQuery {
+        ids: vec![shown[0].id.clone()],
+        ..DeadLetterQuery::default()
+    };
+    assert_eq!(broker.dead_letters(&by_entry).await.unwrap().len(), 1);
+    let other_queue = DeadLetterQuery {
+        queue: Some("elsewhere".into()),
+        ..DeadLetterQuery::default()
+    };
+    assert!(broker.dead_letters(&other_queue).await.unwrap().is_empty());
+
+    let report = broker.replay_dead_letters(&by_task).await.unwrap();
+    assert_eq!(report.replayed, vec![got[1].envelope.id.clone()]);
+    let replayed = broker
+        .consume(&queues(&["work"]), &take(5, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&replayed), vec![got[1].envelope.id.clone()]);
+    assert_eq!(replayed[0].envelope.attempt, 1);
+    assert_eq!(
+        broker
+            .dead_letters(&DeadLetterQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    assert_eq!(
+        broker
+            .purge_dead_letters(&DeadLetterQuery::default())
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        broker
+            .dead_letters(&DeadLetterQuery::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(broker.stats("work").await.unwrap().dead, 0);
+}
+
+async fn corrupt_entries_are_dead_lettered(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    harness.insert_raw(NS, "default", "{not an envelope").await;
+    harness.insert_raw(NS, "default", r#"{"id":"half"}"#).await;
+    let good = envelope("t.good");
+    broker.publish(&good).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&got),
+        vec![good.id],
+        "the consumer carries on past corrupt entries"
+    );
+    let dead = broker
+        .dead_letters(&DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 2);
+    for letter in &dead {
+        assert!(
+            letter.reason.starts_with("undecodable entry:"),
+            "{}",
+            letter.reason
+        );
+        assert_eq!(letter.task_id, None);
+    }
+    assert_eq!(dead[0].payload, "{not an envelope");
+    let report = broker
+        .replay_dead_letters(&DeadLetterQuery::default())
+        .await
+        .unwrap();
+    assert!(report.replayed.is_empty());
+    assert_eq!(
+        report.skipped.len(),
+        2,
+        "corrupt entries cannot be replayed, and stay"
+    );
+    assert_eq!(broker.stats("default").await.unwrap().dead, 2);
+}
+
+async fn broadcast_reaches_every_subscriber(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let second = harness.connect(NS).await;
+    let mut first_sub = broker.subscribe("control").await.unwrap();
+    let mut second_sub = second.subscribe("control").await.unwrap();
+    let mut unrelated = second.subscribe("other").await.unwrap();
+    broker
+        .broadcast("control", r#"{"command":"shutdown"}"#)
+        .await
+        .unwrap();
+    for subscription in [&mut first_sub, &mut second_sub] {
+        let message = tokio::time::timeout(PATIENCE, subscription.recv())
+            .await
+            .unwrap();
+        assert_eq!(message.as_deref(), Some(r#"{"command":"shutdown"}"#));
+    }
+    let nothing = tokio::time::timeout(SHORT, unrelated.recv()).await;
+    assert!(nothing.is_err(), "a message reached another channel");
+}
+
+async fn namespaces_are_isolated(harness: &impl BrokerHarness) {
+    let a = harness.connect("ns-a").await;
+    let b = harness.connect("ns-b").await;
+    a.publish(&envelope("t.ns").with_queue("shared"))
+        .await
+        .unwrap();
+    a.publish(&envelope("t.ns").with_queue("shared"))
+        .await
+        .unwrap();
+    let got = a
+        .consume(&queues(&["shared"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    a.dead_letter(&got[0].receipt, "test").await.unwrap();
+    assert!(
+        b.consume(&queues(&["shared"]), &take(10, PATIENCE))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        b.stats("shared").await.unwrap(),
+        stats_of("shared", 0, 0, 0, 0)
+    );
+    assert!(b.queues().await.unwrap().is_empty());
+    assert!(
+        b.dead_letters(&DeadLetterQuery::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(b.purge("shared").await.unwrap(), 0);
+    let mut b_sub = b.subscribe("control").await.unwrap();
+    a.broadcast("control", "for a only").await.unwrap();
+    assert!(tokio::time::timeout(SHORT, b_sub.recv()).await.is_err());
+    assert_eq!(
+        a.stats("shared").await.unwrap(),
+        stats_of("shared", 1, 0, 0, 1)
+    );
+}
+
+async fn purge_and_stats(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let batch = [
+        envelope("t.s").with_queue("q1"),
+        envelope("t.s").with_queue("q1"),
+        envelope("t.s").with_queue("q1"),
+        envelope("t.s").with_queue("q1").delayed(PATIENCE),
+        envelope("t.s").with_queue("q2"),
+    ];
+    broker.publish_batch(&batch).await.unwrap();
+    let got = broker
+        .consume(&queues(&["q1"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.stats("q1").await.unwrap(),
+        stats_of("q1", 2, 1, 1, 0)
+    );
+    assert_eq!(broker.queues().await.unwrap(), vec!["q1", "q2"]);
+    assert_eq!(
+        broker.purge("q1").await.unwrap(),
+        3,
+        "ready and delayed entries go"
+    );
+    assert_eq!(
+        broker.stats("q1").await.unwrap(),
+        stats_of("q1", 0, 0, 1, 0)
+    );
+    broker.ack(&got[0].receipt).await.unwrap();
+    assert_eq!(broker.stats("q2").await.unwrap().ready, 1);
+    assert_eq!(
+        broker.stats("never-used").await.unwrap(),
+        stats_of("never-used", 0, 0, 0, 0)
+    );
+}
+
+async fn publish_batch_stores_everything(harness: &impl BrokerHarness) {
+    let broker: Arc<dyn Broker> = harness.connect(NS).await;
+    let batch: Vec<Envelope> = (0..250).map(|_| envelope("t.batch")).collect();
+    broker.publish_batch(&batch).await.unwrap();
+    assert_eq!(broker.stats("default").await.unwrap().ready, 250);
+    let got = broker
+        .consume(&queues(&["default"]), &take(1000, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&got),
+        batch.into_iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+}
+
+fn stats_of(
+    queue: &str,
+    ready: u64,
+    delayed: u64,
+    in_flight: u64,
+    dead: u64,
+) -> stem_host::broker::QueueStats {
+    stem_host::broker::QueueStats {
+        queue: queue.to_owned(),
+        ready,
+        delayed,
+        in_flight,
+        dead,
+    }
+}

@@ -1,0 +1,278 @@
+//! The store contracts (`stem_host::stores`): revoke, lock and schedule, for every adapter.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stem_host::stores::lock::LockStore;
+use stem_host::stores::revoke::{Revocation, RevokeStore};
+use stem_host::stores::schedule::{ScheduleEntry, ScheduleStore};
+use stem_host::time::Timestamp;
+
+use super::{Connect, PATIENCE, SHORT, adapters};
+
+/// One test per case of `$suite` for the adapter whose harness `$make` builds.
+macro_rules! store_suite {
+    ($suite:ident, $adapter:ident, $make:expr; $($case:ident),* $(,)?) => {
+        mod $adapter {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let harness = $make.await;
+                    super::$suite::$case(&harness).await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! revoke_suite {
+    ($adapter:ident, $make:expr) => {
+        store_suite!(revoke, $adapter, $make;
+            revocations_round_trip_and_survive_reconnects, revocations_expire, list_since_orders);
+    };
+}
+
+macro_rules! lock_suite {
+    ($adapter:ident, $make:expr) => {
+        store_suite!(lock, $adapter, $make;
+            one_owner_at_a_time, only_the_owner_renews_or_releases, expired_locks_can_be_taken,
+            concurrent_acquires_have_one_winner);
+    };
+}
+
+macro_rules! schedule_suite {
+    ($adapter:ident, $make:expr) => {
+        store_suite!(schedule, $adapter, $make;
+            entries_round_trip, due_entries_in_order, each_firing_is_recorded_once);
+    };
+}
+
+revoke_suite!(revoke_memory, adapters::Memory::new());
+revoke_suite!(revoke_sqlite, adapters::Sqlite::new());
+lock_suite!(lock_memory, adapters::Memory::new());
+schedule_suite!(schedule_memory, adapters::Memory::new());
+
+const NS: &str = "conformance";
+
+mod revoke {
+    use super::*;
+
+    type Harness = dyn Connect<dyn RevokeStore>;
+
+    pub async fn revocations_round_trip_and_survive_reconnects(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let mut revocation = Revocation::new("task-1", true, PATIENCE * 10);
+        revocation.reason = Some("operator asked".into());
+        store.revoke(&revocation).await.unwrap();
+        store
+            .revoke(&Revocation::new("task-2", false, PATIENCE * 10))
+            .await
+            .unwrap();
+        drop(store);
+        let reopened = harness.connect(NS).await;
+        assert_eq!(reopened.get("task-1").await.unwrap(), Some(revocation));
+        assert!(!reopened.get("task-2").await.unwrap().unwrap().terminate);
+        assert_eq!(reopened.get("task-3").await.unwrap(), None);
+        assert!(reopened.remove("task-2").await.unwrap());
+        assert!(!reopened.remove("task-2").await.unwrap());
+        assert_eq!(reopened.get("task-2").await.unwrap(), None);
+    }
+
+    pub async fn revocations_expire(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        store
+            .revoke(&Revocation::new("brief", false, SHORT))
+            .await
+            .unwrap();
+        assert!(store.get("brief").await.unwrap().is_some());
+        tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+        assert_eq!(store.get("brief").await.unwrap(), None);
+        assert!(
+            store
+                .list_since(Timestamp::from_millis(0))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn list_since_orders(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let base = Timestamp::now();
+        for (id, offset) in [("c", 30), ("a", 10), ("b", 20)] {
+            let mut revocation = Revocation::new(id, false, PATIENCE * 10);
+            revocation.revoked_at = base.saturating_add(Duration::from_millis(offset));
+            store.revoke(&revocation).await.unwrap();
+        }
+        let ids = |list: Vec<Revocation>| list.into_iter().map(|r| r.task_id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list_since(base).await.unwrap()), ["a", "b", "c"]);
+        let later = base.saturating_add(Duration::from_millis(15));
+        assert_eq!(ids(store.list_since(later).await.unwrap()), ["b", "c"]);
+    }
+}
+
+mod lock {
+    use super::*;
+
+    type Harness = dyn Connect<dyn LockStore>;
+
+    pub async fn one_owner_at_a_time(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        assert!(store.acquire("beat", "a", PATIENCE).await.unwrap());
+        assert!(
+            store.acquire("beat", "a", PATIENCE).await.unwrap(),
+            "the owner may take it again"
+        );
+        assert!(!store.acquire("beat", "b", PATIENCE).await.unwrap());
+        assert_eq!(store.owner("beat").await.unwrap().as_deref(), Some("a"));
+        assert!(store.acquire("other", "b", PATIENCE).await.unwrap());
+    }
+
+    pub async fn only_the_owner_renews_or_releases(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        assert!(store.acquire("beat", "a", SHORT).await.unwrap());
+        assert!(!store.renew("beat", "b", PATIENCE).await.unwrap());
+        assert!(!store.release("beat", "b").await.unwrap());
+        assert!(store.renew("beat", "a", PATIENCE).await.unwrap());
+        tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+        assert_eq!(
+            store.owner("beat").await.unwrap().as_deref(),
+            Some("a"),
+            "renewed past its first TTL"
+        );
+        assert!(store.release("beat", "a").await.unwrap());
+        assert_eq!(store.owner("beat").await.unwrap(), None);
+        assert!(store.acquire("beat", "b", PATIENCE).await.unwrap());
+    }
+
+    pub async fn expired_locks_can_be_taken(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        assert!(store.acquire("beat", "a", SHORT).await.unwrap());
+        tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
+        assert!(
+            !store.renew("beat", "a", PATIENCE).await.unwrap(),
+            "an expired lock cannot be renewed"
+        );
+        assert!(store.acquire("beat", "b", PATIENCE).await.unwrap());
+        assert!(!store.release("beat", "a").await.unwrap());
+    }
+
+    pub async fn concurrent_acquires_have_one_winner(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let mut contenders = Vec::new();
+        for i in 0..20 {
+            let store = Arc::clone(&store);
+            contenders.push(tokio::spawn(async move {
+                store
+                    .acquire("contested", &format!("owner-{i}"), PATIENCE)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut winners = 0;
+        for contender in contenders {
+            winners += usize::from(contender.await.unwrap());
+        }
+        assert_eq!(winners, 1);
+    }
+}
+
+mod schedule {
+    use super::*;
+
+    type Harness = dyn Connect<dyn ScheduleStore>;
+
+    fn entry(id: &str, next_run_at: Timestamp) -> ScheduleEntry {
+        ScheduleEntry {
+            id: id.into(),
+            task: "reports.generate".into(),
+            args: r#"{"customerId":42}"#.into(),
+            queue: Some("reports".into()),
+            spec: "every 5m".into(),
+            enabled: true,
+            next_run_at,
+            last_run_at: None,
+            total_runs: 0,
+        }
+    }
+
+    pub async fn entries_round_trip(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let first = entry("nightly", Timestamp::now());
+        store.upsert(&first).await.unwrap();
+        assert_eq!(store.get("nightly").await.unwrap(), Some(first.clone()));
+        let mut changed = first.clone();
+        changed.spec = "every 1h".into();
+        store.upsert(&changed).await.unwrap();
+        store
+            .upsert(&entry("hourly", Timestamp::now()))
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["hourly", "nightly"]);
+        assert_eq!(
+            store.get("nightly").await.unwrap().unwrap().spec,
+            "every 1h"
+        );
+        assert!(store.remove("nightly").await.unwrap());
+        assert!(!store.remove("nightly").await.unwrap());
+        assert_eq!(store.get("nightly").await.unwrap(), None);
+    }
+
+    pub async fn due_entries_in_order(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let now = Timestamp::now();
+        let at = |ms: u64| Timestamp::from_millis(now.as_millis() - ms);
+        store.upsert(&entry("late", at(10))).await.unwrap();
+        store.upsert(&entry("early", at(1000))).await.unwrap();
+        store
+            .upsert(&entry("future", now.saturating_add(PATIENCE)))
+            .await
+            .unwrap();
+        let mut disabled = entry("disabled", at(2000));
+        disabled.enabled = false;
+        store.upsert(&disabled).await.unwrap();
+        let due: Vec<String> = store
+            .due(now, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(due, ["early", "late"]);
+        assert_eq!(store.due(now, 1).await.unwrap().len(), 1);
+    }
+
+    pub async fn each_firing_is_recorded_once(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let due_at = Timestamp::now();
+        store.upsert(&entry("tick", due_at)).await.unwrap();
+        let next = due_at.saturating_add(Duration::from_secs(300));
+        let mut beats = Vec::new();
+        for _ in 0..10 {
+            let store = Arc::clone(&store);
+            beats.push(tokio::spawn(async move {
+                store
+                    .mark_run("tick", due_at, Timestamp::now(), next)
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut recorded = 0;
+        for beat in beats {
+            recorded += usize::from(beat.await.unwrap());
+        }
+        assert_eq!(recorded, 1, "one Beat records each firing");
+        let fired = store.get("tick").await.unwrap().unwrap();
+        assert_eq!((fired.total_runs, fired.next_run_at), (1, next));
+        assert!(fired.last_run_at.is_some());
+        assert!(!store.mark_run("gone", due_at, due_at, next).await.unwrap());
+    }
+}
