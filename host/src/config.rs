@@ -5,7 +5,8 @@
 //! `rediss://` and `postgres://`. With no URL at all, everything runs on SQLite files in the
 //! working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
-//! (`STEM_SQLITE_BACKEND_PATH`) and `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`).
+//! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
+//! `stem_registry.sqlite` (`STEM_SQLITE_REGISTRY_PATH`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,6 +19,9 @@ use crate::broker::memory::MemoryBroker;
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
 use crate::storage::StorageError;
+use crate::stores::registry::ComponentRegistry;
+use crate::stores::registry::memory::MemoryRegistry;
+use crate::stores::registry::sqlite::SqliteRegistry;
 use crate::stores::revoke::RevokeStore;
 use crate::stores::revoke::memory::MemoryRevokeStore;
 use crate::stores::revoke::sqlite::SqliteRevokeStore;
@@ -28,6 +32,7 @@ pub enum Role {
     Broker,
     Backend,
     Revoke,
+    Registry,
 }
 
 impl Role {
@@ -37,6 +42,7 @@ impl Role {
             Role::Broker => "STEM_BROKER_URL",
             Role::Backend => "STEM_RESULT_BACKEND_URL",
             Role::Revoke => "STEM_REVOKE_STORE_URL",
+            Role::Registry => "STEM_REGISTRY_URL",
         }
     }
 
@@ -45,6 +51,7 @@ impl Role {
             Role::Broker => "STEM_SQLITE_BROKER_PATH",
             Role::Backend => "STEM_SQLITE_BACKEND_PATH",
             Role::Revoke => "STEM_SQLITE_REVOKE_PATH",
+            Role::Registry => "STEM_SQLITE_REGISTRY_PATH",
         }
     }
 
@@ -53,6 +60,7 @@ impl Role {
             Role::Broker => "stem_broker.sqlite",
             Role::Backend => "stem_backend.sqlite",
             Role::Revoke => "stem_revoke.sqlite",
+            Role::Registry => "stem_registry.sqlite",
         }
     }
 
@@ -61,6 +69,7 @@ impl Role {
             Role::Broker => "broker",
             Role::Backend => "result backend",
             Role::Revoke => "revoke store",
+            Role::Registry => "component registry",
         }
     }
 }
@@ -146,6 +155,7 @@ struct MemoryAdapters {
     brokers: HashMap<String, MemoryBroker>,
     backends: HashMap<String, MemoryBackend>,
     revokes: HashMap<String, MemoryRevokeStore>,
+    registries: HashMap<String, MemoryRegistry>,
 }
 
 static MEMORY: LazyLock<Mutex<MemoryAdapters>> = LazyLock::new(Mutex::default);
@@ -233,6 +243,23 @@ pub async fn open_revoke_store(
             Role::Revoke,
             url,
             SqliteRevokeStore::open(path, namespace).await,
+        )?),
+    })
+}
+
+/// Opens the component registry at `url` in `namespace`.
+pub async fn open_registry(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn ComponentRegistry>, ConfigError> {
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            Arc::new(memory().registries.entry(name.clone()).or_default().clone())
+        }
+        AdapterUrl::Sqlite(path) => Arc::new(opened(
+            Role::Registry,
+            url,
+            SqliteRegistry::open(path, namespace).await,
         )?),
     })
 }

@@ -10,7 +10,10 @@
 //!   encoded.
 //! - [`broker`]: delivery of envelopes (leases, priorities, delays, dead letters, broadcast).
 //! - [`backend`]: task history (states, results, groups and chords, worker heartbeats).
+//! - [`worker`]: runs deliveries in the sandbox and records how each ended.
 //! - [`stores`]: revocations, Beat's schedule and its locks.
+//! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
+//! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, ...).
 //! - [`digest`]: content addresses (sha256) of components.
 //! - [`cli`]: the `stem-host` command line.
@@ -24,7 +27,9 @@
 pub mod backend;
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod codec;
+pub mod components;
 pub mod config;
 pub mod digest;
 pub mod envelope;
@@ -34,3 +39,4 @@ pub mod storage;
 pub mod stores;
 pub mod task;
 pub mod time;
+pub mod worker;

@@ -1,4 +1,8 @@
-//! `stem-host bench ...`: measurements in the spirit of redis-benchmark and pgbench.
+//! `stem-host bench`: measurements in the spirit of redis-benchmark and pgbench.
+//!
+//! The default benchmark runs the whole platform in this process: workers with their own
+//! connections to the broker and backend (as separate processes would have), a producer
+//! publishing in batches, and every result read back. `bench runtime` times the sandbox alone.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,114 +10,336 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde_json::json;
+use tokio::sync::watch;
 
+use super::Connections;
+use super::progress::Progress;
 use super::units::human_duration;
-use crate::runtime::{DetachedHooks, RunHandle, RunLimits, RuntimeConfig};
+use crate::backend::TaskState;
+use crate::client::{Client, EnqueueRequest};
+use crate::codec::Codecs;
+use crate::components;
+use crate::runtime::{DetachedHooks, RunHandle, RunLimits};
 use crate::task::Invocation;
+use crate::time::Timestamp;
+use crate::worker::{Worker, WorkerConfig, WorkerParts};
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    end_to_end: EndToEnd,
+}
 
 #[derive(Subcommand)]
-pub enum BenchCommand {
+enum BenchCommand {
     /// Time instantiate + call of one task with its component already compiled and linked.
     ///
     /// Every iteration is a complete run: a fresh Store and instance, the call, the teardown.
-    Runtime {
-        /// The component to measure.
-        #[arg(long, value_name = "FILE")]
-        component: PathBuf,
-        /// The task to call.
-        #[arg(long, default_value = "hello.add")]
-        task: String,
-        /// JSON arguments of every call.
-        #[arg(long, default_value = r#"{"a":1,"b":2}"#)]
-        args: String,
-        /// Measured iterations (after 10% as many warm-up runs).
-        #[arg(long, short = 'n', default_value_t = 20_000)]
-        iterations: u32,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Runtime(RuntimeBench),
 }
 
-pub async fn run(command: BenchCommand, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
-    match command {
-        BenchCommand::Runtime {
-            component,
-            task,
-            args,
-            iterations,
-            json,
-        } => {
-            let runtime = super::sandbox(config)?;
-            let pooling = runtime.uses_pooling_allocator();
-            let path = component.clone();
-            let component = tokio::task::spawn_blocking(move || runtime.load_file(&path))
-                .await?
-                .with_context(|| format!("cannot load {}", component.display()))?;
-            component.describe().await?;
-            let hooks = Arc::new(DetachedHooks);
-            let limits = RunLimits::default();
-            let handle = RunHandle::new();
-            let invocation = Invocation::new(&task, args);
-            let once = |invocation: &Invocation| {
-                let hooks = hooks.clone();
-                let component = component.clone();
-                let handle = handle.clone();
-                let invocation = invocation.clone();
-                async move { component.run(&invocation, limits, hooks, &handle).await }
-            };
-            if let Err(error) = once(&invocation).await {
-                bail!("{task} does not run: {error}");
-            }
-            for _ in 0..iterations / 10 {
-                once(&invocation).await?;
-            }
-            let mut samples = Vec::with_capacity(iterations as usize);
-            let started = Instant::now();
-            for _ in 0..iterations {
-                let start = Instant::now();
-                once(&invocation).await?;
-                samples.push(start.elapsed());
-            }
-            let total = started.elapsed();
-            samples.sort();
-            let p = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-            let (p50, p99, max) = (p(0.50), p(0.99), p(1.0));
-            let per_second = f64::from(iterations) / total.as_secs_f64();
-            if json {
-                let micros = |d: Duration| d.as_secs_f64() * 1e6;
-                let report = json!({
-                    "bench": "runtime",
-                    "task": task,
-                    "iterations": iterations,
-                    "pooling_allocator": pooling,
-                    "p50_us": micros(p50),
-                    "p99_us": micros(p99),
-                    "max_us": micros(max),
-                    "runs_per_second": per_second,
-                });
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!("====== runtime: instantiate + call {task} ======");
-                println!(
-                    "  {iterations} runs in {}, one at a time",
-                    human_duration(total)
-                );
-                println!(
-                    "  allocator: {}",
-                    if pooling { "pooling" } else { "on-demand" }
-                );
-                println!(
-                    "  p50 {}  p99 {}  max {}",
-                    human_duration(p50),
-                    human_duration(p99),
-                    human_duration(max)
-                );
-                println!("  {per_second:.0} runs/s");
-            }
-            Ok(ExitCode::SUCCESS)
+/// Enqueue N tasks and run them with in-process workers against the configured broker and
+/// backend; report throughput and enqueue-to-result latency.
+#[derive(Args)]
+struct EndToEnd {
+    /// The task to enqueue; it must be registered, or given with --component.
+    #[arg(long, default_value = "hello.add")]
+    task: String,
+    /// JSON arguments of every task.
+    #[arg(long, default_value = r#"{"a":1,"b":2}"#)]
+    args: String,
+    /// Upload this component first.
+    #[arg(long, value_name = "FILE")]
+    component: Option<PathBuf>,
+    /// Tasks to run.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    tasks: usize,
+    /// Worker instances, each with its own connections.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Concurrency of each worker.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    concurrency: usize,
+    /// Tasks per publish.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Tasks run one at a time afterwards, to measure latency on an idle system.
+    #[arg(long, default_value_t = 50)]
+    idle_samples: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RuntimeBench {
+    /// The component to measure.
+    #[arg(long, value_name = "FILE")]
+    component: PathBuf,
+    /// The task to call.
+    #[arg(long, default_value = "hello.add")]
+    task: String,
+    /// JSON arguments of every call.
+    #[arg(long, default_value = r#"{"a":1,"b":2}"#)]
+    args: String,
+    /// Measured iterations (after 10% as many warm-up runs).
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    iterations: u32,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: BenchArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(BenchCommand::Runtime(bench)) => runtime_bench(bench, connections).await,
+        None => end_to_end(args.end_to_end, connections).await,
+    }
+}
+
+/// Latency percentiles of sorted samples.
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Result<ExitCode> {
+    if bench.tasks == 0 || bench.workers == 0 || bench.concurrency == 0 {
+        bail!("--tasks, --workers and --concurrency must be at least 1");
+    }
+    let registry = connections.registry().await?;
+    let slots = u32::try_from(bench.workers * bench.concurrency + 1).unwrap_or(u32::MAX);
+    let runtime = connections.sandbox(Some(slots))?;
+    if let Some(path) = &bench.component {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        components::upload(registry.as_ref(), &runtime, bytes)
+            .await
+            .with_context(|| format!("cannot upload {}", path.display()))?;
+    }
+    // A namespace of its own keeps the benchmark's tasks apart from real ones.
+    let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let broker_url = connections.url(crate::config::Role::Broker)?;
+    let backend_url = connections.url(crate::config::Role::Backend)?;
+    let broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
+    let backend = crate::config::open_backend(&backend_url, Some(&namespace)).await?;
+    let client = Client::new(broker.clone(), registry.clone(), Codecs::default());
+    let queue = client
+        .prepare(EnqueueRequest::new(&bench.task, bench.args.clone()))
+        .await?
+        .queue;
+
+    let (stop, stopped) = watch::channel(false);
+    let mut workers = Vec::new();
+    for _ in 0..bench.workers {
+        let parts = WorkerParts {
+            broker: crate::config::open_broker(&broker_url, Some(&namespace)).await?,
+            backend: crate::config::open_backend(&backend_url, Some(&namespace)).await?,
+            revokes: Arc::new(crate::stores::revoke::memory::MemoryRevokeStore::default()),
+            registry: registry.clone(),
+            runtime: runtime.clone(),
+            codecs: Codecs::default(),
+        };
+        let config = WorkerConfig {
+            worker_id: format!("{namespace}-{}", workers.len() + 1),
+            queues: vec![queue.clone()],
+            concurrency: bench.concurrency,
+            ..WorkerConfig::default()
+        };
+        let mut stopped = stopped.clone();
+        workers.push(tokio::spawn(async move {
+            Worker::new(parts, config)
+                .run(async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                })
+                .await
+        }));
+    }
+
+    let mut progress = Progress::new();
+    let started = Instant::now();
+    let mut envelopes = Vec::with_capacity(bench.tasks);
+    while envelopes.len() < bench.tasks {
+        let count = bench.batch.max(1).min(bench.tasks - envelopes.len());
+        let requests = vec![EnqueueRequest::new(&bench.task, bench.args.clone()); count];
+        envelopes.extend(client.enqueue_many(requests).await?);
+        progress.update(format_args!("enqueued {}/{}", envelopes.len(), bench.tasks));
+    }
+    let enqueued_in = started.elapsed();
+    let mut latencies = Vec::with_capacity(bench.tasks);
+    let mut last_finish = Timestamp::from_millis(0);
+    let mut failed = 0;
+    for (done, envelope) in envelopes.iter().enumerate() {
+        let status = backend.wait(&envelope.id, Duration::from_secs(300)).await?;
+        let Some(status) = status.filter(|s| s.state.is_terminal()) else {
+            bail!("task {} did not finish within 5 minutes", envelope.id);
+        };
+        failed += usize::from(status.state != TaskState::Succeeded);
+        latencies.push(status.updated_at.saturating_since(envelope.created_at));
+        last_finish = last_finish.max(status.updated_at);
+        progress.update(format_args!("finished {}/{}", done + 1, bench.tasks));
+    }
+    let wall = last_finish.saturating_since(envelopes[0].created_at);
+    progress.finish();
+
+    let mut idle = Vec::with_capacity(bench.idle_samples);
+    for _ in 0..bench.idle_samples {
+        let start = Instant::now();
+        let envelope = client
+            .enqueue(EnqueueRequest::new(&bench.task, bench.args.clone()))
+            .await?;
+        let status = backend.wait(&envelope.id, Duration::from_secs(60)).await?;
+        if !status.is_some_and(|s| s.state.is_terminal()) {
+            bail!("task {} did not finish within a minute", envelope.id);
+        }
+        idle.push(start.elapsed());
+    }
+    let _ = stop.send(true);
+    for worker in workers {
+        worker.await?;
+    }
+
+    latencies.sort();
+    idle.sort();
+    let throughput = bench.tasks as f64 / wall.as_secs_f64().max(1e-3);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    if bench.json {
+        let mut report = json!({
+            "bench": "end_to_end",
+            "broker": broker_url.to_string(),
+            "backend": backend_url.to_string(),
+            "task": bench.task,
+            "tasks": bench.tasks,
+            "failed": failed,
+            "workers": bench.workers,
+            "concurrency": bench.concurrency,
+            "enqueue_per_second": bench.tasks as f64 / enqueued_in.as_secs_f64(),
+            "tasks_per_second": throughput,
+            "latency_p50_ms": ms(percentile(&latencies, 0.5)),
+            "latency_p99_ms": ms(percentile(&latencies, 0.99)),
+        });
+        if !idle.is_empty() {
+            report["idle_latency_p50_ms"] = json!(ms(percentile(&idle, 0.5)));
+            report["idle_latency_p99_ms"] = json!(ms(percentile(&idle, 0.99)));
+        }
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("====== end to end: {} x {} ======", bench.tasks, bench.task);
+        println!("  broker {broker_url}, backend {backend_url}");
+        println!(
+            "  {} workers x concurrency {}",
+            bench.workers, bench.concurrency
+        );
+        println!(
+            "  enqueued in {} ({:.0} tasks/s)",
+            human_duration(enqueued_in),
+            bench.tasks as f64 / enqueued_in.as_secs_f64()
+        );
+        println!(
+            "  all results in {}: {throughput:.0} tasks/s, {failed} failed",
+            human_duration(wall)
+        );
+        println!(
+            "  enqueue -> result under load: p50 {}  p99 {}",
+            human_duration(percentile(&latencies, 0.5)),
+            human_duration(percentile(&latencies, 0.99))
+        );
+        if !idle.is_empty() {
+            println!(
+                "  enqueue -> result idle ({} one at a time): p50 {}  p99 {}",
+                idle.len(),
+                human_duration(percentile(&idle, 0.5)),
+                human_duration(percentile(&idle, 0.99))
+            );
         }
     }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn runtime_bench(
+    RuntimeBench {
+        component,
+        task,
+        args,
+        iterations,
+        json,
+    }: RuntimeBench,
+    connections: &Connections,
+) -> anyhow::Result<ExitCode> {
+    let runtime = connections.sandbox(None)?;
+    let pooling = runtime.uses_pooling_allocator();
+    let path = component.clone();
+    let component = tokio::task::spawn_blocking(move || runtime.load_file(&path))
+        .await?
+        .with_context(|| format!("cannot load {}", component.display()))?;
+    component.describe().await?;
+    let hooks = Arc::new(DetachedHooks);
+    let limits = RunLimits::default();
+    let handle = RunHandle::new();
+    let invocation = Invocation::new(&task, args);
+    let once = |invocation: &Invocation| {
+        let hooks = hooks.clone();
+        let component = component.clone();
+        let handle = handle.clone();
+        let invocation = invocation.clone();
+        async move { component.run(&invocation, limits, hooks, &handle).await }
+    };
+    if let Err(error) = once(&invocation).await {
+        bail!("{task} does not run: {error}");
+    }
+    for _ in 0..iterations / 10 {
+        once(&invocation).await?;
+    }
+    let mut samples = Vec::with_capacity(iterations as usize);
+    let started = Instant::now();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        once(&invocation).await?;
+        samples.push(start.elapsed());
+    }
+    let total = started.elapsed();
+    samples.sort();
+    let p = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    let (p50, p99, max) = (p(0.50), p(0.99), p(1.0));
+    let per_second = f64::from(iterations) / total.as_secs_f64();
+    if json {
+        let micros = |d: Duration| d.as_secs_f64() * 1e6;
+        let report = json!({
+            "bench": "runtime",
+            "task": task,
+            "iterations": iterations,
+            "pooling_allocator": pooling,
+            "p50_us": micros(p50),
+            "p99_us": micros(p99),
+            "max_us": micros(max),
+            "runs_per_second": per_second,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("====== runtime: instantiate + call {task} ======");
+        println!(
+            "  {iterations} runs in {}, one at a time",
+            human_duration(total)
+        );
+        println!(
+            "  allocator: {}",
+            if pooling { "pooling" } else { "on-demand" }
+        );
+        println!(
+            "  p50 {}  p99 {}  max {}",
+            human_duration(p50),
+            human_duration(p99),
+            human_duration(max)
+        );
+        println!("  {per_second:.0} runs/s");
+    }
+    Ok(ExitCode::SUCCESS)
 }

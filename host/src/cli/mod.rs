@@ -1,16 +1,29 @@
 //! The `stem-host` command line. Each subcommand lives in its own module; this one parses the
-//! arguments, sets up logging and the async runtime, and turns errors into exit codes.
+//! arguments, sets up logging and the async runtime, opens the adapters the command needs, and
+//! turns errors into exit codes.
 
 mod bench;
+mod enqueue;
+mod progress;
+mod queue;
+mod result;
 mod task;
 pub mod units;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
 
+use crate::backend::ResultBackend;
+use crate::broker::Broker;
+use crate::config::{self, AdapterUrl, Role};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::stores::registry::ComponentRegistry;
+use crate::stores::revoke::RevokeStore;
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +32,51 @@ use crate::runtime::{Runtime, RuntimeConfig};
     about = "Stem for Rust: background tasks that run as sandboxed WebAssembly components",
     long_about = "Stem for Rust: background tasks that run as sandboxed WebAssembly components.\n\n\
                   Task authors build components with the stem-guest SDK \
-                  (cargo build --release --target wasm32-wasip2); stem-host inspects and runs them.\n\
+                  (cargo build --release --target wasm32-wasip2) and upload them; workers run \
+                  what producers enqueue.\n\n\
+                  Adapters are chosen by URL: memory://, sqlite://PATH. With none set, SQLite \
+                  files in the working directory are used: stem_broker.sqlite, \
+                  stem_backend.sqlite, stem_revoke.sqlite and stem_registry.sqlite.\n\
                   Set STEM_LOG (e.g. STEM_LOG=debug) to see the host's log on stderr."
 )]
 pub struct Cli {
-    /// Directory of compiled components (defaults to ~/.cache/stem/components).
+    #[command(flatten)]
+    connections: ConnectionArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the platform's state lives; every command takes these.
+#[derive(Args)]
+struct ConnectionArgs {
+    /// Broker URL [default: sqlite://stem_broker.sqlite, or STEM_SQLITE_BROKER_PATH].
+    #[arg(long, global = true, env = "STEM_BROKER_URL", value_name = "URL")]
+    broker: Option<String>,
+    /// Result backend URL [default: sqlite://stem_backend.sqlite, or STEM_SQLITE_BACKEND_PATH].
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_RESULT_BACKEND_URL",
+        value_name = "URL"
+    )]
+    backend: Option<String>,
+    /// Component registry URL [default: sqlite://stem_registry.sqlite].
+    #[arg(long, global = true, env = "STEM_REGISTRY_URL", value_name = "URL")]
+    registry: Option<String>,
+    /// Revoke store URL [default: sqlite://stem_revoke.sqlite].
+    #[arg(long, global = true, env = "STEM_REVOKE_STORE_URL", value_name = "URL")]
+    revoke_store: Option<String>,
+    /// Keeps environments that share storage apart.
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_NAMESPACE",
+        default_value = "stem",
+        value_name = "NAME"
+    )]
+    namespace: String,
+    /// Directory of compiled components [default: ~/.cache/stem/components].
     #[arg(
         long,
         global = true,
@@ -31,19 +84,31 @@ pub struct Cli {
         value_name = "DIR"
     )]
     cache_dir: Option<PathBuf>,
-
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Inspect and run task components.
+    /// Upload, list and inspect task components; run one task locally.
     #[command(subcommand)]
     Task(task::TaskCommand),
-    /// Measure the platform's speed.
+    /// Enqueue a task (or many, from a JSON-lines file).
+    Enqueue(enqueue::EnqueueArgs),
+    /// Read or wait for task results.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Result(result::ResultCommand),
+    /// Run a worker.
+    #[command(subcommand)]
+    Worker(worker::WorkerCommand),
+    /// Inspect and purge queues.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
+    /// Inspect, replay and purge the dead-letter queue.
+    #[command(subcommand)]
+    Dlq(queue::DlqCommand),
+    /// Revoke a task: it will not run, and with --terminate a running one is stopped.
+    Revoke(queue::RevokeArgs),
+    /// Measure the platform's speed, end to end or the sandbox alone.
+    Bench(bench::BenchArgs),
 }
 
 /// Exit codes: 0 success, 1 the task or operation failed, 2 bad usage (from clap).
@@ -70,13 +135,16 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = RuntimeConfig {
-        cache_dir: cli.cache_dir.or(RuntimeConfig::default().cache_dir),
-        ..RuntimeConfig::default()
-    };
+    let connections = Connections::new(cli.connections);
     match cli.command {
-        Command::Task(command) => task::run(command, config).await,
-        Command::Bench(command) => bench::run(command, config).await,
+        Command::Task(command) => task::run(command, &connections).await,
+        Command::Enqueue(args) => enqueue::run(args, &connections).await,
+        Command::Result(command) => result::run(command, &connections).await,
+        Command::Worker(command) => worker::run(command, &connections).await,
+        Command::Queue(command) => queue::run_queue(command, &connections).await,
+        Command::Dlq(command) => queue::run_dlq(command, &connections).await,
+        Command::Revoke(args) => queue::revoke(args, &connections).await,
+        Command::Bench(args) => bench::run(args, &connections).await,
     }
 }
 
@@ -90,7 +158,56 @@ fn init_logging() {
         .init();
 }
 
-/// Creates the sandbox runtime, naming what failed.
-fn sandbox(config: RuntimeConfig) -> anyhow::Result<std::sync::Arc<Runtime>> {
-    Ok(std::sync::Arc::new(Runtime::new(config)?))
+/// Opens the adapters a command asks for, from the flags and environment.
+pub(crate) struct Connections {
+    args: ConnectionArgs,
+}
+
+impl Connections {
+    fn new(args: ConnectionArgs) -> Connections {
+        Connections { args }
+    }
+
+    fn url(&self, role: Role) -> anyhow::Result<AdapterUrl> {
+        let explicit = match role {
+            Role::Broker => &self.args.broker,
+            Role::Backend => &self.args.backend,
+            Role::Registry => &self.args.registry,
+            Role::Revoke => &self.args.revoke_store,
+        };
+        Ok(AdapterUrl::resolve(role, explicit.as_deref())?)
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.args.namespace)
+    }
+
+    async fn broker(&self) -> anyhow::Result<Arc<dyn Broker>> {
+        Ok(config::open_broker(&self.url(Role::Broker)?, self.namespace()).await?)
+    }
+
+    async fn backend(&self) -> anyhow::Result<Arc<dyn ResultBackend>> {
+        Ok(config::open_backend(&self.url(Role::Backend)?, self.namespace()).await?)
+    }
+
+    async fn registry(&self) -> anyhow::Result<Arc<dyn ComponentRegistry>> {
+        Ok(config::open_registry(&self.url(Role::Registry)?, self.namespace()).await?)
+    }
+
+    async fn revokes(&self) -> anyhow::Result<Arc<dyn RevokeStore>> {
+        Ok(config::open_revoke_store(&self.url(Role::Revoke)?, self.namespace()).await?)
+    }
+
+    /// The sandbox, with `concurrency` instances available at once.
+    fn sandbox(&self, max_instances: Option<u32>) -> anyhow::Result<Arc<Runtime>> {
+        let defaults = RuntimeConfig::default();
+        let config = RuntimeConfig {
+            cache_dir: self.args.cache_dir.clone().or(defaults.cache_dir),
+            max_instances: max_instances.unwrap_or(defaults.max_instances),
+            ..defaults
+        };
+        Ok(Arc::new(
+            Runtime::new(config).context("cannot start the sandbox")?,
+        ))
+    }
 }

@@ -1,4 +1,5 @@
-//! `stem-host task ...`: inspect a component, run one invocation locally.
+//! `stem-host task ...`: upload components and list the tasks they declare; inspect a component
+//! file and run one invocation locally.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,15 +10,42 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
+use super::Connections;
 use super::units::{compact_duration, human_duration, parse_duration, parse_size};
+use crate::components;
 use crate::runtime::{
-    RunError, RunHandle, RunLimits, RuntimeConfig, SubTaskRequest, TaskComponent, TaskHooks,
-    TaskInfo,
+    RunError, RunHandle, RunLimits, SubTaskRequest, TaskComponent, TaskHooks, TaskInfo,
 };
+use crate::stores::registry::TaskVersion;
 use crate::task::{Invocation, LogLevel, TaskDefinition};
 
 #[derive(Subcommand)]
 pub enum TaskCommand {
+    /// Upload a component: validate it, store it by sha256 and map each task it declares to it.
+    ///
+    /// Uploading a changed component makes a new version of its tasks; running workers pick it
+    /// up within a second. Uploading the same file again changes nothing.
+    Upload {
+        /// The component (.wasm) to upload.
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the registered tasks, with their current version and component.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one registered task: its options and every version.
+    Show {
+        /// The task name, e.g. hello.add.
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the tasks a component declares, with their default options.
     Inspect {
         /// The component (.wasm) to inspect.
@@ -62,23 +90,108 @@ pub struct RunArgs {
     json: bool,
 }
 
-pub async fn run(command: TaskCommand, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
+pub async fn run(command: TaskCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
     match command {
-        TaskCommand::Inspect { file, json } => inspect(&file, json, config).await,
-        TaskCommand::Run(args) => run_task(args, config).await,
+        TaskCommand::Upload { file, json } => upload(&file, json, connections).await,
+        TaskCommand::List { json } => list(json, connections).await,
+        TaskCommand::Show { name, json } => show(&name, json, connections).await,
+        TaskCommand::Inspect { file, json } => inspect(&file, json, connections).await,
+        TaskCommand::Run(args) => run_task(args, connections).await,
     }
 }
 
-async fn load(file: &Path, config: RuntimeConfig) -> anyhow::Result<Arc<TaskComponent>> {
-    let runtime = super::sandbox(config)?;
+async fn upload(file: &Path, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let runtime = connections.sandbox(None)?;
+    let registry = connections.registry().await?;
+    let upload = components::upload(registry.as_ref(), &runtime, bytes)
+        .await
+        .with_context(|| format!("cannot upload {}", file.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&upload)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let size = upload.size;
+    let stored = if upload.new_component {
+        "stored"
+    } else {
+        "already stored"
+    };
+    println!(
+        "{}  sha256:{}  {size} bytes, {stored}",
+        file.display(),
+        upload.digest
+    );
+    print_versions(&upload.tasks);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let tasks = connections.registry().await?.tasks().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tasks)?);
+    } else if tasks.is_empty() {
+        eprintln!("no tasks registered yet: upload a component with `stem-host task upload FILE`");
+    } else {
+        print_versions(&tasks);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn show(name: &str, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let versions = connections.registry().await?.versions(name).await?;
+    let Some(current) = versions.last() else {
+        bail!(
+            "unknown task `{name}`: no uploaded component declares it (see `stem-host task list`)"
+        );
+    };
+    if json {
+        let report = json!({ "name": name, "current": current, "versions": versions });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{name}");
+    if let Some(description) = &current.definition.description {
+        println!("  {description}");
+    }
+    println!(
+        "  options: {}",
+        describe_options(&current.definition).join(" ")
+    );
+    println!("  versions:");
+    for version in versions.iter().rev() {
+        println!(
+            "    v{:<4} sha256:{}  uploaded {}",
+            version.version, version.digest, version.uploaded_at
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_versions(tasks: &[TaskVersion]) {
+    let width = tasks.iter().map(|t| t.name.len()).max().unwrap_or(4).max(4);
+    println!("{:<width$}  VERSION  COMPONENT     OPTIONS", "TASK");
+    for task in tasks {
+        println!(
+            "{:<width$}  v{:<7} {}  {}",
+            task.name,
+            task.version,
+            &task.digest[..12.min(task.digest.len())],
+            describe_options(&task.definition).join(" ")
+        );
+    }
+}
+
+async fn load(file: &Path, connections: &Connections) -> anyhow::Result<Arc<TaskComponent>> {
+    let runtime = connections.sandbox(None)?;
     let path = file.to_path_buf();
     tokio::task::spawn_blocking(move || runtime.load_file(&path))
         .await?
         .with_context(|| format!("cannot load {}", file.display()))
 }
 
-async fn inspect(file: &Path, json: bool, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
-    let component = load(file, config).await?;
+async fn inspect(file: &Path, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let component = load(file, connections).await?;
     let definitions = component
         .describe()
         .await
@@ -187,7 +300,7 @@ impl TaskHooks for LocalHooks {
     }
 }
 
-async fn run_task(args: RunArgs, config: RuntimeConfig) -> anyhow::Result<ExitCode> {
+async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let raw_args = match &args.args_file {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read arguments from {}", path.display()))?,
@@ -196,7 +309,7 @@ async fn run_task(args: RunArgs, config: RuntimeConfig) -> anyhow::Result<ExitCo
     if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&raw_args) {
         bail!("the arguments are not valid JSON ({error}): {raw_args}");
     }
-    let component = load(&args.file, config).await?;
+    let component = load(&args.file, connections).await?;
     let definitions = component
         .describe()
         .await

@@ -59,3 +59,19 @@ pub enum RunError {
     #[error("cannot start the task: {0}")]
     Instantiate(String),
 }
+
+impl RunError {
+    /// A short machine-readable name of the variant, recorded with failed statuses.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunError::Failed(_) => "failed",
+            RunError::Retry { .. } => "retry",
+            RunError::Rejected(_) => "rejected",
+            RunError::TimeLimitExceeded { .. } => "time_limit",
+            RunError::MemoryLimitExceeded { .. } => "memory_limit",
+            RunError::Revoked => "revoked",
+            RunError::Trapped { .. } => "trapped",
+            RunError::Instantiate(_) => "instantiate",
+        }
+    }
+}

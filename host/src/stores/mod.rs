@@ -4,10 +4,12 @@
 //!   during a run.
 //! - [`schedule`]: Beat's periodic schedule entries, shared by every Beat instance.
 //! - [`lock`]: named locks with an owner and a TTL, so only one Beat fires each entry.
+//! - [`registry`]: task components by sha256, and which one implements each task name.
 //!
 //! Each is a small contract with an in-memory adapter; durable adapters sit beside it. One
 //! conformance suite per contract (`host/tests/all/conformance/`) runs against every adapter.
 
 pub mod lock;
+pub mod registry;
 pub mod revoke;
 pub mod schedule;

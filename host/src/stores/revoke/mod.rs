@@ -11,10 +11,6 @@ use serde::{Deserialize, Serialize};
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-/// How long revocations are kept when nothing else is said: past that, a revoked task still
-/// queued would run.
-pub const DEFAULT_REVOKE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
 /// One revoked task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Revocation {

@@ -13,6 +13,9 @@ use stem_host::broker::memory::MemoryBroker;
 use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
+use stem_host::stores::registry::ComponentRegistry;
+use stem_host::stores::registry::memory::MemoryRegistry;
+use stem_host::stores::registry::sqlite::SqliteRegistry;
 use stem_host::stores::revoke::RevokeStore;
 use stem_host::stores::revoke::memory::MemoryRevokeStore;
 use stem_host::stores::revoke::sqlite::SqliteRevokeStore;
@@ -32,6 +35,7 @@ pub struct Memory {
     revokes: MemoryRevokeStore,
     locks: MemoryLockStore,
     schedules: MemoryScheduleStore,
+    registry: MemoryRegistry,
 }
 
 impl Memory {
@@ -42,6 +46,7 @@ impl Memory {
             revokes: MemoryRevokeStore::default(),
             locks: MemoryLockStore::default(),
             schedules: MemoryScheduleStore::default(),
+            registry: MemoryRegistry::default(),
         }
     }
 }
@@ -88,6 +93,13 @@ impl Connect<dyn LockStore> for Memory {
 impl Connect<dyn ScheduleStore> for Memory {
     async fn connect(&self, _namespace: &str) -> Arc<dyn ScheduleStore> {
         Arc::new(self.schedules.clone())
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ComponentRegistry> for Memory {
+    async fn connect(&self, _namespace: &str) -> Arc<dyn ComponentRegistry> {
+        Arc::new(self.registry.clone())
     }
 }
 
@@ -172,5 +184,16 @@ impl Connect<dyn RevokeStore> for Sqlite {
         let store =
             SqliteRevokeStore::open(self.dir.path().join("stem_revoke.sqlite"), Some(namespace));
         Arc::new(store.await.expect("open revoke store"))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ComponentRegistry> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ComponentRegistry> {
+        let registry = SqliteRegistry::open(
+            self.dir.path().join("stem_registry.sqlite"),
+            Some(namespace),
+        );
+        Arc::new(registry.await.expect("open registry"))
     }
 }

@@ -4,8 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stem_host::stores::lock::LockStore;
+use stem_host::stores::registry::ComponentRegistry;
 use stem_host::stores::revoke::{Revocation, RevokeStore};
 use stem_host::stores::schedule::{ScheduleEntry, ScheduleStore};
+use stem_host::task::{TaskDefinition, TaskOptions};
 use stem_host::time::Timestamp;
 
 use super::{Connect, PATIENCE, SHORT, adapters};
@@ -48,6 +50,16 @@ macro_rules! schedule_suite {
     };
 }
 
+macro_rules! registry_suite {
+    ($adapter:ident, $make:expr) => {
+        store_suite!(registry, $adapter, $make;
+            components_are_stored_by_digest, changed_components_make_new_versions,
+            concurrent_uploads_get_distinct_versions);
+    };
+}
+
+registry_suite!(registry_memory, adapters::Memory::new());
+registry_suite!(registry_sqlite, adapters::Sqlite::new());
 revoke_suite!(revoke_memory, adapters::Memory::new());
 revoke_suite!(revoke_sqlite, adapters::Sqlite::new());
 lock_suite!(lock_memory, adapters::Memory::new());
@@ -274,5 +286,124 @@ mod schedule {
         assert_eq!((fired.total_runs, fired.next_run_at), (1, next));
         assert!(fired.last_run_at.is_some());
         assert!(!store.mark_run("gone", due_at, due_at, next).await.unwrap());
+    }
+}
+
+mod registry {
+    use super::*;
+
+    type Harness = dyn Connect<dyn ComponentRegistry>;
+
+    fn definition(name: &str, queue: &str) -> TaskDefinition {
+        TaskDefinition {
+            name: name.into(),
+            description: None,
+            options: TaskOptions {
+                queue: Some(queue.into()),
+                ..TaskOptions::default()
+            },
+        }
+    }
+
+    pub async fn components_are_stored_by_digest(harness: &Harness) {
+        let registry = harness.connect(NS).await;
+        assert!(registry.put_component("d1", b"first bytes").await.unwrap());
+        assert!(
+            !registry.put_component("d1", b"first bytes").await.unwrap(),
+            "the same bytes again change nothing"
+        );
+        assert_eq!(
+            registry.component("d1").await.unwrap().as_deref(),
+            Some(&b"first bytes"[..])
+        );
+        assert_eq!(registry.component("d2").await.unwrap(), None);
+        assert!(
+            registry.put_component("d1", b"repaired").await.unwrap(),
+            "a damaged copy is replaced"
+        );
+        let reopened = harness.connect(NS).await;
+        assert_eq!(
+            reopened.component("d1").await.unwrap().as_deref(),
+            Some(&b"repaired"[..])
+        );
+    }
+
+    pub async fn changed_components_make_new_versions(harness: &Harness) {
+        let registry = harness.connect(NS).await;
+        let first = registry
+            .register(
+                "digest-a",
+                &[definition("x.one", "q1"), definition("x.two", "q1")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            first
+                .iter()
+                .map(|v| (v.name.as_str(), v.version))
+                .collect::<Vec<_>>(),
+            [("x.one", 1), ("x.two", 1)]
+        );
+        let again = registry
+            .register("digest-a", &[definition("x.one", "q1")])
+            .await
+            .unwrap();
+        assert_eq!(
+            again[0].version, 1,
+            "re-registering the same component keeps the version"
+        );
+        let second = registry
+            .register("digest-b", &[definition("x.one", "q2")])
+            .await
+            .unwrap();
+        assert_eq!(
+            (second[0].version, second[0].digest.as_str()),
+            (2, "digest-b")
+        );
+
+        let current = registry.task("x.one").await.unwrap().unwrap();
+        assert_eq!(current.definition.options.queue.as_deref(), Some("q2"));
+        let all = registry.tasks().await.unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|v| (v.name.as_str(), v.version, v.digest.as_str()))
+                .collect::<Vec<_>>(),
+            [("x.one", 2, "digest-b"), ("x.two", 1, "digest-a")]
+        );
+        let history = registry.versions("x.one").await.unwrap();
+        assert_eq!(
+            history
+                .iter()
+                .map(|v| v.digest.as_str())
+                .collect::<Vec<_>>(),
+            ["digest-a", "digest-b"]
+        );
+        assert_eq!(registry.task("x.unknown").await.unwrap(), None);
+        assert!(registry.versions("x.unknown").await.unwrap().is_empty());
+    }
+
+    pub async fn concurrent_uploads_get_distinct_versions(harness: &Harness) {
+        let mut uploads = Vec::new();
+        for i in 0..6 {
+            let registry = harness.connect(NS).await;
+            uploads.push(tokio::spawn(async move {
+                registry
+                    .register(&format!("digest-{i}"), &[definition("x.race", "q")])
+                    .await
+                    .unwrap()
+            }));
+        }
+        for upload in uploads {
+            upload.await.unwrap();
+        }
+        let registry = harness.connect(NS).await;
+        let versions: Vec<u32> = registry
+            .versions("x.race")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.version)
+            .collect();
+        assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     }
 }

@@ -1,0 +1,166 @@
+//! The producer side: turning "run task X with these arguments" into a published envelope.
+//!
+//! The client refuses what a worker could never run (unknown task names, arguments that are
+//! not JSON, out-of-range priorities) before anything reaches the broker, fills in the task's
+//! declared defaults (queue, priority) and encodes the arguments with the task's encoder.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use crate::broker::Broker;
+use crate::codec::{CodecError, Codecs};
+use crate::envelope::{DEFAULT_QUEUE, Envelope, EnvelopeError};
+use crate::storage::StorageError;
+use crate::stores::registry::ComponentRegistry;
+use crate::task::TaskDefinition;
+use crate::time::Timestamp;
+
+/// One task to enqueue. Everything but the name and the arguments is optional.
+#[derive(Clone, Debug, Default)]
+pub struct EnqueueRequest {
+    pub task: String,
+    /// JSON text.
+    pub args: String,
+    /// Defaults to the task's declared queue, else `default`.
+    pub queue: Option<String>,
+    /// Defaults to the task's declared priority, else 0.
+    pub priority: Option<u8>,
+    pub not_before: Option<Timestamp>,
+    pub max_retries: Option<u32>,
+    pub time_limit_ms: Option<u64>,
+    pub soft_time_limit_ms: Option<u64>,
+    pub expires_at: Option<Timestamp>,
+    /// Defaults to a fresh UUID.
+    pub task_id: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub parent_id: Option<String>,
+    pub root_id: Option<String>,
+}
+
+impl EnqueueRequest {
+    pub fn new(task: impl Into<String>, args: impl Into<String>) -> EnqueueRequest {
+        EnqueueRequest {
+            task: task.into(),
+            args: args.into(),
+            ..EnqueueRequest::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    #[error("unknown task `{0}`: no uploaded component declares it (see `stem-host task list`)")]
+    UnknownTask(String),
+    #[error("the arguments of `{task}` are not valid JSON: {reason}")]
+    InvalidArgs { task: String, reason: String },
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Publishes tasks. Cheap to clone; task definitions are looked up once per client.
+#[derive(Clone)]
+pub struct Client {
+    broker: Arc<dyn Broker>,
+    registry: Arc<dyn ComponentRegistry>,
+    codecs: Codecs,
+    definitions: Arc<Mutex<HashMap<String, TaskDefinition>>>,
+}
+
+impl Client {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        registry: Arc<dyn ComponentRegistry>,
+        codecs: Codecs,
+    ) -> Client {
+        Client {
+            broker,
+            registry,
+            codecs,
+            definitions: Arc::default(),
+        }
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Checks, fills in and encodes one request, without publishing it.
+    pub async fn prepare(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
+        if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&request.args) {
+            return Err(EnqueueError::InvalidArgs {
+                task: request.task,
+                reason: error.to_string(),
+            });
+        }
+        let definition = self.definition(&request.task).await?;
+        let options = &definition.options;
+        let args = self
+            .codecs
+            .encode_args(options.args_encoder.as_deref(), &request.args)?;
+        let mut envelope = Envelope::new(request.task, args);
+        if let Some(id) = request.task_id {
+            envelope.id = id;
+        }
+        envelope.queue = request
+            .queue
+            .or_else(|| options.queue.clone())
+            .unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
+        envelope.priority = request.priority.or(options.priority).unwrap_or(0);
+        envelope.not_before = request.not_before;
+        envelope.max_retries = request.max_retries;
+        envelope.time_limit_ms = request.time_limit_ms;
+        envelope.soft_time_limit_ms = request.soft_time_limit_ms;
+        envelope.expires_at = request.expires_at;
+        envelope.headers = request.headers;
+        envelope.parent_id = request.parent_id;
+        envelope.root_id = request.root_id;
+        envelope.validate()?;
+        Ok(envelope)
+    }
+
+    /// Publishes one task and returns its envelope.
+    pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
+        let envelope = self.prepare(request).await?;
+        self.broker.publish(&envelope).await?;
+        Ok(envelope)
+    }
+
+    /// Publishes many tasks in one batch: all of them, or none if one is refused.
+    pub async fn enqueue_many(
+        &self,
+        requests: Vec<EnqueueRequest>,
+    ) -> Result<Vec<Envelope>, EnqueueError> {
+        let mut envelopes = Vec::with_capacity(requests.len());
+        for request in requests {
+            envelopes.push(self.prepare(request).await?);
+        }
+        self.broker.publish_batch(&envelopes).await?;
+        Ok(envelopes)
+    }
+
+    async fn definition(&self, task: &str) -> Result<TaskDefinition, EnqueueError> {
+        let cached = self
+            .definitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(task)
+            .cloned();
+        if let Some(definition) = cached {
+            return Ok(definition);
+        }
+        let version = self
+            .registry
+            .task(task)
+            .await?
+            .ok_or_else(|| EnqueueError::UnknownTask(task.to_owned()))?;
+        self.definitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(task.to_owned(), version.definition.clone());
+        Ok(version.definition)
+    }
+}

@@ -1,0 +1,145 @@
+//! Components between the registry and the sandbox: uploading (validate, describe, store,
+//! map task names) and fetching for a worker (by digest, verified, compiled once).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::runtime::{LoadError, Runtime, TaskComponent};
+use crate::storage::StorageError;
+use crate::stores::registry::{ComponentRegistry, TaskVersion};
+
+/// How long a worker trusts its last lookup of a task's current version. New uploads reach
+/// running workers within this time.
+pub const VERSION_CACHE_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("unknown task `{0}`: no uploaded component declares it (see `stem-host task list`)")]
+    UnknownTask(String),
+    #[error("component {0} is missing from the registry")]
+    Missing(String),
+    #[error(
+        "the registry's copy of component {expected} has digest {actual}: it is corrupt or was \
+         replaced; upload the component again"
+    )]
+    DigestMismatch { expected: String, actual: String },
+}
+
+/// What an upload did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Upload {
+    pub digest: String,
+    pub size: usize,
+    /// Whether the registry did not hold these bytes yet.
+    pub new_component: bool,
+    /// The current version of each task the component declares.
+    pub tasks: Vec<TaskVersion>,
+}
+
+/// Validates a component (it must compile, fit the world and describe valid tasks), stores it
+/// and maps its task names to it. Invalid bytes change nothing in the registry.
+pub async fn upload(
+    registry: &dyn ComponentRegistry,
+    runtime: &Arc<Runtime>,
+    bytes: Vec<u8>,
+) -> Result<Upload, ComponentError> {
+    let component = load(runtime, bytes.clone()).await?;
+    let definitions = component.describe().await?.to_vec();
+    let digest = component.digest().to_owned();
+    let new_component = registry.put_component(&digest, &bytes).await?;
+    let tasks = registry.register(&digest, &definitions).await?;
+    Ok(Upload {
+        digest,
+        size: bytes.len(),
+        new_component,
+        tasks,
+    })
+}
+
+async fn load(runtime: &Arc<Runtime>, bytes: Vec<u8>) -> Result<Arc<TaskComponent>, LoadError> {
+    let runtime = runtime.clone();
+    tokio::task::spawn_blocking(move || runtime.load(&bytes))
+        .await
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic.into_panic()))
+}
+
+/// Finds the component for a task name, as a worker needs it: the current version from the
+/// registry (cached for [`VERSION_CACHE_TTL`]), its bytes fetched once and verified against
+/// the digest, compiled once.
+pub struct ComponentSource {
+    registry: Arc<dyn ComponentRegistry>,
+    runtime: Arc<Runtime>,
+    versions: Mutex<HashMap<String, (TaskVersion, Instant)>>,
+    loaded: Mutex<HashMap<String, Arc<TaskComponent>>>,
+}
+
+impl ComponentSource {
+    pub fn new(registry: Arc<dyn ComponentRegistry>, runtime: Arc<Runtime>) -> ComponentSource {
+        ComponentSource {
+            registry,
+            runtime,
+            versions: Mutex::default(),
+            loaded: Mutex::default(),
+        }
+    }
+
+    /// The current version of `name` and its loaded component.
+    pub async fn resolve(
+        &self,
+        name: &str,
+    ) -> Result<(TaskVersion, Arc<TaskComponent>), ComponentError> {
+        let version = self.version(name).await?;
+        let cached = lock(&self.loaded).get(&version.digest).cloned();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component = self.fetch(&version.digest).await?;
+                lock(&self.loaded).insert(version.digest.clone(), component.clone());
+                component
+            }
+        };
+        Ok((version, component))
+    }
+
+    async fn version(&self, name: &str) -> Result<TaskVersion, ComponentError> {
+        if let Some((version, seen)) = lock(&self.versions).get(name)
+            && seen.elapsed() < VERSION_CACHE_TTL
+        {
+            return Ok(version.clone());
+        }
+        let version = self
+            .registry
+            .task(name)
+            .await?
+            .ok_or_else(|| ComponentError::UnknownTask(name.to_owned()))?;
+        lock(&self.versions).insert(name.to_owned(), (version.clone(), Instant::now()));
+        Ok(version)
+    }
+
+    async fn fetch(&self, digest: &str) -> Result<Arc<TaskComponent>, ComponentError> {
+        let bytes = self
+            .registry
+            .component(digest)
+            .await?
+            .ok_or_else(|| ComponentError::Missing(digest.to_owned()))?;
+        let actual = crate::digest::sha256_hex(&bytes);
+        if actual != digest {
+            return Err(ComponentError::DigestMismatch {
+                expected: digest.to_owned(),
+                actual,
+            });
+        }
+        Ok(load(&self.runtime, bytes).await?)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
