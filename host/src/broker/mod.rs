@@ -193,15 +193,13 @@ impl Subscription {
 pub trait Broker: Send + Sync {
     /// Stores an envelope on its queue. Refuses an envelope that fails
     /// [`Envelope::validate`].
-    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError>;
-
-    /// Stores many envelopes at once, in one transaction where the adapter has them.
-    async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
-        for envelope in envelopes {
-            self.publish(envelope).await?;
-        }
-        Ok(())
+    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
+        self.publish_batch(std::slice::from_ref(envelope)).await
     }
+
+    /// Stores many envelopes at once, all or none: if one fails [`Envelope::validate`],
+    /// nothing is stored.
+    async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError>;
 
     /// Leases up to `options.max` ready entries from `queues`, highest priority first, then
     /// oldest first. Waits up to `options.wait` for one when none is ready. Entries that cannot
@@ -254,6 +252,14 @@ pub trait Broker: Send + Sync {
 
     /// Receives what is broadcast on `channel` from now on.
     async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError>;
+}
+
+/// Checks a whole batch before any of it is stored.
+pub(crate) fn validate_all(envelopes: &[Envelope]) -> Result<(), StorageError> {
+    for envelope in envelopes {
+        envelope.validate()?;
+    }
+    Ok(())
 }
 
 /// Fresh lease tokens; random so that two processes never mint the same one.

@@ -19,7 +19,7 @@ use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
     DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
-    undecodable_reason,
+    undecodable_reason, validate_all,
 };
 use crate::envelope::Envelope;
 use crate::sqlite::{self, Periodic, placeholders};
@@ -304,14 +304,8 @@ async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>)
 
 #[async_trait]
 impl Broker for SqliteBroker {
-    async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
-        self.publish_batch(std::slice::from_ref(envelope)).await
-    }
-
     async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
-        for envelope in envelopes {
-            envelope.validate()?;
-        }
+        validate_all(envelopes)?;
         let now = Timestamp::now();
         let mut tx = self.pool().begin().await?;
         for envelope in envelopes {

@@ -5,6 +5,8 @@
 
 mod cli;
 mod conformance;
+mod e2e;
+mod platform;
 mod sandbox;
 mod sqlite_crash;
 mod support;

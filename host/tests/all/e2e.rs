@@ -1,0 +1,357 @@
+//! End to end: producers, workers and inspectors as separate `stem-host` processes sharing one
+//! platform, with real components.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stem_host::backend::TaskState;
+use stem_host::codec::Codecs;
+use stem_host::time::Timestamp;
+
+use crate::platform::{Platform, eventually, serial, wait_all};
+
+/// One test per case for the platform `$make` builds.
+macro_rules! e2e_suite {
+    ($platform:ident, $make:expr) => {
+        mod $platform {
+            use super::*;
+            e2e_suite!(@cases $make;
+                two_workers_run_a_thousand_tasks, a_killed_worker_loses_nothing,
+                retries_dead_letters_and_replay, bad_input_is_refused_and_loses_nothing,
+                revoke_terminate_stops_a_running_task, sigterm_returns_unfinished_tasks);
+        }
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let _serial = serial().await;
+                super::$case(&$make).await;
+            }
+        )*
+    };
+}
+
+e2e_suite!(sqlite, Platform::sqlite());
+
+const TASKS: usize = 1000;
+
+/// Writes `hello.add` arguments {"a": i, "b": 1} for i in 0..TASKS and enqueues them.
+fn enqueue_additions(platform: &Platform) -> Vec<String> {
+    let lines: Vec<String> = (0..TASKS)
+        .map(|i| format!(r#"{{"a":{i},"b":1}}"#))
+        .collect();
+    let file = platform.dir().join("additions.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let stdout = platform.run_ok(&[
+        "enqueue",
+        "hello.add",
+        "--args-file",
+        file.to_str().unwrap(),
+    ]);
+    let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), TASKS);
+    ids
+}
+
+/// Every task succeeded, and task i returned i + 1.
+fn assert_additions(ids: &[String], statuses: &[stem_host::backend::TaskStatus]) {
+    let codecs = Codecs::default();
+    for (i, (id, status)) in ids.iter().zip(statuses).enumerate() {
+        assert_eq!(status.state, TaskState::Succeeded, "task {id}: {status:?}");
+        let result = codecs
+            .decode(status.result.as_ref().expect("a result"))
+            .unwrap();
+        assert_eq!(result, (i + 1).to_string(), "task {id}");
+    }
+}
+
+async fn two_workers_run_a_thousand_tasks(platform: &Platform) {
+    platform.upload("hello");
+    let ids = enqueue_additions(platform);
+    let _first = platform.worker(&["--concurrency", "4"]);
+    let _second = platform.worker(&["--concurrency", "4"]);
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
+    assert_additions(&ids, &statuses);
+    let workers: HashMap<String, usize> = statuses.iter().fold(HashMap::new(), |mut counts, s| {
+        *counts.entry(s.worker.clone().unwrap()).or_default() += 1;
+        counts
+    });
+    assert_eq!(workers.len(), 2, "both workers took tasks: {workers:?}");
+    let stats: Value =
+        serde_json::from_str(&platform.run_ok(&["queue", "stats", "--json"])).unwrap();
+    assert_eq!(stats, serde_json::json!([]), "nothing is left in any queue");
+}
+
+async fn a_killed_worker_loses_nothing(platform: &Platform) {
+    platform.upload("hello");
+    let ids = enqueue_additions(platform);
+    let backend = platform.backend().await;
+    let mut doomed = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
+    let _survivor = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
+    let succeeded = stem_host::backend::StatusQuery {
+        state: Some(TaskState::Succeeded),
+        limit: TASKS,
+        ..Default::default()
+    };
+    eventually(
+        Duration::from_secs(60),
+        "half the tasks succeeded",
+        || async { backend.list(&succeeded).await.unwrap().len() >= TASKS / 2 },
+    )
+    .await;
+    doomed.kill();
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
+    assert_additions(&ids, &statuses);
+    let broker = platform.broker().await;
+    let stats = broker.stats("default").await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.delayed, stats.in_flight, stats.dead),
+        (0, 0, 0, 0)
+    );
+}
+
+async fn retries_dead_letters_and_replay(platform: &Platform) {
+    platform.upload("hello");
+    let _worker = platform.worker(&["--concurrency", "2"]);
+
+    let flaky = platform.run(&[
+        "enqueue",
+        "hello.flaky",
+        "--args",
+        r#"{"succeed_on":3,"retry_after_ms":50}"#,
+        "--wait",
+        "--json",
+    ]);
+    assert!(
+        flaky.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flaky.stderr)
+    );
+    let report: Value = serde_json::from_slice(&flaky.stdout).unwrap();
+    assert_eq!(
+        (report["state"].as_str(), report["result"].as_u64()),
+        (Some("succeeded"), Some(3))
+    );
+    assert_eq!(report["attempt"], 3);
+
+    let fail = platform.run(&[
+        "enqueue",
+        "hello.fail",
+        "--args",
+        r#"{"message":"boom"}"#,
+        "--wait",
+        "--json",
+    ]);
+    assert!(!fail.status.success(), "a failed task exits 1");
+    let report: Value = serde_json::from_slice(&fail.stdout).unwrap();
+    assert_eq!(report["state"], "failed");
+    assert_eq!(report["attempt"], 3, "max_retries = 2: three attempts");
+    assert_eq!(report["error"]["message"], "task failed: boom");
+    let id = report["task_id"].as_str().unwrap().to_owned();
+
+    let letters: Value =
+        serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    let letter = letters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["task_id"] == id.as_str())
+        .expect("in the DLQ");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap()
+            .contains("boom (attempt 3 of 3)"),
+        "{letter}"
+    );
+    let shown = platform.run_ok(&["dlq", "show", &id]);
+    assert!(shown.contains("hello.fail"), "{shown}");
+
+    let replayed_at = Timestamp::now();
+    assert_eq!(platform.run_ok(&["dlq", "replay", &id]).trim(), id);
+    let backend = platform.backend().await;
+    eventually(
+        Duration::from_secs(30),
+        "the replayed task failed again",
+        || async {
+            backend.get(&id).await.unwrap().is_some_and(|s| {
+                s.state == TaskState::Failed && s.updated_at > replayed_at && s.attempt == 3
+            })
+        },
+    )
+    .await;
+    let letters: Value =
+        serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    assert_eq!(
+        letters
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["task_id"] == id.as_str())
+            .count(),
+        1
+    );
+    assert_eq!(
+        platform.run_ok(&["dlq", "purge", "--all"]).trim(),
+        "purged 1 dead letters"
+    );
+}
+
+async fn bad_input_is_refused_and_loses_nothing(platform: &Platform) {
+    platform.upload("hello");
+    let refused = |args: &[&str], expected: &str| {
+        let output = platform.run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+    refused(
+        &["enqueue", "hello.add", "--args", "{not json"],
+        "the arguments of `hello.add` are not valid JSON",
+    );
+    refused(
+        &["enqueue", "no.such.task", "--args", "{}"],
+        "unknown task `no.such.task`",
+    );
+    let bad_lines = platform.dir().join("bad.jsonl");
+    std::fs::write(&bad_lines, "{\"a\":1,\"b\":2}\n{oops\n").unwrap();
+    refused(
+        &[
+            "enqueue",
+            "hello.add",
+            "--args-file",
+            bad_lines.to_str().unwrap(),
+        ],
+        "bad.jsonl:2: not valid JSON",
+    );
+    let garbage = platform.dir().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm not really").unwrap();
+    refused(
+        &["task", "upload", garbage.to_str().unwrap()],
+        "cannot upload",
+    );
+    let broker = platform.broker().await;
+    assert_eq!(
+        broker.stats("default").await.unwrap().ready,
+        0,
+        "refused input enqueued nothing"
+    );
+    let tasks: Value = serde_json::from_str(&platform.run_ok(&["task", "list", "--json"])).unwrap();
+    assert_eq!(
+        tasks.as_array().unwrap().len(),
+        5,
+        "the bad upload registered nothing"
+    );
+
+    // A damaged component in the registry: the worker refuses it and keeps the task.
+    let registry =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", platform.registry_file().display()))
+            .await
+            .unwrap();
+    sqlx::query("UPDATE stem_components SET bytes = x'0061736d0d000100'")
+        .execute(&registry)
+        .await
+        .unwrap();
+    let id = platform
+        .run_ok(&["enqueue", "hello.add", "--args", r#"{"a":20,"b":22}"#])
+        .trim()
+        .to_owned();
+    let _worker = platform.worker(&[]);
+    let backend = platform.backend().await;
+    eventually(
+        Duration::from_secs(30),
+        "the worker reported the damaged component",
+        || async {
+            backend.get(&id).await.unwrap().is_some_and(|s| {
+                s.error.as_ref().is_some_and(|e| {
+                    e.kind == "component_unavailable" && e.message.contains("has digest")
+                })
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        broker.stats("default").await.unwrap().delayed,
+        1,
+        "the task waits in the queue"
+    );
+    platform.upload("hello");
+    let done = platform.run(&["result", "wait", &id, "--timeout", "30s", "--json"]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(report["result"], 42);
+}
+
+/// Enqueues a task that computes for a minute without checking for revocation, and waits
+/// until a worker has started it.
+async fn start_a_long_task(platform: &Platform) -> String {
+    let args = r#"{"ms":60000,"cooperative":false}"#;
+    let id = platform.run_ok(&["enqueue", "hello.busy", "--args", args]);
+    let id = id.trim().to_owned();
+    let backend = platform.backend().await;
+    eventually(Duration::from_secs(30), "the long task started", || async {
+        let status = backend.get(&id).await.unwrap();
+        status.is_some_and(|s| s.state == TaskState::Started)
+    })
+    .await;
+    id
+}
+
+async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
+    platform.upload("hello");
+    let _worker = platform.worker(&[]);
+    let id = start_a_long_task(platform).await;
+    let backend = platform.backend().await;
+    let revoked_at = Timestamp::now();
+    platform.run_ok(&["revoke", &id, "--terminate"]);
+    let status = wait_all(
+        backend.as_ref(),
+        std::slice::from_ref(&id),
+        Duration::from_secs(10),
+    )
+    .await
+    .remove(0);
+    assert_eq!(status.state, TaskState::Revoked);
+    let took = status.updated_at.saturating_since(revoked_at);
+    assert!(
+        took < Duration::from_secs(1),
+        "stopped {took:?} after the revoke"
+    );
+    let output = platform.run(&["result", "get", &id]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("revoked"));
+}
+
+async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
+    platform.upload("hello");
+    let mut worker = platform.worker(&["--shutdown-grace", "300ms"]);
+    let quick = platform
+        .run_ok(&["enqueue", "hello.add", "--args", r#"{"a":1,"b":1}"#])
+        .trim()
+        .to_owned();
+    let slow = start_a_long_task(platform).await;
+    let backend = platform.backend().await;
+    let started = Instant::now();
+    let log = worker.terminate(Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(5), "{log}");
+    assert!(log.contains("1 returned to the queue"), "{log}");
+    assert_eq!(
+        backend.get(&quick).await.unwrap().unwrap().state,
+        TaskState::Succeeded
+    );
+    let returned = backend.get(&slow).await.unwrap().unwrap();
+    assert_eq!(returned.state, TaskState::Pending);
+    assert_eq!(returned.error.unwrap().kind, "returned");
+    let stats = platform.broker().await.stats("default").await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.in_flight),
+        (1, 0),
+        "the slow task is back in the queue"
+    );
+}

@@ -1,0 +1,231 @@
+//! A platform for end-to-end tests: `stem-host` processes sharing one set of adapters, as a
+//! user runs them.
+//!
+//! With the SQLite platform every process runs in one fresh working directory with no adapter
+//! URL set, so the tests exercise the embedded default exactly as the README's quick start does.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stem_host::backend::{ResultBackend, TaskStatus};
+use stem_host::broker::Broker;
+use stem_host::config::{self, AdapterUrl, Role};
+use tempfile::TempDir;
+
+use crate::support::{cache_dir, guest};
+
+/// Variables that would point the processes somewhere else than the platform says.
+const ADAPTER_VARIABLES: &[&str] = &[
+    "STEM_BROKER_URL",
+    "STEM_RESULT_BACKEND_URL",
+    "STEM_REGISTRY_URL",
+    "STEM_REVOKE_STORE_URL",
+    "STEM_NAMESPACE",
+    "STEM_SQLITE_BROKER_PATH",
+    "STEM_SQLITE_BACKEND_PATH",
+    "STEM_SQLITE_REVOKE_PATH",
+    "STEM_SQLITE_REGISTRY_PATH",
+    "STEM_LOG",
+];
+
+/// End-to-end tests start worker processes; one at a time keeps them from starving each other
+/// on a 2-core machine.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+
+pub struct Platform {
+    dir: TempDir,
+    env: Vec<(String, String)>,
+}
+
+impl Platform {
+    /// SQLite files in a fresh working directory, found by default.
+    pub fn sqlite() -> Platform {
+        Platform {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            env: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stem-host"));
+        command.args(args).current_dir(self.dir.path());
+        for variable in ADAPTER_VARIABLES {
+            command.env_remove(variable);
+        }
+        command
+            .env("STEM_COMPONENT_CACHE_DIR", cache_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("stem-host runs")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "stem-host {} failed:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    pub fn upload(&self, crate_name: &str) {
+        let path = guest(crate_name);
+        self.run_ok(&["task", "upload", path.to_str().unwrap()]);
+    }
+
+    /// Starts `stem-host worker start` and waits until it says it is ready.
+    pub fn worker(&self, extra: &[&str]) -> WorkerProcess {
+        let mut args = vec!["worker", "start"];
+        args.extend_from_slice(extra);
+        let mut child = self
+            .command(&args)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("worker starts");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains(" ready: ") {
+                    let _ = ready_tx.send(());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let ready = ready_rx.recv_timeout(Duration::from_secs(60));
+        assert!(
+            ready.is_ok(),
+            "the worker did not start:\n{}",
+            log.lock().unwrap()
+        );
+        WorkerProcess { child, log }
+    }
+
+    fn url(&self, role: Role) -> AdapterUrl {
+        let file = match role {
+            Role::Broker => "stem_broker.sqlite",
+            Role::Backend => "stem_backend.sqlite",
+            Role::Revoke => "stem_revoke.sqlite",
+            Role::Registry => "stem_registry.sqlite",
+        };
+        AdapterUrl::Sqlite(self.dir.path().join(file))
+    }
+
+    /// The result backend, opened by the test itself to check what the processes wrote.
+    pub async fn backend(&self) -> Arc<dyn ResultBackend> {
+        config::open_backend(&self.url(Role::Backend), None)
+            .await
+            .expect("open backend")
+    }
+
+    pub async fn broker(&self) -> Arc<dyn Broker> {
+        config::open_broker(&self.url(Role::Broker), None)
+            .await
+            .expect("open broker")
+    }
+
+    pub fn registry_file(&self) -> PathBuf {
+        match self.url(Role::Registry) {
+            AdapterUrl::Sqlite(path) => path,
+            AdapterUrl::Memory(_) => unreachable!("the registry is a file"),
+        }
+    }
+}
+
+/// A worker process; killed when dropped.
+pub struct WorkerProcess {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl WorkerProcess {
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the worker");
+        self.child.wait().expect("reap the worker");
+    }
+
+    /// Sends SIGTERM and waits for the worker to exit; returns its log.
+    pub fn terminate(&mut self, within: Duration) -> String {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success());
+        let started = Instant::now();
+        while self.child.try_wait().expect("worker status").is_none() {
+            assert!(
+                started.elapsed() < within,
+                "the worker did not stop within {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        self.log()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for every task to reach a terminal state; panics after `timeout` overall.
+pub async fn wait_all(
+    backend: &dyn ResultBackend,
+    ids: &[String],
+    timeout: Duration,
+) -> Vec<TaskStatus> {
+    let deadline = Instant::now() + timeout;
+    let mut statuses = Vec::with_capacity(ids.len());
+    for id in ids {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let status = backend.wait(id, remaining).await.expect("read the backend");
+        match status {
+            Some(status) if status.state.is_terminal() => statuses.push(status),
+            other => panic!("task {id} did not finish in time; last status {other:?}"),
+        }
+    }
+    statuses
+}
+
+/// Polls `check` every 20ms until it holds; panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
