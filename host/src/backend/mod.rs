@@ -136,6 +136,9 @@ pub struct TaskStatus {
     /// The worker that wrote this state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// sha256 of the component (the task version) that ran this attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +159,7 @@ impl TaskStatus {
             error: None,
             attempt: 1,
             worker: None,
+            component: None,
             group_id: None,
             parent_id: None,
             root_id: None,

@@ -125,6 +125,7 @@ pub fn report(status: &TaskStatus, json: bool) -> anyhow::Result<ExitCode> {
             "result_encoder": status.result.as_ref().map(|p| &p.encoder),
             "error": status.error,
             "worker": status.worker,
+            "component": status.component,
             "parent_id": status.parent_id,
             "root_id": status.root_id,
             "updated_at": status.updated_at.to_string(),

@@ -62,7 +62,11 @@ pub(super) async fn process(shared: &Arc<Shared>, delivery: Delivery) {
 /// Records the states of one delivery and says what to do with its broker entry.
 async fn run_delivery(shared: &Arc<Shared>, delivery: &Delivery) -> Result<Settle, StorageError> {
     let envelope = &delivery.envelope;
-    let record = Recorder { shared, envelope };
+    let mut record = Recorder {
+        shared,
+        envelope,
+        component: None,
+    };
 
     if envelope.expires_at.is_some_and(|at| at <= Timestamp::now()) {
         record
@@ -113,6 +117,7 @@ async fn run_delivery(shared: &Arc<Shared>, delivery: &Delivery) -> Result<Settl
             return Ok(Settle::Later(WORKER_TROUBLE_DELAY));
         }
     };
+    record.component = Some(version.digest.clone());
     let args = match shared.codecs.decode(&envelope.args) {
         Ok(args) => args,
         Err(error) => {
@@ -253,6 +258,8 @@ fn failure(kind: &str, message: &str) -> TaskFailure {
 struct Recorder<'a> {
     shared: &'a Shared,
     envelope: &'a Envelope,
+    /// The digest of the task's component, once it is known.
+    component: Option<String>,
 }
 
 impl Recorder<'_> {
@@ -269,6 +276,7 @@ impl Recorder<'_> {
             error,
             attempt: envelope.attempt,
             worker: Some(self.shared.config.worker_id.clone()),
+            component: self.component.clone(),
             group_id: envelope.group_id.clone(),
             parent_id: envelope.parent_id.clone(),
             root_id: envelope.root_id.clone(),

@@ -19,7 +19,9 @@ macro_rules! e2e_suite {
             e2e_suite!(@cases $make;
                 two_workers_run_a_thousand_tasks, a_killed_worker_loses_nothing,
                 retries_dead_letters_and_replay, bad_input_is_refused_and_loses_nothing,
-                revoke_terminate_stops_a_running_task, sigterm_returns_unfinished_tasks);
+                revoke_terminate_stops_a_running_task, sigterm_returns_unfinished_tasks,
+                new_versions_reach_running_workers, long_tasks_keep_their_lease,
+                sub_tasks_record_their_parent);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -80,6 +82,12 @@ async fn two_workers_run_a_thousand_tasks(platform: &Platform) {
         counts
     });
     assert_eq!(workers.len(), 2, "both workers took tasks: {workers:?}");
+    let heartbeats = backend.workers().await.unwrap();
+    assert_eq!(
+        heartbeats.len(),
+        2,
+        "both workers report heartbeats: {heartbeats:?}"
+    );
     let stats: Value =
         serde_json::from_str(&platform.run_ok(&["queue", "stats", "--json"])).unwrap();
     assert_eq!(stats, serde_json::json!([]), "nothing is left in any queue");
@@ -326,6 +334,22 @@ async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
     );
     let output = platform.run(&["result", "get", &id]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("revoked"));
+
+    platform.run_ok(&["revoke", "revoked-in-advance", "--reason", "not needed"]);
+    let output = platform.run(&[
+        "enqueue",
+        "hello.add",
+        "--args",
+        r#"{"a":1,"b":2}"#,
+        "--task-id",
+        "revoked-in-advance",
+        "--wait",
+        "--json",
+    ]);
+    assert!(!output.status.success(), "a revoked task does not succeed");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["state"], "revoked");
+    assert_eq!(report["error"]["message"], "not needed");
 }
 
 async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
@@ -354,4 +378,160 @@ async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
         (1, 0),
         "the slow task is back in the queue"
     );
+}
+
+/// The same component with a custom section appended: another digest, the same behaviour.
+fn rebuilt(component: &[u8]) -> Vec<u8> {
+    let mut bytes = component.to_vec();
+    let name = b"stem-test";
+    let payload = b"v2";
+    bytes.push(0);
+    bytes.push((1 + name.len() + payload.len()) as u8);
+    bytes.push(name.len() as u8);
+    bytes.extend_from_slice(name);
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+async fn new_versions_reach_running_workers(platform: &Platform) {
+    platform.upload("hello");
+    let _worker = platform.worker(&[]);
+    let add = |platform: &Platform| -> Value {
+        let stdout = platform.run_ok(&[
+            "enqueue",
+            "hello.add",
+            "--args",
+            r#"{"a":1,"b":2}"#,
+            "--wait",
+            "--json",
+        ]);
+        serde_json::from_str(&stdout).unwrap()
+    };
+    let original = std::fs::read(crate::support::guest("hello")).unwrap();
+    let first = add(platform);
+    assert_eq!(first["component"], stem_host::digest::sha256_hex(&original));
+
+    let second_build = rebuilt(&original);
+    let second_digest = stem_host::digest::sha256_hex(&second_build);
+    let file = platform.dir().join("hello-v2.wasm");
+    std::fs::write(&file, &second_build).unwrap();
+    platform.run_ok(&["task", "upload", file.to_str().unwrap()]);
+    let uploaded = Instant::now();
+    let shown: Value =
+        serde_json::from_str(&platform.run_ok(&["task", "show", "hello.add", "--json"])).unwrap();
+    assert_eq!(shown["current"]["version"], 2);
+    assert_eq!(shown["current"]["digest"], second_digest.as_str());
+    loop {
+        let report = add(platform);
+        assert_eq!(report["result"], 3);
+        if report["component"] == second_digest.as_str() {
+            break;
+        }
+        assert!(
+            uploaded.elapsed() < Duration::from_secs(5),
+            "the worker still runs the old version"
+        );
+    }
+}
+
+async fn long_tasks_keep_their_lease(platform: &Platform) {
+    platform.upload("hello");
+    let mut first = platform.worker(&["--lease", "900ms"]);
+    let mut second = platform.worker(&["--lease", "900ms"]);
+    let output = platform.run(&[
+        "enqueue",
+        "hello.busy",
+        "--args",
+        r#"{"ms":3000}"#,
+        "--wait",
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["attempt"], 1);
+    let logs = [
+        first.terminate(Duration::from_secs(10)),
+        second.terminate(Duration::from_secs(10)),
+    ];
+    let processed: u32 = logs
+        .iter()
+        .map(|log| {
+            let summary = log
+                .lines()
+                .find(|l| l.starts_with("worker stopped: "))
+                .expect("a summary");
+            summary["worker stopped: ".len()..]
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<u32>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        processed, 1,
+        "a task three times longer than its lease ran once:\n{logs:?}"
+    );
+}
+
+async fn sub_tasks_record_their_parent(platform: &Platform) {
+    platform.upload("reports");
+    let _worker = platform.worker(&["--queues", "reports"]);
+    let stdout = platform.run_ok(&[
+        "enqueue",
+        "reports.generate",
+        "--args",
+        r#"{"customerId":42,"deliverTo":"finance@example.com"}"#,
+        "--wait",
+        "--json",
+    ]);
+    let parent: Value = serde_json::from_str(&stdout).unwrap();
+    let parent_id = parent["task_id"].as_str().unwrap();
+    let child_id = parent["result"]["deliveryTaskId"]
+        .as_str()
+        .expect("the delivery sub-task id");
+    let child: Value =
+        serde_json::from_str(&platform.run_ok(&["result", "wait", child_id, "--json"])).unwrap();
+    assert_eq!(child["task"], "reports.deliver");
+    assert_eq!(child["state"], "succeeded");
+    assert_eq!(child["parent_id"], parent_id);
+    assert_eq!(child["root_id"], parent_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_paths_come_from_the_environment() {
+    let platform = Platform::sqlite();
+    let elsewhere = platform.dir().join("elsewhere");
+    let output = platform
+        .command(&[
+            "task",
+            "upload",
+            crate::support::guest("hello").to_str().unwrap(),
+        ])
+        .env("STEM_SQLITE_REGISTRY_PATH", elsewhere.join("registry.db"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = platform
+        .command(&["enqueue", "hello.add", "--args", "{}"])
+        .env("STEM_SQLITE_REGISTRY_PATH", elsewhere.join("registry.db"))
+        .env("STEM_SQLITE_BROKER_PATH", elsewhere.join("broker.db"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(elsewhere.join("registry.db").exists() && elsewhere.join("broker.db").exists());
+    assert!(!platform.dir().join("stem_broker.sqlite").exists());
+    assert!(!platform.dir().join("stem_registry.sqlite").exists());
 }

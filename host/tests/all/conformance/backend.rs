@@ -60,6 +60,7 @@ async fn states_and_payloads_round_trip(harness: &Harness) {
         done.result = Some(codecs.encode_result(Some(encoder), json).unwrap());
         done.attempt = 3;
         done.worker = Some("worker-1".into());
+        done.component = Some("ab12".repeat(16));
         done.group_id = Some("g".into());
         backend.set(&done, None).await.unwrap();
         let read = backend.get(&id).await.unwrap().expect("stored");
