@@ -1,8 +1,8 @@
 //! Which adapters a process uses, chosen by URL.
 //!
 //! `memory://[name]` (this process only; the same name shares storage), `sqlite://PATH`
-//! (a local file, created if missing; `sqlite:PATH` works too), and later `redis://`,
-//! `rediss://` and `postgres://`. With no URL at all, everything runs on SQLite files in the
+//! (a local file, created if missing; `sqlite:PATH` works too), `redis://` and `rediss://`
+//! (the result backend so far), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
 //! working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
 //! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
@@ -14,6 +14,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::backend::ResultBackend;
 use crate::backend::memory::MemoryBackend;
+use crate::backend::redis::{RedisBackend, RedisBackendOptions};
 use crate::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
@@ -79,6 +80,8 @@ impl Role {
 pub enum AdapterUrl {
     Memory(String),
     Sqlite(PathBuf),
+    /// The URL as given: `redis://` or `rediss://`, with user, password and database.
+    Redis(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,12 @@ pub enum ConfigError {
         url: String,
         reason: String,
     },
-    #[error("cannot open the {role} at `{url}`: {source}")]
+    #[error("the {role} has no adapter for {scheme}:// yet; use sqlite://PATH or memory://")]
+    Unsupported {
+        role: &'static str,
+        scheme: &'static str,
+    },
+    #[error("cannot open the {role} at `{url}`")]
     Open {
         role: &'static str,
         url: String,
@@ -102,7 +110,7 @@ impl AdapterUrl {
     pub fn parse(role: Role, url: &str) -> Result<AdapterUrl, ConfigError> {
         let invalid = |reason: &str| ConfigError::Url {
             role: role.name(),
-            url: url.to_owned(),
+            url: crate::redis::redact(url),
             reason: reason.to_owned(),
         };
         let (scheme, rest) = url
@@ -117,7 +125,8 @@ impl AdapterUrl {
                 }
                 Ok(AdapterUrl::Sqlite(PathBuf::from(path)))
             }
-            "redis" | "rediss" | "postgres" | "postgresql" => Err(invalid(
+            "redis" | "rediss" => Ok(AdapterUrl::Redis(url.to_owned())),
+            "postgres" | "postgresql" => Err(invalid(
                 "this build has no adapter for it yet; use sqlite://PATH or memory://",
             )),
             _ => Err(invalid(
@@ -145,6 +154,7 @@ impl std::fmt::Display for AdapterUrl {
         match self {
             AdapterUrl::Memory(name) => write!(f, "memory://{name}"),
             AdapterUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
+            AdapterUrl::Redis(url) => f.write_str(&crate::redis::redact(url)),
         }
     }
 }
@@ -178,6 +188,13 @@ fn opened<T>(
     })
 }
 
+fn unsupported(role: Role, scheme: &'static str) -> ConfigError {
+    ConfigError::Unsupported {
+        role: role.name(),
+        scheme,
+    }
+}
+
 /// Opens the broker at `url` in `namespace`.
 pub async fn open_broker(
     url: &AdapterUrl,
@@ -201,6 +218,7 @@ pub async fn open_broker(
                 SqliteBroker::open(path, options).await,
             )?)
         }
+        AdapterUrl::Redis(_) => return Err(unsupported(Role::Broker, "redis")),
     })
 }
 
@@ -227,6 +245,14 @@ pub async fn open_backend(
                 SqliteBackend::open(path, options).await,
             )?)
         }
+        AdapterUrl::Redis(address) => {
+            let options = RedisBackendOptions {
+                namespace: namespace.to_owned(),
+                ..RedisBackendOptions::default()
+            };
+            let backend = RedisBackend::connect(address, options).await;
+            Arc::new(opened(Role::Backend, url, backend)?)
+        }
     })
 }
 
@@ -244,6 +270,7 @@ pub async fn open_revoke_store(
             url,
             SqliteRevokeStore::open(path, namespace).await,
         )?),
+        AdapterUrl::Redis(_) => return Err(unsupported(Role::Revoke, "redis")),
     })
 }
 
@@ -261,6 +288,7 @@ pub async fn open_registry(
             url,
             SqliteRegistry::open(path, namespace).await,
         )?),
+        AdapterUrl::Redis(_) => return Err(unsupported(Role::Registry, "redis")),
     })
 }
 

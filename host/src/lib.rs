@@ -33,6 +33,7 @@ pub mod components;
 pub mod config;
 pub mod digest;
 pub mod envelope;
+mod redis;
 pub mod runtime;
 mod sqlite;
 pub mod storage;

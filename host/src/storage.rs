@@ -26,6 +26,8 @@ pub enum StorageError {
     Corrupt { what: String, reason: String },
     #[error(transparent)]
     Sqlite(#[from] sqlx::Error),
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
 impl StorageError {

@@ -12,9 +12,10 @@
 //!   reported, and a chord's callback can be claimed exactly once.
 //! - Results, groups and heartbeats expire after their TTL.
 //!
-//! Adapters: [`memory`] (one process) and [`sqlite`] (one host).
+//! Adapters: [`memory`] (one process), [`sqlite`] (one host) and [`redis`] (many hosts).
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use std::fmt;

@@ -146,10 +146,7 @@ impl Platform {
     }
 
     pub fn registry_file(&self) -> PathBuf {
-        match self.url(Role::Registry) {
-            AdapterUrl::Sqlite(path) => path,
-            AdapterUrl::Memory(_) => unreachable!("the registry is a file"),
-        }
+        self.dir.path().join("stem_registry.sqlite")
     }
 }
 

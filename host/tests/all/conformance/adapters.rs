@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stem_host::backend::ResultBackend;
 use stem_host::backend::memory::MemoryBackend;
+use stem_host::backend::redis::{RedisBackend, RedisBackendOptions};
 use stem_host::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use stem_host::broker::Broker;
 use stem_host::broker::memory::MemoryBroker;
@@ -195,5 +196,41 @@ impl Connect<dyn ComponentRegistry> for Sqlite {
             Some(namespace),
         );
         Arc::new(registry.await.expect("open registry"))
+    }
+}
+
+/// A fresh key prefix on the test Redis server (`STEM_TEST_REDIS_URL`, default
+/// `redis://127.0.0.1:6379`). A server that cannot be reached fails the test.
+pub struct Redis {
+    url: String,
+    prefix: String,
+}
+
+impl Redis {
+    pub async fn new() -> Redis {
+        Redis {
+            url: redis_url(),
+            prefix: format!("stem-test-{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    fn namespace(&self, namespace: &str) -> String {
+        format!("{}:{namespace}", self.prefix)
+    }
+}
+
+pub fn redis_url() -> String {
+    std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+#[async_trait]
+impl Connect<dyn ResultBackend> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ResultBackend> {
+        let options = RedisBackendOptions {
+            namespace: self.namespace(namespace),
+            ..RedisBackendOptions::default()
+        };
+        let backend = RedisBackend::connect(&self.url, options).await;
+        Arc::new(backend.unwrap_or_else(|e| panic!("the tests need Redis: {e}")))
     }
 }

@@ -1,0 +1,467 @@
+//! The Redis result backend: statuses with TTLs, waiting through pub/sub (across processes
+//! and hosts), atomic group counters and chord claims in Lua, worker heartbeats.
+//!
+//! Keys, inside the namespace: `result:ID` (the status as JSON, expiring with its TTL),
+//! `results` (a sorted set of ids by update time, for listing), `group:ID` (a hash) with
+//! `group:ID:members` (a set, for counting once) and `group:ID:order` (a list),
+//! `worker:ID` (a heartbeat, expiring) and `workers` (a set of ids). Every status write is
+//! published on `result:ID`; a waiter subscribes once per backend instance, by pattern.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use tokio::sync::Notify;
+
+use super::{
+    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
+};
+use crate::broker::DEFAULT_NAMESPACE;
+use crate::redis::connect;
+use crate::storage::StorageError;
+use crate::time::Timestamp;
+
+/// How often a waiter looks again when no notification comes (a lost pub/sub message, a
+/// reconnect in progress).
+const WAIT_FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// Records a finished member once and returns `{finished, size}`, or -1 for an unknown group.
+const MEMBER_FINISHED: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[3], ARGV[1])
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    redis.call('PEXPIRE', KEYS[3], ttl)
+  end
+end
+return {redis.call('SCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'size'))}
+";
+
+/// 1 for the one caller that claims a complete chord's callback, 0 otherwise, -1 if unknown.
+const CLAIM_CALLBACK: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'claimed') == '1' then return 0 end
+if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'size')) then
+  redis.call('HSET', KEYS[1], 'claimed', '1')
+  return 1
+end
+return 0
+";
+
+/// Tuning for [`RedisBackend::connect`].
+#[derive(Clone, Debug)]
+pub struct RedisBackendOptions {
+    pub namespace: String,
+    pub ttls: Ttls,
+}
+
+impl Default for RedisBackendOptions {
+    fn default() -> RedisBackendOptions {
+        RedisBackendOptions {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            ttls: Ttls::default(),
+        }
+    }
+}
+
+/// A result backend on Redis. Clones share the connection.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    manager: ConnectionManager,
+    options: RedisBackendOptions,
+    member_finished: redis::Script,
+    claim_callback: redis::Script,
+    /// Waiters by task id, woken by the listener.
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The pub/sub listener, started by the first wait.
+    listener: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.get() {
+            listener.abort();
+        }
+    }
+}
+
+impl RedisBackend {
+    pub async fn connect(
+        url: &str,
+        options: RedisBackendOptions,
+    ) -> Result<RedisBackend, StorageError> {
+        let connection = connect(url).await?;
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                client: connection.client,
+                manager: connection.manager,
+                options,
+                member_finished: redis::Script::new(MEMBER_FINISHED),
+                claim_callback: redis::Script::new(CLAIM_CALLBACK),
+                waiters: Mutex::default(),
+                listener: std::sync::OnceLock::new(),
+            }),
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.inner.options.namespace.clone();
+        for part in parts {
+            key.push(':');
+            key.push_str(part);
+        }
+        key
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.manager.clone()
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts the pub/sub listener once; it resubscribes after a dropped connection.
+    fn listen(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let pattern = self.key(&["result", "*"]);
+        let prefix_len = pattern.len() - 1;
+        self.inner.listener.get_or_init(|| {
+            tokio::spawn(async move {
+                loop {
+                    let Some(inner) = weak.upgrade() else { return };
+                    let pubsub = inner.client.get_async_pubsub().await;
+                    drop(inner);
+                    let mut pubsub = match pubsub {
+                        Ok(pubsub) => pubsub,
+                        Err(error) => {
+                            tracing::warn!(%error, "result notifications unavailable; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                    };
+                    if pubsub.psubscribe(&pattern).await.is_err() {
+                        continue;
+                    }
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        let Some(inner) = weak.upgrade() else { return };
+                        let id = message.get_channel_name().get(prefix_len..).unwrap_or("");
+                        let waiters = inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(waiter) = waiters.get(id) {
+                            waiter.notify_waiters();
+                        }
+                    }
+                }
+            })
+        });
+    }
+
+    async fn group_script(
+        &self,
+        script: &redis::Script,
+        group_id: &str,
+        task_id: Option<&str>,
+    ) -> Result<redis::Value, StorageError> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.key(&["group", group_id]))
+            .key(self.key(&["group", group_id, "members"]))
+            .key(self.key(&["group", group_id, "order"]));
+        if let Some(task_id) = task_id {
+            invocation.arg(task_id);
+        }
+        let value: redis::Value = invocation.invoke_async(&mut self.conn()).await?;
+        if value == redis::Value::Int(-1) {
+            return Err(StorageError::NotFound(format!("group {group_id}")));
+        }
+        Ok(value)
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError> {
+        let key = self.key(&["result", &status.id]);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match ttl.or(self.inner.options.ttls.result) {
+            Some(ttl) => pipe
+                .cmd("SET")
+                .arg(&key)
+                .arg(status.to_json())
+                .arg("PX")
+                .arg(millis(ttl)),
+            None => pipe.cmd("SET").arg(&key).arg(status.to_json()),
+        };
+        pipe.ignore()
+            .cmd("ZADD")
+            .arg(self.key(&["results"]))
+            .arg(status.updated_at.as_millis())
+            .arg(&status.id)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(&key)
+            .arg(status.state.as_str())
+            .ignore();
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError> {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(self.key(&["result", id]))
+            .query_async(&mut self.conn())
+            .await?;
+        text.map(|text| TaskStatus::from_json(id, &text))
+            .transpose()
+    }
+
+    async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
+        self.listen();
+        let waiter = self.waiters().entry(id.to_owned()).or_default().clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let outcome = loop {
+            let notified = waiter.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let status = match self.get(id).await {
+                Ok(status) => status,
+                Err(error) => break Err(error),
+            };
+            let now = tokio::time::Instant::now();
+            if status.as_ref().is_some_and(|s| s.state.is_terminal()) || now >= deadline {
+                break Ok(status);
+            }
+            let wake = (now + WAIT_FALLBACK_POLL).min(deadline);
+            let _ = tokio::time::timeout_at(wake, notified).await;
+        };
+        let mut waiters = self.waiters();
+        if waiters.get(id).is_some_and(|w| Arc::strong_count(w) <= 2) {
+            waiters.remove(id);
+        }
+        outcome
+    }
+
+    async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {
+        let index = self.key(&["results"]);
+        let mut found = Vec::new();
+        let mut start = 0isize;
+        const PAGE: isize = 500;
+        while found.len() < query.limit {
+            let ids: Vec<String> = redis::cmd("ZREVRANGE")
+                .arg(&index)
+                .arg(start)
+                .arg(start + PAGE - 1)
+                .query_async(&mut self.conn())
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            let keys: Vec<String> = ids.iter().map(|id| self.key(&["result", id])).collect();
+            let texts: Vec<Option<String>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut self.conn())
+                .await?;
+            let mut expired = Vec::new();
+            for (id, text) in ids.iter().zip(texts) {
+                match text {
+                    Some(text) => {
+                        let status = TaskStatus::from_json(id, &text)?;
+                        if query.selects(&status) && found.len() < query.limit {
+                            found.push(status);
+                        }
+                    }
+                    None => expired.push(id.clone()),
+                }
+            }
+            if !expired.is_empty() {
+                let () = redis::cmd("ZREM")
+                    .arg(&index)
+                    .arg(&expired)
+                    .query_async(&mut self.conn())
+                    .await?;
+                start -= expired.len() as isize;
+            }
+            start += PAGE;
+        }
+        found.sort_by(|a, b| {
+            b.updated_at
+                .cmp(&a.updated_at)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(found)
+    }
+
+    async fn create_group(
+        &self,
+        group: &GroupRecord,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
+        let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.group));
+        let hash = self.key(&["group", &group.id]);
+        let members = self.key(&["group", &group.id, "members"]);
+        let order = self.key(&["group", &group.id, "order"]);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("DEL")
+            .arg(&hash)
+            .arg(&members)
+            .arg(&order)
+            .ignore()
+            .cmd("HSET")
+            .arg(&hash)
+            .arg("size")
+            .arg(group.size)
+            .arg("claimed")
+            .arg(if group.callback_claimed { "1" } else { "0" })
+            .arg("created_at")
+            .arg(group.created_at.as_millis())
+            .ignore();
+        if let Some(callback) = &group.callback {
+            pipe.cmd("HSET")
+                .arg(&hash)
+                .arg("callback")
+                .arg(callback)
+                .ignore();
+        }
+        if !group.finished.is_empty() {
+            pipe.cmd("SADD").arg(&members).arg(&group.finished).ignore();
+            pipe.cmd("RPUSH").arg(&order).arg(&group.finished).ignore();
+            pipe.cmd("PEXPIRE").arg(&members).arg(ttl).ignore();
+            pipe.cmd("PEXPIRE").arg(&order).arg(ttl).ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&hash).arg(ttl).ignore();
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
+        let (fields, finished): (HashMap<String, String>, Vec<String>) = redis::pipe()
+            .cmd("HGETALL")
+            .arg(self.key(&["group", id]))
+            .cmd("LRANGE")
+            .arg(self.key(&["group", id, "order"]))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let number = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Some(GroupRecord {
+            id: id.to_owned(),
+            size: u32::try_from(number("size")).unwrap_or(u32::MAX),
+            finished,
+            callback: fields.get("callback").cloned(),
+            callback_claimed: fields.get("claimed").is_some_and(|v| v == "1"),
+            created_at: Timestamp::from_millis(number("created_at")),
+        }))
+    }
+
+    async fn group_member_finished(
+        &self,
+        group_id: &str,
+        task_id: &str,
+    ) -> Result<GroupProgress, StorageError> {
+        let value = self
+            .group_script(&self.inner.member_finished, group_id, Some(task_id))
+            .await?;
+        let (finished, size): (u32, u32) = redis::FromRedisValue::from_redis_value(value)
+            .map_err(|e| StorageError::corrupt(format!("progress of group {group_id}"), e))?;
+        Ok(GroupProgress { finished, size })
+    }
+
+    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
+        let value = self
+            .group_script(&self.inner.claim_callback, group_id, None)
+            .await?;
+        Ok(value == redis::Value::Int(1))
+    }
+
+    async fn heartbeat(
+        &self,
+        heartbeat: &WorkerHeartbeat,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
+        let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.heartbeat));
+        let text = serde_json::to_string(heartbeat).expect("a heartbeat always serialises");
+        let () = redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.key(&["worker", &heartbeat.worker_id]))
+            .arg(text)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("SADD")
+            .arg(self.key(&["workers"]))
+            .arg(&heartbeat.worker_id)
+            .ignore()
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<WorkerHeartbeat>, StorageError> {
+        let index = self.key(&["workers"]);
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&index)
+            .query_async(&mut self.conn())
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        ids.sort();
+        let keys: Vec<String> = ids.iter().map(|id| self.key(&["worker", id])).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut alive = Vec::new();
+        let mut gone = Vec::new();
+        for (id, text) in ids.into_iter().zip(texts) {
+            match text {
+                Some(text) => {
+                    alive.push(serde_json::from_str(&text).map_err(|e| {
+                        StorageError::corrupt(format!("heartbeat of worker {id}"), e)
+                    })?)
+                }
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let () = redis::cmd("SREM")
+                .arg(&index)
+                .arg(&gone)
+                .query_async(&mut self.conn())
+                .await?;
+        }
+        Ok(alive)
+    }
+}

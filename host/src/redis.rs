@@ -1,0 +1,56 @@
+//! What the Redis adapters share: connecting, and naming keys inside a namespace.
+//!
+//! Every adapter talks through a [`ConnectionManager`]: one multiplexed connection per adapter
+//! instance (no per-task connection setup) that reconnects by itself after a dropped
+//! connection. Keys are `NAMESPACE:kind:...`, so namespaces never see each other's data.
+
+use redis::aio::ConnectionManager;
+
+use crate::storage::StorageError;
+
+/// A connected adapter's client (for pub/sub connections) and its command connection.
+pub(crate) struct RedisConnection {
+    pub client: redis::Client,
+    pub manager: ConnectionManager,
+}
+
+/// Connects to `url` (`redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS).
+pub(crate) async fn connect(url: &str) -> Result<RedisConnection, StorageError> {
+    let failed = |reason: String| StorageError::Open {
+        location: format!("Redis at {}", redact(url)),
+        reason,
+    };
+    let client = redis::Client::open(url).map_err(|e| failed(e.to_string()))?;
+    let manager = client
+        .get_connection_manager()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(RedisConnection { client, manager })
+}
+
+/// The URL without its password, for messages.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("redis://app:s3cret@db:6379/2"),
+            "redis://app:***@db:6379/2"
+        );
+        assert_eq!(redact("rediss://:s3cret@db"), "rediss://:***@db");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
