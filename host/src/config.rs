@@ -2,7 +2,7 @@
 //!
 //! `memory://[name]` (this process only; the same name shares storage), `sqlite://PATH`
 //! (a local file, created if missing; `sqlite:PATH` works too), `redis://` and `rediss://`
-//! (the result backend so far), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
+//! (every role but the broker so far), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
 //! working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
 //! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
@@ -22,9 +22,11 @@ use crate::broker::{Broker, DEFAULT_NAMESPACE};
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::registry::memory::MemoryRegistry;
+use crate::stores::registry::redis::RedisRegistry;
 use crate::stores::registry::sqlite::SqliteRegistry;
 use crate::stores::revoke::RevokeStore;
 use crate::stores::revoke::memory::MemoryRevokeStore;
+use crate::stores::revoke::redis::RedisRevokeStore;
 use crate::stores::revoke::sqlite::SqliteRevokeStore;
 
 /// The storage roles a URL can fill, with their defaults.
@@ -270,7 +272,11 @@ pub async fn open_revoke_store(
             url,
             SqliteRevokeStore::open(path, namespace).await,
         )?),
-        AdapterUrl::Redis(_) => return Err(unsupported(Role::Revoke, "redis")),
+        AdapterUrl::Redis(address) => Arc::new(opened(
+            Role::Revoke,
+            url,
+            RedisRevokeStore::connect(address, namespace).await,
+        )?),
     })
 }
 
@@ -288,7 +294,11 @@ pub async fn open_registry(
             url,
             SqliteRegistry::open(path, namespace).await,
         )?),
-        AdapterUrl::Redis(_) => return Err(unsupported(Role::Registry, "redis")),
+        AdapterUrl::Redis(address) => Arc::new(opened(
+            Role::Registry,
+            url,
+            RedisRegistry::connect(address, namespace).await,
+        )?),
     })
 }
 

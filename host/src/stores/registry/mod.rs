@@ -8,6 +8,7 @@
 //! reaches running workers without a restart.
 
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -14,11 +14,14 @@ use stem_host::broker::memory::MemoryBroker;
 use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
+use stem_host::stores::lock::redis::RedisLockStore;
 use stem_host::stores::registry::ComponentRegistry;
 use stem_host::stores::registry::memory::MemoryRegistry;
+use stem_host::stores::registry::redis::RedisRegistry;
 use stem_host::stores::registry::sqlite::SqliteRegistry;
 use stem_host::stores::revoke::RevokeStore;
 use stem_host::stores::revoke::memory::MemoryRevokeStore;
+use stem_host::stores::revoke::redis::RedisRevokeStore;
 use stem_host::stores::revoke::sqlite::SqliteRevokeStore;
 use stem_host::stores::schedule::ScheduleStore;
 use stem_host::stores::schedule::memory::MemoryScheduleStore;
@@ -230,7 +233,40 @@ impl Connect<dyn ResultBackend> for Redis {
             namespace: self.namespace(namespace),
             ..RedisBackendOptions::default()
         };
-        let backend = RedisBackend::connect(&self.url, options).await;
-        Arc::new(backend.unwrap_or_else(|e| panic!("the tests need Redis: {e}")))
+        Arc::new(needs_redis(RedisBackend::connect(&self.url, options).await))
+    }
+}
+
+fn needs_redis<T>(connected: Result<T, stem_host::storage::StorageError>) -> T {
+    connected.unwrap_or_else(|e| panic!("the tests need Redis: {e}"))
+}
+
+#[async_trait]
+impl Connect<dyn RevokeStore> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn RevokeStore> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisRevokeStore::connect(&self.url, Some(&ns)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn LockStore> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn LockStore> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisLockStore::connect(&self.url, Some(&ns)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ComponentRegistry> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ComponentRegistry> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisRegistry::connect(&self.url, Some(&ns)).await,
+        ))
     }
 }

@@ -60,9 +60,12 @@ macro_rules! registry_suite {
 
 registry_suite!(registry_memory, adapters::Memory::new());
 registry_suite!(registry_sqlite, adapters::Sqlite::new());
+registry_suite!(registry_redis, adapters::Redis::new());
 revoke_suite!(revoke_memory, adapters::Memory::new());
 revoke_suite!(revoke_sqlite, adapters::Sqlite::new());
+revoke_suite!(revoke_redis, adapters::Redis::new());
 lock_suite!(lock_memory, adapters::Memory::new());
+lock_suite!(lock_redis, adapters::Redis::new());
 schedule_suite!(schedule_memory, adapters::Memory::new());
 
 const NS: &str = "conformance";
