@@ -6,7 +6,8 @@
 //! - [`lock`]: named locks with an owner and a TTL, so only one Beat fires each entry.
 //! - [`registry`]: task components by sha256, and which one implements each task name.
 //!
-//! Each is a small contract with an in-memory adapter; durable adapters sit beside it. One
+//! Each is a small contract with an in-memory adapter; the durable adapters (`sqlite`,
+//! `redis`) sit beside it. One
 //! conformance suite per contract (`host/tests/all/conformance/`) runs against every adapter.
 
 pub mod lock;

@@ -25,6 +25,7 @@ use stem_host::stores::revoke::redis::RedisRevokeStore;
 use stem_host::stores::revoke::sqlite::SqliteRevokeStore;
 use stem_host::stores::schedule::ScheduleStore;
 use stem_host::stores::schedule::memory::MemoryScheduleStore;
+use stem_host::stores::schedule::redis::RedisScheduleStore;
 use tempfile::TempDir;
 
 use super::Connect;
@@ -267,6 +268,16 @@ impl Connect<dyn ComponentRegistry> for Redis {
         let ns = self.namespace(namespace);
         Arc::new(needs_redis(
             RedisRegistry::connect(&self.url, Some(&ns)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ScheduleStore> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ScheduleStore> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisScheduleStore::connect(&self.url, Some(&ns)).await,
         ))
     }
 }

@@ -67,6 +67,7 @@ revoke_suite!(revoke_redis, adapters::Redis::new());
 lock_suite!(lock_memory, adapters::Memory::new());
 lock_suite!(lock_redis, adapters::Redis::new());
 schedule_suite!(schedule_memory, adapters::Memory::new());
+schedule_suite!(schedule_redis, adapters::Redis::new());
 
 const NS: &str = "conformance";
 
