@@ -125,36 +125,17 @@ async fn retries_dead_letters_and_replay(platform: &Platform) {
     platform.upload("hello");
     let _worker = platform.worker(&["--concurrency", "2"]);
 
-    let flaky = platform.run(&[
-        "enqueue",
-        "hello.flaky",
-        "--args",
-        r#"{"succeed_on":3,"retry_after_ms":50}"#,
-        "--wait",
-        "--json",
-    ]);
-    assert!(
-        flaky.status.success(),
-        "{}",
-        String::from_utf8_lossy(&flaky.stderr)
-    );
-    let report: Value = serde_json::from_slice(&flaky.stdout).unwrap();
+    let flaky_args = r#"{"succeed_on":3,"retry_after_ms":50}"#;
+    let (succeeded, report) = platform.enqueue_and_wait("hello.flaky", flaky_args, &[]);
+    assert!(succeeded, "{report}");
     assert_eq!(
         (report["state"].as_str(), report["result"].as_u64()),
         (Some("succeeded"), Some(3))
     );
     assert_eq!(report["attempt"], 3);
 
-    let fail = platform.run(&[
-        "enqueue",
-        "hello.fail",
-        "--args",
-        r#"{"message":"boom"}"#,
-        "--wait",
-        "--json",
-    ]);
-    assert!(!fail.status.success(), "a failed task exits 1");
-    let report: Value = serde_json::from_slice(&fail.stdout).unwrap();
+    let (succeeded, report) = platform.enqueue_and_wait("hello.fail", r#"{"message":"boom"}"#, &[]);
+    assert!(!succeeded, "a failed task exits 1");
     assert_eq!(report["state"], "failed");
     assert_eq!(report["attempt"], 3, "max_retries = 2: three attempts");
     assert_eq!(report["error"]["message"], "task failed: boom");
@@ -336,18 +317,10 @@ async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
     assert!(String::from_utf8_lossy(&output.stderr).contains("revoked"));
 
     platform.run_ok(&["revoke", "revoked-in-advance", "--reason", "not needed"]);
-    let output = platform.run(&[
-        "enqueue",
-        "hello.add",
-        "--args",
-        r#"{"a":1,"b":2}"#,
-        "--task-id",
-        "revoked-in-advance",
-        "--wait",
-        "--json",
-    ]);
-    assert!(!output.status.success(), "a revoked task does not succeed");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let in_advance = ["--task-id", "revoked-in-advance"];
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hello.add", r#"{"a":1,"b":2}"#, &in_advance);
+    assert!(!succeeded, "a revoked task does not succeed");
     assert_eq!(report["state"], "revoked");
     assert_eq!(report["error"]["message"], "not needed");
 }
@@ -397,15 +370,9 @@ async fn new_versions_reach_running_workers(platform: &Platform) {
     platform.upload("hello");
     let _worker = platform.worker(&[]);
     let add = |platform: &Platform| -> Value {
-        let stdout = platform.run_ok(&[
-            "enqueue",
-            "hello.add",
-            "--args",
-            r#"{"a":1,"b":2}"#,
-            "--wait",
-            "--json",
-        ]);
-        serde_json::from_str(&stdout).unwrap()
+        let (succeeded, report) = platform.enqueue_and_wait("hello.add", r#"{"a":1,"b":2}"#, &[]);
+        assert!(succeeded, "{report}");
+        report
     };
     let original = std::fs::read(crate::support::guest("hello")).unwrap();
     let first = add(platform);
@@ -438,20 +405,8 @@ async fn long_tasks_keep_their_lease(platform: &Platform) {
     platform.upload("hello");
     let mut first = platform.worker(&["--lease", "900ms"]);
     let mut second = platform.worker(&["--lease", "900ms"]);
-    let output = platform.run(&[
-        "enqueue",
-        "hello.busy",
-        "--args",
-        r#"{"ms":3000}"#,
-        "--wait",
-        "--json",
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (succeeded, report) = platform.enqueue_and_wait("hello.busy", r#"{"ms":3000}"#, &[]);
+    assert!(succeeded, "{report}");
     assert_eq!(report["attempt"], 1);
     let logs = [
         first.terminate(Duration::from_secs(10)),
@@ -481,15 +436,9 @@ async fn long_tasks_keep_their_lease(platform: &Platform) {
 async fn sub_tasks_record_their_parent(platform: &Platform) {
     platform.upload("reports");
     let _worker = platform.worker(&["--queues", "reports"]);
-    let stdout = platform.run_ok(&[
-        "enqueue",
-        "reports.generate",
-        "--args",
-        r#"{"customerId":42,"deliverTo":"finance@example.com"}"#,
-        "--wait",
-        "--json",
-    ]);
-    let parent: Value = serde_json::from_str(&stdout).unwrap();
+    let args = r#"{"customerId":42,"deliverTo":"finance@example.com"}"#;
+    let (succeeded, parent) = platform.enqueue_and_wait("reports.generate", args, &[]);
+    assert!(succeeded, "{parent}");
     let parent_id = parent["task_id"].as_str().unwrap();
     let child_id = parent["result"]["deliveryTaskId"]
         .as_str()

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use stem_host::backend::{ResultBackend, TaskStatus};
 use stem_host::broker::Broker;
 use stem_host::config::{self, AdapterUrl, Role};
@@ -82,6 +83,22 @@ impl Platform {
             String::from_utf8_lossy(&output.stderr)
         );
         String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// `enqueue TASK --args ARGS EXTRA... --wait --json`: whether the task succeeded (the exit
+    /// code says so) and the JSON report it printed.
+    pub fn enqueue_and_wait(&self, task: &str, args: &str, extra: &[&str]) -> (bool, Value) {
+        let mut command = vec!["enqueue", task, "--args", args, "--wait", "--json"];
+        command.extend_from_slice(extra);
+        let output = self.run(&command);
+        let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stem-host {} printed no JSON report ({e}):\n{}",
+                command.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.success(), report)
     }
 
     pub fn upload(&self, crate_name: &str) {
