@@ -17,6 +17,12 @@ pub enum WorkerCommand {
     /// On SIGTERM or Ctrl-C the worker stops fetching, lets running tasks finish within the
     /// shutdown grace, and returns the rest to the queue. A second signal skips the grace.
     Start(StartArgs),
+    /// List the workers alive now, from their heartbeats in the result backend.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -39,7 +45,40 @@ pub struct StartArgs {
 }
 
 pub async fn run(command: WorkerCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let WorkerCommand::Start(args) = command;
+    match command {
+        WorkerCommand::Start(args) => start(args, connections).await,
+        WorkerCommand::List { json } => list(json, connections).await,
+    }
+}
+
+async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let workers = connections.backend().await?.workers().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&workers)?);
+    } else if workers.is_empty() {
+        eprintln!("no worker has sent a heartbeat recently");
+    } else {
+        println!(
+            "{:<28}  {:<24}  {:>9}  {:>9}  {:<24}  LAST SEEN",
+            "WORKER", "QUEUES", "RUNNING", "PROCESSED", "STARTED"
+        );
+        for worker in &workers {
+            println!(
+                "{:<28}  {:<24}  {:>4}/{:<4}  {:>9}  {:<24}  {}",
+                worker.worker_id,
+                worker.queues.join(","),
+                worker.in_flight,
+                worker.concurrency,
+                worker.processed,
+                worker.started_at.to_string(),
+                worker.last_seen
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency as usize;
     let parts = WorkerParts {
         broker: connections.broker().await?,

@@ -88,6 +88,9 @@ async fn two_workers_run_a_thousand_tasks(platform: &Platform) {
         2,
         "both workers report heartbeats: {heartbeats:?}"
     );
+    let listed: Value =
+        serde_json::from_str(&platform.run_ok(&["worker", "list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let stats: Value =
         serde_json::from_str(&platform.run_ok(&["queue", "stats", "--json"])).unwrap();
     assert_eq!(stats, serde_json::json!([]), "nothing is left in any queue");
