@@ -145,6 +145,9 @@ impl SqliteBroker {
         lease: Duration,
     ) -> Result<Vec<Delivery>, StorageError> {
         let now = Timestamp::now();
+        if !self.any_ready(queues, now).await? {
+            return Ok(Vec::new());
+        }
         let leased_until = now.saturating_add(lease);
         let token = new_lease_token();
         let sql = format!(
@@ -201,6 +204,21 @@ impl SqliteBroker {
             }
         }
         Ok(deliveries)
+    }
+
+    /// Whether anything is deliverable. Idle consumers poll with this read, so they do not
+    /// take SQLite's one write lock away from producers and other consumers for nothing.
+    async fn any_ready(&self, queues: &[String], now: Timestamp) -> Result<bool, StorageError> {
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM stem_queue_entries
+                            WHERE namespace = ? AND queue IN ({}) AND visible_at <= ?)",
+            placeholders(queues.len())
+        );
+        let mut query = sqlx::query_scalar(&sql).bind(self.namespace());
+        for queue in queues {
+            query = query.bind(queue);
+        }
+        Ok(query.bind(now.as_sql()).fetch_one(self.pool()).await?)
     }
 
     /// Runs `sql` (which binds the entry id then the token first) against the leased entry.
