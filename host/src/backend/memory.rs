@@ -170,11 +170,7 @@ impl ResultBackend for MemoryBackend {
             .filter(|((ns, _), s)| *ns == self.namespace && s.live(now) && query.selects(&s.value))
             .map(|(_, s)| s.value.clone())
             .collect();
-        found.sort_by(|a, b| {
-            b.updated_at
-                .cmp(&a.updated_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        found.sort_by(TaskStatus::newest_first);
         found.truncate(query.limit);
         Ok(found)
     }

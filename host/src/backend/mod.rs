@@ -168,6 +168,13 @@ impl TaskStatus {
         }
     }
 
+    /// The order of [`ResultBackend::list`]: most recently updated first, then by id.
+    pub fn newest_first(a: &TaskStatus, b: &TaskStatus) -> std::cmp::Ordering {
+        b.updated_at
+            .cmp(&a.updated_at)
+            .then_with(|| a.id.cmp(&b.id))
+    }
+
     pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a status always serialises")
     }

@@ -304,11 +304,7 @@ impl ResultBackend for RedisBackend {
             }
             start += PAGE;
         }
-        found.sort_by(|a, b| {
-            b.updated_at
-                .cmp(&a.updated_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
+        found.sort_by(TaskStatus::newest_first);
         Ok(found)
     }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use super::{ScheduleEntry, ScheduleStore};
+use super::{ScheduleEntry, ScheduleStore, select_due};
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
@@ -43,19 +43,7 @@ impl ScheduleStore for MemoryScheduleStore {
     }
 
     async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let mut due: Vec<ScheduleEntry> = self
-            .lock()
-            .values()
-            .filter(|entry| entry.enabled && entry.next_run_at <= now)
-            .cloned()
-            .collect();
-        due.sort_by(|a, b| {
-            a.next_run_at
-                .cmp(&b.next_run_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        due.truncate(limit);
-        Ok(due)
+        Ok(select_due(self.lock().values().cloned(), now, limit))
     }
 
     async fn mark_run(

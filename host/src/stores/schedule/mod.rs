@@ -27,6 +27,25 @@ pub struct ScheduleEntry {
     pub total_runs: u64,
 }
 
+/// The enabled entries due at `now`, earliest first (then by id), at most `limit`.
+pub(crate) fn select_due(
+    entries: impl IntoIterator<Item = ScheduleEntry>,
+    now: Timestamp,
+    limit: usize,
+) -> Vec<ScheduleEntry> {
+    let mut due: Vec<ScheduleEntry> = entries
+        .into_iter()
+        .filter(|entry| entry.enabled && entry.next_run_at <= now)
+        .collect();
+    due.sort_by(|a, b| {
+        a.next_run_at
+            .cmp(&b.next_run_at)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    due.truncate(limit);
+    due
+}
+
 /// Schedule entries. Several Beats may share a store: [`ScheduleStore::mark_run`] lets only
 /// one of them record each firing.
 #[async_trait]

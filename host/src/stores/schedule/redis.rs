@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
-use super::{ScheduleEntry, ScheduleStore};
+use super::{ScheduleEntry, ScheduleStore, select_due};
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
@@ -127,19 +127,7 @@ impl ScheduleStore for RedisScheduleStore {
             .arg(now.as_millis())
             .query_async(&mut self.manager.clone())
             .await?;
-        let mut due: Vec<ScheduleEntry> = self
-            .load(&ids)
-            .await?
-            .into_iter()
-            .filter(|entry| entry.enabled && entry.next_run_at <= now)
-            .collect();
-        due.sort_by(|a, b| {
-            a.next_run_at
-                .cmp(&b.next_run_at)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        due.truncate(limit);
-        Ok(due)
+        Ok(select_due(self.load(&ids).await?, now, limit))
     }
 
     async fn mark_run(
