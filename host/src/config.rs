@@ -2,7 +2,7 @@
 //!
 //! `memory://[name]` (this process only; the same name shares storage), `sqlite://PATH`
 //! (a local file, created if missing; `sqlite:PATH` works too), `redis://` and `rediss://`
-//! (every role but the broker so far), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
+//! (one Redis serves every role, keys apart by namespace), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
 //! working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
 //! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
@@ -17,6 +17,7 @@ use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisBackendOptions};
 use crate::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
 use crate::storage::StorageError;
@@ -93,11 +94,6 @@ pub enum ConfigError {
         role: &'static str,
         url: String,
         reason: String,
-    },
-    #[error("the {role} has no adapter for {scheme}:// yet; use sqlite://PATH or memory://")]
-    Unsupported {
-        role: &'static str,
-        scheme: &'static str,
     },
     #[error("cannot open the {role} at `{url}`")]
     Open {
@@ -190,13 +186,6 @@ fn opened<T>(
     })
 }
 
-fn unsupported(role: Role, scheme: &'static str) -> ConfigError {
-    ConfigError::Unsupported {
-        role: role.name(),
-        scheme,
-    }
-}
-
 /// Opens the broker at `url` in `namespace`.
 pub async fn open_broker(
     url: &AdapterUrl,
@@ -220,7 +209,14 @@ pub async fn open_broker(
                 SqliteBroker::open(path, options).await,
             )?)
         }
-        AdapterUrl::Redis(_) => return Err(unsupported(Role::Broker, "redis")),
+        AdapterUrl::Redis(address) => {
+            let options = RedisBrokerOptions {
+                namespace: namespace.to_owned(),
+                ..RedisBrokerOptions::default()
+            };
+            let broker = RedisBroker::connect(address, options).await;
+            Arc::new(opened(Role::Broker, url, broker)?)
+        }
     })
 }
 

@@ -14,11 +14,12 @@
 //! - Broadcast channels fan a message out to every current subscriber (worker control).
 //! - Every adapter works inside a namespace; namespaces never see each other's entries.
 //!
-//! Adapters: [`memory`] (one process, for tests and demos) and [`sqlite`] (one host, no
-//! infrastructure).
+//! Adapters: [`memory`] (one process, for tests and demos), [`sqlite`] (one host, no
+//! infrastructure) and [`redis`] (Redis Streams: many workers on many hosts).
 
 mod local_broadcast;
 pub mod memory;
+pub mod redis;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -175,11 +176,35 @@ pub struct QueueStats {
 /// Messages of one broadcast channel, from the moment of subscribing.
 pub struct Subscription {
     receiver: mpsc::UnboundedReceiver<String>,
+    /// The task that feeds `receiver` from a server connection, stopped with the subscription.
+    feeder: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(feeder) = &self.feeder {
+            feeder.abort();
+        }
+    }
 }
 
 impl Subscription {
     pub(crate) fn new(receiver: mpsc::UnboundedReceiver<String>) -> Subscription {
-        Subscription { receiver }
+        Subscription {
+            receiver,
+            feeder: None,
+        }
+    }
+
+    /// A subscription fed by `feeder`, which is aborted when the subscription is dropped.
+    pub(crate) fn fed_by(
+        receiver: mpsc::UnboundedReceiver<String>,
+        feeder: tokio::task::JoinHandle<()>,
+    ) -> Subscription {
+        Subscription {
+            receiver,
+            feeder: Some(feeder),
+        }
     }
 
     /// The next message; `None` once the broker is gone.

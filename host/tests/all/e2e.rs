@@ -36,6 +36,7 @@ macro_rules! e2e_suite {
 }
 
 e2e_suite!(sqlite, Platform::sqlite());
+e2e_suite!(redis, Platform::redis());
 
 const TASKS: usize = 1000;
 
@@ -239,14 +240,7 @@ async fn bad_input_is_refused_and_loses_nothing(platform: &Platform) {
     );
 
     // A damaged component in the registry: the worker refuses it and keeps the task.
-    let registry =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", platform.registry_file().display()))
-            .await
-            .unwrap();
-    sqlx::query("UPDATE stem_components SET bytes = x'0061736d0d000100'")
-        .execute(&registry)
-        .await
-        .unwrap();
+    platform.damage_components().await;
     let id = platform
         .run_ok(&["enqueue", "hello.add", "--args", r#"{"a":20,"b":22}"#])
         .trim()

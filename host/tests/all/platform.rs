@@ -41,7 +41,8 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 pub struct Platform {
     dir: TempDir,
-    env: Vec<(String, String)>,
+    /// The Redis URL and namespace every role uses, or `None` for the SQLite defaults.
+    redis: Option<(String, String)>,
 }
 
 impl Platform {
@@ -49,7 +50,16 @@ impl Platform {
     pub fn sqlite() -> Platform {
         Platform {
             dir: tempfile::tempdir().expect("temporary directory"),
-            env: Vec::new(),
+            redis: None,
+        }
+    }
+
+    /// Every role on the test Redis server, in a fresh namespace, through the STEM_* URLs.
+    pub fn redis() -> Platform {
+        let namespace = format!("stem-e2e-{}", uuid::Uuid::new_v4().simple());
+        Platform {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            redis: Some((crate::support::redis_url(), namespace)),
         }
     }
 
@@ -63,9 +73,13 @@ impl Platform {
         for variable in ADAPTER_VARIABLES {
             command.env_remove(variable);
         }
-        command
-            .env("STEM_COMPONENT_CACHE_DIR", cache_dir())
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command.env("STEM_COMPONENT_CACHE_DIR", cache_dir());
+        if let Some((url, namespace)) = &self.redis {
+            for role in [Role::Broker, Role::Backend, Role::Registry, Role::Revoke] {
+                command.env(role.url_variable(), url);
+            }
+            command.env("STEM_NAMESPACE", namespace);
+        }
         command
     }
 
@@ -139,31 +153,67 @@ impl Platform {
         WorkerProcess { child, log }
     }
 
-    fn url(&self, role: Role) -> AdapterUrl {
+    fn url(&self, role: Role) -> (AdapterUrl, Option<&str>) {
+        if let Some((url, namespace)) = &self.redis {
+            return (AdapterUrl::Redis(url.clone()), Some(namespace));
+        }
         let file = match role {
             Role::Broker => "stem_broker.sqlite",
             Role::Backend => "stem_backend.sqlite",
             Role::Revoke => "stem_revoke.sqlite",
             Role::Registry => "stem_registry.sqlite",
         };
-        AdapterUrl::Sqlite(self.dir.path().join(file))
+        (AdapterUrl::Sqlite(self.dir.path().join(file)), None)
     }
 
     /// The result backend, opened by the test itself to check what the processes wrote.
     pub async fn backend(&self) -> Arc<dyn ResultBackend> {
-        config::open_backend(&self.url(Role::Backend), None)
+        let (url, namespace) = self.url(Role::Backend);
+        config::open_backend(&url, namespace)
             .await
             .expect("open backend")
     }
 
     pub async fn broker(&self) -> Arc<dyn Broker> {
-        config::open_broker(&self.url(Role::Broker), None)
+        let (url, namespace) = self.url(Role::Broker);
+        config::open_broker(&url, namespace)
             .await
             .expect("open broker")
     }
 
-    pub fn registry_file(&self) -> PathBuf {
-        self.dir.path().join("stem_registry.sqlite")
+    /// Overwrites every stored component with bytes that do not match their digest.
+    pub async fn damage_components(&self) {
+        let damaged = b"\0asm\x0d\0\x01\0".as_slice();
+        match &self.redis {
+            Some((url, namespace)) => {
+                let client = redis::Client::open(url.as_str()).unwrap();
+                let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{namespace}:component:*"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                for key in keys {
+                    let () = redis::cmd("SET")
+                        .arg(key)
+                        .arg(damaged)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+            }
+            None => {
+                let file = self.dir.path().join("stem_registry.sqlite");
+                let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE stem_components SET bytes = ?")
+                    .bind(damaged)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
     }
 }
 

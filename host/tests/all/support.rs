@@ -81,3 +81,8 @@ pub fn component(crate_name: &str) -> Arc<TaskComponent> {
         .load_file(&guest(crate_name))
         .unwrap_or_else(|e| panic!("cannot load {crate_name}: {e}"))
 }
+
+/// The Redis server the tests use: `STEM_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}

@@ -11,6 +11,7 @@ use stem_host::backend::redis::{RedisBackend, RedisBackendOptions};
 use stem_host::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use stem_host::broker::Broker;
 use stem_host::broker::memory::MemoryBroker;
+use stem_host::broker::redis::{RedisBroker, RedisBrokerOptions};
 use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
@@ -30,6 +31,7 @@ use tempfile::TempDir;
 
 use super::Connect;
 use super::broker::RawEntries;
+use crate::support::redis_url;
 
 /// How often SQLite adapters poll in the suites: fast, so waits end soon after a change.
 const SQLITE_POLL: Duration = Duration::from_millis(10);
@@ -223,10 +225,6 @@ impl Redis {
     }
 }
 
-pub fn redis_url() -> String {
-    std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
 #[async_trait]
 impl Connect<dyn ResultBackend> for Redis {
     async fn connect(&self, namespace: &str) -> Arc<dyn ResultBackend> {
@@ -279,5 +277,35 @@ impl Connect<dyn ScheduleStore> for Redis {
         Arc::new(needs_redis(
             RedisScheduleStore::connect(&self.url, Some(&ns)).await,
         ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn Broker> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn Broker> {
+        let options = RedisBrokerOptions {
+            namespace: self.namespace(namespace),
+            ..RedisBrokerOptions::default()
+        };
+        Arc::new(needs_redis(RedisBroker::connect(&self.url, options).await))
+    }
+}
+
+#[async_trait]
+impl RawEntries for Redis {
+    async fn insert_raw(&self, namespace: &str, queue: &str, payload: &str) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let stream = format!("{}:q:{queue}:0", self.namespace(namespace));
+        let _: String = redis::cmd("XADD")
+            .arg(stream)
+            .arg("*")
+            .arg("d")
+            .arg(0)
+            .arg("e")
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
     }
 }

@@ -49,6 +49,7 @@ macro_rules! broker_suite {
 
 broker_suite!(memory, adapters::Memory::new());
 broker_suite!(sqlite, adapters::Sqlite::new());
+broker_suite!(redis, adapters::Redis::new());
 
 const NS: &str = "conformance";
 
