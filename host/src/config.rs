@@ -21,6 +21,9 @@ use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
 use crate::storage::StorageError;
+use crate::stores::rate_limit::RateLimiter;
+use crate::stores::rate_limit::memory::MemoryRateLimiter;
+use crate::stores::rate_limit::redis::RedisRateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::registry::memory::MemoryRegistry;
 use crate::stores::registry::redis::RedisRegistry;
@@ -37,6 +40,7 @@ pub enum Role {
     Backend,
     Revoke,
     Registry,
+    RateLimiter,
 }
 
 impl Role {
@@ -47,24 +51,19 @@ impl Role {
             Role::Backend => "STEM_RESULT_BACKEND_URL",
             Role::Revoke => "STEM_REVOKE_STORE_URL",
             Role::Registry => "STEM_REGISTRY_URL",
+            Role::RateLimiter => "STEM_RATE_LIMITER_URL",
         }
     }
 
-    fn sqlite_variable(self) -> &'static str {
+    /// The variable naming this role's SQLite file, and the file used when it is unset;
+    /// `None` for the rate limiter, which has no SQLite adapter.
+    fn sqlite_default(self) -> Option<(&'static str, &'static str)> {
         match self {
-            Role::Broker => "STEM_SQLITE_BROKER_PATH",
-            Role::Backend => "STEM_SQLITE_BACKEND_PATH",
-            Role::Revoke => "STEM_SQLITE_REVOKE_PATH",
-            Role::Registry => "STEM_SQLITE_REGISTRY_PATH",
-        }
-    }
-
-    fn default_file(self) -> &'static str {
-        match self {
-            Role::Broker => "stem_broker.sqlite",
-            Role::Backend => "stem_backend.sqlite",
-            Role::Revoke => "stem_revoke.sqlite",
-            Role::Registry => "stem_registry.sqlite",
+            Role::Broker => Some(("STEM_SQLITE_BROKER_PATH", "stem_broker.sqlite")),
+            Role::Backend => Some(("STEM_SQLITE_BACKEND_PATH", "stem_backend.sqlite")),
+            Role::Revoke => Some(("STEM_SQLITE_REVOKE_PATH", "stem_revoke.sqlite")),
+            Role::Registry => Some(("STEM_SQLITE_REGISTRY_PATH", "stem_registry.sqlite")),
+            Role::RateLimiter => None,
         }
     }
 
@@ -74,6 +73,7 @@ impl Role {
             Role::Backend => "result backend",
             Role::Revoke => "revoke store",
             Role::Registry => "component registry",
+            Role::RateLimiter => "rate limiter",
         }
     }
 }
@@ -134,16 +134,19 @@ impl AdapterUrl {
     }
 
     /// The URL to use for `role`: `explicit` (a flag or its environment variable), else the
-    /// SQLite file for the role.
+    /// SQLite file for the role (for the rate limiter, `memory://`).
     pub fn resolve(role: Role, explicit: Option<&str>) -> Result<AdapterUrl, ConfigError> {
-        match explicit.filter(|url| !url.is_empty()) {
-            Some(url) => AdapterUrl::parse(role, url),
-            None => Ok(AdapterUrl::Sqlite(
-                std::env::var_os(role.sqlite_variable())
-                    .filter(|path| !path.is_empty())
-                    .map_or_else(|| PathBuf::from(role.default_file()), PathBuf::from),
-            )),
+        if let Some(url) = explicit.filter(|url| !url.is_empty()) {
+            return AdapterUrl::parse(role, url);
         }
+        Ok(match role.sqlite_default() {
+            Some((variable, file)) => AdapterUrl::Sqlite(
+                std::env::var_os(variable)
+                    .filter(|path| !path.is_empty())
+                    .map_or_else(|| PathBuf::from(file), PathBuf::from),
+            ),
+            None => AdapterUrl::Memory(String::new()),
+        })
     }
 }
 
@@ -164,6 +167,7 @@ struct MemoryAdapters {
     backends: HashMap<String, MemoryBackend>,
     revokes: HashMap<String, MemoryRevokeStore>,
     registries: HashMap<String, MemoryRegistry>,
+    rate_limiters: HashMap<String, MemoryRateLimiter>,
 }
 
 static MEMORY: LazyLock<Mutex<MemoryAdapters>> = LazyLock::new(Mutex::default);
@@ -294,6 +298,35 @@ pub async fn open_registry(
             Role::Registry,
             url,
             RedisRegistry::connect(address, namespace).await,
+        )?),
+    })
+}
+
+/// Opens the rate limiter at `url` in `namespace`. `memory://` limits the workers of one
+/// process only; Redis limits every worker that shares it.
+pub async fn open_rate_limiter(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn RateLimiter>, ConfigError> {
+    Ok(match url {
+        AdapterUrl::Memory(name) => Arc::new(
+            memory()
+                .rate_limiters
+                .entry(name.clone())
+                .or_default()
+                .clone(),
+        ),
+        AdapterUrl::Sqlite(_) => {
+            return Err(ConfigError::Url {
+                role: Role::RateLimiter.name(),
+                url: url.to_string(),
+                reason: "SQLite has no rate limiter; use redis:// or memory://".to_owned(),
+            });
+        }
+        AdapterUrl::Redis(address) => Arc::new(opened(
+            Role::RateLimiter,
+            url,
+            RedisRateLimiter::connect(address, namespace).await,
         )?),
     })
 }

@@ -20,6 +20,12 @@ pub fn add(args: AddArgs) -> Result<i64, TaskError> {
         .ok_or_else(|| TaskError::reject(format!("{} + {} overflows", args.a, args.b)))
 }
 
+/// Adds two integers, at most ten times a second across every worker.
+#[stem_guest::task(name = "hello.throttled", rate_limit = "10/s")]
+pub fn throttled(args: AddArgs) -> Result<i64, TaskError> {
+    add(args)
+}
+
 /// Returns its arguments unchanged.
 #[stem_guest::task(name = "hello.echo")]
 pub fn echo(ctx: &TaskContext, args: serde_json::Value) -> Result<serde_json::Value, TaskError> {

@@ -140,6 +140,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             broker: crate::config::open_broker(&broker_url, Some(&namespace)).await?,
             backend: crate::config::open_backend(&backend_url, Some(&namespace)).await?,
             revokes: Arc::new(crate::stores::revoke::memory::MemoryRevokeStore::default()),
+            rate_limiter: connections.rate_limiter().await?,
             registry: registry.clone(),
             runtime: runtime.clone(),
             codecs: Codecs::default(),

@@ -22,6 +22,7 @@ use crate::backend::ResultBackend;
 use crate::broker::Broker;
 use crate::config::{self, AdapterUrl, Role};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::RevokeStore;
 
@@ -67,6 +68,9 @@ struct ConnectionArgs {
     /// Revoke store URL [default: sqlite://stem_revoke.sqlite].
     #[arg(long, global = true, env = "STEM_REVOKE_STORE_URL", value_name = "URL")]
     revoke_store: Option<String>,
+    /// Rate limiter URL [default: the broker's Redis, else memory:// (this process only)].
+    #[arg(long, global = true, env = "STEM_RATE_LIMITER_URL", value_name = "URL")]
+    rate_limiter: Option<String>,
     /// Keeps environments that share storage apart.
     #[arg(
         long,
@@ -174,6 +178,7 @@ impl Connections {
             Role::Backend => &self.args.backend,
             Role::Registry => &self.args.registry,
             Role::Revoke => &self.args.revoke_store,
+            Role::RateLimiter => &self.args.rate_limiter,
         };
         Ok(AdapterUrl::resolve(role, explicit.as_deref())?)
     }
@@ -192,6 +197,16 @@ impl Connections {
 
     async fn registry(&self) -> anyhow::Result<Arc<dyn ComponentRegistry>> {
         Ok(config::open_registry(&self.url(Role::Registry)?, self.namespace()).await?)
+    }
+
+    /// The rate limiter: as configured, else the broker's Redis (so limits are global), else
+    /// one per process.
+    async fn rate_limiter(&self) -> anyhow::Result<Arc<dyn RateLimiter>> {
+        let url = match (&self.args.rate_limiter, self.url(Role::Broker)?) {
+            (None, broker @ AdapterUrl::Redis(_)) => broker,
+            _ => self.url(Role::RateLimiter)?,
+        };
+        Ok(config::open_rate_limiter(&url, self.namespace()).await?)
     }
 
     async fn revokes(&self) -> anyhow::Result<Arc<dyn RevokeStore>> {

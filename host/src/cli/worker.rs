@@ -84,6 +84,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         broker: connections.broker().await?,
         backend: connections.backend().await?,
         revokes: connections.revokes().await?,
+        rate_limiter: connections.rate_limiter().await?,
         registry: connections.registry().await?,
         runtime: connections.sandbox(Some(args.concurrency + 1))?,
         codecs: Codecs::default(),

@@ -13,7 +13,8 @@ use crate::components::ComponentError;
 use crate::envelope::Envelope;
 use crate::runtime::{RunError, RunHandle, RunLimits};
 use crate::storage::StorageError;
-use crate::task::Invocation;
+use crate::stores::rate_limit::Permit;
+use crate::task::{Invocation, RateLimit};
 use crate::time::Timestamp;
 
 /// How long a delivery waits before it is tried again when the worker, not the task, could
@@ -24,7 +25,7 @@ const WORKER_TROUBLE_DELAY: Duration = Duration::from_secs(5);
 enum Settle {
     /// Done with: succeeded, failed into a retry that was published, or revoked.
     Ack,
-    /// Not run because of the worker's trouble; deliver again after the delay.
+    /// Not run now (a rate limit, or the worker's trouble); deliver again after the delay.
     Later(Duration),
     /// Failed for good.
     DeadLetter(String),
@@ -118,6 +119,12 @@ async fn run_delivery(shared: &Arc<Shared>, delivery: &Delivery) -> Result<Settl
         }
     };
     record.component = Some(version.digest.clone());
+    let options = &version.definition.options;
+    if let Some(limit) = options.rate_limit.as_deref().and_then(RateLimit::parse)
+        && let Permit::RetryAfter(wait) = shared.rate_limiter.acquire(&envelope.task, limit).await?
+    {
+        return Ok(Settle::Later(wait));
+    }
     let args = match shared.codecs.decode(&envelope.args) {
         Ok(args) => args,
         Err(error) => {
@@ -134,7 +141,6 @@ async fn run_delivery(shared: &Arc<Shared>, delivery: &Delivery) -> Result<Settl
 
     record.state(TaskState::Received, None, None).await?;
     record.state(TaskState::Started, None, None).await?;
-    let options = &version.definition.options;
     let defaults = RunLimits::default();
     let limits = RunLimits {
         memory_bytes: options.memory_limit_bytes.unwrap_or(defaults.memory_bytes),

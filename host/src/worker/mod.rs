@@ -31,6 +31,7 @@ use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
 use crate::runtime::{RunHandle, Runtime};
+use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::RevokeStore;
 use crate::time::Timestamp;
@@ -87,6 +88,7 @@ pub struct WorkerParts {
     pub broker: Arc<dyn Broker>,
     pub backend: Arc<dyn ResultBackend>,
     pub revokes: Arc<dyn RevokeStore>,
+    pub rate_limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<dyn ComponentRegistry>,
     pub runtime: Arc<Runtime>,
     pub codecs: Codecs,
@@ -111,6 +113,7 @@ struct Shared {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     revokes: Arc<dyn RevokeStore>,
+    rate_limiter: Arc<dyn RateLimiter>,
     components: ComponentSource,
     client: Client,
     codecs: Codecs,
@@ -144,6 +147,7 @@ impl Worker {
                 broker: parts.broker,
                 backend: parts.backend,
                 revokes: parts.revokes,
+                rate_limiter: parts.rate_limiter,
                 codecs: parts.codecs,
                 client,
                 config,

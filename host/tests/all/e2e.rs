@@ -235,7 +235,7 @@ async fn bad_input_is_refused_and_loses_nothing(platform: &Platform) {
     let tasks: Value = serde_json::from_str(&platform.run_ok(&["task", "list", "--json"])).unwrap();
     assert_eq!(
         tasks.as_array().unwrap().len(),
-        5,
+        6,
         "the bad upload registered nothing"
     );
 
@@ -480,4 +480,82 @@ async fn sqlite_paths_come_from_the_environment() {
     assert!(elsewhere.join("registry.db").exists() && elsewhere.join("broker.db").exists());
     assert!(!platform.dir().join("stem_broker.sqlite").exists());
     assert!(!platform.dir().join("stem_registry.sqlite").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_rate_limits_hold_across_workers() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("hello");
+    let lines: Vec<String> = (0..50).map(|i| format!(r#"{{"a":{i},"b":0}}"#)).collect();
+    let file = platform.dir().join("throttled.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let _first = platform.worker(&["--concurrency", "4"]);
+    let _second = platform.worker(&["--concurrency", "4"]);
+    let stdout = platform.run_ok(&[
+        "enqueue",
+        "hello.throttled",
+        "--args-file",
+        file.to_str().unwrap(),
+    ]);
+    let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(60)).await;
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(status.state, TaskState::Succeeded, "{status:?}");
+        assert_eq!(
+            status.attempt, 1,
+            "a limited task is delayed, not retried: {status:?}"
+        );
+        let result = Codecs::default()
+            .decode(status.result.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(result, i.to_string());
+    }
+    let first = statuses.iter().map(|s| s.updated_at).min().unwrap();
+    let last = statuses.iter().map(|s| s.updated_at).max().unwrap();
+    let spread = last.saturating_since(first);
+    assert!(
+        spread >= Duration::from_millis(4_500),
+        "50 runs at 10/s took only {spread:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_connection_loss_loses_no_task() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("hello");
+    let ids = enqueue_additions(&platform);
+    let _worker = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
+    let backend = platform.backend().await;
+    let succeeded = stem_host::backend::StatusQuery {
+        state: Some(TaskState::Succeeded),
+        limit: TASKS,
+        ..Default::default()
+    };
+    eventually(
+        Duration::from_secs(60),
+        "a fifth of the tasks succeeded",
+        || async { backend.list(&succeeded).await.unwrap().len() >= TASKS / 5 },
+    )
+    .await;
+    let client = ::redis::Client::open(crate::support::redis_url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    for kind in ["normal", "pubsub"] {
+        let killed: u64 = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg(kind)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(
+            kind == "pubsub" || killed > 0,
+            "no {kind} connection was killed"
+        );
+    }
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
+    assert_additions(&ids, &statuses);
 }

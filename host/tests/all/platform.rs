@@ -153,29 +153,24 @@ impl Platform {
         WorkerProcess { child, log }
     }
 
-    fn url(&self, role: Role) -> (AdapterUrl, Option<&str>) {
-        if let Some((url, namespace)) = &self.redis {
-            return (AdapterUrl::Redis(url.clone()), Some(namespace));
+    /// Where the processes keep one role's data: Redis, or `sqlite_file` in the directory.
+    fn url(&self, sqlite_file: &str) -> (AdapterUrl, Option<&str>) {
+        match &self.redis {
+            Some((url, namespace)) => (AdapterUrl::Redis(url.clone()), Some(namespace)),
+            None => (AdapterUrl::Sqlite(self.dir.path().join(sqlite_file)), None),
         }
-        let file = match role {
-            Role::Broker => "stem_broker.sqlite",
-            Role::Backend => "stem_backend.sqlite",
-            Role::Revoke => "stem_revoke.sqlite",
-            Role::Registry => "stem_registry.sqlite",
-        };
-        (AdapterUrl::Sqlite(self.dir.path().join(file)), None)
     }
 
     /// The result backend, opened by the test itself to check what the processes wrote.
     pub async fn backend(&self) -> Arc<dyn ResultBackend> {
-        let (url, namespace) = self.url(Role::Backend);
+        let (url, namespace) = self.url("stem_backend.sqlite");
         config::open_backend(&url, namespace)
             .await
             .expect("open backend")
     }
 
     pub async fn broker(&self) -> Arc<dyn Broker> {
-        let (url, namespace) = self.url(Role::Broker);
+        let (url, namespace) = self.url("stem_broker.sqlite");
         config::open_broker(&url, namespace)
             .await
             .expect("open broker")

@@ -74,7 +74,8 @@ async fn examples_declare_their_tasks_and_options() {
             "hello.busy",
             "hello.echo",
             "hello.fail",
-            "hello.flaky"
+            "hello.flaky",
+            "hello.throttled"
         ]
     );
 

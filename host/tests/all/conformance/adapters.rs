@@ -16,6 +16,9 @@ use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
 use stem_host::stores::lock::redis::RedisLockStore;
+use stem_host::stores::rate_limit::RateLimiter;
+use stem_host::stores::rate_limit::memory::MemoryRateLimiter;
+use stem_host::stores::rate_limit::redis::RedisRateLimiter;
 use stem_host::stores::registry::ComponentRegistry;
 use stem_host::stores::registry::memory::MemoryRegistry;
 use stem_host::stores::registry::redis::RedisRegistry;
@@ -43,6 +46,7 @@ pub struct Memory {
     locks: MemoryLockStore,
     schedules: MemoryScheduleStore,
     registry: MemoryRegistry,
+    rate_limiter: MemoryRateLimiter,
 }
 
 impl Memory {
@@ -54,6 +58,7 @@ impl Memory {
             locks: MemoryLockStore::default(),
             schedules: MemoryScheduleStore::default(),
             registry: MemoryRegistry::default(),
+            rate_limiter: MemoryRateLimiter::default(),
         }
     }
 }
@@ -307,5 +312,22 @@ impl RawEntries for Redis {
             .query_async(&mut conn)
             .await
             .unwrap();
+    }
+}
+
+#[async_trait]
+impl Connect<dyn RateLimiter> for Memory {
+    async fn connect(&self, _namespace: &str) -> Arc<dyn RateLimiter> {
+        Arc::new(self.rate_limiter.clone())
+    }
+}
+
+#[async_trait]
+impl Connect<dyn RateLimiter> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn RateLimiter> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisRateLimiter::connect(&self.url, Some(&ns)).await,
+        ))
     }
 }

@@ -58,6 +58,15 @@ macro_rules! registry_suite {
     };
 }
 
+macro_rules! rate_limit_suite {
+    ($adapter:ident, $make:expr) => {
+        store_suite!(rate_limit, $adapter, $make;
+            runs_are_spread_one_interval_apart, connections_share_the_limit);
+    };
+}
+
+rate_limit_suite!(rate_limit_memory, adapters::Memory::new());
+rate_limit_suite!(rate_limit_redis, adapters::Redis::new());
 registry_suite!(registry_memory, adapters::Memory::new());
 registry_suite!(registry_sqlite, adapters::Sqlite::new());
 registry_suite!(registry_redis, adapters::Redis::new());
@@ -409,5 +418,61 @@ mod registry {
             .map(|v| v.version)
             .collect();
         assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+    }
+}
+
+mod rate_limit {
+    use super::*;
+    use stem_host::stores::rate_limit::{Permit, RateLimiter};
+    use stem_host::task::RateLimit;
+
+    type Harness = dyn Connect<dyn RateLimiter>;
+
+    fn per_second(count: u32) -> RateLimit {
+        RateLimit {
+            count,
+            period: Duration::from_secs(1),
+        }
+    }
+
+    pub async fn runs_are_spread_one_interval_apart(harness: &Harness) {
+        let limiter = harness.connect(NS).await;
+        assert_eq!(
+            limiter.acquire("t.limited", per_second(5)).await.unwrap(),
+            Permit::Granted
+        );
+        let Permit::RetryAfter(wait) = limiter.acquire("t.limited", per_second(5)).await.unwrap()
+        else {
+            panic!("a second run within the interval was allowed");
+        };
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(200),
+            "{wait:?}"
+        );
+        assert_eq!(
+            limiter.acquire("t.other", per_second(5)).await.unwrap(),
+            Permit::Granted,
+            "limits are per key"
+        );
+        tokio::time::sleep(wait + Duration::from_millis(5)).await;
+        assert_eq!(
+            limiter.acquire("t.limited", per_second(5)).await.unwrap(),
+            Permit::Granted
+        );
+    }
+
+    pub async fn connections_share_the_limit(harness: &Harness) {
+        let mut granted = 0;
+        let mut contenders = Vec::new();
+        for _ in 0..20 {
+            let limiter = harness.connect(NS).await;
+            contenders.push(tokio::spawn(async move {
+                limiter.acquire("t.shared", per_second(1)).await.unwrap()
+            }));
+        }
+        for contender in contenders {
+            granted += usize::from(contender.await.unwrap() == Permit::Granted);
+        }
+        assert_eq!(granted, 1, "one run a second, whoever asks");
     }
 }
