@@ -21,6 +21,12 @@ pub(crate) async fn connect(url: &str) -> Result<RedisConnection, StorageError> 
         reason,
     };
     let client = redis::Client::open(url).map_err(|e| failed(e.to_string()))?;
+    // One plain connection first: it fails at once with the reason (refused, bad password),
+    // where the manager would retry for seconds before saying so.
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let manager = client
         .get_connection_manager()
         .await
