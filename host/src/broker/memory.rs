@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
     undecodable_reason, validate_all,
 };
 use crate::envelope::Envelope;
@@ -387,38 +387,13 @@ impl Broker for MemoryBroker {
             .collect())
     }
 
-    async fn replay_dead_letters(
-        &self,
-        query: &DeadLetterQuery,
-    ) -> Result<ReplayReport, StorageError> {
-        let selected = self.dead_letters(query).await?;
-        let mut report = ReplayReport::default();
-        for letter in selected {
-            match letter.replay_envelope() {
-                Ok(envelope) => {
-                    self.publish(&envelope).await?;
-                    let mut state = self.lock();
-                    state
-                        .dead
-                        .retain(|(ns, dead)| !(*ns == self.namespace && dead.id == letter.id));
-                    report.replayed.push(envelope.id);
-                }
-                Err(error) => report.skipped.push((letter.id, error.to_string())),
-            }
-        }
-        Ok(report)
-    }
-
-    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
+    async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError> {
         let mut state = self.lock();
-        let doomed: Vec<String> = state
-            .dead_in(&self.namespace, query)
-            .map(|letter| letter.id.clone())
-            .collect();
+        let before = state.dead.len();
         state
             .dead
-            .retain(|(ns, letter)| !(*ns == self.namespace && doomed.contains(&letter.id)));
-        Ok(doomed.len() as u64)
+            .retain(|(ns, letter)| !(*ns == self.namespace && ids.contains(&letter.id)));
+        Ok((before - state.dead.len()) as u64)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {

@@ -254,14 +254,36 @@ pub trait Broker: Send + Sync {
     /// Dead letters, oldest first.
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError>;
 
-    /// Publishes the selected dead letters again as first attempts and removes them.
+    /// Deletes dead letters by their dead-letter ids; returns how many there were.
+    async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError>;
+
+    /// Publishes the selected dead letters again as first attempts and removes them. A dead
+    /// letter too corrupt to replay stays, and the report says why.
     async fn replay_dead_letters(
         &self,
         query: &DeadLetterQuery,
-    ) -> Result<ReplayReport, StorageError>;
+    ) -> Result<ReplayReport, StorageError> {
+        let mut report = ReplayReport::default();
+        for letter in self.dead_letters(query).await? {
+            match letter.replay_envelope() {
+                Ok(envelope) => {
+                    self.publish(&envelope).await?;
+                    self.delete_dead_letters(std::slice::from_ref(&letter.id))
+                        .await?;
+                    report.replayed.push(envelope.id);
+                }
+                Err(error) => report.skipped.push((letter.id, error.to_string())),
+            }
+        }
+        Ok(report)
+    }
 
     /// Deletes the selected dead letters; returns how many.
-    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError>;
+    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
+        let letters = self.dead_letters(query).await?;
+        let ids: Vec<String> = letters.into_iter().map(|letter| letter.id).collect();
+        self.delete_dead_letters(&ids).await
+    }
 
     /// Deletes every entry of `queue` that is not leased; returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, StorageError>;

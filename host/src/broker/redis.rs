@@ -26,7 +26,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
     undecodable_reason, validate_all,
 };
 use crate::envelope::{Envelope, MAX_PRIORITY};
@@ -420,23 +420,6 @@ impl RedisBroker {
         Ok(letters)
     }
 
-    async fn delete_dead(&self, ids: &[String]) -> Result<u64, StorageError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let (removed, _): (u64, u64) = redis::pipe()
-            .atomic()
-            .cmd("ZREM")
-            .arg(self.key("dead"))
-            .arg(ids)
-            .cmd("HDEL")
-            .arg(self.key("dead:data"))
-            .arg(ids)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(removed)
-    }
-
     async fn counts(&self, queue: &str) -> Result<(u64, u64, u64), StorageError> {
         let (ready, delayed, in_flight): (i64, u64, u64) = self
             .inner
@@ -557,32 +540,21 @@ impl Broker for RedisBroker {
             .collect())
     }
 
-    async fn replay_dead_letters(
-        &self,
-        query: &DeadLetterQuery,
-    ) -> Result<ReplayReport, StorageError> {
-        let mut report = ReplayReport::default();
-        for letter in self.dead_letters(query).await? {
-            match letter.replay_envelope() {
-                Ok(envelope) => {
-                    self.publish(&envelope).await?;
-                    self.delete_dead(std::slice::from_ref(&letter.id)).await?;
-                    report.replayed.push(envelope.id);
-                }
-                Err(error) => report.skipped.push((letter.id, error.to_string())),
-            }
+    async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError> {
+        if ids.is_empty() {
+            return Ok(0);
         }
-        Ok(report)
-    }
-
-    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
-        let ids: Vec<String> = self
-            .dead_letters(query)
-            .await?
-            .into_iter()
-            .map(|l| l.id)
-            .collect();
-        self.delete_dead(&ids).await
+        let (removed, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .cmd("ZREM")
+            .arg(self.key("dead"))
+            .arg(ids)
+            .cmd("HDEL")
+            .arg(self.key("dead:data"))
+            .arg(ids)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(removed)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {

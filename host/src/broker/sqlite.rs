@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, ReplayReport, Subscription, new_lease_token,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
     undecodable_reason, validate_all,
 };
 use crate::envelope::Envelope;
@@ -285,21 +285,6 @@ impl SqliteBroker {
             })
             .collect())
     }
-
-    async fn delete_dead(&self, ids: &[String]) -> Result<u64, StorageError> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "DELETE FROM stem_dead_letters WHERE namespace = ? AND CAST(id AS TEXT) IN ({})",
-            placeholders(ids.len())
-        );
-        let mut delete = sqlx::query(&sql).bind(self.namespace());
-        for id in ids {
-            delete = delete.bind(id);
-        }
-        Ok(delete.execute(self.pool()).await?.rows_affected())
-    }
 }
 
 /// Deletes dead letters older than the retention.
@@ -444,32 +429,19 @@ impl Broker for SqliteBroker {
         self.select_dead(query).await
     }
 
-    async fn replay_dead_letters(
-        &self,
-        query: &DeadLetterQuery,
-    ) -> Result<ReplayReport, StorageError> {
-        let mut report = ReplayReport::default();
-        for letter in self.select_dead(query).await? {
-            match letter.replay_envelope() {
-                Ok(envelope) => {
-                    self.publish(&envelope).await?;
-                    self.delete_dead(std::slice::from_ref(&letter.id)).await?;
-                    report.replayed.push(envelope.id);
-                }
-                Err(error) => report.skipped.push((letter.id, error.to_string())),
-            }
+    async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError> {
+        if ids.is_empty() {
+            return Ok(0);
         }
-        Ok(report)
-    }
-
-    async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
-        let ids: Vec<String> = self
-            .select_dead(query)
-            .await?
-            .into_iter()
-            .map(|l| l.id)
-            .collect();
-        self.delete_dead(&ids).await
+        let sql = format!(
+            "DELETE FROM stem_dead_letters WHERE namespace = ? AND CAST(id AS TEXT) IN ({})",
+            placeholders(ids.len())
+        );
+        let mut delete = sqlx::query(&sql).bind(self.namespace());
+        for id in ids {
+            delete = delete.bind(id);
+        }
+        Ok(delete.execute(self.pool()).await?.rows_affected())
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {
