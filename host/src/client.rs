@@ -6,9 +6,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::broker::Broker;
 use crate::codec::{CodecError, Codecs};
+use crate::components::VERSION_CACHE_TTL;
 use crate::envelope::{DEFAULT_QUEUE, Envelope, EnvelopeError};
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
@@ -61,13 +63,14 @@ pub enum EnqueueError {
     Storage(#[from] StorageError),
 }
 
-/// Publishes tasks. Cheap to clone; task definitions are looked up once per client.
+/// Publishes tasks. Cheap to clone; a task's definition is looked up again once it is older
+/// than [`VERSION_CACHE_TTL`], so a new upload's defaults apply within a second.
 #[derive(Clone)]
 pub struct Client {
     broker: Arc<dyn Broker>,
     registry: Arc<dyn ComponentRegistry>,
     codecs: Codecs,
-    definitions: Arc<Mutex<HashMap<String, TaskDefinition>>>,
+    definitions: Arc<Mutex<HashMap<String, (TaskDefinition, Instant)>>>,
 }
 
 impl Client {
@@ -148,7 +151,8 @@ impl Client {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(task)
-            .cloned();
+            .filter(|(_, seen)| seen.elapsed() < VERSION_CACHE_TTL)
+            .map(|(definition, _)| definition.clone());
         if let Some(definition) = cached {
             return Ok(definition);
         }
@@ -160,7 +164,10 @@ impl Client {
         self.definitions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(task.to_owned(), version.definition.clone());
+            .insert(
+                task.to_owned(),
+                (version.definition.clone(), Instant::now()),
+            );
         Ok(version.definition)
     }
 }

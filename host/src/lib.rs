@@ -11,16 +11,17 @@
 //! - [`broker`]: delivery of envelopes (leases, priorities, delays, dead letters, broadcast).
 //! - [`backend`]: task history (states, results, groups and chords, worker heartbeats).
 //! - [`worker`]: runs deliveries in the sandbox and records how each ended.
-//! - [`stores`]: revocations, Beat's schedule and its locks.
+//! - [`stores`]: revocations, Beat's schedule and its locks, rate limits, the component
+//!   registry.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
-//! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, ...).
+//! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`).
 //! - [`digest`]: content addresses (sha256) of components.
 //! - [`cli`]: the `stem-host` command line.
 //!
 //! Each storage contract is a trait in its module, with the in-memory adapter (tests and demos)
-//! and the durable ones (SQLite, then Redis and Postgres) as submodules beside it. They share
-//! one error type, [`storage::StorageError`], and one notion of time, [`time::Timestamp`].
+//! and the durable ones (SQLite, Redis; Postgres next) as submodules beside it. They share one
+//! error type, [`storage::StorageError`], and one notion of time, [`time::Timestamp`].
 //!
 //! Errors are concrete types in the library modules; `anyhow` is used only in the CLI.
 

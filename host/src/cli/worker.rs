@@ -36,12 +36,23 @@ pub struct StartArgs {
     /// This worker's name in heartbeats and statuses [default: HOSTNAME:PID].
     #[arg(long)]
     worker_id: Option<String>,
-    /// Lease of each delivery; extended while the task runs. Redelivery after a crash takes this long.
-    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    /// Lease of each delivery (at least 100ms); extended while the task runs. Redelivery after
+    /// a crash takes this long.
+    #[arg(long, value_parser = parse_lease, default_value = "30s", value_name = "DURATION")]
     lease: Duration,
     /// How long running tasks may take to finish after a shutdown signal.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     shutdown_grace: Duration,
+}
+
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease < Duration::from_millis(100) {
+        return Err(format!(
+            "a lease of {text} is too short: use at least 100ms"
+        ));
+    }
+    Ok(lease)
 }
 
 pub async fn run(command: WorkerCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
