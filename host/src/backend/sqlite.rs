@@ -79,7 +79,7 @@ impl Default for SqliteBackendOptions {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             ttls: Ttls::default(),
             cleanup_interval: Duration::from_secs(60),
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(20),
             max_connections: 4,
         }
     }

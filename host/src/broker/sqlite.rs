@@ -76,7 +76,7 @@ impl Default for SqliteBrokerOptions {
         SqliteBrokerOptions {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
-            poll_interval: Duration::from_millis(50),
+            poll_interval: Duration::from_millis(20),
             sweeper_interval: Duration::from_secs(60),
             dead_letter_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             max_connections: 4,
