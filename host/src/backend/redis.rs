@@ -8,6 +8,7 @@
 //! published on `result:ID`; a waiter subscribes once per backend instance, by pattern.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -53,6 +54,19 @@ end
 return 0
 ";
 
+/// Drops from the listing index the oldest ids whose status has expired.
+/// KEYS: the index. ARGV: the status key prefix, how many of the oldest ids to look at.
+const PRUNE_INDEX: &str = r"
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
+  if redis.call('EXISTS', ARGV[1] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
+end
+";
+
+/// Every this many status writes, [`PRUNE_INDEX`] looks at [`PRUNE_BATCH`] of the oldest ids,
+/// so the index does not outgrow the statuses it lists.
+const PRUNE_EVERY_WRITES: u64 = 100;
+const PRUNE_BATCH: u64 = 200;
+
 /// Tuning for [`RedisBackend::connect`].
 #[derive(Clone, Debug)]
 pub struct RedisBackendOptions {
@@ -81,6 +95,9 @@ struct Inner {
     options: RedisBackendOptions,
     member_finished: redis::Script,
     claim_callback: redis::Script,
+    prune_index: redis::Script,
+    /// Status writes so far, to prune the index every so often.
+    writes: AtomicU64,
     /// Waiters by task id, woken by the listener.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     /// The pub/sub listener, started by the first wait.
@@ -108,6 +125,8 @@ impl RedisBackend {
                 options,
                 member_finished: redis::Script::new(MEMBER_FINISHED),
                 claim_callback: redis::Script::new(CLAIM_CALLBACK),
+                prune_index: redis::Script::new(PRUNE_INDEX),
+                writes: AtomicU64::new(1),
                 waiters: Mutex::default(),
                 listener: std::sync::OnceLock::new(),
             }),
@@ -213,9 +232,10 @@ impl ResultBackend for RedisBackend {
                 .arg(millis(ttl)),
             None => pipe.cmd("SET").arg(&key).arg(status.to_json()),
         };
+        let index = self.key(&["results"]);
         pipe.ignore()
             .cmd("ZADD")
-            .arg(self.key(&["results"]))
+            .arg(&index)
             .arg(status.updated_at.as_millis())
             .arg(&status.id)
             .ignore()
@@ -223,7 +243,25 @@ impl ResultBackend for RedisBackend {
             .arg(&key)
             .arg(status.state.as_str())
             .ignore();
+        // The listing index goes altogether when nothing was written for a default TTL.
+        if let Some(default_ttl) = self.inner.options.ttls.result {
+            pipe.cmd("PEXPIRE")
+                .arg(&index)
+                .arg(millis(default_ttl))
+                .ignore();
+        }
         let () = pipe.query_async(&mut self.conn()).await?;
+        let writes = self.inner.writes.fetch_add(1, Ordering::Relaxed);
+        if writes.is_multiple_of(PRUNE_EVERY_WRITES) {
+            let () = self
+                .inner
+                .prune_index
+                .key(&index)
+                .arg(self.key(&["result", ""]))
+                .arg(PRUNE_BATCH)
+                .invoke_async(&mut self.conn())
+                .await?;
+        }
         Ok(())
     }
 
