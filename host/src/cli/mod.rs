@@ -7,6 +7,7 @@ mod enqueue;
 mod progress;
 mod queue;
 mod result;
+mod revoke;
 mod task;
 pub mod units;
 mod worker;
@@ -110,7 +111,7 @@ enum Command {
     #[command(subcommand)]
     Dlq(queue::DlqCommand),
     /// Revoke a task: it will not run, and with --terminate a running one is stopped.
-    Revoke(queue::RevokeArgs),
+    Revoke(revoke::RevokeArgs),
     /// Measure the platform's speed, end to end or the sandbox alone.
     Bench(bench::BenchArgs),
 }
@@ -147,7 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker(command) => worker::run(command, &connections).await,
         Command::Queue(command) => queue::run_queue(command, &connections).await,
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
-        Command::Revoke(args) => queue::revoke(args, &connections).await,
+        Command::Revoke(args) => revoke::run(args, &connections).await,
         Command::Bench(args) => bench::run(args, &connections).await,
     }
 }

@@ -1,17 +1,12 @@
-//! `stem-host queue ...`, `stem-host dlq ...` and `stem-host revoke`: operating on the broker's
-//! queues, its dead letters, and revocations.
-
-use std::process::ExitCode;
-use std::time::Duration;
+//! `stem-host queue ...` and `stem-host dlq ...`: the broker's queues and its dead letters.
 
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::json;
+use std::process::ExitCode;
 
 use super::Connections;
-use super::units::parse_duration;
 use crate::broker::DeadLetterQuery;
-use crate::stores::revoke::Revocation;
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
@@ -81,22 +76,6 @@ impl Selection {
             limit: None,
         })
     }
-}
-
-#[derive(Args)]
-pub struct RevokeArgs {
-    /// The task ids to revoke.
-    #[arg(required = true)]
-    ids: Vec<String>,
-    /// Also stop the tasks if they are running now.
-    #[arg(long)]
-    terminate: bool,
-    /// Recorded with the revocation and in the task's status.
-    #[arg(long)]
-    reason: Option<String>,
-    /// How long the revocation is remembered.
-    #[arg(long, value_parser = parse_duration, default_value = "7d", value_name = "DURATION")]
-    ttl: Duration,
 }
 
 pub async fn run_queue(
@@ -227,24 +206,6 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
                 println!("purged {purged} dead letters");
             }
         }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn revoke(args: RevokeArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let store = connections.revokes().await?;
-    for id in &args.ids {
-        let revocation = Revocation {
-            reason: args.reason.clone(),
-            ..Revocation::new(id, args.terminate, args.ttl)
-        };
-        store.revoke(&revocation).await?;
-        let what = if args.terminate {
-            "revoked and terminating"
-        } else {
-            "revoked"
-        };
-        println!("{id} {what}");
     }
     Ok(ExitCode::SUCCESS)
 }

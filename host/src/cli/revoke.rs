@@ -1,0 +1,44 @@
+//! `stem-host revoke`: tasks that must not run, or must stop running.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::Connections;
+use super::units::parse_duration;
+use crate::stores::revoke::Revocation;
+
+#[derive(Args)]
+pub struct RevokeArgs {
+    /// The task ids to revoke.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    /// Also stop the tasks if they are running now.
+    #[arg(long)]
+    terminate: bool,
+    /// Recorded with the revocation and in the task's status.
+    #[arg(long)]
+    reason: Option<String>,
+    /// How long the revocation is remembered.
+    #[arg(long, value_parser = parse_duration, default_value = "7d", value_name = "DURATION")]
+    ttl: Duration,
+}
+
+pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let store = connections.revokes().await?;
+    for id in &args.ids {
+        let revocation = Revocation {
+            reason: args.reason.clone(),
+            ..Revocation::new(id, args.terminate, args.ttl)
+        };
+        store.revoke(&revocation).await?;
+        let what = if args.terminate {
+            "revoked and terminating"
+        } else {
+            "revoked"
+        };
+        println!("{id} {what}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
