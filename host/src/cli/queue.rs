@@ -1,9 +1,10 @@
 //! `stem-host queue ...` and `stem-host dlq ...`: the broker's queues and its dead letters.
 
+use std::process::ExitCode;
+
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::json;
-use std::process::ExitCode;
 
 use super::Connections;
 use crate::broker::DeadLetterQuery;
