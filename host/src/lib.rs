@@ -41,4 +41,5 @@ pub mod storage;
 pub mod stores;
 pub mod task;
 pub mod time;
+mod wait;
 pub mod worker;

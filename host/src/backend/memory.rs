@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 
 use super::{
     GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
+    is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
@@ -146,19 +147,15 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = self.shared.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let status = self.get(id).await?;
-            if status.as_ref().is_some_and(|s| s.state.is_terminal())
-                || tokio::time::Instant::now() >= deadline
-            {
-                return Ok(status);
-            }
-            let _ = tokio::time::timeout_at(deadline, changed).await;
-        }
+        // Every write in this process notifies, so there is nothing to poll for.
+        crate::wait::until(
+            &self.shared.changed,
+            timeout,
+            timeout,
+            || self.get(id),
+            is_final,
+        )
+        .await
     }
 
     async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {

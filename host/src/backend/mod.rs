@@ -184,6 +184,11 @@ impl TaskStatus {
     }
 }
 
+/// Whether a wait for this status is over: it reached a terminal state.
+pub(crate) fn is_final(status: &Option<TaskStatus>) -> bool {
+    status.as_ref().is_some_and(|s| s.state.is_terminal())
+}
+
 /// Which statuses [`ResultBackend::list`] returns, most recently updated first.
 #[derive(Clone, Debug)]
 pub struct StatusQuery {

@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use super::{
     GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
+    is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::redis::connect;
@@ -277,22 +278,14 @@ impl ResultBackend for RedisBackend {
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
         self.listen();
         let waiter = self.waiters().entry(id.to_owned()).or_default().clone();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let outcome = loop {
-            let notified = waiter.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let status = match self.get(id).await {
-                Ok(status) => status,
-                Err(error) => break Err(error),
-            };
-            let now = tokio::time::Instant::now();
-            if status.as_ref().is_some_and(|s| s.state.is_terminal()) || now >= deadline {
-                break Ok(status);
-            }
-            let wake = (now + WAIT_FALLBACK_POLL).min(deadline);
-            let _ = tokio::time::timeout_at(wake, notified).await;
-        };
+        let outcome = crate::wait::until(
+            &waiter,
+            timeout,
+            WAIT_FALLBACK_POLL,
+            || self.get(id),
+            is_final,
+        )
+        .await;
         let mut waiters = self.waiters();
         if waiters.get(id).is_some_and(|w| Arc::strong_count(w) <= 2) {
             waiters.remove(id);

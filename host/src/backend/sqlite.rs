@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 
 use super::{
     GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
+    is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::sqlite::{self, Periodic};
@@ -216,19 +217,14 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = self.inner.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let status = self.get(id).await?;
-            let now = tokio::time::Instant::now();
-            if status.as_ref().is_some_and(|s| s.state.is_terminal()) || now >= deadline {
-                return Ok(status);
-            }
-            let wake = (now + self.inner.options.poll_interval).min(deadline);
-            let _ = tokio::time::timeout_at(wake, changed).await;
-        }
+        crate::wait::until(
+            &self.inner.changed,
+            timeout,
+            self.inner.options.poll_interval,
+            || self.get(id),
+            is_final,
+        )
+        .await
     }
 
     async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {

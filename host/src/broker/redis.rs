@@ -490,21 +490,18 @@ impl Broker for RedisBroker {
         let lease = options
             .lease
             .unwrap_or(self.inner.options.visibility_timeout);
-        let deadline = tokio::time::Instant::now() + options.wait;
         if !options.wait.is_zero() {
             self.listen();
         }
-        loop {
-            let woken = self.inner.woken.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            let deliveries = self.take_ready(queues, options.max.max(1), lease).await?;
-            let now = tokio::time::Instant::now();
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
-            }
-            let _ = tokio::time::timeout_at((now + POLL).min(deadline), woken).await;
-        }
+        let max = options.max.max(1);
+        crate::wait::until(
+            &self.inner.woken,
+            options.wait,
+            POLL,
+            || self.take_ready(queues, max, lease),
+            |deliveries| !deliveries.is_empty(),
+        )
+        .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {

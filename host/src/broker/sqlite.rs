@@ -340,19 +340,15 @@ impl Broker for SqliteBroker {
         let lease = options
             .lease
             .unwrap_or(self.inner.options.visibility_timeout);
-        let deadline = tokio::time::Instant::now() + options.wait;
-        loop {
-            let published = self.inner.published.notified();
-            tokio::pin!(published);
-            published.as_mut().enable();
-            let deliveries = self.take_ready(queues, options.max.max(1), lease).await?;
-            let now = tokio::time::Instant::now();
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
-            }
-            let wake = (now + self.inner.options.poll_interval).min(deadline);
-            let _ = tokio::time::timeout_at(wake, published).await;
-        }
+        let max = options.max.max(1);
+        crate::wait::until(
+            &self.inner.published,
+            options.wait,
+            self.inner.options.poll_interval,
+            || self.take_ready(queues, max, lease),
+            |deliveries| !deliveries.is_empty(),
+        )
+        .await
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
