@@ -92,9 +92,27 @@ async fn two_workers_run_a_thousand_tasks(platform: &Platform) {
     let listed: Value =
         serde_json::from_str(&platform.run_ok(&["worker", "list", "--json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
-    let stats: Value =
-        serde_json::from_str(&platform.run_ok(&["queue", "stats", "--json"])).unwrap();
-    assert_eq!(stats, serde_json::json!([]), "nothing is left in any queue");
+    // A result is written before its ack, so the last acks may trail the last results.
+    eventually(
+        Duration::from_secs(10),
+        "nothing is left in any queue",
+        || async {
+            let stats = platform.run_ok(&["queue", "stats", "--json"]);
+            serde_json::from_str::<Value>(&stats).unwrap() == serde_json::json!([])
+        },
+    )
+    .await;
+}
+
+/// The dead letters of task `id`, as `dlq list --json` prints them.
+fn dead_letters_of(platform: &Platform, id: &str) -> Vec<Value> {
+    let letters: Value =
+        serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    let letters = letters.as_array().unwrap().iter();
+    letters
+        .filter(|letter| letter["task_id"] == id)
+        .cloned()
+        .collect()
 }
 
 async fn a_killed_worker_loses_nothing(platform: &Platform) {
@@ -147,14 +165,14 @@ async fn retries_dead_letters_and_replay(platform: &Platform) {
     assert_eq!(report["error"]["message"], "task failed: boom");
     let id = report["task_id"].as_str().unwrap().to_owned();
 
-    let letters: Value =
-        serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
-    let letter = letters
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["task_id"] == id.as_str())
-        .expect("in the DLQ");
+    // The failed state is recorded before the entry moves to the dead-letter queue.
+    eventually(
+        Duration::from_secs(10),
+        "the task is in the DLQ",
+        || async { dead_letters_of(platform, &id).len() == 1 },
+    )
+    .await;
+    let letter = dead_letters_of(platform, &id).remove(0);
     assert!(
         letter["reason"]
             .as_str()
@@ -178,17 +196,12 @@ async fn retries_dead_letters_and_replay(platform: &Platform) {
         },
     )
     .await;
-    let letters: Value =
-        serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
-    assert_eq!(
-        letters
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|l| l["task_id"] == id.as_str())
-            .count(),
-        1
-    );
+    eventually(
+        Duration::from_secs(10),
+        "the task is back in the DLQ",
+        || async { dead_letters_of(platform, &id).len() == 1 },
+    )
+    .await;
     assert_eq!(
         platform.run_ok(&["dlq", "purge", "--all"]).trim(),
         "purged 1 dead letters"
@@ -261,11 +274,13 @@ async fn bad_input_is_refused_and_loses_nothing(platform: &Platform) {
         },
     )
     .await;
-    assert_eq!(
-        broker.stats("default").await.unwrap().delayed,
-        1,
-        "the task waits in the queue"
-    );
+    // The status is written before the delivery goes back to the queue to wait.
+    eventually(
+        Duration::from_secs(10),
+        "the task waits in the queue",
+        || async { broker.stats("default").await.unwrap().delayed == 1 },
+    )
+    .await;
     platform.upload("hello");
     let done = platform.run(&["result", "wait", &id, "--timeout", "30s", "--json"]);
     assert!(
