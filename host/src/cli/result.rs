@@ -10,7 +10,7 @@ use serde_json::json;
 use super::Connections;
 use super::progress::Progress;
 use super::units::{human_duration, parse_duration};
-use crate::backend::{ResultBackend, TaskState, TaskStatus};
+use crate::backend::{ResultBackend, StatusQuery, TaskState, TaskStatus};
 use crate::codec::Codecs;
 
 #[derive(Subcommand)]
@@ -38,6 +38,22 @@ pub enum ResultCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List recent statuses, most recently updated first.
+    List {
+        /// Only tasks in this state: pending, received, started, retrying, succeeded, failed
+        /// or revoked.
+        #[arg(long)]
+        state: Option<TaskState>,
+        /// Only this task name.
+        #[arg(long)]
+        task: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn run(command: ResultCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
@@ -53,6 +69,37 @@ pub async fn run(command: ResultCommand, connections: &Connections) -> anyhow::R
         ResultCommand::Wait { id, timeout, json } => {
             let status = wait(backend.as_ref(), &id, timeout).await?;
             finish_wait(&id, status, timeout, json)
+        }
+        ResultCommand::List {
+            state,
+            task,
+            limit,
+            json,
+        } => {
+            let query = StatusQuery { state, task, limit };
+            let statuses = backend.list(&query).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&statuses)?);
+            } else if statuses.is_empty() {
+                eprintln!("no statuses match");
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:<9}  {:>7}  {:<24}  ERROR",
+                    "TASK ID", "TASK", "STATE", "ATTEMPT", "UPDATED"
+                );
+                for status in &statuses {
+                    println!(
+                        "{:<36}  {:<20}  {:<9}  {:>7}  {:<24}  {}",
+                        status.id,
+                        status.task.as_deref().unwrap_or("-"),
+                        status.state.as_str(),
+                        status.attempt,
+                        status.updated_at.to_string(),
+                        status.error.as_ref().map_or("", |e| e.message.as_str())
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

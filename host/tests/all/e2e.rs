@@ -180,6 +180,17 @@ async fn retries_dead_letters_and_replay(platform: &Platform) {
             .contains("boom (attempt 3 of 3)"),
         "{letter}"
     );
+    let failed: Value = serde_json::from_str(&platform.run_ok(&[
+        "result",
+        "list",
+        "--state",
+        "failed",
+        "--task",
+        "hello.fail",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(failed[0]["id"], id.as_str(), "{failed}");
     let shown = platform.run_ok(&["dlq", "show", &id]);
     assert!(shown.contains("hello.fail"), "{shown}");
 
