@@ -10,6 +10,7 @@ use stem_host::codec::Codecs;
 use stem_host::time::Timestamp;
 
 use crate::platform::{Platform, eventually, serial, wait_all};
+use crate::redis_server::OwnRedis;
 
 /// One test per case for the platform `$make` builds.
 macro_rules! e2e_suite {
@@ -552,7 +553,9 @@ async fn redis_rate_limits_hold_across_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_connection_loss_loses_no_task() {
     let _serial = serial().await;
-    let platform = Platform::redis();
+    // A server of its own: killing every connection of the shared one would hit other tests.
+    let server = OwnRedis::start();
+    let platform = Platform::redis_at(&server.url(""));
     platform.upload("hello");
     let ids = enqueue_additions(&platform);
     let _worker = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
@@ -568,7 +571,7 @@ async fn redis_connection_loss_loses_no_task() {
         || async { backend.list(&succeeded).await.unwrap().len() >= TASKS / 5 },
     )
     .await;
-    let client = ::redis::Client::open(crate::support::redis_url()).unwrap();
+    let client = ::redis::Client::open(server.url("")).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
     for kind in ["normal", "pubsub"] {
         let killed: u64 = ::redis::cmd("CLIENT")

@@ -7,6 +7,7 @@ mod cli;
 mod conformance;
 mod e2e;
 mod platform;
+mod redis_server;
 mod redis_tls;
 mod sandbox;
 mod sqlite_crash;

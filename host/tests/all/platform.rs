@@ -56,10 +56,15 @@ impl Platform {
 
     /// Every role on the test Redis server, in a fresh namespace, through the STEM_* URLs.
     pub fn redis() -> Platform {
+        Platform::redis_at(&crate::support::redis_url())
+    }
+
+    /// Every role on the Redis server at `url`, in a fresh namespace.
+    pub fn redis_at(url: &str) -> Platform {
         let namespace = format!("stem-e2e-{}", uuid::Uuid::new_v4().simple());
         Platform {
             dir: tempfile::tempdir().expect("temporary directory"),
-            redis: Some((crate::support::redis_url(), namespace)),
+            redis: Some((url.to_owned(), namespace)),
         }
     }
 
