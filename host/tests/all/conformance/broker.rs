@@ -326,14 +326,17 @@ async fn extend_lease_prevents_redelivery(harness: &impl BrokerHarness) {
     let broker = harness.connect(NS).await;
     let other = harness.connect(NS).await;
     broker.publish(&envelope("t.extend")).await.unwrap();
+    // Leases of a second, extended every 100ms for three of them: only a stall of 900ms
+    // between two extensions could let the entry go, while without extensions it would.
+    let lease = Duration::from_secs(1);
     let got = broker
-        .consume(&queues(&["default"]), &take(1, SHORT))
+        .consume(&queues(&["default"]), &take(1, lease))
         .await
         .unwrap();
     let started = Instant::now();
-    while started.elapsed() < SHORT * 3 {
-        tokio::time::sleep(SHORT / 4).await;
-        broker.extend_lease(&got[0].receipt, SHORT).await.unwrap();
+    while started.elapsed() < lease * 3 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        broker.extend_lease(&got[0].receipt, lease).await.unwrap();
         assert!(
             other
                 .consume(&queues(&["default"]), &take(1, SHORT))
