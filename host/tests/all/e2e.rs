@@ -59,6 +59,20 @@ fn enqueue_additions(platform: &Platform) -> Vec<String> {
     ids
 }
 
+/// Waits until at least `count` tasks have succeeded.
+async fn until_succeeded(backend: &dyn stem_host::backend::ResultBackend, count: usize) {
+    let succeeded = stem_host::backend::StatusQuery {
+        state: Some(TaskState::Succeeded),
+        limit: TASKS,
+        ..Default::default()
+    };
+    let what = format!("{count} tasks succeeded");
+    eventually(Duration::from_secs(60), &what, || async {
+        backend.list(&succeeded).await.unwrap().len() >= count
+    })
+    .await;
+}
+
 /// Every task succeeded, and task i returned i + 1.
 fn assert_additions(ids: &[String], statuses: &[stem_host::backend::TaskStatus]) {
     let codecs = Codecs::default();
@@ -122,17 +136,7 @@ async fn a_killed_worker_loses_nothing(platform: &Platform) {
     let backend = platform.backend().await;
     let mut doomed = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
     let _survivor = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
-    let succeeded = stem_host::backend::StatusQuery {
-        state: Some(TaskState::Succeeded),
-        limit: TASKS,
-        ..Default::default()
-    };
-    eventually(
-        Duration::from_secs(60),
-        "half the tasks succeeded",
-        || async { backend.list(&succeeded).await.unwrap().len() >= TASKS / 2 },
-    )
-    .await;
+    until_succeeded(backend.as_ref(), TASKS / 2).await;
     doomed.kill();
     let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
     assert_additions(&ids, &statuses);
@@ -560,17 +564,7 @@ async fn redis_connection_loss_loses_no_task() {
     let ids = enqueue_additions(&platform);
     let _worker = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
     let backend = platform.backend().await;
-    let succeeded = stem_host::backend::StatusQuery {
-        state: Some(TaskState::Succeeded),
-        limit: TASKS,
-        ..Default::default()
-    };
-    eventually(
-        Duration::from_secs(60),
-        "a fifth of the tasks succeeded",
-        || async { backend.list(&succeeded).await.unwrap().len() >= TASKS / 5 },
-    )
-    .await;
+    until_succeeded(backend.as_ref(), TASKS / 5).await;
     let client = ::redis::Client::open(server.url("")).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
     for kind in ["normal", "pubsub"] {
