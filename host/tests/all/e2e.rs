@@ -43,20 +43,10 @@ const TASKS: usize = 1000;
 
 /// Writes `hello.add` arguments {"a": i, "b": 1} for i in 0..TASKS and enqueues them.
 fn enqueue_additions(platform: &Platform) -> Vec<String> {
-    let lines: Vec<String> = (0..TASKS)
+    let args: Vec<String> = (0..TASKS)
         .map(|i| format!(r#"{{"a":{i},"b":1}}"#))
         .collect();
-    let file = platform.dir().join("additions.jsonl");
-    std::fs::write(&file, lines.join("\n")).unwrap();
-    let stdout = platform.run_ok(&[
-        "enqueue",
-        "hello.add",
-        "--args-file",
-        file.to_str().unwrap(),
-    ]);
-    let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
-    assert_eq!(ids.len(), TASKS);
-    ids
+    platform.enqueue_each("hello.add", &args)
 }
 
 /// Waits until at least `count` tasks have succeeded.
@@ -520,18 +510,10 @@ async fn redis_rate_limits_hold_across_workers() {
     let _serial = serial().await;
     let platform = Platform::redis();
     platform.upload("hello");
-    let lines: Vec<String> = (0..50).map(|i| format!(r#"{{"a":{i},"b":0}}"#)).collect();
-    let file = platform.dir().join("throttled.jsonl");
-    std::fs::write(&file, lines.join("\n")).unwrap();
+    let args: Vec<String> = (0..50).map(|i| format!(r#"{{"a":{i},"b":0}}"#)).collect();
     let _first = platform.worker(&["--concurrency", "4"]);
     let _second = platform.worker(&["--concurrency", "4"]);
-    let stdout = platform.run_ok(&[
-        "enqueue",
-        "hello.throttled",
-        "--args-file",
-        file.to_str().unwrap(),
-    ]);
-    let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    let ids = platform.enqueue_each("hello.throttled", &args);
     let backend = platform.backend().await;
     let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(60)).await;
     for (i, status) in statuses.iter().enumerate() {

@@ -120,6 +120,17 @@ impl Platform {
         (output.status.success(), report)
     }
 
+    /// `enqueue TASK --args-file F` with one line of JSON arguments per task; returns the ids
+    /// it printed, one per task.
+    pub fn enqueue_each(&self, task: &str, args: &[String]) -> Vec<String> {
+        let file = self.dir().join(format!("{task}.jsonl"));
+        std::fs::write(&file, args.join("\n")).unwrap();
+        let stdout = self.run_ok(&["enqueue", task, "--args-file", file.to_str().unwrap()]);
+        let ids: Vec<String> = stdout.lines().map(str::to_owned).collect();
+        assert_eq!(ids.len(), args.len(), "one id per task:\n{stdout}");
+        ids
+    }
+
     pub fn upload(&self, crate_name: &str) {
         let path = guest(crate_name);
         self.run_ok(&["task", "upload", path.to_str().unwrap()]);
