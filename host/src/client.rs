@@ -37,6 +37,8 @@ pub struct EnqueueRequest {
     pub headers: BTreeMap<String, String>,
     pub parent_id: Option<String>,
     pub root_id: Option<String>,
+    /// Sub-task depth below the root (0 for a task a producer enqueues).
+    pub depth: u32,
 }
 
 impl EnqueueRequest {
@@ -55,6 +57,15 @@ pub enum EnqueueError {
     UnknownTask(String),
     #[error("the arguments of `{task}` are not valid JSON: {reason}")]
     InvalidArgs { task: String, reason: String },
+    #[error(
+        "the arguments of `{task}` are {size} bytes, over the limit of {limit} bytes \
+         (STEM_MAX_ARGS_SIZE)"
+    )]
+    ArgsTooLarge {
+        task: String,
+        size: usize,
+        limit: usize,
+    },
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
@@ -70,8 +81,12 @@ pub struct Client {
     broker: Arc<dyn Broker>,
     registry: Arc<dyn ComponentRegistry>,
     codecs: Codecs,
+    max_args_bytes: usize,
     definitions: Arc<Mutex<HashMap<String, (TaskDefinition, Instant)>>>,
 }
+
+/// Largest arguments a client publishes unless told otherwise.
+pub const DEFAULT_MAX_ARGS_BYTES: usize = 16 << 20;
 
 impl Client {
     pub fn new(
@@ -83,8 +98,27 @@ impl Client {
             broker,
             registry,
             codecs,
+            max_args_bytes: DEFAULT_MAX_ARGS_BYTES,
             definitions: Arc::default(),
         }
+    }
+
+    /// Refuses arguments over `bytes` (of JSON text).
+    pub fn with_max_args_bytes(mut self, bytes: usize) -> Client {
+        self.max_args_bytes = bytes;
+        self
+    }
+
+    /// Whether arguments of this size may be enqueued.
+    pub fn check_args_size(&self, task: &str, args: &str) -> Result<(), EnqueueError> {
+        if args.len() > self.max_args_bytes {
+            return Err(EnqueueError::ArgsTooLarge {
+                task: task.to_owned(),
+                size: args.len(),
+                limit: self.max_args_bytes,
+            });
+        }
+        Ok(())
     }
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
@@ -93,6 +127,7 @@ impl Client {
 
     /// Checks, fills in and encodes one request, without publishing it.
     pub async fn prepare(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
+        self.check_args_size(&request.task, &request.args)?;
         if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&request.args) {
             return Err(EnqueueError::InvalidArgs {
                 task: request.task,
@@ -121,6 +156,7 @@ impl Client {
         envelope.headers = request.headers;
         envelope.parent_id = request.parent_id;
         envelope.root_id = request.root_id;
+        envelope.depth = request.depth;
         envelope.validate()?;
         Ok(envelope)
     }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::OnceCell;
+
 use crate::runtime::{LoadError, Runtime, TaskComponent};
 use crate::storage::StorageError;
 use crate::stores::registry::{ComponentRegistry, TaskVersion};
@@ -70,12 +72,13 @@ async fn load(runtime: &Arc<Runtime>, bytes: Vec<u8>) -> Result<Arc<TaskComponen
 
 /// Finds the component for a task name, as a worker needs it: the current version from the
 /// registry (cached for [`VERSION_CACHE_TTL`]), its bytes fetched once and verified against
-/// the digest, compiled once.
+/// the digest, compiled once: deliveries that need a component being fetched wait for that
+/// one fetch (single flight).
 pub struct ComponentSource {
     registry: Arc<dyn ComponentRegistry>,
     runtime: Arc<Runtime>,
     versions: Mutex<HashMap<String, (TaskVersion, Instant)>>,
-    loaded: Mutex<HashMap<String, Arc<TaskComponent>>>,
+    loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskComponent>>>>>,
 }
 
 impl ComponentSource {
@@ -94,15 +97,14 @@ impl ComponentSource {
         name: &str,
     ) -> Result<(TaskVersion, Arc<TaskComponent>), ComponentError> {
         let version = self.version(name).await?;
-        let cached = lock(&self.loaded).get(&version.digest).cloned();
-        let component = match cached {
-            Some(component) => component,
-            None => {
-                let component = self.fetch(&version.digest).await?;
-                lock(&self.loaded).insert(version.digest.clone(), component.clone());
-                component
-            }
-        };
+        let cell = lock(&self.loaded)
+            .entry(version.digest.clone())
+            .or_default()
+            .clone();
+        let component = cell
+            .get_or_try_init(|| self.fetch(&version.digest))
+            .await?
+            .clone();
         Ok((version, component))
     }
 

@@ -53,10 +53,18 @@ pub struct Envelope {
     /// The first task of the tree this one belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_id: Option<String>,
+    /// How many sub-task enqueues lead from the root task to this one: 0 for a task a
+    /// producer enqueued, the parent's depth + 1 for a sub-task. Workers cap it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub depth: u32,
     /// The group or chord this task is a member of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     pub created_at: Timestamp,
+}
+
+fn is_zero(depth: &u32) -> bool {
+    *depth == 0
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +79,26 @@ pub enum EnvelopeError {
     EmptyQueue,
     #[error("attempt must start at 1")]
     Attempt,
+    #[error(
+        "invalid queue name `{0}`: use 1 to {MAX_QUEUE_NAME_LEN} letters, digits, `.`, `_` and `-`"
+    )]
+    QueueName(String),
+    #[error("a retry cannot move a task from queue `{from}` to queue `{to}`")]
+    QueueChanged { from: String, to: String },
+}
+
+/// Longest queue name.
+pub const MAX_QUEUE_NAME_LEN: usize = 128;
+
+/// Whether `name` is a valid queue name: 1 to [`MAX_QUEUE_NAME_LEN`] ASCII letters, digits,
+/// `.`, `_` and `-`. Adapters build storage keys from queue names with `:` as separator, so
+/// no two valid names can share a key.
+pub fn is_valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_QUEUE_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl Envelope {
@@ -92,6 +120,7 @@ impl Envelope {
             headers: BTreeMap::new(),
             parent_id: None,
             root_id: None,
+            depth: 0,
             group_id: None,
             created_at: Timestamp::now(),
         }
@@ -128,6 +157,9 @@ impl Envelope {
         }
         if self.queue.is_empty() {
             return Err(EnvelopeError::EmptyQueue);
+        }
+        if !is_valid_queue_name(&self.queue) {
+            return Err(EnvelopeError::QueueName(self.queue.clone()));
         }
         if self.priority > MAX_PRIORITY {
             return Err(EnvelopeError::Priority(self.priority));
@@ -183,6 +215,18 @@ mod tests {
         assert_eq!(
             ok.clone().with_queue("").validate(),
             Err(EnvelopeError::EmptyQueue)
+        );
+        assert_eq!(
+            ok.clone().with_queue("reports:data").validate(),
+            Err(EnvelopeError::QueueName("reports:data".into()))
+        );
+        assert_eq!(
+            ok.clone().with_queue("x".repeat(129)).validate(),
+            Err(EnvelopeError::QueueName("x".repeat(129)))
+        );
+        assert_eq!(
+            ok.clone().with_queue("media-2.thumbs_v1").validate(),
+            Ok(())
         );
         assert_eq!(ok.with_id("").validate(), Err(EnvelopeError::EmptyId));
     }

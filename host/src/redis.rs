@@ -4,9 +4,17 @@
 //! instance (no per-task connection setup) that reconnects by itself after a dropped
 //! connection. Keys are `NAMESPACE:kind:...`, so namespaces never see each other's data.
 
+use std::time::Duration;
+
 use redis::aio::ConnectionManager;
 
 use crate::storage::StorageError;
+
+/// How long a command may take before the connection counts as broken. Large enough for a
+/// publish batch of several megabytes on a slow link; commands are never retried blindly.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting (or reconnecting) may take.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connected adapter's client (for pub/sub connections) and its command connection.
 pub(crate) struct RedisConnection {
@@ -27,8 +35,11 @@ pub(crate) async fn connect(url: &str) -> Result<RedisConnection, StorageError> 
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| failed(e.to_string()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(CONNECTION_TIMEOUT));
     let manager = client
-        .get_connection_manager()
+        .get_connection_manager_with_config(config)
         .await
         .map_err(|e| failed(e.to_string()))?;
     Ok(RedisConnection { client, manager })

@@ -42,14 +42,25 @@ pub(crate) async fn open(path: &Path, max_connections: u32) -> Result<SqlitePool
 }
 
 /// Brings `component`'s tables up to date. `steps[i]` moves the schema from version `i` to
-/// `i + 1`; steps already applied are skipped. Runs under `BEGIN IMMEDIATE`, so processes that
-/// open the same file at once migrate it one after the other.
+/// `i + 1`; steps already applied are skipped. A current schema is recognised with a read, so
+/// opening a busy file takes no write lock; otherwise the steps run under `BEGIN IMMEDIATE`,
+/// so processes that open the same file at once migrate it one after the other.
 pub(crate) async fn migrate(
     pool: &SqlitePool,
     component: &str,
     steps: &[&str],
 ) -> Result<(), StorageError> {
     let mut conn = pool.acquire().await?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM stem_migrations WHERE component = ?")
+            .bind(component)
+            .fetch_optional(&mut *conn)
+            .await
+            // No table yet: a new file.
+            .unwrap_or(None);
+    if current.is_some_and(|version| usize::try_from(version).unwrap_or(0) >= steps.len()) {
+        return Ok(());
+    }
     conn.execute(
         "CREATE TABLE IF NOT EXISTS stem_migrations (
              component TEXT PRIMARY KEY,
@@ -87,32 +98,6 @@ pub(crate) async fn migrate(
         }
     };
     Ok(())
-}
-
-/// A background job that runs every `interval` until this guard is dropped.
-pub(crate) struct Periodic(tokio::task::JoinHandle<()>);
-
-impl Periodic {
-    pub(crate) fn spawn<F, Fut>(interval: Duration, mut job: F) -> Periodic
-    where
-        F: FnMut() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        Periodic(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                job().await;
-            }
-        }))
-    }
-}
-
-impl Drop for Periodic {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `?, ?, ?` for an `IN` list of `count` values.

@@ -4,6 +4,8 @@
 //! response depends on the kind, not on which contract failed: fix the input, retry later,
 //! or accept that a lease was lost.
 
+use std::time::Duration;
+
 use crate::envelope::EnvelopeError;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,5 +38,31 @@ impl StorageError {
             what: what.into(),
             reason: reason.to_string(),
         }
+    }
+}
+
+/// A background job that runs every `interval` until this guard is dropped.
+pub(crate) struct Periodic(tokio::task::JoinHandle<()>);
+
+impl Periodic {
+    pub(crate) fn spawn<F, Fut>(interval: Duration, mut job: F) -> Periodic
+    where
+        F: FnMut() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        Periodic(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                job().await;
+            }
+        }))
+    }
+}
+
+impl Drop for Periodic {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -55,6 +55,18 @@ impl<T> Expiring<T> {
 }
 
 impl State {
+    fn put(
+        &mut self,
+        key: Key,
+        status: &TaskStatus,
+        expires_at: Option<Timestamp>,
+        now: Timestamp,
+    ) {
+        let value = status.clone();
+        self.statuses.insert(key, Expiring { value, expires_at });
+        self.wrote(now);
+    }
+
     fn wrote(&mut self, now: Timestamp) {
         self.writes += 1;
         if self.writes.is_multiple_of(SWEEP_EVERY_WRITES) {
@@ -119,18 +131,40 @@ impl MemoryBackend {
 
 #[async_trait]
 impl ResultBackend for MemoryBackend {
-    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError> {
+    async fn set_many(
+        &self,
+        statuses: &[TaskStatus],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<bool>, StorageError> {
+        let now = Timestamp::now();
+        let expires_at = self.ttls.result_expiry(ttl, now);
+        let mut state = self.lock();
+        let mut written = Vec::with_capacity(statuses.len());
+        for status in statuses {
+            let key = self.key(&status.id);
+            let terminal = state
+                .statuses
+                .get(&key)
+                .is_some_and(|s| s.live(now) && s.value.state.is_terminal());
+            if !terminal {
+                state.put(key, status, expires_at, now);
+            }
+            written.push(!terminal);
+        }
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(written)
+    }
+
+    async fn replace(
+        &self,
+        status: &TaskStatus,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
         let now = Timestamp::now();
         let mut state = self.lock();
         let expires_at = self.ttls.result_expiry(ttl, now);
-        state.statuses.insert(
-            self.key(&status.id),
-            Expiring {
-                value: status.clone(),
-                expires_at,
-            },
-        );
-        state.wrote(now);
+        state.put(self.key(&status.id), status, expires_at, now);
         drop(state);
         self.shared.changed.notify_waiters();
         Ok(())

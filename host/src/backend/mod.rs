@@ -5,7 +5,8 @@
 //! (`host/tests/all/conformance/backend.rs`) runs unchanged against each of them.
 //!
 //! - A task's [`TaskStatus`] moves through the closed set of [`TaskState`]s; results are stored
-//!   encoded, with the id of their encoder, so any process can decode them.
+//!   encoded, with the id of their encoder, so any process can decode them. A terminal status
+//!   is never overwritten (every adapter writes conditionally), except by an explicit replay.
 //! - [`ResultBackend::wait`] returns once a task reaches a terminal state, whichever process
 //!   wrote it.
 //! - Groups count their finished members atomically, once per member however often it is
@@ -111,6 +112,14 @@ impl FromStr for TaskState {
     }
 }
 
+/// How far a running task says it got (`ctx.progress`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// 0 to 100.
+    pub percent: u8,
+    pub message: String,
+}
+
 /// Why a task failed, was retried or was revoked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFailure {
@@ -132,6 +141,9 @@ pub struct TaskStatus {
     pub result: Option<Payload>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskFailure>,
+    /// The last progress the running task reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TaskProgress>,
     /// The attempt this state belongs to; 1 for the first run.
     pub attempt: u32,
     /// The worker that wrote this state.
@@ -158,6 +170,7 @@ impl TaskStatus {
             task: None,
             result: None,
             error: None,
+            progress: None,
             attempt: 1,
             worker: None,
             component: None,
@@ -282,12 +295,39 @@ pub struct WorkerHeartbeat {
 /// Task history. See the module documentation for the guarantees.
 #[async_trait]
 pub trait ResultBackend: Send + Sync {
-    /// Records a task's status, replacing the previous one. It expires after `ttl`, or the
-    /// backend's default result TTL.
-    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError>;
+    /// Records a task's status, replacing the previous one unless that one is terminal:
+    /// a terminal status never changes (a late or duplicate writer cannot undo a result);
+    /// only [`ResultBackend::replace`] overrides it. Returns whether the status was written.
+    /// It expires after `ttl`, or the backend's default result TTL.
+    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<bool, StorageError> {
+        let written = self.set_many(std::slice::from_ref(status), ttl).await?;
+        Ok(written.first() == Some(&true))
+    }
+
+    /// [`ResultBackend::set`] for many statuses at once, in one round trip or transaction;
+    /// whether each was written.
+    async fn set_many(
+        &self,
+        statuses: &[TaskStatus],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<bool>, StorageError>;
+
+    /// Records a status even over a terminal one. Only for an explicit replay (a dead letter
+    /// published again), which starts the task's history over.
+    async fn replace(&self, status: &TaskStatus, ttl: Option<Duration>)
+    -> Result<(), StorageError>;
 
     /// The current status, unless unknown or expired.
     async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError>;
+
+    /// The current statuses of many tasks at once, in the order of `ids`.
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<Option<TaskStatus>>, StorageError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.push(self.get(id).await?);
+        }
+        Ok(found)
+    }
 
     /// Waits until the task reaches a terminal state, at most `timeout`, and returns its status
     /// then: terminal, or the last one seen if the wait timed out (`None` if it never had one).

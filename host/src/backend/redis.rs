@@ -4,8 +4,10 @@
 //! Keys, inside the namespace: `result:ID` (the status as JSON, expiring with its TTL),
 //! `results` (a sorted set of ids by update time, for listing), `group:ID` (a hash) with
 //! `group:ID:members` (a set, for counting once) and `group:ID:order` (a list),
-//! `worker:ID` (a heartbeat, expiring) and `workers` (a set of ids). Every status write is
-//! published on `result:ID`; a waiter subscribes once per backend instance, by pattern.
+//! `worker:ID` (a heartbeat, expiring) and `workers` (ids by expiry, trimmed on each beat). Statuses are written by a
+//! script that leaves a terminal status alone, a batch per call; the ids that reached a
+//! terminal state are published together on `finished`, to which each backend instance with
+//! waiters subscribes once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +57,36 @@ end
 return 0
 ";
 
+/// Writes statuses unless the stored one is terminal; returns 1 or 0 per status, and publishes
+/// the ids that became terminal on `finished`. ARGV: namespace, TTL ms (0: none), then four
+/// fields per status: id, state, JSON, updated at.
+const SET_STATUSES: &str = r"
+local ns, ttl = ARGV[1], tonumber(ARGV[2])
+local terminal = {succeeded = true, failed = true, revoked = true}
+local out, finished = {}, {}
+for i = 3, #ARGV, 4 do
+  local id, state, json, updated = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = ns .. ':result:' .. id
+  local head = redis.call('GETRANGE', key, 0, 6 * #id + 64)
+  local stored = string.match(head, '\34state\34:\34(%a+)\34')
+  if stored and terminal[stored] then
+    out[#out + 1] = 0
+  else
+    if ttl > 0 then
+      redis.call('SET', key, json, 'PX', ttl)
+    else
+      redis.call('SET', key, json)
+    end
+    redis.call('ZADD', ns .. ':results', updated, id)
+    if terminal[state] then finished[#finished + 1] = id end
+    out[#out + 1] = 1
+  end
+end
+if ttl > 0 then redis.call('PEXPIRE', ns .. ':results', ttl) end
+if #finished > 0 then redis.call('PUBLISH', ns .. ':finished', table.concat(finished, '\n')) end
+return out
+";
+
 /// Drops from the listing index the oldest ids whose status has expired.
 /// KEYS: the index. ARGV: the status key prefix, how many of the oldest ids to look at.
 const PRUNE_INDEX: &str = r"
@@ -94,6 +126,7 @@ struct Inner {
     client: redis::Client,
     manager: ConnectionManager,
     options: RedisBackendOptions,
+    set_statuses: redis::Script,
     member_finished: redis::Script,
     claim_callback: redis::Script,
     prune_index: redis::Script,
@@ -124,6 +157,7 @@ impl RedisBackend {
                 client: connection.client,
                 manager: connection.manager,
                 options,
+                set_statuses: redis::Script::new(SET_STATUSES),
                 member_finished: redis::Script::new(MEMBER_FINISHED),
                 claim_callback: redis::Script::new(CLAIM_CALLBACK),
                 prune_index: redis::Script::new(PRUNE_INDEX),
@@ -157,8 +191,7 @@ impl RedisBackend {
     /// Starts the pub/sub listener once; it resubscribes after a dropped connection.
     fn listen(&self) {
         let weak = Arc::downgrade(&self.inner);
-        let pattern = self.key(&["result", "*"]);
-        let prefix_len = pattern.len() - 1;
+        let channel = self.key(&["finished"]);
         self.inner.listener.get_or_init(|| {
             tokio::spawn(async move {
                 loop {
@@ -173,21 +206,36 @@ impl RedisBackend {
                             continue;
                         }
                     };
-                    if pubsub.psubscribe(&pattern).await.is_err() {
+                    if pubsub.subscribe(&channel).await.is_err() {
                         continue;
                     }
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
                         let Some(inner) = weak.upgrade() else { return };
-                        let id = message.get_channel_name().get(prefix_len..).unwrap_or("");
+                        let Ok(ids) = message.get_payload::<String>() else {
+                            continue;
+                        };
                         let waiters = inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
-                        if let Some(waiter) = waiters.get(id) {
-                            waiter.notify_waiters();
+                        for id in ids.split('\n') {
+                            if let Some(waiter) = waiters.get(id) {
+                                waiter.notify_waiters();
+                            }
                         }
                     }
                 }
             })
         });
+    }
+
+    /// Registers a waiter for `id`; the guard removes it once its last holder is gone, even
+    /// when the wait is cancelled.
+    fn waiter(&self, id: &str) -> WaiterGuard {
+        let notify = self.waiters().entry(id.to_owned()).or_default().clone();
+        WaiterGuard {
+            inner: self.inner.clone(),
+            id: id.to_owned(),
+            notify,
+        }
     }
 
     async fn group_script(
@@ -212,6 +260,26 @@ impl RedisBackend {
     }
 }
 
+struct WaiterGuard {
+    inner: Arc<Inner>,
+    id: String,
+    notify: Arc<Notify>,
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        let mut waiters = self
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The map holds one reference and this guard another: no other wait shares it.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiters.remove(&self.id);
+        }
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis())
         .unwrap_or(u64::MAX)
@@ -220,7 +288,45 @@ fn millis(duration: Duration) -> u64 {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
-    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError> {
+    async fn set_many(
+        &self,
+        statuses: &[TaskStatus],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<bool>, StorageError> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = ttl.or(self.inner.options.ttls.result).map_or(0, millis);
+        let mut invocation = self.inner.set_statuses.prepare_invoke();
+        invocation.arg(&self.inner.options.namespace).arg(ttl);
+        for status in statuses {
+            invocation
+                .arg(&status.id)
+                .arg(status.state.as_str())
+                .arg(status.to_json())
+                .arg(status.updated_at.as_millis());
+        }
+        let written: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
+        let writes = statuses.len() as u64;
+        let before = self.inner.writes.fetch_add(writes, Ordering::Relaxed);
+        if before / PRUNE_EVERY_WRITES != (before + writes) / PRUNE_EVERY_WRITES {
+            let () = self
+                .inner
+                .prune_index
+                .key(self.key(&["results"]))
+                .arg(self.key(&["result", ""]))
+                .arg(PRUNE_BATCH)
+                .invoke_async(&mut self.conn())
+                .await?;
+        }
+        Ok(written.into_iter().map(|done| done == 1).collect())
+    }
+
+    async fn replace(
+        &self,
+        status: &TaskStatus,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
         let key = self.key(&["result", &status.id]);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -233,37 +339,32 @@ impl ResultBackend for RedisBackend {
                 .arg(millis(ttl)),
             None => pipe.cmd("SET").arg(&key).arg(status.to_json()),
         };
-        let index = self.key(&["results"]);
         pipe.ignore()
             .cmd("ZADD")
-            .arg(&index)
+            .arg(self.key(&["results"]))
             .arg(status.updated_at.as_millis())
             .arg(&status.id)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(&key)
-            .arg(status.state.as_str())
             .ignore();
-        // The listing index goes altogether when nothing was written for a default TTL.
-        if let Some(default_ttl) = self.inner.options.ttls.result {
-            pipe.cmd("PEXPIRE")
-                .arg(&index)
-                .arg(millis(default_ttl))
-                .ignore();
-        }
         let () = pipe.query_async(&mut self.conn()).await?;
-        let writes = self.inner.writes.fetch_add(1, Ordering::Relaxed);
-        if writes.is_multiple_of(PRUNE_EVERY_WRITES) {
-            let () = self
-                .inner
-                .prune_index
-                .key(&index)
-                .arg(self.key(&["result", ""]))
-                .arg(PRUNE_BATCH)
-                .invoke_async(&mut self.conn())
-                .await?;
-        }
         Ok(())
+    }
+
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<Option<TaskStatus>>, StorageError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.key(&["result", id])).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.conn())
+            .await?;
+        ids.iter()
+            .zip(texts)
+            .map(|(id, text)| {
+                text.map(|text| TaskStatus::from_json(id, &text))
+                    .transpose()
+            })
+            .collect()
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError> {
@@ -277,20 +378,15 @@ impl ResultBackend for RedisBackend {
 
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
         self.listen();
-        let waiter = self.waiters().entry(id.to_owned()).or_default().clone();
-        let outcome = crate::wait::until(
-            &waiter,
+        let waiter = self.waiter(id);
+        crate::wait::until(
+            &waiter.notify,
             timeout,
             WAIT_FALLBACK_POLL,
             || self.get(id),
             is_final,
         )
-        .await;
-        let mut waiters = self.waiters();
-        if waiters.get(id).is_some_and(|w| Arc::strong_count(w) <= 2) {
-            waiters.remove(id);
-        }
-        outcome
+        .await
     }
 
     async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {
@@ -438,6 +534,8 @@ impl ResultBackend for RedisBackend {
     ) -> Result<(), StorageError> {
         let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.heartbeat));
         let text = serde_json::to_string(heartbeat).expect("a heartbeat always serialises");
+        let now = Timestamp::now().as_millis();
+        let index = self.key(&["workers"]);
         let () = redis::pipe()
             .atomic()
             .cmd("SET")
@@ -446,9 +544,15 @@ impl ResultBackend for RedisBackend {
             .arg("PX")
             .arg(ttl)
             .ignore()
-            .cmd("SADD")
-            .arg(self.key(&["workers"]))
+            .cmd("ZADD")
+            .arg(&index)
+            .arg(now + ttl)
             .arg(&heartbeat.worker_id)
+            .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&index)
+            .arg("-inf")
+            .arg(now)
             .ignore()
             .query_async(&mut self.conn())
             .await?;
@@ -456,9 +560,10 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn workers(&self) -> Result<Vec<WorkerHeartbeat>, StorageError> {
-        let index = self.key(&["workers"]);
-        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&index)
+        let mut ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.key(&["workers"]))
+            .arg(Timestamp::now().as_millis())
+            .arg("+inf")
             .query_async(&mut self.conn())
             .await?;
         if ids.is_empty() {
@@ -471,23 +576,14 @@ impl ResultBackend for RedisBackend {
             .query_async(&mut self.conn())
             .await?;
         let mut alive = Vec::new();
-        let mut gone = Vec::new();
         for (id, text) in ids.into_iter().zip(texts) {
-            match text {
-                Some(text) => {
-                    alive.push(serde_json::from_str(&text).map_err(|e| {
+            if let Some(text) = text {
+                alive.push(
+                    serde_json::from_str(&text).map_err(|e| {
                         StorageError::corrupt(format!("heartbeat of worker {id}"), e)
-                    })?)
-                }
-                None => gone.push(id),
+                    })?,
+                );
             }
-        }
-        if !gone.is_empty() {
-            let () = redis::cmd("SREM")
-                .arg(&index)
-                .arg(&gone)
-                .query_async(&mut self.conn())
-                .await?;
         }
         Ok(alive)
     }

@@ -18,7 +18,8 @@ use super::{
     is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
-use crate::sqlite::{self, Periodic};
+use crate::sqlite;
+use crate::storage::Periodic;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
@@ -147,6 +148,38 @@ impl SqliteBackend {
     }
 }
 
+/// Writes a status. With `guard_now`, a stored terminal status that has not expired by then
+/// is left as it is; returns whether the row was written.
+async fn upsert(
+    conn: &mut sqlx::SqliteConnection,
+    namespace: &str,
+    status: &TaskStatus,
+    expires_at: Option<Timestamp>,
+    guard_now: Option<Timestamp>,
+) -> Result<bool, StorageError> {
+    let done = sqlx::query(
+        "INSERT INTO stem_task_results (namespace, id, state, task, status, updated_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (namespace, id) DO UPDATE SET
+             state = excluded.state, task = excluded.task, status = excluded.status,
+             updated_at = excluded.updated_at, expires_at = excluded.expires_at
+         WHERE ?8 IS NULL
+            OR stem_task_results.state NOT IN ('succeeded', 'failed', 'revoked')
+            OR stem_task_results.expires_at <= ?8",
+    )
+    .bind(namespace)
+    .bind(&status.id)
+    .bind(status.state.as_str())
+    .bind(&status.task)
+    .bind(status.to_json())
+    .bind(status.updated_at.as_sql())
+    .bind(expires_at.map(Timestamp::as_sql))
+    .bind(guard_now.map(Timestamp::as_sql))
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// Deletes every expired row.
 async fn clean(pool: SqlitePool) {
     let now = Timestamp::now().as_sql();
@@ -179,25 +212,32 @@ async fn clean(pool: SqlitePool) {
 
 #[async_trait]
 impl ResultBackend for SqliteBackend {
-    async fn set(&self, status: &TaskStatus, ttl: Option<Duration>) -> Result<(), StorageError> {
+    async fn set_many(
+        &self,
+        statuses: &[TaskStatus],
+        ttl: Option<Duration>,
+    ) -> Result<Vec<bool>, StorageError> {
         let now = Timestamp::now();
         let expires_at = self.ttls().result_expiry(ttl, now);
-        sqlx::query(
-            "INSERT INTO stem_task_results (namespace, id, state, task, status, updated_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (namespace, id) DO UPDATE SET
-                 state = excluded.state, task = excluded.task, status = excluded.status,
-                 updated_at = excluded.updated_at, expires_at = excluded.expires_at",
-        )
-        .bind(self.namespace())
-        .bind(&status.id)
-        .bind(status.state.as_str())
-        .bind(&status.task)
-        .bind(status.to_json())
-        .bind(status.updated_at.as_sql())
-        .bind(expires_at.map(Timestamp::as_sql))
-        .execute(self.pool())
-        .await?;
+        let mut written = Vec::with_capacity(statuses.len());
+        let mut tx = self.pool().begin().await?;
+        for status in statuses {
+            let done = upsert(&mut tx, self.namespace(), status, expires_at, Some(now)).await?;
+            written.push(done);
+        }
+        tx.commit().await?;
+        self.inner.changed.notify_waiters();
+        Ok(written)
+    }
+
+    async fn replace(
+        &self,
+        status: &TaskStatus,
+        ttl: Option<Duration>,
+    ) -> Result<(), StorageError> {
+        let expires_at = self.ttls().result_expiry(ttl, Timestamp::now());
+        let mut conn = self.pool().acquire().await?;
+        upsert(&mut conn, self.namespace(), status, expires_at, None).await?;
         self.inner.changed.notify_waiters();
         Ok(())
     }

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
-    undecodable_reason, validate_all,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
+    undecodable_reason, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::storage::StorageError;
@@ -199,31 +199,17 @@ impl MemoryBroker {
         }
         (deliveries, next_visible)
     }
-
-    /// Runs `change` on the entry `receipt` leases, unless another delivery has replaced that
-    /// lease since.
-    fn with_leased<T>(
-        &self,
-        receipt: &Receipt,
-        change: impl FnOnce(&mut State, &QueueKey, u64) -> T,
-    ) -> Result<T, StorageError> {
-        let lost = || StorageError::LeaseLost(receipt.entry.clone());
-        let id: u64 = receipt.entry.parse().map_err(|_| lost())?;
-        let key = self.key(&receipt.queue);
-        let mut state = self.lock();
-        let held = state
-            .queues
-            .get(&key)
-            .and_then(|q| q.get(id))
-            .is_some_and(|entry| entry.lease_token.as_deref() == Some(receipt.token.as_str()));
-        if !held {
-            return Err(lost());
-        }
-        Ok(change(&mut state, &key, id))
-    }
 }
 
 impl State {
+    /// The id of the entry `receipt` leases, unless another delivery has replaced that lease
+    /// since or the entry is gone.
+    fn leased_id(&self, key: &QueueKey, receipt: &Receipt) -> Option<u64> {
+        let id: u64 = receipt.entry.parse().ok()?;
+        let entry = self.queues.get(key)?.get(id)?;
+        (entry.lease_token.as_deref() == Some(receipt.token.as_str())).then_some(id)
+    }
+
     fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -330,22 +316,58 @@ impl Broker for MemoryBroker {
         }
     }
 
-    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
-        self.with_leased(receipt, |state, key, id| {
-            state.queues.get_mut(key).and_then(|q| q.remove(id));
-        })
-    }
-
-    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
-        let visible_at = Timestamp::now().saturating_add(delay);
-        self.with_leased(receipt, |state, key, id| {
-            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.get_mut(id)) {
-                entry.lease_token = None;
-                entry.visible_at = visible_at;
+    async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {
+        validate_settles(batch)?;
+        let now = Timestamp::now();
+        let mut state = self.lock();
+        let mut held = Vec::with_capacity(batch.len());
+        for (receipt, settle) in batch {
+            let key = self.key(&receipt.queue);
+            let Some(id) = state.leased_id(&key, receipt) else {
+                held.push(false);
+                continue;
+            };
+            let queue = state
+                .queues
+                .get_mut(&key)
+                .expect("the lease was just found");
+            match settle {
+                Settle::Ack => {
+                    queue.remove(id);
+                }
+                Settle::Release(delay) => {
+                    let entry = queue.get_mut(id).expect("the lease was just found");
+                    entry.lease_token = None;
+                    entry.visible_at = now.saturating_add(*delay);
+                    entry.deliveries = entry.deliveries.saturating_sub(1);
+                }
+                Settle::Retry { next, delay } => {
+                    queue.remove(id);
+                    queue.insert(
+                        id,
+                        next.priority,
+                        now.saturating_add(*delay),
+                        next.to_json(),
+                    );
+                }
+                Settle::DeadLetter(reason) => {
+                    let entry = queue.remove(id).expect("the lease was just found");
+                    let queue = receipt.queue.clone();
+                    state.bury(
+                        &self.namespace,
+                        queue,
+                        id,
+                        entry.payload,
+                        reason.clone(),
+                        now,
+                    );
+                }
             }
-        })?;
+            held.push(true);
+        }
+        drop(state);
         self.shared.changed.notify_waiters();
-        Ok(())
+        Ok(held)
     }
 
     async fn extend_lease(
@@ -354,29 +376,15 @@ impl Broker for MemoryBroker {
         lease: Duration,
     ) -> Result<Timestamp, StorageError> {
         let leased_until = Timestamp::now().saturating_add(lease);
-        self.with_leased(receipt, |state, key, id| {
-            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.get_mut(id)) {
-                entry.visible_at = leased_until;
-            }
-        })?;
+        let key = self.key(&receipt.queue);
+        let mut state = self.lock();
+        let id = state
+            .leased_id(&key, receipt)
+            .ok_or_else(|| StorageError::LeaseLost(receipt.entry.clone()))?;
+        if let Some(entry) = state.queues.get_mut(&key).and_then(|q| q.get_mut(id)) {
+            entry.visible_at = leased_until;
+        }
         Ok(leased_until)
-    }
-
-    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
-        let namespace = self.namespace.clone();
-        self.with_leased(receipt, |state, key, id| {
-            if let Some(entry) = state.queues.get_mut(key).and_then(|q| q.remove(id)) {
-                let queue = key.1.clone();
-                state.bury(
-                    &namespace,
-                    queue,
-                    id,
-                    entry.payload,
-                    reason.to_owned(),
-                    Timestamp::now(),
-                );
-            }
-        })
     }
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {

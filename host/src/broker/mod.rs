@@ -6,9 +6,11 @@
 //! - Publish an [`Envelope`] to its queue. Priorities run 0–9, higher first, FIFO within a
 //!   priority; `not_before` delays delivery.
 //! - [`Broker::consume`] leases up to `max` entries from one or more queues for a visibility
-//!   timeout. A delivery is [acked](Broker::ack) when done, [nacked](Broker::nack) to be
-//!   retried after a delay, or [extended](Broker::extend_lease) while it runs. A delivery
-//!   whose lease runs out is delivered again: delivery is at least once.
+//!   timeout. A delivery is [extended](Broker::extend_lease) while it runs, then
+//!   [settled](Broker::settle_many): acked, released to be delivered again after a delay,
+//!   replaced by its next attempt, or dead-lettered ([`Settle`]), each only while the lease
+//!   holds. A delivery whose lease runs out is delivered again: delivery is at least once,
+//!   and [`Delivery::deliveries`] counts how often that happened.
 //! - Entries that cannot be run go to the dead-letter queue with a reason, either because the
 //!   worker says so or because the stored entry cannot be decoded (the consumer carries on).
 //! - Broadcast channels fan a message out to every current subscriber (worker control).
@@ -28,7 +30,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, EnvelopeError};
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
@@ -76,9 +78,31 @@ pub struct Receipt {
 pub struct Delivery {
     pub envelope: Envelope,
     pub receipt: Receipt,
-    /// 1 on the first delivery of this entry, then counts redeliveries.
+    /// 1 on the first delivery of this attempt, then counts deliveries whose lease ran out
+    /// without being settled (a crashed or stuck worker). Releases do not count; a retry
+    /// starts again from 1. Workers dead-letter an entry past their delivery cap.
     pub deliveries: u32,
     pub leased_until: Timestamp,
+}
+
+/// What becomes of a leased entry when its delivery is settled. Every variant applies only
+/// while the receipt still holds the lease, and atomically: no interleaving of consumers can
+/// leave both an entry and its replacement, or neither.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settle {
+    /// Remove the entry for good.
+    Ack,
+    /// Give the entry back, to be delivered again after the delay. Not counted as a delivery:
+    /// the worker chose not to run it (a rate limit, a missing component, a shutdown).
+    Release(Duration),
+    /// Replace the entry with its next attempt, delivered after the delay, its delivery count
+    /// starting again from zero. The envelope must keep the entry's queue and validate.
+    Retry {
+        next: Box<Envelope>,
+        delay: Duration,
+    },
+    /// Move the entry to the dead-letter queue with the reason.
+    DeadLetter(String),
 }
 
 /// An entry in the dead-letter queue.
@@ -235,11 +259,37 @@ pub trait Broker: Send + Sync {
         options: &ConsumeOptions,
     ) -> Result<Vec<Delivery>, StorageError>;
 
-    /// Removes a delivered entry for good.
-    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError>;
+    /// Settles many deliveries at once, each only if its receipt still holds the lease:
+    /// `Ok(true)` for those settled, `Ok(false)` for those whose lease was lost (that entry
+    /// is left alone). Adapters apply a batch in one round trip or one transaction.
+    async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError>;
 
-    /// Gives a delivered entry back, to be delivered again after `delay`.
-    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError>;
+    /// Settles one delivery; [`StorageError::LeaseLost`] if its lease was lost.
+    async fn settle(&self, receipt: &Receipt, settle: Settle) -> Result<(), StorageError> {
+        let held = self.settle_many(&[(receipt.clone(), settle)]).await?;
+        if held.first() == Some(&true) {
+            Ok(())
+        } else {
+            Err(StorageError::LeaseLost(receipt.entry.clone()))
+        }
+    }
+
+    /// Removes a delivered entry for good.
+    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
+        self.settle(receipt, Settle::Ack).await
+    }
+
+    /// Gives a delivered entry back, to be delivered again after `delay`. The delivery is not
+    /// counted: [`Delivery::deliveries`] of the next delivery is the same.
+    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
+        self.settle(receipt, Settle::Release(delay)).await
+    }
+
+    /// Moves a delivered entry to the dead-letter queue.
+    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
+        self.settle(receipt, Settle::DeadLetter(reason.to_owned()))
+            .await
+    }
 
     /// Keeps a delivery leased for `lease` from now.
     async fn extend_lease(
@@ -247,9 +297,6 @@ pub trait Broker: Send + Sync {
         receipt: &Receipt,
         lease: Duration,
     ) -> Result<Timestamp, StorageError>;
-
-    /// Moves a delivered entry to the dead-letter queue.
-    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError>;
 
     /// Dead letters, oldest first.
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError>;
@@ -299,6 +346,22 @@ pub trait Broker: Send + Sync {
 
     /// Receives what is broadcast on `channel` from now on.
     async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError>;
+}
+
+/// Checks the envelopes of a settle batch's retries before any of the batch is applied.
+pub(crate) fn validate_settles(batch: &[(Receipt, Settle)]) -> Result<(), StorageError> {
+    for (receipt, settle) in batch {
+        if let Settle::Retry { next, .. } = settle {
+            next.validate()?;
+            if next.queue != receipt.queue {
+                return Err(StorageError::InvalidEnvelope(EnvelopeError::QueueChanged {
+                    from: receipt.queue.clone(),
+                    to: next.queue.clone(),
+                }));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks a whole batch before any of it is stored.

@@ -3,17 +3,24 @@
 //! Keys, inside the namespace (`q` a queue, `p` a priority 0–9):
 //! - `q:Q:P`: a stream per queue and priority, read through the consumer group `stem`; each
 //!   entry holds `e` (the envelope JSON) and `d` (how often it was delivered before).
+//! - `ready:Q`: a hash of priority → entries not yet read, so a consume reads only the lanes
+//!   that hold new entries instead of probing all ten (an idle look probes them all, which
+//!   also heals a count that went wrong).
 //! - `delayed:Q` (sorted by due time) and `delayed:Q:data`: entries waiting for `not_before`
-//!   or a nack delay; every consume moves the due ones into their stream.
+//!   or a release delay; every consume moves the due ones into their stream.
 //! - `leases:Q` (sorted by lease deadline) and `lease:Q` (lease token and delivery count),
 //!   keyed by `P-ENTRYID`: a lease is extended by moving its deadline, and an expired one is
 //!   taken over with `XCLAIM` by the next consumer, with a fresh token.
-//! - `dead`, `dead:data`, `dead:seq`: dead letters in order; `queues`: known queue names.
+//! - `dead`, `dead:data`, `dead:seq`: dead letters in order; `dead:count`: per queue;
+//!   `queues`: known queue names (pruned when a queue is empty).
 //! - Pub/sub: `wake` (a publish wakes waiting consumers at once) and `broadcast:CHANNEL`.
 //!
 //! Every state change of an entry is one Lua script, so no interleaving of consumers can
-//! deliver an entry twice within a lease or lose it. The scripts name their keys from the
-//! namespace, so they suit one Redis server (or a replicated pair), not Redis Cluster.
+//! deliver an entry twice within a lease or lose it. Scripts take the time from the server
+//! (`TIME`), so clocks of worker hosts do not matter. A settle batch is one script call. The
+//! scripts name their keys from the namespace, so they suit one Redis server (or a replicated
+//! pair), not Redis Cluster. Queue names cannot contain `:` (see
+//! [`crate::envelope::is_valid_queue_name`]), so no two queues share a key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -26,11 +33,11 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
-    undecodable_reason, validate_all,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
+    undecodable_reason, validate_all, validate_settles,
 };
 use crate::envelope::{Envelope, MAX_PRIORITY};
-use crate::storage::StorageError;
+use crate::storage::{Periodic, StorageError};
 use crate::time::Timestamp;
 
 const GROUP: &str = "stem";
@@ -39,12 +46,17 @@ const GROUP: &str = "stem";
 /// expired leases are found this way.
 const POLL: Duration = Duration::from_millis(50);
 
+/// The server's clock in milliseconds, as a Lua prelude.
+const NOW: &str = "local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
 /// Moves due delayed entries into their streams, takes over expired leases, then reads new
-/// entries by priority. Returns `{queue, member, deliveries, payload}` per delivery.
-/// ARGV: namespace, group, consumer, now, lease ms, max, token, queues...
+/// entries by priority. Returns `{now, {{queue, member, deliveries, payload}...}}`.
+/// ARGV: namespace, group, consumer, lease ms, max, token, all lanes (1/0), queues...
 const CONSUME: &str = r"
 local ns, group, consumer = ARGV[1], ARGV[2], ARGV[3]
-local now, lease, max, token = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local lease, max, token, all_lanes = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local queues = {}
 for i = 8, #ARGV do queues[#queues + 1] = ARGV[i] end
 local out = {}
@@ -63,6 +75,7 @@ for _, q in ipairs(queues) do
     if data then
       local p, d, payload = string.match(data, '^(%d)|(%d+)|(.*)$')
       redis.call('XADD', stream(q, p), '*', 'd', d, 'e', payload)
+      redis.call('HINCRBY', ns .. ':ready:' .. q, p, 1)
     end
     redis.call('ZREM', delayed, id)
     redis.call('HDEL', delayed .. ':data', id)
@@ -73,9 +86,9 @@ for _, q in ipairs(queues) do
   local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, max - #out)) do
     local p, id = string.match(member, '^(%d)-(.*)$')
-    local claimed = redis.call('XCLAIM', stream(q, p), group, consumer, 0, id)
+    local claimed = redis.pcall('XCLAIM', stream(q, p), group, consumer, 0, id)
     local info = redis.call('HGET', info_key, member)
-    if claimed[1] and claimed[1][2] and info then
+    if type(claimed) == 'table' and not claimed.err and claimed[1] and claimed[1][2] and info then
       local d = tonumber(string.match(info, '|(%d+)$')) + 1
       lease_it(q, member, d)
       out[#out + 1] = {q, member, d, field(claimed[1][2], 'e') or ''}
@@ -85,86 +98,128 @@ for _, q in ipairs(queues) do
     end
   end
 end
+local lanes = {}
+for _, q in ipairs(queues) do
+  local ready = {}
+  if all_lanes then
+    for p = 0, 9 do ready[tostring(p)] = 1 end
+  else
+    local counts = redis.call('HGETALL', ns .. ':ready:' .. q)
+    for i = 1, #counts, 2 do ready[counts[i]] = tonumber(counts[i + 1]) end
+  end
+  lanes[q] = ready
+end
 for p = 9, 0, -1 do
+  local lane = tostring(p)
   for _, q in ipairs(queues) do
-    if #out >= max then return out end
-    local s = stream(q, p)
-    if redis.call('EXISTS', s) == 1 then
+    if #out >= max then return {now, out} end
+    if lanes[q][lane] and (not all_lanes or redis.call('EXISTS', stream(q, p)) == 1) then
+      local s, counter = stream(q, p), ns .. ':ready:' .. q
       local read = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max - #out, 'STREAMS', s, '>')
       if type(read) == 'table' and read.err then
-        redis.call('XGROUP', 'CREATE', s, group, '0')
+        redis.call('XGROUP', 'CREATE', s, group, '0', 'MKSTREAM')
         read = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max - #out, 'STREAMS', s, '>')
       end
-      if read then
-        for _, entry in ipairs(read[1][2]) do
-          local member = p .. '-' .. entry[1]
-          local d = tonumber(field(entry[2], 'd') or '0') + 1
-          lease_it(q, member, d)
-          out[#out + 1] = {q, member, d, field(entry[2], 'e') or ''}
-        end
+      local entries = read and read[1] and read[1][2] or {}
+      for _, entry in ipairs(entries) do
+        local member = p .. '-' .. entry[1]
+        local d = tonumber(field(entry[2], 'd') or '0') + 1
+        lease_it(q, member, d)
+        out[#out + 1] = {q, member, d, field(entry[2], 'e') or ''}
+      end
+      if #out < max or #entries == 0 then
+        redis.call('HDEL', counter, lane)
+      elseif redis.call('HINCRBY', counter, lane, -#entries) <= 0 then
+        redis.call('HDEL', counter, lane)
       end
     end
   end
 end
+return {now, out}
+";
+
+/// Settles a batch of leased entries, each only if its token still holds it. Returns 1 or 0
+/// per entry. ARGV: namespace, group, then seven fields per entry: queue, member, token, op
+/// (`ack`, `release`, `retry`, `dead`), delay ms, reason or next envelope, next priority.
+const SETTLE: &str = r"
+local ns, group = ARGV[1], ARGV[2]
+local out, wake = {}, false
+local function requeue(q, p, d, payload, delay, id)
+  if delay <= 0 then
+    redis.call('XADD', ns .. ':q:' .. q .. ':' .. p, '*', 'd', d, 'e', payload)
+    redis.call('HINCRBY', ns .. ':ready:' .. q, p, 1)
+    wake = true
+  else
+    local delayed = ns .. ':delayed:' .. q
+    redis.call('HSET', delayed .. ':data', id, p .. '|' .. d .. '|' .. payload)
+    redis.call('ZADD', delayed, now + delay, id)
+  end
+end
+for i = 3, #ARGV, 7 do
+  local q, member, token, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local amount, text, next_p = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
+  local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
+  local info = redis.call('HGET', info_key, member)
+  if not info or string.match(info, '^(.*)|') ~= token then
+    out[#out + 1] = 0
+  else
+    local p, id = string.match(member, '^(%d)-(.*)$')
+    local s = ns .. ':q:' .. q .. ':' .. p
+    local payload = ''
+    if op == 'release' or op == 'dead' then
+      local entry = redis.call('XRANGE', s, id, id)[1]
+      if entry then
+        for j = 1, #entry[2], 2 do if entry[2][j] == 'e' then payload = entry[2][j + 1] end end
+      end
+    end
+    redis.call('XACK', s, group, id)
+    redis.call('XDEL', s, id)
+    redis.call('ZREM', leases, member)
+    redis.call('HDEL', info_key, member)
+    if op == 'release' then
+      local d = tonumber(string.match(info, '|(%d+)$'))
+      requeue(q, p, math.max(d - 1, 0), payload, amount, member)
+    elseif op == 'retry' then
+      requeue(q, next_p, 0, text, amount, member)
+    elseif op == 'dead' then
+      local seq = redis.call('INCR', ns .. ':dead:seq')
+      redis.call('HSET', ns .. ':dead:data', seq,
+        cjson.encode({queue = q, reason = text, payload = payload, dead_at = now}))
+      redis.call('ZADD', ns .. ':dead', seq, seq)
+      redis.call('HINCRBY', ns .. ':dead:count', q, 1)
+    end
+    out[#out + 1] = 1
+  end
+end
+if wake then redis.call('PUBLISH', ns .. ':wake', 'settled') end
 return out
 ";
 
-/// Acts on a leased entry if the token still holds it: `ack`, `nack`, `extend` or `dead`.
-/// ARGV: namespace, group, queue, member, token, op, delay or lease ms, now, reason, new id.
-const SETTLE: &str = r"
-local ns, group, q, member, token, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local amount, now = tonumber(ARGV[7]), tonumber(ARGV[8])
-local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
-local info = redis.call('HGET', info_key, member)
+/// Moves a lease's deadline if the token still holds it; returns the new deadline or 0.
+/// ARGV: namespace, queue, member, token, lease ms.
+const EXTEND: &str = r"
+local ns, q, member, token, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local info = redis.call('HGET', ns .. ':lease:' .. q, member)
 if not info or string.match(info, '^(.*)|') ~= token then return 0 end
-if op == 'extend' then
-  redis.call('ZADD', leases, now + amount, member)
-  return 1
-end
-local p, id = string.match(member, '^(%d)-(.*)$')
-local s = ns .. ':q:' .. q .. ':' .. p
-local payload = ''
-local entry = redis.call('XRANGE', s, id, id)[1]
-if entry then
-  for i = 1, #entry[2], 2 do if entry[2][i] == 'e' then payload = entry[2][i + 1] end end
-end
-redis.call('XACK', s, group, id)
-redis.call('XDEL', s, id)
-redis.call('ZREM', leases, member)
-redis.call('HDEL', info_key, member)
-if op == 'nack' then
-  local d = string.match(info, '|(%d+)$')
-  if amount <= 0 then
-    redis.call('XADD', s, '*', 'd', d, 'e', payload)
-  else
-    local delayed = ns .. ':delayed:' .. q
-    redis.call('HSET', delayed .. ':data', ARGV[10], p .. '|' .. d .. '|' .. payload)
-    redis.call('ZADD', delayed, now + amount, ARGV[10])
-  end
-  redis.call('PUBLISH', ns .. ':wake', q)
-elseif op == 'dead' then
-  local seq = redis.call('INCR', ns .. ':dead:seq')
-  redis.call('HSET', ns .. ':dead:data', seq,
-    cjson.encode({queue = q, reason = ARGV[9], payload = payload, dead_at = now}))
-  redis.call('ZADD', ns .. ':dead', seq, seq)
-end
-return 1
+redis.call('ZADD', ns .. ':leases:' .. q, now + lease, member)
+return now + lease
 ";
 
-/// `{ready, delayed, in flight}` of one queue. ARGV: namespace, queue, now.
+/// `{ready, delayed, in flight, dead}` of one queue. ARGV: namespace, queue.
 const STATS: &str = r"
-local ns, q, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local ns, q = ARGV[1], ARGV[2]
 local stored = 0
 for p = 0, 9 do stored = stored + redis.call('XLEN', ns .. ':q:' .. q .. ':' .. p) end
 local leased = redis.call('ZCARD', ns .. ':leases:' .. q)
 local expired = redis.call('ZCOUNT', ns .. ':leases:' .. q, '-inf', now)
-return {stored - leased + expired, redis.call('ZCARD', ns .. ':delayed:' .. q), leased - expired}
+local dead = tonumber(redis.call('HGET', ns .. ':dead:count', q) or '0')
+return {stored - leased + expired, redis.call('ZCARD', ns .. ':delayed:' .. q), leased - expired, dead}
 ";
 
 /// Deletes every entry of a queue that is not leased now; returns how many.
-/// ARGV: namespace, group, queue, now.
+/// ARGV: namespace, group, queue.
 const PURGE: &str = r"
-local ns, group, q, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ns, group, q = ARGV[1], ARGV[2], ARGV[3]
 local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
 local purged = 0
 for p = 0, 9 do
@@ -181,10 +236,68 @@ for p = 0, 9 do
     end
   end
 end
+redis.call('DEL', ns .. ':ready:' .. q)
 local delayed = ns .. ':delayed:' .. q
 purged = purged + redis.call('ZCARD', delayed)
 redis.call('DEL', delayed, delayed .. ':data')
 return purged
+";
+
+/// Deletes dead letters by id, keeping the per-queue counts; returns how many there were.
+/// ARGV: namespace, ids...
+const DELETE_DEAD: &str = r"
+local ns = ARGV[1]
+local removed = 0
+for i = 2, #ARGV do
+  local text = redis.call('HGET', ns .. ':dead:data', ARGV[i])
+  if text then
+    local ok, letter = pcall(cjson.decode, text)
+    if ok and type(letter) == 'table' and letter.queue then
+      if redis.call('HINCRBY', ns .. ':dead:count', letter.queue, -1) <= 0 then
+        redis.call('HDEL', ns .. ':dead:count', letter.queue)
+      end
+    end
+    redis.call('HDEL', ns .. ':dead:data', ARGV[i])
+    removed = removed + 1
+  end
+  redis.call('ZREM', ns .. ':dead', ARGV[i])
+end
+return removed
+";
+
+/// Upkeep: deletes up to 100 dead letters older than the retention (oldest first), and forgets
+/// queue names that hold nothing. Returns how many dead letters went.
+/// ARGV: namespace, retention ms (0 keeps dead letters).
+const SWEEP: &str = r"
+local ns, retention = ARGV[1], tonumber(ARGV[2])
+local removed = 0
+if retention > 0 then
+  for _, seq in ipairs(redis.call('ZRANGE', ns .. ':dead', 0, 99)) do
+    local text = redis.call('HGET', ns .. ':dead:data', seq)
+    local ok, letter = pcall(cjson.decode, text or '')
+    if ok and type(letter) == 'table' and tonumber(letter.dead_at) and letter.dead_at >= now - retention then
+      break
+    end
+    if ok and type(letter) == 'table' and letter.queue then
+      if redis.call('HINCRBY', ns .. ':dead:count', letter.queue, -1) <= 0 then
+        redis.call('HDEL', ns .. ':dead:count', letter.queue)
+      end
+    end
+    redis.call('ZREM', ns .. ':dead', seq)
+    redis.call('HDEL', ns .. ':dead:data', seq)
+    removed = removed + 1
+  end
+end
+for _, q in ipairs(redis.call('SMEMBERS', ns .. ':queues')) do
+  local stored = 0
+  for p = 0, 9 do stored = stored + redis.call('XLEN', ns .. ':q:' .. q .. ':' .. p) end
+  if stored == 0 and redis.call('ZCARD', ns .. ':delayed:' .. q) == 0
+     and redis.call('ZCARD', ns .. ':leases:' .. q) == 0
+     and not redis.call('HGET', ns .. ':dead:count', q) then
+    redis.call('SREM', ns .. ':queues', q)
+  end
+end
+return removed
 ";
 
 /// Tuning for [`RedisBroker::connect`].
@@ -193,6 +306,10 @@ pub struct RedisBrokerOptions {
     pub namespace: String,
     /// The lease of a delivery when the consumer does not ask for one.
     pub visibility_timeout: Duration,
+    /// How often old dead letters are deleted and empty queue names forgotten.
+    pub sweeper_interval: Duration,
+    /// How long dead letters are kept; `None` keeps them until purged.
+    pub dead_letter_retention: Option<Duration>,
 }
 
 impl Default for RedisBrokerOptions {
@@ -200,6 +317,8 @@ impl Default for RedisBrokerOptions {
         RedisBrokerOptions {
             namespace: DEFAULT_NAMESPACE.to_owned(),
             visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
+            sweeper_interval: Duration::from_secs(60),
+            dead_letter_retention: Some(Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -210,19 +329,42 @@ pub struct RedisBroker {
     inner: Arc<Inner>,
 }
 
+struct Scripts {
+    consume: redis::Script,
+    settle: redis::Script,
+    extend: redis::Script,
+    stats: redis::Script,
+    purge: redis::Script,
+    delete_dead: redis::Script,
+    sweep: redis::Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        let timed = |body: &str| redis::Script::new(&format!("{NOW}{body}"));
+        Scripts {
+            consume: timed(CONSUME),
+            settle: timed(SETTLE),
+            extend: timed(EXTEND),
+            stats: timed(STATS),
+            purge: timed(PURGE),
+            delete_dead: redis::Script::new(DELETE_DEAD),
+            sweep: timed(SWEEP),
+        }
+    }
+}
+
 struct Inner {
     client: redis::Client,
     manager: ConnectionManager,
     options: RedisBrokerOptions,
     /// This instance's consumer name in the group.
     consumer: String,
-    consume: redis::Script,
-    settle: redis::Script,
-    stats: redis::Script,
-    purge: redis::Script,
+    scripts: Scripts,
     /// Woken by publishes anywhere, through the `wake` channel.
     woken: Arc<Notify>,
     listener: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    _sweeper: Periodic,
 }
 
 impl Drop for Inner {
@@ -248,18 +390,36 @@ impl RedisBroker {
         options: RedisBrokerOptions,
     ) -> Result<RedisBroker, StorageError> {
         let connection = crate::redis::connect(url).await?;
+        let sweeper = {
+            let manager = connection.manager.clone();
+            let namespace = options.namespace.clone();
+            let retention = options.dead_letter_retention.unwrap_or(Duration::ZERO);
+            let sweep = Scripts::new().sweep;
+            Periodic::spawn(options.sweeper_interval, move || {
+                let (mut manager, namespace, sweep) =
+                    (manager.clone(), namespace.clone(), sweep.clone());
+                async move {
+                    let swept: Result<u64, _> = sweep
+                        .arg(&namespace)
+                        .arg(retention.as_millis() as u64)
+                        .invoke_async(&mut manager)
+                        .await;
+                    if let Err(error) = swept {
+                        tracing::warn!(%error, "sweeping old dead letters failed");
+                    }
+                }
+            })
+        };
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 client: connection.client,
                 manager: connection.manager,
                 options,
                 consumer: uuid::Uuid::new_v4().simple().to_string(),
-                consume: redis::Script::new(CONSUME),
-                settle: redis::Script::new(SETTLE),
-                stats: redis::Script::new(STATS),
-                purge: redis::Script::new(PURGE),
+                scripts: Scripts::new(),
                 woken: Arc::new(Notify::new()),
                 listener: std::sync::OnceLock::new(),
+                _sweeper: sweeper,
             }),
         })
     }
@@ -307,29 +467,44 @@ impl RedisBroker {
         });
     }
 
+    /// Leases what is ready now. The first look reads only the lanes known to hold new
+    /// entries; when that finds nothing, a second look probes every lane.
     async fn take_ready(
         &self,
         queues: &[String],
         max: usize,
         lease: Duration,
     ) -> Result<Vec<Delivery>, StorageError> {
-        let now = Timestamp::now();
+        let found = self.take_ready_from(queues, max, lease, false).await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        self.take_ready_from(queues, max, lease, true).await
+    }
+
+    async fn take_ready_from(
+        &self,
+        queues: &[String],
+        max: usize,
+        lease: Duration,
+        all_lanes: bool,
+    ) -> Result<Vec<Delivery>, StorageError> {
         let token = new_lease_token();
-        let mut invocation = self.inner.consume.prepare_invoke();
+        let mut invocation = self.inner.scripts.consume.prepare_invoke();
         invocation
             .arg(self.namespace())
             .arg(GROUP)
             .arg(&self.inner.consumer)
-            .arg(now.as_millis())
             .arg(lease.as_millis() as u64)
             .arg(max)
-            .arg(&token);
+            .arg(&token)
+            .arg(if all_lanes { "1" } else { "0" });
         for queue in queues {
             invocation.arg(queue);
         }
-        let rows: Vec<(String, String, u32, String)> =
+        let (now, rows): (u64, Vec<(String, String, u32, String)>) =
             invocation.invoke_async(&mut self.conn()).await?;
-        let leased_until = now.saturating_add(lease);
+        let leased_until = Timestamp::from_millis(now).saturating_add(lease);
         let mut deliveries = Vec::with_capacity(rows.len());
         for (queue, member, count, payload) in rows {
             let receipt = Receipt {
@@ -357,35 +532,6 @@ impl RedisBroker {
             }
         }
         Ok(deliveries)
-    }
-
-    async fn settle(
-        &self,
-        receipt: &Receipt,
-        op: &str,
-        amount: Duration,
-        reason: &str,
-    ) -> Result<(), StorageError> {
-        let done: i64 = self
-            .inner
-            .settle
-            .arg(self.namespace())
-            .arg(GROUP)
-            .arg(&receipt.queue)
-            .arg(&receipt.entry)
-            .arg(&receipt.token)
-            .arg(op)
-            .arg(amount.as_millis() as u64)
-            .arg(Timestamp::now().as_millis())
-            .arg(reason)
-            .arg(uuid::Uuid::new_v4().simple().to_string())
-            .invoke_async(&mut self.conn())
-            .await?;
-        if done == 1 {
-            Ok(())
-        } else {
-            Err(StorageError::LeaseLost(receipt.entry.clone()))
-        }
     }
 
     async fn all_dead(&self) -> Result<Vec<DeadLetter>, StorageError> {
@@ -419,18 +565,6 @@ impl RedisBroker {
         }
         Ok(letters)
     }
-
-    async fn counts(&self, queue: &str) -> Result<(u64, u64, u64), StorageError> {
-        let (ready, delayed, in_flight): (i64, u64, u64) = self
-            .inner
-            .stats
-            .arg(self.namespace())
-            .arg(queue)
-            .arg(Timestamp::now().as_millis())
-            .invoke_async(&mut self.conn())
-            .await?;
-        Ok((u64::try_from(ready).unwrap_or(0), delayed, in_flight))
-    }
 }
 
 #[async_trait]
@@ -443,6 +577,7 @@ impl Broker for RedisBroker {
         let now = Timestamp::now();
         let mut pipe = redis::pipe();
         pipe.atomic();
+        let mut lanes: HashMap<(&str, u8), u64> = HashMap::new();
         for envelope in envelopes {
             let queue = &envelope.queue;
             let ready_at = envelope.ready_at(now);
@@ -468,9 +603,23 @@ impl Broker for RedisBroker {
                     .arg("e")
                     .arg(envelope.to_json())
                     .ignore();
+                *lanes.entry((queue, envelope.priority)).or_default() += 1;
             }
-            pipe.cmd("SADD").arg(self.key("queues")).arg(queue).ignore();
         }
+        let mut queues: Vec<&str> = envelopes.iter().map(|e| e.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for ((queue, priority), count) in lanes {
+            pipe.cmd("HINCRBY")
+                .arg(self.key(&format!("ready:{queue}")))
+                .arg(priority)
+                .arg(count)
+                .ignore();
+        }
+        pipe.cmd("SADD")
+            .arg(self.key("queues"))
+            .arg(&queues)
+            .ignore();
         pipe.cmd("PUBLISH")
             .arg(self.key("wake"))
             .arg("published")
@@ -504,12 +653,31 @@ impl Broker for RedisBroker {
         .await
     }
 
-    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
-        self.settle(receipt, "ack", Duration::ZERO, "").await
-    }
-
-    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
-        self.settle(receipt, "nack", delay, "").await
+    async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {
+        validate_settles(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.inner.scripts.settle.prepare_invoke();
+        invocation.arg(self.namespace()).arg(GROUP);
+        for (receipt, settle) in batch {
+            let (op, delay, text, priority) = match settle {
+                Settle::Ack => ("ack", Duration::ZERO, String::new(), 0),
+                Settle::Release(delay) => ("release", *delay, String::new(), 0),
+                Settle::Retry { next, delay } => ("retry", *delay, next.to_json(), next.priority),
+                Settle::DeadLetter(reason) => ("dead", Duration::ZERO, reason.clone(), 0),
+            };
+            invocation
+                .arg(&receipt.queue)
+                .arg(&receipt.entry)
+                .arg(&receipt.token)
+                .arg(op)
+                .arg(delay.as_millis() as u64)
+                .arg(text)
+                .arg(priority);
+        }
+        let held: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(held.into_iter().map(|done| done == 1).collect())
     }
 
     async fn extend_lease(
@@ -517,13 +685,21 @@ impl Broker for RedisBroker {
         receipt: &Receipt,
         lease: Duration,
     ) -> Result<Timestamp, StorageError> {
-        let leased_until = Timestamp::now().saturating_add(lease);
-        self.settle(receipt, "extend", lease, "").await?;
-        Ok(leased_until)
-    }
-
-    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
-        self.settle(receipt, "dead", Duration::ZERO, reason).await
+        let until: u64 = self
+            .inner
+            .scripts
+            .extend
+            .arg(self.namespace())
+            .arg(&receipt.queue)
+            .arg(&receipt.entry)
+            .arg(&receipt.token)
+            .arg(lease.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await?;
+        if until == 0 {
+            return Err(StorageError::LeaseLost(receipt.entry.clone()));
+        }
+        Ok(Timestamp::from_millis(until))
     }
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
@@ -541,42 +717,38 @@ impl Broker for RedisBroker {
         if ids.is_empty() {
             return Ok(0);
         }
-        let (removed, _): (u64, u64) = redis::pipe()
-            .atomic()
-            .cmd("ZREM")
-            .arg(self.key("dead"))
-            .arg(ids)
-            .cmd("HDEL")
-            .arg(self.key("dead:data"))
-            .arg(ids)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(removed)
+        let mut invocation = self.inner.scripts.delete_dead.prepare_invoke();
+        invocation.arg(self.namespace());
+        for id in ids {
+            invocation.arg(id);
+        }
+        Ok(invocation.invoke_async(&mut self.conn()).await?)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {
         Ok(self
             .inner
+            .scripts
             .purge
             .arg(self.namespace())
             .arg(GROUP)
             .arg(queue)
-            .arg(Timestamp::now().as_millis())
             .invoke_async(&mut self.conn())
             .await?)
     }
 
     async fn stats(&self, queue: &str) -> Result<QueueStats, StorageError> {
-        let (ready, delayed, in_flight) = self.counts(queue).await?;
-        let dead = self
-            .all_dead()
-            .await?
-            .iter()
-            .filter(|l| l.queue == queue)
-            .count() as u64;
+        let (ready, delayed, in_flight, dead): (i64, u64, u64, u64) = self
+            .inner
+            .scripts
+            .stats
+            .arg(self.namespace())
+            .arg(queue)
+            .invoke_async(&mut self.conn())
+            .await?;
         Ok(QueueStats {
             queue: queue.to_owned(),
-            ready,
+            ready: u64::try_from(ready).unwrap_or(0),
             delayed,
             in_flight,
             dead,
@@ -584,21 +756,20 @@ impl Broker for RedisBroker {
     }
 
     async fn queues(&self) -> Result<Vec<String>, StorageError> {
-        let known: Vec<String> = redis::cmd("SMEMBERS")
+        let (known, dead): (Vec<String>, HashMap<String, i64>) = redis::pipe()
+            .cmd("SMEMBERS")
             .arg(self.key("queues"))
+            .cmd("HGETALL")
+            .arg(self.key("dead:count"))
             .query_async(&mut self.conn())
             .await?;
-        let mut dead: HashMap<String, u64> = HashMap::new();
-        for letter in self.all_dead().await? {
-            *dead.entry(letter.queue).or_default() += 1;
-        }
         let mut names = Vec::new();
         for queue in known.into_iter().chain(dead.keys().cloned()) {
             if names.contains(&queue) {
                 continue;
             }
-            let (ready, delayed, in_flight) = self.counts(&queue).await?;
-            if ready + delayed + in_flight > 0 || dead.contains_key(&queue) {
+            let stats = self.stats(&queue).await?;
+            if stats.ready + stats.delayed + stats.in_flight + stats.dead > 0 {
                 names.push(queue);
             }
         }

@@ -18,15 +18,17 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Subscription, new_lease_token,
-    undecodable_reason, validate_all,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
+    undecodable_reason, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
-use crate::sqlite::{self, Periodic, placeholders};
+use crate::sqlite::{self, placeholders};
+use crate::storage::Periodic;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_queue_entries (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         namespace TEXT NOT NULL,
@@ -50,7 +52,11 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX stem_dead_letters_queue ON stem_dead_letters (namespace, queue, id);
     CREATE INDEX stem_dead_letters_task ON stem_dead_letters (namespace, task_id);
-"];
+",
+    "
+    CREATE INDEX stem_queue_entries_visible ON stem_queue_entries (namespace, queue, visible_at);
+",
+];
 
 /// Broadcast subscribers of every SQLite broker in this process, by file and namespace.
 static CHANNELS: LazyLock<LocalChannels> = LazyLock::new(LocalChannels::default);
@@ -221,31 +227,6 @@ impl SqliteBroker {
         Ok(query.bind(now.as_sql()).fetch_one(self.pool()).await?)
     }
 
-    /// Runs `sql` (which binds the entry id then the token first) against the leased entry.
-    async fn on_leased(
-        &self,
-        receipt: &Receipt,
-        sql: &str,
-        extra: Option<i64>,
-    ) -> Result<(), StorageError> {
-        let lost = || StorageError::LeaseLost(receipt.entry.clone());
-        let id: i64 = receipt.entry.parse().map_err(|_| lost())?;
-        let mut query = sqlx::query(sql);
-        if let Some(value) = extra {
-            query = query.bind(value);
-        }
-        let done = query
-            .bind(id)
-            .bind(&receipt.token)
-            .bind(self.namespace())
-            .execute(self.pool())
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(lost());
-        }
-        Ok(())
-    }
-
     async fn select_dead(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
         let mut sql = String::from(
             "SELECT id, queue, reason, payload, dead_at FROM stem_dead_letters WHERE namespace = ?",
@@ -305,6 +286,47 @@ async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>)
     }
 }
 
+/// Moves entry `id` to the dead letters, if `token` (when given) still leases it; returns
+/// how many entries moved.
+async fn bury(
+    tx: &mut sqlx::SqliteConnection,
+    namespace: &str,
+    id: i64,
+    token: Option<&str>,
+    reason: &str,
+    now: Timestamp,
+) -> Result<u64, StorageError> {
+    let removed = sqlx::query(
+        "DELETE FROM stem_queue_entries
+         WHERE id = ? AND namespace = ? AND (? IS NULL OR lease_token = ?)
+         RETURNING queue, payload",
+    )
+    .bind(id)
+    .bind(namespace)
+    .bind(token)
+    .bind(token)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(removed) = removed else {
+        return Ok(0);
+    };
+    let payload: String = removed.get("payload");
+    let task_id = Envelope::from_json(&payload).ok().map(|e| e.id);
+    sqlx::query(
+        "INSERT INTO stem_dead_letters (namespace, queue, task_id, reason, payload, dead_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(namespace)
+    .bind(removed.get::<String, _>("queue"))
+    .bind(task_id)
+    .bind(reason)
+    .bind(payload)
+    .bind(now.as_sql())
+    .execute(&mut *tx)
+    .await?;
+    Ok(1)
+}
+
 #[async_trait]
 impl Broker for SqliteBroker {
     async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError> {
@@ -351,26 +373,73 @@ impl Broker for SqliteBroker {
         .await
     }
 
-    async fn ack(&self, receipt: &Receipt) -> Result<(), StorageError> {
-        self.on_leased(
-            receipt,
-            "DELETE FROM stem_queue_entries WHERE id = ? AND lease_token = ? AND namespace = ?",
-            None,
-        )
-        .await
-    }
-
-    async fn nack(&self, receipt: &Receipt, delay: Duration) -> Result<(), StorageError> {
-        let visible_at = Timestamp::now().saturating_add(delay);
-        self.on_leased(
-            receipt,
-            "UPDATE stem_queue_entries SET lease_token = NULL, visible_at = ?
-             WHERE id = ? AND lease_token = ? AND namespace = ?",
-            Some(visible_at.as_sql()),
-        )
-        .await?;
-        self.inner.published.notify_waiters();
-        Ok(())
+    async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {
+        validate_settles(batch)?;
+        let now = Timestamp::now();
+        let namespace = self.namespace();
+        let mut held = Vec::with_capacity(batch.len());
+        let mut released = false;
+        let mut tx = self.pool().begin().await?;
+        for (receipt, settle) in batch {
+            let Ok(id) = receipt.entry.parse::<i64>() else {
+                held.push(false);
+                continue;
+            };
+            let done = match settle {
+                Settle::Ack => sqlx::query(
+                    "DELETE FROM stem_queue_entries
+                     WHERE id = ? AND lease_token = ? AND namespace = ?",
+                )
+                .bind(id)
+                .bind(&receipt.token)
+                .bind(namespace)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+                Settle::Release(delay) => {
+                    released = true;
+                    sqlx::query(
+                        "UPDATE stem_queue_entries
+                         SET lease_token = NULL, visible_at = ?, deliveries = MAX(deliveries - 1, 0)
+                         WHERE id = ? AND lease_token = ? AND namespace = ?",
+                    )
+                    .bind(now.saturating_add(*delay).as_sql())
+                    .bind(id)
+                    .bind(&receipt.token)
+                    .bind(namespace)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                }
+                Settle::Retry { next, delay } => {
+                    released = true;
+                    sqlx::query(
+                        "UPDATE stem_queue_entries
+                         SET lease_token = NULL, visible_at = ?, deliveries = 0, priority = ?,
+                             payload = ?
+                         WHERE id = ? AND lease_token = ? AND namespace = ?",
+                    )
+                    .bind(now.saturating_add(*delay).as_sql())
+                    .bind(i64::from(next.priority))
+                    .bind(next.to_json())
+                    .bind(id)
+                    .bind(&receipt.token)
+                    .bind(namespace)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                }
+                Settle::DeadLetter(reason) => {
+                    bury(&mut tx, namespace, id, Some(&receipt.token), reason, now).await?
+                }
+            };
+            held.push(done > 0);
+        }
+        tx.commit().await?;
+        if released {
+            self.inner.published.notify_waiters();
+        }
+        Ok(held)
     }
 
     async fn extend_lease(
@@ -378,47 +447,23 @@ impl Broker for SqliteBroker {
         receipt: &Receipt,
         lease: Duration,
     ) -> Result<Timestamp, StorageError> {
-        let leased_until = Timestamp::now().saturating_add(lease);
-        self.on_leased(
-            receipt,
-            "UPDATE stem_queue_entries SET visible_at = ?
-             WHERE id = ? AND lease_token = ? AND namespace = ?",
-            Some(leased_until.as_sql()),
-        )
-        .await?;
-        Ok(leased_until)
-    }
-
-    async fn dead_letter(&self, receipt: &Receipt, reason: &str) -> Result<(), StorageError> {
         let lost = || StorageError::LeaseLost(receipt.entry.clone());
         let id: i64 = receipt.entry.parse().map_err(|_| lost())?;
-        let mut tx = self.pool().begin().await?;
-        let removed = sqlx::query(
-            "DELETE FROM stem_queue_entries WHERE id = ? AND lease_token = ? AND namespace = ?
-             RETURNING queue, payload",
+        let leased_until = Timestamp::now().saturating_add(lease);
+        let done = sqlx::query(
+            "UPDATE stem_queue_entries SET visible_at = ?
+             WHERE id = ? AND lease_token = ? AND namespace = ?",
         )
+        .bind(leased_until.as_sql())
         .bind(id)
         .bind(&receipt.token)
         .bind(self.namespace())
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(lost)?;
-        let payload: String = removed.get("payload");
-        let task_id = Envelope::from_json(&payload).ok().map(|e| e.id);
-        sqlx::query(
-            "INSERT INTO stem_dead_letters (namespace, queue, task_id, reason, payload, dead_at)
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(self.namespace())
-        .bind(removed.get::<String, _>("queue"))
-        .bind(task_id)
-        .bind(reason)
-        .bind(payload)
-        .bind(Timestamp::now().as_sql())
-        .execute(&mut *tx)
+        .execute(self.pool())
         .await?;
-        tx.commit().await?;
-        Ok(())
+        if done.rows_affected() == 0 {
+            return Err(lost());
+        }
+        Ok(leased_until)
     }
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {

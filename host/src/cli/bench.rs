@@ -113,7 +113,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
     }
     let registry = connections.registry().await?;
     let slots = u32::try_from(bench.workers * bench.concurrency + 1).unwrap_or(u32::MAX);
-    let runtime = connections.sandbox(Some(slots))?;
+    let runtime = connections.sandbox(|config| config.max_instances = slots)?;
     if let Some(path) = &bench.component {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -275,7 +275,7 @@ async fn runtime_bench(
     }: RuntimeBench,
     connections: &Connections,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = connections.sandbox(None)?;
+    let runtime = connections.sandbox(|_| {})?;
     let pooling = runtime.uses_pooling_allocator();
     let path = component.clone();
     let component = tokio::task::spawn_blocking(move || runtime.load_file(&path))

@@ -13,11 +13,12 @@ use super::progress::Progress;
 use super::result;
 use super::units::parse_duration;
 use crate::client::{Client, EnqueueRequest};
-use crate::codec::Codecs;
 use crate::time::Timestamp;
 
-/// Tasks published per batch from an arguments file.
+/// Tasks published per batch from an arguments file, and the arguments' bytes per batch: a
+/// batch is one broker round trip, which must stay well within the connection's timeout.
 const BATCH: usize = 500;
+const BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Args)]
 pub struct EnqueueArgs {
@@ -74,11 +75,7 @@ fn parse_eta(text: &str) -> Result<Timestamp, String> {
 }
 
 pub async fn run(args: EnqueueArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let client = Client::new(
-        connections.broker().await?,
-        connections.registry().await?,
-        Codecs::default(),
-    );
+    let client = connections.client().await?;
     match &args.args_file {
         Some(path) => enqueue_file(&args, path, &client).await,
         None => enqueue_one(&args, &client, connections).await,
@@ -151,6 +148,13 @@ async fn enqueue_file(
                 number + 1
             );
         }
+        if let Err(error) = client.check_args_size(&args.name, line) {
+            bail!(
+                "{}:{}: {error}; nothing was enqueued",
+                path.display(),
+                number + 1
+            );
+        }
         requests.push(request(args, line.to_owned()));
     }
     let total = requests.len();
@@ -158,7 +162,14 @@ async fn enqueue_file(
     let mut ids = Vec::with_capacity(total);
     let mut batches = requests.into_iter().peekable();
     while batches.peek().is_some() {
-        let batch: Vec<EnqueueRequest> = batches.by_ref().take(BATCH).collect();
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = batches.next_if(|r| {
+            batch.is_empty() || (batch.len() < BATCH && bytes + r.args.len() <= BATCH_BYTES)
+        }) {
+            bytes += next.args.len();
+            batch.push(next);
+        }
         let published = client
             .enqueue_many(batch)
             .await

@@ -21,6 +21,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
+use crate::client::Client;
+use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::stores::rate_limit::RateLimiter;
@@ -81,6 +83,16 @@ struct ConnectionArgs {
         value_name = "NAME"
     )]
     namespace: String,
+    /// Largest task arguments a producer (or a task enqueueing a sub-task) may publish.
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_MAX_ARGS_SIZE",
+        value_parser = units::parse_size,
+        default_value = "16MiB",
+        value_name = "SIZE"
+    )]
+    max_args_size: u64,
     /// Directory of compiled components [default: ~/.cache/stem/components].
     #[arg(
         long,
@@ -173,6 +185,9 @@ impl Connections {
         Connections { args }
     }
 
+    /// The URL of `role`: its own flag or variable, else the broker's when the broker is a
+    /// server every host shares (so `STEM_BROKER_URL=redis://...` alone puts every role
+    /// there), else the role's default.
     fn url(&self, role: Role) -> anyhow::Result<AdapterUrl> {
         let explicit = match role {
             Role::Broker => &self.args.broker,
@@ -181,7 +196,27 @@ impl Connections {
             Role::Revoke => &self.args.revoke_store,
             Role::RateLimiter => &self.args.rate_limiter,
         };
+        if explicit.as_deref().is_none_or(str::is_empty) && role != Role::Broker {
+            let broker = self.url(Role::Broker)?;
+            if matches!(broker, AdapterUrl::Redis(_) | AdapterUrl::Memory(_)) {
+                return Ok(broker);
+            }
+        }
         Ok(AdapterUrl::resolve(role, explicit.as_deref())?)
+    }
+
+    fn max_args_bytes(&self) -> usize {
+        usize::try_from(self.args.max_args_size).unwrap_or(usize::MAX)
+    }
+
+    /// A producer with the configured argument size limit.
+    async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::new(
+            self.broker().await?,
+            self.registry().await?,
+            Codecs::default(),
+        )
+        .with_max_args_bytes(self.max_args_bytes()))
     }
 
     fn namespace(&self) -> Option<&str> {
@@ -200,28 +235,24 @@ impl Connections {
         Ok(config::open_registry(&self.url(Role::Registry)?, self.namespace()).await?)
     }
 
-    /// The rate limiter: as configured, else the broker's Redis (so limits are global), else
-    /// one per process.
+    /// The rate limiter: as configured, else the broker's (so limits are global), else one
+    /// per process.
     async fn rate_limiter(&self) -> anyhow::Result<Arc<dyn RateLimiter>> {
-        let url = match (&self.args.rate_limiter, self.url(Role::Broker)?) {
-            (None, broker @ AdapterUrl::Redis(_)) => broker,
-            _ => self.url(Role::RateLimiter)?,
-        };
-        Ok(config::open_rate_limiter(&url, self.namespace()).await?)
+        Ok(config::open_rate_limiter(&self.url(Role::RateLimiter)?, self.namespace()).await?)
     }
 
     async fn revokes(&self) -> anyhow::Result<Arc<dyn RevokeStore>> {
         Ok(config::open_revoke_store(&self.url(Role::Revoke)?, self.namespace()).await?)
     }
 
-    /// The sandbox, with `concurrency` instances available at once.
-    fn sandbox(&self, max_instances: Option<u32>) -> anyhow::Result<Arc<Runtime>> {
+    /// The sandbox, with the defaults changed by `tune`.
+    fn sandbox(&self, tune: impl FnOnce(&mut RuntimeConfig)) -> anyhow::Result<Arc<Runtime>> {
         let defaults = RuntimeConfig::default();
-        let config = RuntimeConfig {
+        let mut config = RuntimeConfig {
             cache_dir: self.args.cache_dir.clone().or(defaults.cache_dir),
-            max_instances: max_instances.unwrap_or(defaults.max_instances),
             ..defaults
         };
+        tune(&mut config);
         Ok(Arc::new(
             Runtime::new(config).context("cannot start the sandbox")?,
         ))

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::Connections;
+use crate::backend::{TaskState, TaskStatus};
 use crate::broker::DeadLetterQuery;
 
 #[derive(Subcommand)]
@@ -183,7 +184,30 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
             }
         }
         DlqCommand::Replay(selection) => {
-            let report = broker.replay_dead_letters(&selection.query()?).await?;
+            // A replay starts a task's history over: its terminal `failed` status is replaced
+            // first, or the worker would take the new delivery for a duplicate of a finished
+            // task and skip it.
+            let backend = connections.backend().await?;
+            let mut selected = Vec::new();
+            for letter in broker.dead_letters(&selection.query()?).await? {
+                if let Ok(envelope) = letter.replay_envelope() {
+                    let status = TaskStatus {
+                        task: Some(envelope.task.clone()),
+                        ..TaskStatus::new(envelope.id.clone(), TaskState::Pending)
+                    };
+                    backend.replace(&status, None).await?;
+                }
+                selected.push(letter.id);
+            }
+            let query = DeadLetterQuery {
+                queue: None,
+                ids: selected,
+                limit: None,
+            };
+            let report = match query.ids.is_empty() {
+                true => Default::default(),
+                false => broker.replay_dead_letters(&query).await?,
+            };
             if selection.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -125,8 +125,13 @@ pub async fn wait(
             return Ok(last);
         }
         let state = last.as_ref().map_or("pending", |s| s.state.as_str());
+        let reported = last
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .map(|p| format!(", {}% {}", p.percent, p.message))
+            .unwrap_or_default();
         progress.update(format_args!(
-            "waiting for {id}: {state} ({})",
+            "waiting for {id}: {state}{reported} ({})",
             human_duration(started.elapsed())
         ));
     }
@@ -173,6 +178,7 @@ pub fn report(status: &TaskStatus, json: bool) -> anyhow::Result<ExitCode> {
             "error": status.error,
             "worker": status.worker,
             "component": status.component,
+            "progress": status.progress,
             "parent_id": status.parent_id,
             "root_id": status.root_id,
             "updated_at": status.updated_at.to_string(),
@@ -193,12 +199,22 @@ pub fn report(status: &TaskStatus, json: bool) -> anyhow::Result<ExitCode> {
                 error.kind,
                 error.message
             ),
-            (None, None) => eprintln!(
-                "{task} {} {} ({})",
-                status.id,
-                status.state,
-                attempt(status)
-            ),
+            (None, None) => match &status.progress {
+                Some(progress) => eprintln!(
+                    "{task} {} {} ({}): {}% {}",
+                    status.id,
+                    status.state,
+                    attempt(status),
+                    progress.percent,
+                    progress.message
+                ),
+                None => eprintln!(
+                    "{task} {} {} ({})",
+                    status.id,
+                    status.state,
+                    attempt(status)
+                ),
+            },
         }
     }
     Ok(if status.state == TaskState::Succeeded {

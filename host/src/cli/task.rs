@@ -102,7 +102,7 @@ pub async fn run(command: TaskCommand, connections: &Connections) -> anyhow::Res
 
 async fn upload(file: &Path, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let runtime = connections.sandbox(None)?;
+    let runtime = connections.sandbox(|_| {})?;
     let registry = connections.registry().await?;
     let upload = components::upload(registry.as_ref(), &runtime, bytes)
         .await
@@ -182,8 +182,16 @@ fn print_versions(tasks: &[TaskVersion]) {
     }
 }
 
-async fn load(file: &Path, connections: &Connections) -> anyhow::Result<Arc<TaskComponent>> {
-    let runtime = connections.sandbox(None)?;
+/// Loads a component file into a sandbox whose per-run memory ceiling is at least
+/// `memory_bytes`.
+async fn load(
+    file: &Path,
+    connections: &Connections,
+    memory_bytes: Option<u64>,
+) -> anyhow::Result<Arc<TaskComponent>> {
+    let runtime = connections.sandbox(|config| {
+        config.max_memory_bytes = config.max_memory_bytes.max(memory_bytes.unwrap_or(0));
+    })?;
     let path = file.to_path_buf();
     tokio::task::spawn_blocking(move || runtime.load_file(&path))
         .await?
@@ -191,7 +199,7 @@ async fn load(file: &Path, connections: &Connections) -> anyhow::Result<Arc<Task
 }
 
 async fn inspect(file: &Path, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let component = load(file, connections).await?;
+    let component = load(file, connections, None).await?;
     let definitions = component
         .describe()
         .await
@@ -309,7 +317,7 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
     if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&raw_args) {
         bail!("the arguments are not valid JSON ({error}): {raw_args}");
     }
-    let component = load(&args.file, connections).await?;
+    let component = load(&args.file, connections, args.memory_limit).await?;
     let definitions = component
         .describe()
         .await
@@ -336,6 +344,7 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
         soft_time_limit: args
             .soft_time_limit
             .or(definition.options.soft_time_limit()),
+        ..defaults
     };
     let invocation = Invocation {
         attempt: args.attempt,

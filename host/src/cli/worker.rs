@@ -3,12 +3,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::Connections;
-use super::units::parse_duration;
+use super::units::{parse_duration, parse_size};
 use crate::codec::Codecs;
-use crate::worker::{Worker, WorkerConfig, WorkerParts, default_worker_id};
+use crate::envelope::{MAX_QUEUE_NAME_LEN, is_valid_queue_name};
+use crate::worker::{Budgets, Worker, WorkerConfig, WorkerParts, default_worker_id};
 
 #[derive(Subcommand)]
 pub enum WorkerCommand {
@@ -43,6 +45,83 @@ pub struct StartArgs {
     /// How long running tasks may take to finish after a shutdown signal.
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     shutdown_grace: Duration,
+    /// Record `started` for runs still going after this long; 0s records every start (extra
+    /// writes). Terminal states are always recorded.
+    #[arg(long, value_parser = parse_duration, default_value = "200ms", value_name = "DURATION")]
+    started_after: Duration,
+    #[command(flatten)]
+    budgets: BudgetArgs,
+}
+
+/// Ceilings a task's declared options may lower but never raise.
+#[derive(Args)]
+#[command(next_help_heading = "Budgets (what one task may use, whatever it declares)")]
+struct BudgetArgs {
+    /// Linear memory of one run.
+    #[arg(long, env = "STEM_WORKER_MAX_MEMORY", value_parser = parse_size, default_value = "256MiB", value_name = "SIZE")]
+    max_memory: u64,
+    /// Linear memory of all running tasks together; a task that would pass it fails (and is
+    /// retried).
+    #[arg(long, env = "STEM_WORKER_MEMORY_TOTAL", value_parser = parse_size, default_value = "4GiB", value_name = "SIZE")]
+    memory_total: u64,
+    /// Longest hard time limit a task may declare or an enqueue may ask for.
+    #[arg(long, env = "STEM_WORKER_MAX_TIME_LIMIT", value_parser = parse_duration, default_value = "1h", value_name = "DURATION")]
+    max_time_limit: Duration,
+    /// Log and progress bytes one run may write; the rest is dropped and counted.
+    #[arg(long, env = "STEM_WORKER_MAX_LOG_BYTES", value_parser = parse_size, default_value = "1MiB", value_name = "SIZE")]
+    max_log_bytes: u64,
+    /// Log and progress lines one run may write.
+    #[arg(
+        long,
+        env = "STEM_WORKER_MAX_LOG_LINES",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    max_log_lines: u64,
+    /// Sub-tasks one run may enqueue.
+    #[arg(
+        long,
+        env = "STEM_WORKER_MAX_SUBTASKS",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    max_subtasks: u32,
+    /// How deep sub-tasks may nest below the task a producer enqueued.
+    #[arg(
+        long,
+        env = "STEM_WORKER_MAX_DEPTH",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    max_depth: u32,
+    /// Largest result a task may return; a larger one fails the task.
+    #[arg(long, env = "STEM_WORKER_MAX_RESULT_SIZE", value_parser = parse_size, default_value = "16MiB", value_name = "SIZE")]
+    max_result_size: u64,
+    /// Longest error message kept in a status; the rest is cut.
+    #[arg(long, env = "STEM_WORKER_MAX_ERROR_SIZE", value_parser = parse_size, default_value = "64KiB", value_name = "SIZE")]
+    max_error_size: u64,
+    /// Deliveries of one attempt that end without finishing (the worker died or lost the
+    /// lease) before the task goes to the dead-letter queue.
+    #[arg(long, env = "STEM_WORKER_MAX_DELIVERIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    max_deliveries: u32,
+}
+
+impl BudgetArgs {
+    fn budgets(&self, subtask_args_bytes: usize) -> Budgets {
+        Budgets {
+            memory_per_run: self.max_memory,
+            memory_total: self.memory_total,
+            max_time_limit: self.max_time_limit,
+            log_bytes: self.max_log_bytes,
+            log_lines: self.max_log_lines,
+            subtasks_per_run: self.max_subtasks,
+            subtask_args_bytes,
+            subtask_depth: self.max_depth,
+            result_bytes: self.max_result_size,
+            error_bytes: usize::try_from(self.max_error_size).unwrap_or(usize::MAX),
+            max_deliveries: self.max_deliveries,
+        }
+    }
 }
 
 fn parse_lease(text: &str) -> Result<Duration, String> {
@@ -91,13 +170,26 @@ async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode>
 
 async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency as usize;
+    for queue in &args.queues {
+        if !is_valid_queue_name(queue) {
+            bail!(
+                "invalid queue name `{queue}`: use 1 to {MAX_QUEUE_NAME_LEN} letters, digits, \
+                 `.`, `_` and `-`"
+            );
+        }
+    }
+    let budgets = args.budgets.budgets(connections.max_args_bytes());
     let parts = WorkerParts {
         broker: connections.broker().await?,
         backend: connections.backend().await?,
         revokes: connections.revokes().await?,
         rate_limiter: connections.rate_limiter().await?,
         registry: connections.registry().await?,
-        runtime: connections.sandbox(Some(args.concurrency + 1))?,
+        runtime: connections.sandbox(|config| {
+            config.max_instances = args.concurrency + 1;
+            config.max_memory_bytes = budgets.memory_per_run;
+            config.memory_total_bytes = budgets.memory_total;
+        })?,
         codecs: Codecs::default(),
     };
     let config = WorkerConfig {
@@ -106,6 +198,8 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         concurrency,
         lease: args.lease,
         shutdown_grace: args.shutdown_grace,
+        started_after: args.started_after,
+        budgets,
         ..WorkerConfig::default()
     };
     eprintln!(

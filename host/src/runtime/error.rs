@@ -28,6 +28,15 @@ pub enum LoadError {
     InvalidTaskName(String),
     #[error("the component declares task `{name}` with {problem}")]
     InvalidOption { name: String, problem: String },
+    #[error(
+        "task `{name}` declares memory_limit = {declared} bytes, but the component needs \
+         {needed} bytes of memory to start: raise memory_limit to at least {needed} bytes"
+    )]
+    MemoryBelowStart {
+        name: String,
+        declared: u64,
+        needed: u64,
+    },
 }
 
 /// How a run ended without a result. The variants are a closed set: the worker maps each to
@@ -49,6 +58,9 @@ pub enum RunError {
     /// The guest tried to grow its memory past the cap.
     #[error("memory limit of {limit} bytes exceeded (the task asked for {requested} bytes)")]
     MemoryLimitExceeded { limit: u64, requested: u64 },
+    /// The memory of every running task together reached the worker's budget.
+    #[error("the worker's memory budget of {total} bytes for all running tasks is used up")]
+    MemoryBudgetExhausted { total: u64 },
     /// The task was terminated from outside.
     #[error("task was revoked and terminated")]
     Revoked,
@@ -69,6 +81,7 @@ impl RunError {
             RunError::Rejected(_) => "rejected",
             RunError::TimeLimitExceeded { .. } => "time_limit",
             RunError::MemoryLimitExceeded { .. } => "memory_limit",
+            RunError::MemoryBudgetExhausted { .. } => "memory_budget",
             RunError::Revoked => "revoked",
             RunError::Trapped { .. } => "trapped",
             RunError::Instantiate(_) => "instantiate",

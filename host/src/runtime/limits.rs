@@ -1,5 +1,7 @@
 //! Per-run limits and the memory limiter that enforces the cap.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::error::RunError;
@@ -13,6 +15,10 @@ pub struct RunLimits {
     pub hard_time_limit: Duration,
     /// After this, `soft-time-limit-exceeded` returns true.
     pub soft_time_limit: Option<Duration>,
+    /// Log and progress messages kept per run, in bytes and in lines; the rest is dropped
+    /// and counted.
+    pub log_bytes: u64,
+    pub log_lines: u64,
 }
 
 impl Default for RunLimits {
@@ -21,6 +27,8 @@ impl Default for RunLimits {
             memory_bytes: 128 << 20,
             hard_time_limit: Duration::from_secs(300),
             soft_time_limit: None,
+            log_bytes: 1 << 20,
+            log_lines: 10_000,
         }
     }
 }
@@ -42,16 +50,85 @@ impl From<MemoryLimitHit> for RunError {
     }
 }
 
-/// Traps as soon as a memory would grow past the cap, instead of letting `memory.grow` fail:
-/// a guest's allocator would turn that failure into an anonymous abort.
+/// The error a growth traps with when the memory of all running runs together would pass the
+/// process-wide budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the worker's memory budget of {total} bytes for all running tasks is used up")]
+pub(crate) struct MemoryBudgetHit {
+    pub total: u64,
+}
+
+/// Linear memory of every run of one runtime, against the operator's total.
+#[derive(Debug)]
+pub(crate) struct MemoryBudget {
+    pub total: u64,
+    used: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub fn new(total: u64) -> MemoryBudget {
+        MemoryBudget {
+            total,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `bytes` from the budget, unless that would pass the total.
+    fn take(&self, bytes: u64) -> bool {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let Some(next) = used.checked_add(bytes).filter(|next| *next <= self.total) else {
+                return false;
+            };
+            match self
+                .used
+                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
+    fn give_back(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Traps as soon as a memory would grow past the run's cap or the process-wide budget,
+/// instead of letting `memory.grow` fail: a guest's allocator would turn that failure into an
+/// anonymous abort. Gives the run's memory back to the budget when dropped with its store.
 pub(crate) struct MemoryLimiter {
     pub limit: u64,
+    budget: Arc<MemoryBudget>,
+    /// Bytes of linear memory this run holds (all its memories).
+    in_use: u64,
+}
+
+impl MemoryLimiter {
+    pub fn new(limit: u64, budget: Arc<MemoryBudget>) -> MemoryLimiter {
+        MemoryLimiter {
+            limit,
+            budget,
+            in_use: 0,
+        }
+    }
+
+    pub fn in_use(&self) -> u64 {
+        self.in_use
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.budget.give_back(self.in_use);
+    }
 }
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
@@ -62,6 +139,14 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             }
             .into());
         }
+        let growth = desired.saturating_sub(current) as u64;
+        if !self.budget.take(growth) {
+            return Err(MemoryBudgetHit {
+                total: self.budget.total,
+            }
+            .into());
+        }
+        self.in_use += growth;
         Ok(true)
     }
 

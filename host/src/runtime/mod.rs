@@ -44,9 +44,9 @@ pub use limits::RunLimits;
 use bindings::stem::task::types as wit;
 use bindings::{Task, TaskPre};
 use cache::DiskCache;
-use limits::{MemoryLimitHit, MemoryLimiter};
+use limits::{MemoryBudget, MemoryBudgetHit, MemoryLimitHit, MemoryLimiter};
 use output::CapturedOutput;
-use state::RunState;
+use state::{LogBudget, RunState};
 
 use crate::task::{Invocation, TaskDefinition, TaskOptions};
 
@@ -57,8 +57,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Instances that may exist at once (the pooling allocator's slots).
     pub max_instances: u32,
-    /// Largest memory cap a run may be given.
+    /// Largest memory cap a run may be given: the operator's ceiling per run.
     pub max_memory_bytes: u64,
+    /// Linear memory of all running runs together; a growth past it fails that run.
+    pub memory_total_bytes: u64,
     /// How often the epoch advances: the granularity of hard time limits and termination.
     pub epoch_tick: Duration,
     /// Bytes of guest stdout and of stderr kept per run.
@@ -70,12 +72,18 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             cache_dir: default_cache_dir(),
             max_instances: 256,
-            max_memory_bytes: 4 << 30,
+            max_memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
+            memory_total_bytes: DEFAULT_MEMORY_TOTAL_BYTES,
             epoch_tick: Duration::from_millis(5),
             output_capture_bytes: 64 * 1024,
         }
     }
 }
+
+/// The default ceiling on one run's memory.
+pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 256 << 20;
+/// The default budget of all running runs' memory together.
+pub const DEFAULT_MEMORY_TOTAL_BYTES: u64 = 4 << 30;
 
 /// `$STEM_COMPONENT_CACHE_DIR`, else `$XDG_CACHE_HOME/stem/components`, else
 /// `~/.cache/stem/components`.
@@ -103,6 +111,7 @@ pub struct Runtime {
     config: RuntimeConfig,
     pooling: bool,
     ticker: Arc<EpochTicker>,
+    memory: Arc<MemoryBudget>,
 }
 
 impl Runtime {
@@ -122,6 +131,7 @@ impl Runtime {
             engine,
             linker,
             components: Mutex::default(),
+            memory: Arc::new(MemoryBudget::new(config.memory_total_bytes)),
             config,
             pooling,
             ticker,
@@ -157,6 +167,8 @@ impl Runtime {
             digest: digest.clone(),
             pre,
             output_capture_bytes: self.config.output_capture_bytes,
+            max_memory_bytes: self.config.max_memory_bytes,
+            memory: self.memory.clone(),
             definitions: OnceCell::new(),
             _ticker: self.ticker.clone(),
         });
@@ -271,6 +283,8 @@ pub struct TaskComponent {
     digest: String,
     pre: TaskPre<RunState>,
     output_capture_bytes: usize,
+    max_memory_bytes: u64,
+    memory: Arc<MemoryBudget>,
     definitions: OnceCell<Vec<TaskDefinition>>,
     _ticker: Arc<EpochTicker>,
 }
@@ -295,7 +309,7 @@ impl TaskComponent {
                     hard_time_limit: Duration::from_secs(10),
                     ..RunLimits::default()
                 };
-                let definitions = self
+                let (definitions, start_bytes) = self
                     .call(
                         info,
                         limits,
@@ -309,7 +323,10 @@ impl TaskComponent {
                     )
                     .await
                     .map_err(LoadError::Describe)?;
-                validate_definitions(definitions.into_iter().map(TaskDefinition::from).collect())
+                validate_definitions(
+                    definitions.into_iter().map(TaskDefinition::from).collect(),
+                    start_bytes,
+                )
             })
             .await?;
         Ok(definitions)
@@ -335,7 +352,7 @@ impl TaskComponent {
             attempt: invocation.attempt,
             headers: invocation.headers.clone(),
         };
-        let returned = self
+        let (returned, _) = self
             .call(info, limits, hooks, handle, |task, store| {
                 Box::pin(async move {
                     task.stem_task_handler()
@@ -360,7 +377,8 @@ impl TaskComponent {
         }
     }
 
-    /// Instantiates the component in a fresh, limited store and calls one export.
+    /// Instantiates the component in a fresh, limited store and calls one export; returns what
+    /// it returned and the bytes of memory the instance held when it started.
     async fn call<R>(
         &self,
         task: TaskInfo,
@@ -373,7 +391,7 @@ impl TaskComponent {
         ) -> std::pin::Pin<
             Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>,
         >,
-    ) -> Result<R, RunError> {
+    ) -> Result<(R, u64), RunError> {
         let stdout = CapturedOutput::new(self.output_capture_bytes);
         let stderr = CapturedOutput::new(self.output_capture_bytes);
         let wasi = WasiCtxBuilder::new()
@@ -391,9 +409,11 @@ impl TaskComponent {
             RunState {
                 wasi,
                 table: ResourceTable::new(),
-                limiter: MemoryLimiter {
-                    limit: limits.memory_bytes,
-                },
+                limiter: MemoryLimiter::new(
+                    limits.memory_bytes.min(self.max_memory_bytes),
+                    self.memory.clone(),
+                ),
+                logs: LogBudget::new(limits.log_bytes, limits.log_lines),
                 task,
                 handle: handle.clone(),
                 soft_deadline: limits.soft_time_limit.map(|soft| started + soft),
@@ -419,14 +439,18 @@ impl TaskComponent {
         };
         let outcome = {
             let run = async {
-                let instance = self
-                    .pre
-                    .instantiate_async(&mut store)
+                let instance =
+                    self.pre.instantiate_async(&mut store).await.map_err(
+                        |error| match memory_error(&error) {
+                            Some(error) => error,
+                            None => RunError::Instantiate(format!("{error:#}")),
+                        },
+                    )?;
+                let start_bytes = store.data().limiter.in_use();
+                let returned = export(&instance, &mut store)
                     .await
-                    .map_err(|e| RunError::Instantiate(format!("{e:#}")))?;
-                export(&instance, &mut store)
-                    .await
-                    .map_err(|error| classify(error, &limits, &stderr))
+                    .map_err(|error| classify(error, &limits, &stderr))?;
+                Ok((returned, start_bytes))
             };
             tokio::select! {
                 biased;
@@ -435,19 +459,38 @@ impl TaskComponent {
                 outcome = run => outcome,
             }
         };
+        let dropped = store.data().logs.dropped();
         drop(store);
         log_guest_output(&task_id, &stdout, &stderr);
+        if let Some((lines, bytes)) = dropped {
+            tracing::warn!(
+                task.id = task_id,
+                lines,
+                bytes,
+                "the task logged past its budget; the rest was dropped"
+            );
+        }
         outcome
     }
 }
 
-/// Maps an error out of wasmtime to what happened, in the guest's terms.
-fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput) -> RunError {
+/// A refused memory growth, from the run's cap or the worker's budget.
+fn memory_error(error: &wasmtime::Error) -> Option<RunError> {
     if let Some(hit) = error.downcast_ref::<MemoryLimitHit>() {
-        return RunError::MemoryLimitExceeded {
+        return Some(RunError::MemoryLimitExceeded {
             limit: hit.limit,
             requested: hit.requested,
-        };
+        });
+    }
+    error
+        .downcast_ref::<MemoryBudgetHit>()
+        .map(|hit| RunError::MemoryBudgetExhausted { total: hit.total })
+}
+
+/// Maps an error out of wasmtime to what happened, in the guest's terms.
+fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput) -> RunError {
+    if let Some(error) = memory_error(&error) {
+        return error;
     }
     if let Some(interrupted) = error.downcast_ref::<Interrupted>() {
         return match interrupted {
@@ -547,9 +590,11 @@ impl From<wit::TaskDefinition> for TaskDefinition {
     }
 }
 
-/// Checks what a component declares before anything trusts it.
+/// Checks what a component declares before anything trusts it; `start_bytes` is the memory
+/// the component holds as soon as it is instantiated.
 fn validate_definitions(
     definitions: Vec<TaskDefinition>,
+    start_bytes: u64,
 ) -> Result<Vec<TaskDefinition>, LoadError> {
     if definitions.is_empty() {
         return Err(LoadError::NoTasks);
@@ -582,6 +627,23 @@ fn validate_definitions(
             && crate::task::RateLimit::parse(rate).is_none()
         {
             return Err(invalid(format!("an invalid rate limit `{rate}`")));
+        }
+        if let Some(queue) = o
+            .queue
+            .as_ref()
+            .filter(|q| !crate::envelope::is_valid_queue_name(q))
+        {
+            return Err(invalid(format!(
+                "an invalid queue name `{queue}` (use 1 to {} letters, digits, `.`, `_` and `-`)",
+                crate::envelope::MAX_QUEUE_NAME_LEN
+            )));
+        }
+        if let Some(declared) = o.memory_limit_bytes.filter(|m| *m < start_bytes) {
+            return Err(LoadError::MemoryBelowStart {
+                name: name.clone(),
+                declared,
+                needed: start_bytes,
+            });
         }
     }
     Ok(definitions)

@@ -19,6 +19,7 @@ pub(crate) struct RunState {
     pub wasi: WasiCtx,
     pub table: ResourceTable,
     pub limiter: MemoryLimiter,
+    pub logs: LogBudget,
     pub task: TaskInfo,
     pub handle: RunHandle,
     pub soft_deadline: Option<Instant>,
@@ -45,12 +46,17 @@ impl context::Host for RunState {
             types::LogLevel::Warn => LogLevel::Warn,
             types::LogLevel::Error => LogLevel::Error,
         };
-        self.hooks.log(&self.task, level, truncate(&message));
+        let message = truncate(&message);
+        if self.logs.admit(message.len()) {
+            self.hooks.log(&self.task, level, message);
+        }
     }
 
     async fn progress(&mut self, percent: u8, message: String) {
-        self.hooks
-            .progress(&self.task, percent.min(100), truncate(&message));
+        let message = truncate(&message);
+        if self.logs.admit(message.len()) {
+            self.hooks.progress(&self.task, percent.min(100), message);
+        }
     }
 
     async fn heartbeat(&mut self) {
@@ -86,6 +92,44 @@ impl context::Host for RunState {
             countdown: options.countdown_ms.map(Duration::from_millis),
         };
         self.hooks.enqueue(&self.task, request).await
+    }
+}
+
+/// What one run may log (log and progress messages): past either bound, messages are
+/// dropped and counted, and the run goes on.
+pub(crate) struct LogBudget {
+    bytes_left: u64,
+    lines_left: u64,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+}
+
+impl LogBudget {
+    pub fn new(bytes: u64, lines: u64) -> LogBudget {
+        LogBudget {
+            bytes_left: bytes,
+            lines_left: lines,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Whether a message of `len` bytes fits; takes it from the budget if so.
+    fn admit(&mut self, len: usize) -> bool {
+        let len = len as u64;
+        if self.lines_left == 0 || self.bytes_left < len {
+            self.dropped_lines += 1;
+            self.dropped_bytes += len;
+            return false;
+        }
+        self.lines_left -= 1;
+        self.bytes_left -= len;
+        true
+    }
+
+    /// Lines and bytes dropped, if any.
+    pub fn dropped(&self) -> Option<(u64, u64)> {
+        (self.dropped_lines > 0).then_some((self.dropped_lines, self.dropped_bytes))
     }
 }
 

@@ -1,21 +1,84 @@
 //! What a running guest reaches through the worker: sub-tasks go to the same broker, with
-//! their parent and root recorded.
+//! their parent, root and depth recorded and the operator's sub-task budgets applied;
+//! progress is recorded in the result backend.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use crate::backend::{ResultBackend, TaskProgress, TaskStatus};
 use crate::client::{Client, EnqueueRequest};
 use crate::runtime::{SubTaskRequest, TaskHooks, TaskInfo};
 use crate::time::Timestamp;
 
+/// Progress is written at most this often per run; the terminal status follows anyway.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
 pub(super) struct WorkerHooks {
     pub client: Client,
+    pub backend: Arc<dyn ResultBackend>,
+    /// The `started` status of this run, which progress updates.
+    pub started: TaskStatus,
     /// The first task of the tree the running task belongs to.
     pub root_id: String,
+    /// The running task's depth below its root.
+    pub depth: u32,
+    pub max_subtasks: u32,
+    pub max_depth: u32,
+    pub subtasks: AtomicU32,
+    /// When progress was last written.
+    pub progress_written: Mutex<Option<Instant>>,
 }
 
 #[async_trait]
 impl TaskHooks for WorkerHooks {
+    fn progress(&self, task: &TaskInfo, percent: u8, message: &str) {
+        {
+            let mut written = self
+                .progress_written
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if written.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+                return;
+            }
+            *written = Some(Instant::now());
+        }
+        let status = TaskStatus {
+            progress: Some(TaskProgress {
+                percent,
+                message: message.to_owned(),
+            }),
+            updated_at: Timestamp::now(),
+            ..self.started.clone()
+        };
+        let backend = self.backend.clone();
+        let id = task.id.clone();
+        tokio::spawn(async move {
+            if let Err(error) = backend.set(&status, None).await {
+                tracing::warn!(task.id = id, %error, "recording progress failed");
+            }
+        });
+    }
+
     async fn enqueue(&self, parent: &TaskInfo, request: SubTaskRequest) -> Result<String, String> {
+        let depth = self.depth + 1;
+        if depth > self.max_depth {
+            return Err(format!(
+                "cannot enqueue `{}`: sub-tasks may nest {} deep below the task a producer \
+                 enqueued, and this one would be at depth {depth}",
+                request.name, self.max_depth
+            ));
+        }
+        let enqueued = self.subtasks.fetch_add(1, Ordering::Relaxed);
+        if enqueued >= self.max_subtasks {
+            self.subtasks.fetch_sub(1, Ordering::Relaxed);
+            return Err(format!(
+                "cannot enqueue `{}`: a run may enqueue at most {} sub-tasks",
+                request.name, self.max_subtasks
+            ));
+        }
         let sub_task = EnqueueRequest {
             queue: request.queue,
             priority: request.priority,
@@ -24,11 +87,15 @@ impl TaskHooks for WorkerHooks {
                 .map(|countdown| Timestamp::now().saturating_add(countdown)),
             parent_id: Some(parent.id.clone()),
             root_id: Some(self.root_id.clone()),
+            depth,
             ..EnqueueRequest::new(request.name, request.args)
         };
         match self.client.enqueue(sub_task).await {
             Ok(envelope) => Ok(envelope.id),
-            Err(error) => Err(error.to_string()),
+            Err(error) => {
+                self.subtasks.fetch_sub(1, Ordering::Relaxed);
+                Err(error.to_string())
+            }
         }
     }
 }

@@ -1,40 +1,56 @@
 //! The worker: takes deliveries from the broker and runs them in the sandbox.
 //!
-//! One [`Worker`] per process, running up to `concurrency` tasks at once. For each delivery it
-//! records `received`, then `started`, then how the run ended (`succeeded`, `retrying`,
-//! `failed`, `revoked`), and writes that state before it acks. While a task runs its lease is
-//! extended, so a long task is not delivered twice; revocations are polled and reach running
-//! tasks within [`WorkerConfig::revoke_poll_interval`].
+//! One [`Worker`] per process, running up to `concurrency` tasks at once. A delivery goes
+//! through three stages:
 //!
-//! On shutdown the worker stops fetching and gives running tasks
-//! [`WorkerConfig::shutdown_grace`] to finish; what is still running then is stopped and
-//! returned to the queue. Nothing is lost: a delivery is acked only after its outcome is
-//! recorded (a retry published, a failure dead-lettered), and anything unacked comes back
-//! when its lease runs out.
+//! 1. **Fetch** ([`Worker::run`]): one loop leases as many deliveries as there are free
+//!    slots, looks up their recorded statuses and revocations in one batch, and starts each.
+//!    From the moment a delivery is taken, its lease is kept ([`keep_leases`]); a lease that
+//!    is lost stops the run and nothing of it is settled.
+//! 2. **Execute** (`execute.rs`): decides what the delivery needs (skip a finished or revoked
+//!    task, dead-letter one delivered too often, wait for a rate limit), runs the task under
+//!    the operator's [`Budgets`], and turns the outcome into a settlement.
+//! 3. **Settle** (`settle.rs`): records the status and settles the broker entry, in batches
+//!    shared by concurrent runs: the status first, so nothing is lost if the settle is.
+//!
+//! `started` is recorded only for runs that last longer than
+//! [`WorkerConfig::started_after`]; the terminal status always. Revocations are polled and
+//! reach running tasks within [`WorkerConfig::revoke_poll_interval`].
+//!
+//! On shutdown the worker stops fetching (a fetch under way is finished and what it took is
+//! given back), gives running tasks [`WorkerConfig::shutdown_grace`] to finish, then stops the
+//! rest and gives them back. Nothing is lost: an entry leaves the broker only once its outcome
+//! is recorded, and anything unsettled comes back when its lease runs out.
 
+mod budget;
 mod execute;
 mod hooks;
 pub mod retry;
+mod settle;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::backend::{ResultBackend, WorkerHeartbeat};
-use crate::broker::{Broker, ConsumeOptions};
+pub use budget::{Budgets, DEFAULT_TIME_LIMIT};
+
+use crate::backend::{ResultBackend, TaskStatus, WorkerHeartbeat};
+use crate::broker::{Broker, ConsumeOptions, Delivery, Receipt, Settle};
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
 use crate::runtime::{RunHandle, Runtime};
+use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
-use crate::stores::revoke::RevokeStore;
+use crate::stores::revoke::{Revocation, RevokeStore};
 use crate::time::Timestamp;
+use settle::Settler;
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -52,6 +68,10 @@ pub struct WorkerConfig {
     pub revoke_poll_interval: Duration,
     /// How long running tasks may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// A run still going after this is recorded as `started`; zero records every start.
+    pub started_after: Duration,
+    /// What each task may use.
+    pub budgets: Budgets,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +85,8 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(5),
             revoke_poll_interval: Duration::from_millis(250),
             shutdown_grace: Duration::from_secs(30),
+            started_after: Duration::from_millis(200),
+            budgets: Budgets::default(),
         }
     }
 }
@@ -117,8 +139,11 @@ struct Shared {
     components: ComponentSource,
     client: Client,
     codecs: Codecs,
-    /// Runs in progress, by task id, so revocations and shutdown can reach them.
-    running: Mutex<HashMap<String, RunHandle>>,
+    settler: Settler,
+    /// Deliveries taken and not yet settled, by a key of their own (two deliveries of one
+    /// task id can be here at once), so leases, revocations and shutdown reach each.
+    running: Mutex<HashMap<u64, Running>>,
+    next_run: AtomicU64,
     /// Set when the shutdown grace ran out: stopped runs go back to the queue.
     stopping: AtomicBool,
     processed: AtomicU64,
@@ -126,11 +151,62 @@ struct Shared {
     started_at: Timestamp,
 }
 
+/// One delivery between being taken and being settled.
+struct Running {
+    task_id: String,
+    receipt: Receipt,
+    handle: RunHandle,
+    /// Set when the lease was lost: the run is stopped and nothing of it is settled.
+    lost: Arc<AtomicBool>,
+    /// When the lease was last taken or extended.
+    leased_at: Instant,
+}
+
+/// A delivery's place in [`Shared::running`]; removes it when dropped.
+struct RunSlot {
+    shared: Arc<Shared>,
+    key: u64,
+    handle: RunHandle,
+    lost: Arc<AtomicBool>,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        self.shared.running().remove(&self.key);
+    }
+}
+
 impl Shared {
-    fn running(&self) -> MutexGuard<'_, HashMap<String, RunHandle>> {
+    fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
         self.running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a delivery as running from now on.
+    fn register(self: &Arc<Self>, delivery: &Delivery) -> RunSlot {
+        let key = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let handle = RunHandle::new();
+        let lost = Arc::new(AtomicBool::new(false));
+        if self.stopping.load(Ordering::SeqCst) {
+            handle.terminate();
+        }
+        self.running().insert(
+            key,
+            Running {
+                task_id: delivery.envelope.id.clone(),
+                receipt: delivery.receipt.clone(),
+                handle: handle.clone(),
+                lost: lost.clone(),
+                leased_at: Instant::now(),
+            },
+        );
+        RunSlot {
+            shared: self.clone(),
+            key,
+            handle,
+            lost,
+        }
     }
 }
 
@@ -140,10 +216,12 @@ impl Worker {
             parts.broker.clone(),
             parts.registry.clone(),
             parts.codecs.clone(),
-        );
+        )
+        .with_max_args_bytes(config.budgets.subtask_args_bytes);
         Worker {
             shared: Arc::new(Shared {
                 components: ComponentSource::new(parts.registry, parts.runtime),
+                settler: Settler::start(parts.broker.clone(), parts.backend.clone()),
                 broker: parts.broker,
                 backend: parts.backend,
                 revokes: parts.revokes,
@@ -152,6 +230,7 @@ impl Worker {
                 client,
                 config,
                 running: Mutex::default(),
+                next_run: AtomicU64::new(0),
                 stopping: AtomicBool::new(false),
                 processed: AtomicU64::new(0),
                 returned: AtomicU64::new(0),
@@ -167,9 +246,11 @@ impl Worker {
         let background = [
             tokio::spawn(heartbeats(shared.clone())),
             tokio::spawn(revocations(shared.clone())),
+            tokio::spawn(keep_leases(shared.clone())),
         ];
         let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        let mut runs = JoinSet::new();
+        let mut batches = JoinSet::new();
+        let mut queues = config.queues.clone();
         tokio::pin!(shutdown);
         tracing::info!(worker = config.worker_id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
         loop {
@@ -182,18 +263,31 @@ impl Worker {
                 lease: Some(config.lease),
                 wait: config.fetch_wait,
             };
-            let fetched = tokio::select! {
-                fetched = shared.broker.consume(&config.queues, &options) => fetched,
-                () = &mut shutdown => break,
+            // Queues of one priority take turns being read first.
+            queues.rotate_left(1);
+            let consume = shared.broker.consume(&queues, &options);
+            tokio::pin!(consume);
+            // A fetch under way when shutdown begins is finished, and what it took given back.
+            let (fetched, stop) = tokio::select! {
+                fetched = &mut consume => (fetched, false),
+                () = &mut shutdown => (consume.await, true),
             };
             let deliveries = match fetched {
                 Ok(deliveries) => deliveries,
                 Err(error) => {
                     tracing::error!(%error, "fetching from the broker failed; retrying in 1s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    if stop {
+                        break;
+                    }
                     continue;
                 }
             };
+            if stop {
+                give_back(shared, &deliveries).await;
+                break;
+            }
+            let mut slots = Vec::with_capacity(deliveries.len());
             let mut first = Some(first);
             for delivery in deliveries {
                 let permit = match first.take() {
@@ -203,30 +297,30 @@ impl Worker {
                         .try_acquire_owned()
                         .expect("fetched no more than the free permits"),
                 };
-                let shared = shared.clone();
-                runs.spawn(async move {
-                    execute::process(&shared, delivery).await;
-                    drop(permit);
-                });
+                slots.push((shared.register(&delivery), delivery, permit));
             }
-            while let Some(finished) = runs.try_join_next() {
+            batches.spawn(start_batch(shared.clone(), slots));
+            while let Some(finished) = batches.try_join_next() {
                 log_panic(finished);
             }
         }
 
-        tracing::info!(in_flight = runs.len(), "shutting down: no more fetching");
+        tracing::info!(
+            in_flight = shared.running().len(),
+            "shutting down: no more fetching"
+        );
         let drained = tokio::time::timeout(config.shutdown_grace, async {
-            while let Some(finished) = runs.join_next().await {
+            while let Some(finished) = batches.join_next().await {
                 log_panic(finished);
             }
         })
         .await;
         if drained.is_err() {
             shared.stopping.store(true, Ordering::SeqCst);
-            for handle in shared.running().values() {
-                handle.terminate();
+            for running in shared.running().values() {
+                running.handle.terminate();
             }
-            while let Some(finished) = runs.join_next().await {
+            while let Some(finished) = batches.join_next().await {
                 log_panic(finished);
             }
         }
@@ -240,9 +334,118 @@ impl Worker {
     }
 }
 
+/// Gives deliveries back untouched, as not delivered.
+async fn give_back(shared: &Shared, deliveries: &[Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    let releases: Vec<(Receipt, Settle)> = deliveries
+        .iter()
+        .map(|delivery| (delivery.receipt.clone(), Settle::Release(Duration::ZERO)))
+        .collect();
+    match shared.broker.settle_many(&releases).await {
+        Ok(_) => {
+            shared
+                .returned
+                .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+        }
+        Err(error) => {
+            tracing::warn!(%error, "giving deliveries back failed; they return when their lease runs out");
+        }
+    }
+}
+
+/// What is recorded about a batch of deliveries before any of them runs.
+#[derive(Default)]
+struct Recorded {
+    status: Option<TaskStatus>,
+    revocation: Option<Revocation>,
+}
+
+/// Looks up the batch's statuses and revocations in one round trip each, then runs every
+/// delivery on its own task.
+async fn start_batch(shared: Arc<Shared>, slots: Vec<(RunSlot, Delivery, OwnedSemaphorePermit)>) {
+    let ids: Vec<String> = slots
+        .iter()
+        .map(|(_, delivery, _)| delivery.envelope.id.clone())
+        .collect();
+    let recorded =
+        match tokio::try_join!(shared.backend.get_many(&ids), shared.revokes.get_many(&ids)) {
+            Ok((statuses, revocations)) => Ok(statuses
+                .into_iter()
+                .zip(revocations)
+                .map(|(status, revocation)| Recorded { status, revocation })
+                .collect::<Vec<_>>()),
+            Err(error) => Err(error),
+        };
+    let mut runs = Vec::with_capacity(slots.len());
+    match recorded {
+        Ok(recorded) => {
+            for ((slot, delivery, permit), recorded) in slots.into_iter().zip(recorded) {
+                let shared = shared.clone();
+                runs.push(tokio::spawn(async move {
+                    execute::process(&shared, slot, delivery, recorded).await;
+                    drop(permit);
+                }));
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "reading the recorded states failed; the deliveries wait");
+            let releases: Vec<(Receipt, Settle)> = slots
+                .iter()
+                .map(|(_, delivery, _)| (delivery.receipt.clone(), execute::trouble_release()))
+                .collect();
+            if let Err(error) = shared.broker.settle_many(&releases).await {
+                tracing::warn!(%error, "giving deliveries back failed; they return when their lease runs out");
+            }
+        }
+    }
+    for run in runs {
+        log_panic(run.await);
+    }
+}
+
 fn log_panic(finished: Result<(), tokio::task::JoinError>) {
     if let Err(error) = finished {
         tracing::error!(%error, "processing a delivery panicked");
+    }
+}
+
+/// Extends the lease of every delivery taken and not yet settled, once a third of it has
+/// passed. A lease that was lost stops its run: another worker has the entry now.
+async fn keep_leases(shared: Arc<Shared>) {
+    let lease = shared.config.lease;
+    let mut ticks = tokio::time::interval((lease / 6).max(Duration::from_millis(10)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let due: Vec<(u64, Receipt)> = shared
+            .running()
+            .iter()
+            .filter(|(_, running)| running.leased_at.elapsed() >= lease / 3)
+            .map(|(key, running)| (*key, running.receipt.clone()))
+            .collect();
+        for (key, receipt) in due {
+            let extended = shared.broker.extend_lease(&receipt, lease).await;
+            let mut running = shared.running();
+            let Some(entry) = running.get_mut(&key) else {
+                continue;
+            };
+            match extended {
+                Ok(_) => entry.leased_at = Instant::now(),
+                Err(StorageError::LeaseLost(_)) => {
+                    tracing::warn!(
+                        task.id = entry.task_id,
+                        "the lease was lost; stopping the run"
+                    );
+                    entry.lost.store(true, Ordering::SeqCst);
+                    entry.handle.terminate();
+                }
+                Err(error) => {
+                    tracing::warn!(task.id = entry.task_id, %error, "extending the lease failed");
+                }
+            }
+        }
     }
 }
 
@@ -290,11 +493,11 @@ async fn revocations(shared: Arc<Shared>) {
             Ok(revocations) => {
                 let running = shared.running();
                 for revocation in revocations {
-                    if let Some(handle) = running.get(&revocation.task_id) {
+                    for run in running.values().filter(|r| r.task_id == revocation.task_id) {
                         if revocation.terminate {
-                            handle.terminate();
+                            run.handle.terminate();
                         } else {
-                            handle.revoke();
+                            run.handle.revoke();
                         }
                     }
                 }

@@ -6,6 +6,7 @@
 mod cli;
 mod conformance;
 mod e2e;
+mod hardening;
 mod platform;
 mod redis_server;
 mod redis_tls;

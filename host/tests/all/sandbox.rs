@@ -20,7 +20,7 @@ fn limits(hard: Duration) -> RunLimits {
     RunLimits {
         memory_bytes: 64 << 20,
         hard_time_limit: hard,
-        soft_time_limit: None,
+        ..RunLimits::default()
     }
 }
 

@@ -47,8 +47,18 @@ pub trait RevokeStore: Send + Sync {
     /// The task's revocation, unless there is none or it expired.
     async fn get(&self, task_id: &str) -> Result<Option<Revocation>, StorageError>;
 
+    /// The revocations of many tasks at once, in the order of `task_ids`.
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<Revocation>>, StorageError> {
+        let mut found = Vec::with_capacity(task_ids.len());
+        for task_id in task_ids {
+            found.push(self.get(task_id).await?);
+        }
+        Ok(found)
+    }
+
     /// Revocations made at or after `since` that have not expired, oldest first. Workers poll
-    /// this to learn of revocations of tasks they are running.
+    /// this to learn of revocations of tasks they are running. Adapters may list only the
+    /// last hour's; [`RevokeStore::get`] finds older ones.
     async fn list_since(&self, since: Timestamp) -> Result<Vec<Revocation>, StorageError>;
 
     /// Withdraws a revocation; `false` if there was none.

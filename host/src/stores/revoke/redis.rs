@@ -1,4 +1,6 @@
 //! The Redis revoke store: one expiring key per revocation and a sorted set by revocation time.
+//! The sorted set serves [`RevokeStore::list_since`], which workers call for the last few
+//! seconds; it keeps the last [`INDEX_SPAN`] only, so it never outgrows the revocations.
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -7,6 +9,9 @@ use super::{Revocation, RevokeStore};
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
+
+/// How far back the listing index reaches.
+const INDEX_SPAN: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Revocations in Redis. Clones share the connection.
 #[derive(Clone)]
@@ -63,6 +68,14 @@ impl RevokeStore for RedisRevokeStore {
             .arg(revocation.revoked_at.as_millis())
             .arg(&revocation.task_id)
             .ignore()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(self.index())
+            .arg("-inf")
+            .arg(
+                now.as_millis()
+                    .saturating_sub(INDEX_SPAN.as_millis() as u64),
+            )
+            .ignore()
             .query_async(&mut self.manager.clone())
             .await?;
         Ok(())
@@ -74,6 +87,22 @@ impl RevokeStore for RedisRevokeStore {
             .query_async(&mut self.manager.clone())
             .await?;
         text.map(|text| decode(task_id, &text)).transpose()
+    }
+
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<Revocation>>, StorageError> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = task_ids.iter().map(|id| self.key(id)).collect();
+        let texts: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.manager.clone())
+            .await?;
+        task_ids
+            .iter()
+            .zip(texts)
+            .map(|(id, text)| text.map(|text| decode(id, &text)).transpose())
+            .collect()
     }
 
     async fn list_since(&self, since: Timestamp) -> Result<Vec<Revocation>, StorageError> {

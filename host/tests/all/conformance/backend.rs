@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use stem_host::backend::{
-    GroupRecord, ResultBackend, StatusQuery, TaskFailure, TaskState, TaskStatus, WorkerHeartbeat,
+    GroupRecord, ResultBackend, StatusQuery, TaskFailure, TaskProgress, TaskState, TaskStatus,
+    WorkerHeartbeat,
 };
 use stem_host::codec::Codecs;
 use stem_host::storage::StorageError;
@@ -19,7 +20,8 @@ macro_rules! backend_suite {
         mod $adapter {
             use super::*;
             backend_suite!(@cases $make;
-                states_and_payloads_round_trip, wait_sees_a_result_written_elsewhere,
+                states_and_payloads_round_trip, terminal_states_never_change,
+                wait_sees_a_result_written_elsewhere,
                 wait_times_out_with_the_last_status, list_filters_and_orders,
                 result_ttl_expires, chord_callback_is_claimed_exactly_once,
                 group_members_count_once, groups_expire_and_unknown_groups_are_errors,
@@ -74,17 +76,74 @@ async fn states_and_payloads_round_trip(harness: &Harness) {
         assert_eq!(codecs.decode(&payload).unwrap(), json);
     }
     for state in TaskState::ALL {
-        let mut written = status("task-states", state);
+        let id = format!("task-{state}");
+        let mut written = status(&id, state);
         if state == TaskState::Failed {
             written.error = Some(TaskFailure {
                 kind: "time_limit".into(),
                 message: "ran longer than 5s".into(),
             });
         }
-        backend.set(&written, None).await.unwrap();
-        assert_eq!(backend.get("task-states").await.unwrap(), Some(written));
+        written.progress = Some(TaskProgress {
+            percent: 40,
+            message: "page 4 of 10".into(),
+        });
+        assert!(backend.set(&written, None).await.unwrap());
+        assert_eq!(backend.get(&id).await.unwrap(), Some(written));
     }
     assert_eq!(backend.get("never-written").await.unwrap(), None);
+}
+
+async fn terminal_states_never_change(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    for terminal in [TaskState::Succeeded, TaskState::Failed, TaskState::Revoked] {
+        let id = format!("final-{terminal}");
+        for state in [TaskState::Pending, TaskState::Received, TaskState::Started] {
+            assert!(backend.set(&status(&id, state), None).await.unwrap());
+        }
+        let done = status(&id, terminal);
+        assert!(backend.set(&done, None).await.unwrap());
+        for late in TaskState::ALL {
+            let mut duplicate = status(&id, late);
+            duplicate.worker = Some("a late duplicate".into());
+            assert!(
+                !other.set(&duplicate, None).await.unwrap(),
+                "{late} over {terminal} must not be written"
+            );
+        }
+        assert_eq!(backend.get(&id).await.unwrap(), Some(done.clone()));
+        let written = other
+            .set_many(
+                &[
+                    status(&id, TaskState::Started),
+                    status("fresh", TaskState::Started),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(written, [false, true], "a batch is judged per status");
+        let replay = status(&id, TaskState::Pending);
+        other.replace(&replay, None).await.unwrap();
+        assert_eq!(
+            backend.get(&id).await.unwrap(),
+            Some(replay),
+            "an explicit replay starts the history over"
+        );
+    }
+    let ids = [
+        "final-succeeded".to_owned(),
+        "nobody".to_owned(),
+        "fresh".to_owned(),
+    ];
+    let found = backend.get_many(&ids).await.unwrap();
+    let states: Vec<Option<TaskState>> =
+        found.iter().map(|s| s.as_ref().map(|s| s.state)).collect();
+    assert_eq!(
+        states,
+        [Some(TaskState::Pending), None, Some(TaskState::Started)]
+    );
 }
 
 async fn wait_sees_a_result_written_elsewhere(harness: &Harness) {

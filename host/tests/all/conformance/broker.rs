@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use stem_host::broker::{Broker, ConsumeOptions, DeadLetterQuery, Delivery};
+use stem_host::broker::{Broker, ConsumeOptions, DeadLetterQuery, Delivery, Settle};
 use stem_host::codec::Payload;
 use stem_host::envelope::Envelope;
 use stem_host::storage::StorageError;
@@ -33,7 +33,9 @@ macro_rules! broker_suite {
                 concurrent_consumers_never_share_a_delivery, consume_wakes_on_publish,
                 dead_letters_list_show_replay_purge, corrupt_entries_are_dead_lettered,
                 broadcast_reaches_every_subscriber, namespaces_are_isolated,
-                purge_and_stats, publish_batch_stores_everything);
+                purge_and_stats, publish_batch_stores_everything, queue_names_cannot_share_keys,
+                retry_replaces_the_entry_with_its_next_attempt,
+                settle_many_applies_each_while_its_lease_holds);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -125,6 +127,162 @@ async fn invalid_envelopes_are_refused(harness: &impl BrokerHarness) {
         0,
         "a refused batch stores nothing"
     );
+}
+
+async fn queue_names_cannot_share_keys(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    for name in ["reports:data", "a b", "", "ü", &"q".repeat(129)] {
+        let refused = broker
+            .publish(&envelope("t.queue").with_queue(name))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, StorageError::InvalidEnvelope(_)),
+            "queue `{name}`: {refused}"
+        );
+    }
+    broker
+        .publish(
+            &envelope("t.queue")
+                .with_queue("reports.v2_x-1")
+                .delayed(PATIENCE),
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(&envelope("t.queue").with_queue("reports"))
+        .await
+        .unwrap();
+    let got = broker
+        .consume(&queues(&["reports"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+}
+
+async fn retry_replaces_the_entry_with_its_next_attempt(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    let sent = envelope("t.retry").with_priority(3);
+    broker.publish(&sent).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    let mut next = got[0].envelope.clone();
+    next.attempt = 2;
+    let retried = Instant::now();
+    broker
+        .settle(
+            &got[0].receipt,
+            Settle::Retry {
+                next: Box::new(next.clone()),
+                delay: SHORT,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 0, 1, 0, 0),
+        "the entry was replaced, not copied"
+    );
+    let stale = broker.ack(&got[0].receipt).await.unwrap_err();
+    assert!(matches!(stale, StorageError::LeaseLost(_)), "{stale}");
+    let again = other
+        .consume(&queues(&["default"]), &wait_for_one(PATIENCE))
+        .await
+        .unwrap();
+    assert!(retried.elapsed() >= SHORT - Duration::from_millis(20));
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        again[0].envelope, next,
+        "the next attempt is what was delivered"
+    );
+    assert_eq!(
+        again[0].deliveries, 1,
+        "a new attempt counts its deliveries afresh"
+    );
+
+    let mut moved = again[0].envelope.clone();
+    moved.queue = "elsewhere".into();
+    let refused = other
+        .settle(
+            &again[0].receipt,
+            Settle::Retry {
+                next: Box::new(moved),
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StorageError::InvalidEnvelope(_)),
+        "{refused}"
+    );
+    other
+        .settle(
+            &again[0].receipt,
+            Settle::Retry {
+                next: Box::new(again[0].envelope.clone()),
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    let at_once = broker
+        .consume(&queues(&["default"]), &take(1, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&at_once),
+        vec![sent.id],
+        "a retry without delay is ready at once"
+    );
+}
+
+async fn settle_many_applies_each_while_its_lease_holds(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let sent: Vec<Envelope> = (0..4).map(|_| envelope("t.batch")).collect();
+    broker.publish_batch(&sent).await.unwrap();
+    let got = broker
+        .consume(&queues(&["default"]), &take(4, SHORT))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    // The last lease runs out and another consumer takes that entry.
+    let stale = got[3].receipt.clone();
+    tokio::time::sleep(SHORT + Duration::from_millis(50)).await;
+    for delivery in &got[..3] {
+        broker
+            .extend_lease(&delivery.receipt, PATIENCE)
+            .await
+            .unwrap();
+    }
+    let retaken = broker
+        .consume(&queues(&["default"]), &take(4, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&retaken), vec![sent[3].id.clone()]);
+    assert_eq!(
+        retaken[0].deliveries, 2,
+        "an expired lease counts as a delivery"
+    );
+    let held = broker
+        .settle_many(&[
+            (got[0].receipt.clone(), Settle::Ack),
+            (got[1].receipt.clone(), Settle::Release(PATIENCE)),
+            (got[2].receipt.clone(), Settle::DeadLetter("batch".into())),
+            (stale, Settle::Ack),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(held, [true, true, true, false]);
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 0, 1, 1, 1)
+    );
+    broker.ack(&retaken[0].receipt).await.unwrap();
 }
 
 async fn priority_order(harness: &impl BrokerHarness) {
@@ -264,7 +422,10 @@ async fn nack_requeues_after_its_delay(harness: &impl BrokerHarness) {
         .unwrap();
     assert!(nacked.elapsed() >= SHORT - Duration::from_millis(20));
     assert_eq!(ids(&again), vec![sent.id]);
-    assert_eq!(again[0].deliveries, 2);
+    assert_eq!(
+        again[0].deliveries, 1,
+        "a nack is not counted as a delivery"
+    );
 
     broker
         .nack(&again[0].receipt, Duration::ZERO)

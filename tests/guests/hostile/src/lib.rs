@@ -152,3 +152,83 @@ pub fn flood(args: FloodArgs) -> Result<usize, TaskError> {
     }
     Ok(lines)
 }
+
+#[derive(Deserialize)]
+pub struct AllocateArgs {
+    megabytes: usize,
+}
+
+/// Declares far more memory than any operator allows, then allocates and touches `megabytes`.
+#[stem_guest::task(name = "hostile.greedy", memory_limit = "4GiB", max_retries = 0)]
+pub fn greedy(args: AllocateArgs) -> Result<usize, TaskError> {
+    let hoard = vec![0x5Au8; args.megabytes << 20];
+    Ok(black_box(hoard).iter().map(|b| usize::from(*b & 1)).sum())
+}
+
+#[derive(Deserialize)]
+pub struct LogFloodArgs {
+    lines: usize,
+    line_bytes: usize,
+}
+
+/// Logs `lines` warnings of `line_bytes` each, then succeeds with the number logged.
+#[stem_guest::task(name = "hostile.log_flood")]
+pub fn log_flood(ctx: &stem_guest::TaskContext, args: LogFloodArgs) -> Result<usize, TaskError> {
+    let line = "w".repeat(args.line_bytes);
+    for _ in 0..args.lines {
+        ctx.warn(&line);
+    }
+    Ok(args.lines)
+}
+
+#[derive(Deserialize)]
+pub struct ForkArgs {
+    copies: usize,
+}
+
+/// Enqueues `copies` copies of itself, forever: a fork bomb. Succeeds once the platform
+/// refuses an enqueue, saying how many it got in.
+#[stem_guest::task(name = "hostile.fork_bomb", max_retries = 0)]
+pub fn fork_bomb(ctx: &stem_guest::TaskContext, args: ForkArgs) -> Result<String, TaskError> {
+    for made in 0..args.copies {
+        if let Err(refused) = ctx.enqueue(
+            "hostile.fork_bomb",
+            &serde_json::json!({"copies": args.copies}),
+        ) {
+            return Ok(format!("refused after {made}: {refused:?}"));
+        }
+    }
+    Ok(format!("enqueued {}", args.copies))
+}
+
+#[derive(Deserialize)]
+pub struct FailArgs {
+    megabytes: usize,
+}
+
+/// Fails with a message of `megabytes` megabytes.
+#[stem_guest::task(name = "hostile.huge_error", max_retries = 0)]
+pub fn huge_error(args: FailArgs) -> Result<(), TaskError> {
+    Err(TaskError::fail("e".repeat(args.megabytes << 20)))
+}
+
+/// Returns a result of `megabytes` megabytes.
+#[stem_guest::task(name = "hostile.huge_result", max_retries = 0)]
+pub fn huge_result(args: FailArgs) -> Result<String, TaskError> {
+    Ok("r".repeat(args.megabytes << 20))
+}
+
+#[derive(Deserialize)]
+pub struct QueueArgs {
+    queue: String,
+}
+
+/// Enqueues a sub-task onto `queue`; returns its id if the platform accepted the queue name.
+#[stem_guest::task(name = "hostile.enqueue_to")]
+pub fn enqueue_to(ctx: &stem_guest::TaskContext, args: QueueArgs) -> Result<String, TaskError> {
+    let options = stem_guest::EnqueueOptions {
+        queue: Some(args.queue),
+        ..Default::default()
+    };
+    ctx.enqueue_with("hostile.sleep", &serde_json::json!({"ms": 0}), options)
+}

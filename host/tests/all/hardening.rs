@@ -1,0 +1,358 @@
+//! Hostile tenants and careless producers against real worker processes: every budget holds,
+//! every bad input gets a clear error, and no task loops forever or is lost.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stem_host::backend::{StatusQuery, TaskState};
+use stem_host::codec::Codecs;
+
+use crate::platform::{Platform, eventually, serial, wait_all};
+
+/// The error kind and message of a finished task's JSON report.
+fn error_of(report: &Value) -> (String, String) {
+    let error = &report["error"];
+    (
+        error["kind"].as_str().unwrap_or_default().to_owned(),
+        error["message"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_declaring_less_memory_than_it_starts_with_is_refused_at_upload() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    let path = crate::support::guest("stem-test-tiny");
+    let output = platform.run(&["task", "upload", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the upload was accepted: {stderr}"
+    );
+    assert!(
+        stderr.contains("memory_limit = 1048576 bytes") && stderr.contains("needs"),
+        "the error names both sizes: {stderr}"
+    );
+    let listed = platform.run_ok(&["task", "list", "--json"]);
+    assert!(
+        !listed.contains("tiny.noop"),
+        "nothing was registered: {listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_memory_never_raises_the_operator_ceiling() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("stem-test-hostile");
+    let _worker = platform.worker(&["--max-memory", "64MiB"]);
+    // hostile.greedy declares 4GiB; the worker allows 64MiB.
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.greedy", r#"{"megabytes":100}"#, &[]);
+    assert!(!succeeded, "{report}");
+    let (kind, message) = error_of(&report);
+    assert_eq!(kind, "memory_limit", "{report}");
+    assert!(message.contains(&(64u64 << 20).to_string()), "{message}");
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.greedy", r#"{"megabytes":8}"#, &[]);
+    assert!(succeeded, "within the ceiling it runs: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instantiation_failures_use_attempts_and_name_their_cause() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    // A total budget smaller than any instance: every start fails, and must not loop.
+    let _worker = platform.worker(&["--memory-total", "512KiB"]);
+    let started = Instant::now();
+    let (succeeded, report) = platform.enqueue_and_wait(
+        "hello.add",
+        r#"{"a":1,"b":2}"#,
+        &["--max-retries", "1", "--timeout", "30s"],
+    );
+    assert!(!succeeded, "{report}");
+    assert_eq!(report["state"], "failed", "{report}");
+    assert_eq!(report["attempt"], 2, "both attempts were used: {report}");
+    let (kind, _) = error_of(&report);
+    assert_eq!(kind, "memory_budget", "{report}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_flood_is_capped_per_run() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("stem-test-hostile");
+    let mut worker = platform.worker(&["--max-log-bytes", "256KiB"]);
+    // 2,000 lines of 16KiB: 32MB if nothing held it back.
+    let (succeeded, report) = platform.enqueue_and_wait(
+        "hostile.log_flood",
+        r#"{"lines":2000,"line_bytes":16384}"#,
+        &[],
+    );
+    assert!(succeeded, "a chatty task still runs: {report}");
+    let log = worker.terminate(Duration::from_secs(30));
+    assert!(
+        log.len() < 1 << 20,
+        "the worker logged {} bytes for one run",
+        log.len()
+    );
+    assert!(
+        log.contains("logged past its budget") && log.contains("lines=1984"),
+        "the drop is counted: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_task_fan_out_and_depth_are_bounded() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("stem-test-hostile");
+    let mut worker = platform.worker(&["--concurrency", "8", "--max-depth", "4"]);
+    let backend = platform.backend().await;
+    let forks = StatusQuery {
+        task: Some("hostile.fork_bomb".into()),
+        limit: 10_000,
+        ..StatusQuery::default()
+    };
+    let count_finished = || async {
+        let statuses = backend.list(&forks).await.unwrap();
+        let finished = statuses.iter().filter(|s| s.state.is_terminal()).count();
+        (statuses.len(), finished)
+    };
+
+    // Two copies of itself at every level: 1 + 2 + 4 + 8 + 16 tasks down to depth 4.
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.fork_bomb", r#"{"copies":2}"#, &[]);
+    assert!(succeeded, "{report}");
+    eventually(
+        Duration::from_secs(60),
+        "31 fork-bomb tasks finished",
+        || async { count_finished().await == (31, 31) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count_finished().await, (31, 31), "and no more");
+    let leaves = backend
+        .list(&StatusQuery {
+            state: Some(TaskState::Succeeded),
+            ..forks.clone()
+        })
+        .await
+        .unwrap();
+    let refused = leaves
+        .iter()
+        .filter(|s| {
+            let result = Codecs::default()
+                .decode(s.result.as_ref().unwrap())
+                .unwrap();
+            result.contains("refused after 0") && result.contains("nest 4 deep")
+        })
+        .count();
+    assert_eq!(refused, 16, "the deepest level is refused with a reason");
+
+    // Fan-out: a run may enqueue 100 sub-tasks, then it is refused (and its children, at the
+    // depth limit, may enqueue none).
+    worker.kill();
+    let _worker = platform.worker(&["--concurrency", "8", "--max-depth", "1"]);
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.fork_bomb", r#"{"copies":150}"#, &[]);
+    assert!(succeeded, "{report}");
+    let result = report["result"].as_str().unwrap_or_default();
+    assert!(
+        result.starts_with("refused after 100") && result.contains("at most 100 sub-tasks"),
+        "{report}"
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the 100 children finished",
+        || async { count_finished().await == (31 + 101, 31 + 101) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_enqueues_itself_deeper_stops_at_the_depth_limit() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("stem-test-hostile");
+    let _worker = platform.worker(&[]);
+    let (succeeded, _) = platform.enqueue_and_wait("hostile.fork_bomb", r#"{"copies":1}"#, &[]);
+    assert!(succeeded);
+    let backend = platform.backend().await;
+    let chain = StatusQuery {
+        task: Some("hostile.fork_bomb".into()),
+        limit: 1000,
+        ..StatusQuery::default()
+    };
+    // Depth 0 to the default limit of 8: nine runs, then nothing more.
+    eventually(Duration::from_secs(60), "nine runs finished", || async {
+        let statuses = backend.list(&chain).await.unwrap();
+        statuses.len() == 9 && statuses.iter().all(|s| s.state.is_terminal())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backend.list(&chain).await.unwrap().len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_errors_are_cut_and_huge_results_refused() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("stem-test-hostile");
+    let _worker = platform.worker(&["--max-result-size", "4MiB"]);
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.huge_error", r#"{"megabytes":10}"#, &[]);
+    assert!(!succeeded);
+    let (kind, message) = error_of(&report);
+    assert_eq!(kind, "failed");
+    assert!(
+        message.len() <= (64 << 10) + 64 && message.ends_with("more bytes cut]"),
+        "a {} byte message was stored",
+        message.len()
+    );
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hostile.huge_result", r#"{"megabytes":5}"#, &[]);
+    assert!(!succeeded);
+    let (kind, message) = error_of(&report);
+    assert_eq!(kind, "result_too_large", "{report}");
+    assert!(message.contains(&(4u64 << 20).to_string()), "{message}");
+    let dead: Value = serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    assert_eq!(dead.as_array().unwrap().len(), 2, "both went to the DLQ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_names_cannot_collide_with_keys() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("stem-test-hostile");
+    platform.upload("hello");
+    let output = platform.run(&[
+        "enqueue",
+        "hello.add",
+        "--args",
+        "{}",
+        "--queue",
+        "default:data",
+    ]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid queue name `default:data`"));
+    let _worker = platform.worker(&[]);
+    let (succeeded, report) = platform.enqueue_and_wait(
+        "hostile.enqueue_to",
+        r#"{"queue":"default:data"}"#,
+        &["--max-retries", "0"],
+    );
+    assert!(!succeeded, "{report}");
+    assert!(
+        error_of(&report).1.contains("invalid queue name"),
+        "{report}"
+    );
+    // The default queue still works.
+    let (succeeded, report) = platform.enqueue_and_wait("hello.add", r#"{"a":2,"b":3}"#, &[]);
+    assert!(succeeded, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_argument_files_are_published_in_bounded_batches() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("hello");
+    // 100 arguments of 1.3MB: 130MB, far past one round trip's worth.
+    let blob = "x".repeat(1_300_000);
+    let args: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"a":{i},"b":1,"pad":"{blob}"}}"#))
+        .collect();
+    let ids = platform.enqueue_each("hello.add", &args);
+    assert_eq!(ids.len(), 100);
+    let stats: Value =
+        serde_json::from_str(&platform.run_ok(&["queue", "stats", "default", "--json"])).unwrap();
+    assert_eq!(stats[0]["ready"], 100, "{stats}");
+    platform.run_ok(&["queue", "purge", "default"]);
+
+    let file = platform.dir().join("big.jsonl");
+    std::fs::write(&file, format!("{{\"a\":1,\"b\":2}}\n{}\n", args[0])).unwrap();
+    let output = platform.run(&[
+        "enqueue",
+        "hello.add",
+        "--args-file",
+        file.to_str().unwrap(),
+        "--max-args-size",
+        "1MiB",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("over the limit of 1048576 bytes")
+            && stderr.contains("nothing was enqueued"),
+        "{stderr}"
+    );
+    let stats: Value =
+        serde_json::from_str(&platform.run_ok(&["queue", "stats", "default", "--json"])).unwrap();
+    assert_eq!(stats[0]["ready"], 0, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_worker_is_dead_lettered_after_the_delivery_cap() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let task = ["--task-id", "worker-killer"];
+    let mut enqueue = vec!["enqueue", "hello.busy", "--args", r#"{"ms":60000}"#];
+    enqueue.extend_from_slice(&task);
+    platform.run_ok(&enqueue);
+    let backend = platform.backend().await;
+    let worker_args = [
+        "--lease",
+        "1s",
+        "--max-deliveries",
+        "2",
+        "--started-after",
+        "0s",
+    ];
+    for delivery in 1..=2 {
+        let name = format!("killer-{delivery}");
+        let mut args = worker_args.to_vec();
+        args.extend_from_slice(&["--worker-id", &name]);
+        let mut worker = platform.worker(&args);
+        eventually(Duration::from_secs(30), "the task started", || async {
+            backend
+                .get("worker-killer")
+                .await
+                .unwrap()
+                .is_some_and(|s| {
+                    s.state == TaskState::Started && s.worker.as_deref() == Some(name.as_str())
+                })
+        })
+        .await;
+        // The worker dies mid-run, as if the task had brought it down.
+        worker.kill();
+    }
+    let _worker = platform.worker(&worker_args);
+    let status = wait_all(
+        backend.as_ref(),
+        &["worker-killer".to_owned()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(status[0].state, TaskState::Failed, "{:?}", status[0]);
+    let error = status[0].error.as_ref().unwrap();
+    assert_eq!(error.kind, "delivery_limit");
+    assert!(
+        error
+            .message
+            .contains("delivered 3 times without finishing"),
+        "{}",
+        error.message
+    );
+    let dead: Value = serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("delivered 3 times"),
+        "{dead}"
+    );
+}
