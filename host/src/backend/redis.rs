@@ -2,7 +2,7 @@
 //! and hosts), atomic group counters and chord claims in Lua, worker heartbeats.
 //!
 //! Keys, inside the namespace: `result:ID` (the status as JSON, expiring with its TTL),
-//! `results` (a sorted set of ids by update time, for listing), `group:ID` (a hash) with
+//! `results` (a sorted set of ids by time of writing, for listing), `group:ID` (a hash) with
 //! `group:ID:members` (a set, for counting once) and `group:ID:order` (a list),
 //! `worker:ID` (a heartbeat, expiring) and `workers` (ids by expiry, trimmed on each beat). Statuses are written by a
 //! script that leaves a terminal status alone, a batch per call; the ids that reached a
@@ -10,7 +10,6 @@
 //! waiters subscribes once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -58,14 +57,18 @@ return 0
 ";
 
 /// Writes statuses unless the stored one is terminal; returns 1 or 0 per status, and publishes
-/// the ids that became terminal on `finished`. ARGV: namespace, TTL ms (0: none), then four
-/// fields per status: id, state, JSON, updated at.
+/// the ids that became terminal on `finished`. The listing index is scored by the server's
+/// time of writing, so ids written longer ago than the default TTL, whose statuses have
+/// expired, are dropped from it. ARGV: namespace, TTL ms (0: none), default TTL ms (0: none),
+/// then three fields per status: id, state, JSON.
 const SET_STATUSES: &str = r"
-local ns, ttl = ARGV[1], tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ns, ttl, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local terminal = {succeeded = true, failed = true, revoked = true}
 local out, finished = {}, {}
-for i = 3, #ARGV, 4 do
-  local id, state, json, updated = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+for i = 4, #ARGV, 3 do
+  local id, state, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local key = ns .. ':result:' .. id
   local head = redis.call('GETRANGE', key, 0, 6 * #id + 64)
   local stored = string.match(head, '\34state\34:\34(%a+)\34')
@@ -77,28 +80,18 @@ for i = 3, #ARGV, 4 do
     else
       redis.call('SET', key, json)
     end
-    redis.call('ZADD', ns .. ':results', updated, id)
+    redis.call('ZADD', ns .. ':results', now, id)
     if terminal[state] then finished[#finished + 1] = id end
     out[#out + 1] = 1
   end
 end
 if ttl > 0 then redis.call('PEXPIRE', ns .. ':results', ttl) end
+if default_ttl > 0 then
+  redis.call('ZREMRANGEBYSCORE', ns .. ':results', '-inf', '(' .. (now - default_ttl))
+end
 if #finished > 0 then redis.call('PUBLISH', ns .. ':finished', table.concat(finished, '\n')) end
 return out
 ";
-
-/// Drops from the listing index the oldest ids whose status has expired.
-/// KEYS: the index. ARGV: the status key prefix, how many of the oldest ids to look at.
-const PRUNE_INDEX: &str = r"
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
-  if redis.call('EXISTS', ARGV[1] .. id) == 0 then redis.call('ZREM', KEYS[1], id) end
-end
-";
-
-/// Every this many status writes, [`PRUNE_INDEX`] looks at [`PRUNE_BATCH`] of the oldest ids,
-/// so the index does not outgrow the statuses it lists.
-const PRUNE_EVERY_WRITES: u64 = 100;
-const PRUNE_BATCH: u64 = 200;
 
 /// Tuning for [`RedisBackend::connect`].
 #[derive(Clone, Debug)]
@@ -129,9 +122,6 @@ struct Inner {
     set_statuses: redis::Script,
     member_finished: redis::Script,
     claim_callback: redis::Script,
-    prune_index: redis::Script,
-    /// Status writes so far, to prune the index every so often.
-    writes: AtomicU64,
     /// Waiters by task id, woken by the listener.
     waiters: Mutex<HashMap<String, Arc<Notify>>>,
     /// The pub/sub listener, started by the first wait.
@@ -160,8 +150,6 @@ impl RedisBackend {
                 set_statuses: redis::Script::new(SET_STATUSES),
                 member_finished: redis::Script::new(MEMBER_FINISHED),
                 claim_callback: redis::Script::new(CLAIM_CALLBACK),
-                prune_index: redis::Script::new(PRUNE_INDEX),
-                writes: AtomicU64::new(1),
                 waiters: Mutex::default(),
                 listener: std::sync::OnceLock::new(),
             }),
@@ -297,28 +285,19 @@ impl ResultBackend for RedisBackend {
             return Ok(Vec::new());
         }
         let ttl = ttl.or(self.inner.options.ttls.result).map_or(0, millis);
+        let default_ttl = self.inner.options.ttls.result.map_or(0, millis);
         let mut invocation = self.inner.set_statuses.prepare_invoke();
-        invocation.arg(&self.inner.options.namespace).arg(ttl);
+        invocation
+            .arg(&self.inner.options.namespace)
+            .arg(ttl)
+            .arg(default_ttl);
         for status in statuses {
             invocation
                 .arg(&status.id)
                 .arg(status.state.as_str())
-                .arg(status.to_json())
-                .arg(status.updated_at.as_millis());
+                .arg(status.to_json());
         }
         let written: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
-        let writes = statuses.len() as u64;
-        let before = self.inner.writes.fetch_add(writes, Ordering::Relaxed);
-        if before / PRUNE_EVERY_WRITES != (before + writes) / PRUNE_EVERY_WRITES {
-            let () = self
-                .inner
-                .prune_index
-                .key(self.key(&["results"]))
-                .arg(self.key(&["result", ""]))
-                .arg(PRUNE_BATCH)
-                .invoke_async(&mut self.conn())
-                .await?;
-        }
         Ok(written.into_iter().map(|done| done == 1).collect())
     }
 

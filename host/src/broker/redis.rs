@@ -265,11 +265,17 @@ end
 return removed
 ";
 
-/// Upkeep: deletes up to 100 dead letters older than the retention (oldest first), and forgets
-/// queue names that hold nothing. Returns how many dead letters went.
-/// ARGV: namespace, retention ms (0 keeps dead letters).
+/// Upkeep: deletes up to 100 dead letters older than the retention (oldest first); in each
+/// queue's streams, gives entries delivered longer ago than the orphan age that have no lease
+/// record (its keys were deleted or evicted) an expired lease so the next consume takes them over, and
+/// deletes consumers idle for an hour with nothing pending (each worker process is a new
+/// consumer); forgets queue names that hold nothing. Returns how many dead letters went.
+/// ARGV: namespace, group, retention ms (0 keeps dead letters), orphan age ms.
 const SWEEP: &str = r"
-local ns, retention = ARGV[1], tonumber(ARGV[2])
+local ns, group, retention, orphan_age = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local function field(pairs, name)
+  for i = 1, #pairs, 2 do if pairs[i] == name then return pairs[i + 1] end end
+end
 local removed = 0
 if retention > 0 then
   for _, seq in ipairs(redis.call('ZRANGE', ns .. ':dead', 0, 99)) do
@@ -290,7 +296,30 @@ if retention > 0 then
 end
 for _, q in ipairs(redis.call('SMEMBERS', ns .. ':queues')) do
   local stored = 0
-  for p = 0, 9 do stored = stored + redis.call('XLEN', ns .. ':q:' .. q .. ':' .. p) end
+  for p = 0, 9 do
+    local s = ns .. ':q:' .. q .. ':' .. p
+    if redis.call('EXISTS', s) == 1 then
+      stored = stored + redis.call('XLEN', s)
+      local pending = redis.pcall('XPENDING', s, group, 'IDLE', orphan_age, '-', '+', 100)
+      if type(pending) == 'table' and not pending.err then
+        for _, entry in ipairs(pending) do
+          local member = p .. '-' .. entry[1]
+          if redis.call('HEXISTS', ns .. ':lease:' .. q, member) == 0 then
+            redis.call('HSET', ns .. ':lease:' .. q, member, 'orphaned|' .. entry[4])
+            redis.call('ZADD', ns .. ':leases:' .. q, 0, member)
+          end
+        end
+      end
+      local consumers = redis.pcall('XINFO', 'CONSUMERS', s, group)
+      if type(consumers) == 'table' and not consumers.err then
+        for _, consumer in ipairs(consumers) do
+          if tonumber(field(consumer, 'pending')) == 0 and tonumber(field(consumer, 'idle')) > 3600000 then
+            redis.call('XGROUP', 'DELCONSUMER', s, group, field(consumer, 'name'))
+          end
+        end
+      end
+    end
+  end
   if stored == 0 and redis.call('ZCARD', ns .. ':delayed:' .. q) == 0
      and redis.call('ZCARD', ns .. ':leases:' .. q) == 0
      and not redis.call('HGET', ns .. ':dead:count', q) then
@@ -310,6 +339,9 @@ pub struct RedisBrokerOptions {
     pub sweeper_interval: Duration,
     /// How long dead letters are kept; `None` keeps them until purged.
     pub dead_letter_retention: Option<Duration>,
+    /// A delivered entry with no lease record (deleted or evicted keys) is given back once it
+    /// was delivered this long ago.
+    pub orphan_age: Duration,
 }
 
 impl Default for RedisBrokerOptions {
@@ -319,6 +351,7 @@ impl Default for RedisBrokerOptions {
             visibility_timeout: DEFAULT_VISIBILITY_TIMEOUT,
             sweeper_interval: Duration::from_secs(60),
             dead_letter_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            orphan_age: Duration::from_secs(60),
         }
     }
 }
@@ -394,6 +427,7 @@ impl RedisBroker {
             let manager = connection.manager.clone();
             let namespace = options.namespace.clone();
             let retention = options.dead_letter_retention.unwrap_or(Duration::ZERO);
+            let orphan_age = options.orphan_age;
             let sweep = Scripts::new().sweep;
             Periodic::spawn(options.sweeper_interval, move || {
                 let (mut manager, namespace, sweep) =
@@ -401,7 +435,9 @@ impl RedisBroker {
                 async move {
                     let swept: Result<u64, _> = sweep
                         .arg(&namespace)
+                        .arg(GROUP)
                         .arg(retention.as_millis() as u64)
+                        .arg(orphan_age.as_millis() as u64)
                         .invoke_async(&mut manager)
                         .await;
                     if let Err(error) = swept {

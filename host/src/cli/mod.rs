@@ -205,6 +205,36 @@ impl Connections {
         Ok(AdapterUrl::resolve(role, explicit.as_deref())?)
     }
 
+    /// The flags that point another `stem-host` process at the same adapters, in `namespace`.
+    fn forwarded(&self, namespace: &str) -> Vec<String> {
+        let args = &self.args;
+        let flags = [
+            ("--broker", &args.broker),
+            ("--backend", &args.backend),
+            ("--registry", &args.registry),
+            ("--revoke-store", &args.revoke_store),
+            ("--rate-limiter", &args.rate_limiter),
+        ];
+        let mut forwarded = vec!["--namespace".to_owned(), namespace.to_owned()];
+        for (flag, value) in flags {
+            if let Some(value) = value {
+                forwarded.extend([flag.to_owned(), value.clone()]);
+            }
+        }
+        if let Some(dir) = &args.cache_dir {
+            forwarded.extend(["--cache-dir".to_owned(), dir.display().to_string()]);
+        }
+        forwarded
+    }
+
+    /// The broker's Redis URL as given (with its password), when the broker is Redis.
+    fn broker_redis_url(&self) -> anyhow::Result<Option<String>> {
+        Ok(match self.url(Role::Broker)? {
+            AdapterUrl::Redis(url) => Some(url),
+            _ => None,
+        })
+    }
+
     fn max_args_bytes(&self) -> usize {
         usize::try_from(self.args.max_args_size).unwrap_or(usize::MAX)
     }

@@ -356,3 +356,212 @@ async fn a_task_that_kills_its_worker_is_dead_lettered_after_the_delivery_cap() 
         "{dead}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_tenant_does_not_stop_the_others() {
+    let _serial = serial().await;
+    let platform = Platform::redis();
+    platform.upload("stem-test-hostile");
+    platform.upload("hello");
+    let mut worker = platform.worker(&["--concurrency", "4"]);
+    // Tenant A floods the log, fork-bombs and asks for 4GiB, all at once.
+    let hostile = [
+        ("hostile.log_flood", r#"{"lines":20000,"line_bytes":16384}"#),
+        ("hostile.fork_bomb", r#"{"copies":2}"#),
+        ("hostile.greedy", r#"{"megabytes":2000}"#),
+    ];
+    let mut attacks = Vec::new();
+    for (task, args) in hostile {
+        attacks.push(
+            platform
+                .run_ok(&["enqueue", task, "--args", args])
+                .trim()
+                .to_owned(),
+        );
+    }
+    // Tenant B's ordinary work, enqueued behind the attack.
+    let args: Vec<String> = (0..200).map(|i| format!(r#"{{"a":{i},"b":1}}"#)).collect();
+    let ids = platform.enqueue_each("hello.add", &args);
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(status.state, TaskState::Succeeded, "{status:?}");
+        let result = Codecs::default()
+            .decode(status.result.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(result, (i + 1).to_string());
+    }
+    let attacked = wait_all(backend.as_ref(), &attacks, Duration::from_secs(60)).await;
+    assert_eq!(
+        attacked[0].state,
+        TaskState::Succeeded,
+        "the flood ran, quietly"
+    );
+    assert_eq!(attacked[2].state, TaskState::Failed, "4GiB was not granted");
+    assert_eq!(attacked[2].error.as_ref().unwrap().kind, "memory_limit");
+    let log = worker.terminate(Duration::from_secs(60));
+    assert!(log.len() < 4 << 20, "the worker logged {} bytes", log.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_commands_wait_for_a_busy_database_instead_of_failing() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("stem-test-hostile");
+    platform.upload("hello");
+    let _worker = platform.worker(&["--concurrency", "8"]);
+    // 511 tasks enqueueing each other keep the files busy while the CLI works on them.
+    platform.run_ok(&["enqueue", "hostile.fork_bomb", "--args", r#"{"copies":2}"#]);
+    let commands: [&[&str]; 4] = [
+        &["result", "list", "--limit", "5"],
+        &["queue", "stats"],
+        &["enqueue", "hello.add", "--args", r#"{"a":1,"b":1}"#],
+        &["worker", "list"],
+    ];
+    for round in 0..10 {
+        for command in commands {
+            let output = platform.run(command);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() && !stderr.contains("locked"),
+                "round {round}: stem-host {} failed: {stderr}",
+                command.join(" ")
+            );
+        }
+    }
+}
+
+/// The task id in a log line's `task.id=` field.
+fn logged_task_id(line: &str) -> Option<&str> {
+    let rest = &line[line.find("task.id=")? + "task.id=".len()..];
+    let rest = rest.trim_start_matches('"');
+    rest.split(['"', ' ']).next()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
+    let _serial = serial().await;
+    // A server of its own: its connections are killed.
+    let server = crate::redis_server::OwnRedis::start();
+    let platform = Platform::redis_at(&server.url(""));
+    platform.upload("hello");
+    const TASKS: usize = 10_000;
+    const CONCURRENCY: usize = 8;
+    let args: Vec<String> = (0..TASKS).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    let ids = platform.enqueue_each("hello.echo", &args);
+    // Every execution logs one line with its task id.
+    let logging = [("STEM_LOG", "warn,stem_host::runtime::hooks=debug")];
+    let worker_args = ["--concurrency", "8", "--lease", "2s"];
+    let start = || platform.worker_with(&worker_args, &logging);
+    let mut live = vec![start(), start()];
+    let mut dead = Vec::new();
+
+    // Samples statuses all along: once terminal, a status must never change.
+    let backend = platform.backend().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (backend, ids, stop) = (backend.clone(), ids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = std::collections::HashMap::new();
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let start = fastrand::usize(..ids.len());
+                let chunk: Vec<String> =
+                    ids.iter().cycle().skip(start).take(300).cloned().collect();
+                if let Ok(statuses) = backend.get_many(&chunk).await {
+                    for status in statuses.into_iter().flatten() {
+                        if let Some(first) = seen.get(&status.id) {
+                            assert_eq!(first, &status, "a terminal status changed");
+                        } else if status.state.is_terminal() {
+                            seen.insert(status.id.clone(), status);
+                        }
+                        samples += 1;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (samples, seen.len())
+        })
+    };
+
+    let admin = ::redis::Client::open(server.url("")).unwrap();
+    let mut worker_kills = 0;
+    let mut connection_kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for round in 0.. {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let statuses = backend.get_many(&ids).await;
+        let finished = statuses.map_or(0, |all| {
+            all.iter()
+                .flatten()
+                .filter(|s| s.state.is_terminal())
+                .count()
+        });
+        if finished == TASKS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {finished} tasks finished");
+        if round % 2 == 0 {
+            let mut victim = live.remove(0);
+            victim.kill();
+            dead.push(victim);
+            live.push(start());
+            worker_kills += 1;
+        } else if let Ok(mut conn) = admin.get_multiplexed_async_connection().await {
+            for kind in ["normal", "pubsub"] {
+                let _: Result<u64, _> = ::redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg(kind)
+                    .query_async(&mut conn)
+                    .await;
+            }
+            connection_kills += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (samples, terminal_seen) = sampler.await.expect("no terminal status changed");
+    assert!(
+        samples > 10_000 && terminal_seen > 1000,
+        "{samples} samples, {terminal_seen} terminal"
+    );
+
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(60)).await;
+    for (i, status) in statuses.iter().enumerate() {
+        assert_eq!(status.state, TaskState::Succeeded, "{status:?}");
+        let result = Codecs::default()
+            .decode(status.result.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(result, args[i]);
+    }
+    let mut executions = std::collections::HashMap::new();
+    for worker in &mut live {
+        worker.kill();
+    }
+    // The log readers finish with the pipes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for worker in live.iter().chain(dead.iter()) {
+        for line in worker.log().lines().filter(|l| l.contains("echoing")) {
+            if let Some(id) = logged_task_id(line) {
+                *executions.entry(id.to_owned()).or_insert(0usize) += 1;
+            }
+        }
+    }
+    let never = ids
+        .iter()
+        .filter(|id| !executions.contains_key(*id))
+        .count();
+    assert_eq!(never, 0, "every task ran");
+    let extra: usize = executions.values().map(|n| n - 1).sum();
+    // Each worker kill can repeat what it had in hand; each connection kill, what every
+    // live worker had in hand.
+    let bound = (worker_kills + connection_kills * 2) * CONCURRENCY;
+    assert!(
+        extra <= bound,
+        "{extra} extra executions after {worker_kills} worker and {connection_kills} connection kills"
+    );
+    eprintln!(
+        "chaos: {TASKS} tasks, {worker_kills} worker kills, {connection_kills} connection kills, \
+         {extra} extra executions (bound {bound}), {samples} status samples"
+    );
+}

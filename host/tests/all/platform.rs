@@ -138,10 +138,16 @@ impl Platform {
 
     /// Starts `stem-host worker start` and waits until it says it is ready.
     pub fn worker(&self, extra: &[&str]) -> WorkerProcess {
+        self.worker_with(extra, &[])
+    }
+
+    /// [`Platform::worker`] with extra environment variables, e.g. a `STEM_LOG` filter.
+    pub fn worker_with(&self, extra: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
         let mut args = vec!["worker", "start"];
         args.extend_from_slice(extra);
-        let mut child = self
-            .command(&args)
+        let mut command = self.command(&args);
+        command.envs(env.iter().copied());
+        let mut child = command
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()

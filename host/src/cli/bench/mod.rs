@@ -2,7 +2,12 @@
 //!
 //! The default benchmark runs the whole platform in this process: workers with their own
 //! connections to the broker and backend (as separate processes would have), a producer
-//! publishing in batches, and every result read back. `bench runtime` times the sandbox alone.
+//! publishing in batches, and every result read back. With `--processes N` the workers are
+//! `stem-host worker start` processes instead, as operators run them, draining a queue filled
+//! beforehand; that mode also reports the CPU each task costs the workers and Redis
+//! ([`processes`]). `bench runtime` times the sandbox alone.
+
+mod processes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,7 +51,7 @@ enum BenchCommand {
 /// Enqueue N tasks and run them with in-process workers against the configured broker and
 /// backend; report throughput and enqueue-to-result latency.
 #[derive(Args)]
-struct EndToEnd {
+pub(super) struct EndToEnd {
     /// The task to enqueue; it must be registered, or given with --component.
     #[arg(long, default_value = "hello.add")]
     task: String,
@@ -59,9 +64,13 @@ struct EndToEnd {
     /// Tasks to run.
     #[arg(long, short = 'n', default_value_t = 10_000)]
     tasks: usize,
-    /// Worker instances, each with its own connections.
-    #[arg(long, default_value_t = 2)]
+    /// Worker instances in this process, each with its own connections.
+    #[arg(long, default_value_t = 2, conflicts_with = "processes")]
     workers: usize,
+    /// Run the workers as this many `stem-host worker start` processes instead, draining a
+    /// queue filled first; reports worker and Redis CPU per task.
+    #[arg(long, value_name = "N")]
+    processes: Option<usize>,
     /// Concurrency of each worker.
     #[arg(long, short = 'c', default_value_t = 8)]
     concurrency: usize,
@@ -98,6 +107,9 @@ struct RuntimeBench {
 pub async fn run(args: BenchArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(BenchCommand::Runtime(bench)) => runtime_bench(bench, connections).await,
+        None if args.end_to_end.processes.is_some() => {
+            processes::drain(args.end_to_end, connections).await
+        }
         None => end_to_end(args.end_to_end, connections).await,
     }
 }
