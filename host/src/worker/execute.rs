@@ -188,7 +188,7 @@ impl Execution<'_> {
             max_subtasks: budgets.subtasks_per_run,
             max_depth: budgets.subtask_depth,
             subtasks: AtomicU32::new(0),
-            progress_written: Mutex::new(None),
+            progress: Mutex::default(),
         });
         let run = component.run(&invocation, limits, hooks, &self.slot.handle);
         tokio::pin!(run);

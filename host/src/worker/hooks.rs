@@ -1,6 +1,6 @@
 //! What a running guest reaches through the worker: sub-tasks go to the same broker, with
 //! their parent, root and depth recorded and the operator's sub-task budgets applied;
-//! progress is recorded in the result backend.
+//! progress and heartbeats are recorded in the result backend.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,28 +28,40 @@ pub(super) struct WorkerHooks {
     pub max_subtasks: u32,
     pub max_depth: u32,
     pub subtasks: AtomicU32,
-    /// When progress was last written.
-    pub progress_written: Mutex<Option<Instant>>,
+    /// The last progress reported, and when a status was last written for it.
+    pub progress: Mutex<Progress>,
 }
 
-#[async_trait]
-impl TaskHooks for WorkerHooks {
-    fn progress(&self, task: &TaskInfo, percent: u8, message: &str) {
-        {
-            let mut written = self
-                .progress_written
+/// What the guest last said about its progress.
+#[derive(Default)]
+pub(super) struct Progress {
+    reported: Option<TaskProgress>,
+    written_at: Option<Instant>,
+}
+
+impl WorkerHooks {
+    /// Records the `started` status with the last progress, at most every [`PROGRESS_EVERY`];
+    /// `report` replaces the progress first.
+    fn record(&self, task: &TaskInfo, report: Option<TaskProgress>) {
+        let progress = {
+            let mut progress = self
+                .progress
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if written.is_some_and(|at| at.elapsed() < PROGRESS_EVERY) {
+            if let Some(report) = report {
+                progress.reported = Some(report);
+            }
+            if progress
+                .written_at
+                .is_some_and(|at| at.elapsed() < PROGRESS_EVERY)
+            {
                 return;
             }
-            *written = Some(Instant::now());
-        }
+            progress.written_at = Some(Instant::now());
+            progress.reported.clone()
+        };
         let status = TaskStatus {
-            progress: Some(TaskProgress {
-                percent,
-                message: message.to_owned(),
-            }),
+            progress,
             updated_at: Timestamp::now(),
             ..self.started.clone()
         };
@@ -60,6 +72,23 @@ impl TaskHooks for WorkerHooks {
                 tracing::warn!(task.id = id, %error, "recording progress failed");
             }
         });
+    }
+}
+
+#[async_trait]
+impl TaskHooks for WorkerHooks {
+    fn progress(&self, task: &TaskInfo, percent: u8, message: &str) {
+        let report = TaskProgress {
+            percent,
+            message: message.to_owned(),
+        };
+        self.record(task, Some(report));
+    }
+
+    /// A heartbeat refreshes the recorded `started` status, so `result get` shows the task
+    /// alive.
+    fn heartbeat(&self, task: &TaskInfo) {
+        self.record(task, None);
     }
 
     async fn enqueue(&self, parent: &TaskInfo, request: SubTaskRequest) -> Result<String, String> {

@@ -565,3 +565,72 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
          {extra} extra executions (bound {bound}), {samples} status samples"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_recorded_while_a_task_runs() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let _worker = platform.worker(&[]);
+    let id = platform.run_ok(&["enqueue", "hello.busy", "--args", r#"{"ms":4000}"#]);
+    let id = id.trim();
+    let backend = platform.backend().await;
+    eventually(Duration::from_secs(20), "progress was recorded", || async {
+        backend.get(id).await.unwrap().is_some_and(|s| {
+            s.state == TaskState::Started && s.progress.as_ref().is_some_and(|p| p.percent >= 10)
+        })
+    })
+    .await;
+    // A task that has not succeeded (yet) exits 1; the report is printed all the same.
+    let output = platform.run(&["result", "get", id, "--json"]);
+    let shown: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(shown["state"], "started", "{shown}");
+    assert_eq!(shown["progress"]["message"], "busy", "{shown}");
+    let done = wait_all(backend.as_ref(), &[id.to_owned()], Duration::from_secs(30)).await;
+    assert_eq!(done[0].state, TaskState::Succeeded);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_follows_the_brokers_redis_url() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    let namespace = format!("stem-roles-{}", uuid::Uuid::new_v4().simple());
+    let path = crate::support::guest("hello");
+    let output = platform
+        .command(&["task", "upload", path.to_str().unwrap()])
+        .env("STEM_BROKER_URL", crate::support::redis_url())
+        .env("STEM_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let revoked = platform
+        .command(&["revoke", "some-task"])
+        .env("STEM_BROKER_URL", crate::support::redis_url())
+        .env("STEM_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    assert!(revoked.status.success());
+    let leftovers: Vec<_> = std::fs::read_dir(platform.dir())
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".sqlite"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no role stayed on SQLite: {leftovers:?}"
+    );
+    let client = ::redis::Client::open(crate::support::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg(format!("{namespace}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.iter().any(|k| k.contains(":component:")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.contains(":revoke:")), "{keys:?}");
+}
