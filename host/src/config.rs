@@ -67,6 +67,11 @@ impl Role {
         }
     }
 
+    /// The variable naming this role's SQLite file, if it has one.
+    pub fn sqlite_path_variable(self) -> Option<&'static str> {
+        self.sqlite_default().map(|(variable, _)| variable)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Role::Broker => "broker",

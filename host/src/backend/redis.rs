@@ -337,13 +337,20 @@ impl ResultBackend for RedisBackend {
             .arg(&keys)
             .query_async(&mut self.conn())
             .await?;
-        ids.iter()
+        // One unreadable record must not hold up the others: it reads as absent.
+        Ok(ids
+            .iter()
             .zip(texts)
             .map(|(id, text)| {
-                text.map(|text| TaskStatus::from_json(id, &text))
-                    .transpose()
+                text.and_then(|text| match TaskStatus::from_json(id, &text) {
+                    Ok(found) => Some(found),
+                    Err(error) => {
+                        tracing::warn!(%error, "ignoring an unreadable status");
+                        None
+                    }
+                })
             })
-            .collect()
+            .collect())
     }
 
     async fn get(&self, id: &str) -> Result<Option<TaskStatus>, StorageError> {

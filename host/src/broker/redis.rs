@@ -42,6 +42,9 @@ use crate::time::Timestamp;
 
 const GROUP: &str = "stem";
 
+/// Most sweep calls per upkeep round (each deletes up to 100 old dead letters).
+const SWEEP_CALLS: usize = 50;
+
 /// How often a waiting consumer looks again without a wake-up: due delayed entries and
 /// expired leases are found this way.
 const POLL: Duration = Duration::from_millis(50);
@@ -72,8 +75,9 @@ for _, q in ipairs(queues) do
   local delayed = ns .. ':delayed:' .. q
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 1000)) do
     local data = redis.call('HGET', delayed .. ':data', id)
-    if data then
-      local p, d, payload = string.match(data, '^(%d)|(%d+)|(.*)$')
+    local p, d, payload
+    if data then p, d, payload = string.match(data, '^(%d)|(%d+)|(.*)$') end
+    if p then
       redis.call('XADD', stream(q, p), '*', 'd', d, 'e', payload)
       redis.call('HINCRBY', ns .. ':ready:' .. q, p, 1)
     end
@@ -88,8 +92,9 @@ for _, q in ipairs(queues) do
     local p, id = string.match(member, '^(%d)-(.*)$')
     local claimed = redis.pcall('XCLAIM', stream(q, p), group, consumer, 0, id)
     local info = redis.call('HGET', info_key, member)
-    if type(claimed) == 'table' and not claimed.err and claimed[1] and claimed[1][2] and info then
-      local d = tonumber(string.match(info, '|(%d+)$')) + 1
+    local before = info and tonumber(string.match(info, '|(%d+)$'))
+    if type(claimed) == 'table' and not claimed.err and claimed[1] and claimed[1][2] and before then
+      local d = before + 1
       lease_it(q, member, d)
       out[#out + 1] = {q, member, d, field(claimed[1][2], 'e') or ''}
     else
@@ -128,9 +133,12 @@ for p = 9, 0, -1 do
         out[#out + 1] = {q, member, d, field(entry[2], 'e') or ''}
       end
       if #out < max or #entries == 0 then
+        -- A short read: the lane holds nothing new.
         redis.call('HDEL', counter, lane)
       elseif redis.call('HINCRBY', counter, lane, -#entries) <= 0 then
-        redis.call('HDEL', counter, lane)
+        -- A full read with the count used up: there may be more (entries from before the
+        -- counts, or a count gone wrong), so look again next time.
+        redis.call('HSET', counter, lane, 1)
       end
     end
   end
@@ -160,10 +168,10 @@ for i = 3, #ARGV, 7 do
   local amount, text, next_p = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
   local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
   local info = redis.call('HGET', info_key, member)
-  if not info or string.match(info, '^(.*)|') ~= token then
+  local p, id = string.match(member, '^(%d)-(.*)$')
+  if not info or not p or string.match(info, '^(.*)|') ~= token then
     out[#out + 1] = 0
   else
-    local p, id = string.match(member, '^(%d)-(.*)$')
     local s = ns .. ':q:' .. q .. ':' .. p
     local payload = ''
     if op == 'release' or op == 'dead' then
@@ -177,7 +185,7 @@ for i = 3, #ARGV, 7 do
     redis.call('ZREM', leases, member)
     redis.call('HDEL', info_key, member)
     if op == 'release' then
-      local d = tonumber(string.match(info, '|(%d+)$'))
+      local d = tonumber(string.match(info, '|(%d+)$') or '1')
       requeue(q, p, math.max(d - 1, 0), payload, amount, member)
     elseif op == 'retry' then
       requeue(q, next_p, 0, text, amount, member)
@@ -433,15 +441,24 @@ impl RedisBroker {
                 let (mut manager, namespace, sweep) =
                     (manager.clone(), namespace.clone(), sweep.clone());
                 async move {
-                    let swept: Result<u64, _> = sweep
-                        .arg(&namespace)
-                        .arg(GROUP)
-                        .arg(retention.as_millis() as u64)
-                        .arg(orphan_age.as_millis() as u64)
-                        .invoke_async(&mut manager)
-                        .await;
-                    if let Err(error) = swept {
-                        tracing::warn!(%error, "sweeping old dead letters failed");
+                    // Each call deletes at most 100 old dead letters; a few more calls catch
+                    // up with a burst.
+                    for _ in 0..SWEEP_CALLS {
+                        let swept: Result<u64, _> = sweep
+                            .arg(&namespace)
+                            .arg(GROUP)
+                            .arg(retention.as_millis() as u64)
+                            .arg(orphan_age.as_millis() as u64)
+                            .invoke_async(&mut manager)
+                            .await;
+                        match swept {
+                            Ok(100) => continue,
+                            Ok(_) => return,
+                            Err(error) => {
+                                tracing::warn!(%error, "sweeping old dead letters failed");
+                                return;
+                            }
+                        }
                     }
                 }
             })

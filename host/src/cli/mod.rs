@@ -187,7 +187,7 @@ impl Connections {
 
     /// The URL of `role`: its own flag or variable, else the broker's when the broker is a
     /// server every host shares (so `STEM_BROKER_URL=redis://...` alone puts every role
-    /// there), else the role's default.
+    /// there) and no SQLite file was named for the role, else the role's default.
     fn url(&self, role: Role) -> anyhow::Result<AdapterUrl> {
         let explicit = match role {
             Role::Broker => &self.args.broker,
@@ -196,7 +196,10 @@ impl Connections {
             Role::Revoke => &self.args.revoke_store,
             Role::RateLimiter => &self.args.rate_limiter,
         };
-        if explicit.as_deref().is_none_or(str::is_empty) && role != Role::Broker {
+        let sqlite_named = role
+            .sqlite_path_variable()
+            .is_some_and(|variable| std::env::var_os(variable).is_some_and(|v| !v.is_empty()));
+        if explicit.as_deref().is_none_or(str::is_empty) && role != Role::Broker && !sqlite_named {
             let broker = self.url(Role::Broker)?;
             if matches!(broker, AdapterUrl::Redis(_) | AdapterUrl::Memory(_)) {
                 return Ok(broker);
@@ -205,24 +208,25 @@ impl Connections {
         Ok(AdapterUrl::resolve(role, explicit.as_deref())?)
     }
 
-    /// The flags that point another `stem-host` process at the same adapters, in `namespace`.
-    fn forwarded(&self, namespace: &str) -> Vec<String> {
+    /// The environment that points another `stem-host` process at the same adapters, in
+    /// `namespace` (variables rather than flags, so no password shows in a process list).
+    fn forwarded(&self, namespace: &str) -> Vec<(&'static str, String)> {
         let args = &self.args;
-        let flags = [
-            ("--broker", &args.broker),
-            ("--backend", &args.backend),
-            ("--registry", &args.registry),
-            ("--revoke-store", &args.revoke_store),
-            ("--rate-limiter", &args.rate_limiter),
+        let roles = [
+            (Role::Broker, &args.broker),
+            (Role::Backend, &args.backend),
+            (Role::Registry, &args.registry),
+            (Role::Revoke, &args.revoke_store),
+            (Role::RateLimiter, &args.rate_limiter),
         ];
-        let mut forwarded = vec!["--namespace".to_owned(), namespace.to_owned()];
-        for (flag, value) in flags {
+        let mut forwarded = vec![("STEM_NAMESPACE", namespace.to_owned())];
+        for (role, value) in roles {
             if let Some(value) = value {
-                forwarded.extend([flag.to_owned(), value.clone()]);
+                forwarded.push((role.url_variable(), value.clone()));
             }
         }
         if let Some(dir) = &args.cache_dir {
-            forwarded.extend(["--cache-dir".to_owned(), dir.display().to_string()]);
+            forwarded.push(("STEM_COMPONENT_CACHE_DIR", dir.display().to_string()));
         }
         forwarded
     }

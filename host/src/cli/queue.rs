@@ -190,7 +190,12 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
             let backend = connections.backend().await?;
             let mut selected = Vec::new();
             for letter in broker.dead_letters(&selection.query()?).await? {
-                if let Ok(envelope) = letter.replay_envelope() {
+                if let Ok(envelope) = letter.replay_envelope()
+                    && backend
+                        .get(&envelope.id)
+                        .await?
+                        .is_none_or(|s| s.state != TaskState::Succeeded)
+                {
                     let status = TaskStatus {
                         task: Some(envelope.task.clone()),
                         ..TaskStatus::new(envelope.id.clone(), TaskState::Pending)

@@ -9,7 +9,7 @@ use super::error::RunError;
 /// Limits applied to one run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunLimits {
-    /// Cap on the linear memory of each memory the component instantiates.
+    /// Cap on the linear memory of the run: all the memories its component instantiates.
     pub memory_bytes: u64,
     /// The guest is stopped when this passes.
     pub hard_time_limit: Duration,
@@ -103,6 +103,8 @@ pub(crate) struct MemoryLimiter {
     budget: Arc<MemoryBudget>,
     /// Bytes of linear memory this run holds (all its memories).
     in_use: u64,
+    /// The growth last granted, given back if wasmtime then fails to grow.
+    granted: u64,
 }
 
 impl MemoryLimiter {
@@ -111,6 +113,7 @@ impl MemoryLimiter {
             limit,
             budget,
             in_use: 0,
+            granted: 0,
         }
     }
 
@@ -130,16 +133,22 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         &mut self,
         current: usize,
         desired: usize,
-        _maximum: Option<usize>,
+        maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.limit {
+        // A growth past the memory's own maximum fails anyway: take nothing for it.
+        if maximum.is_some_and(|maximum| desired > maximum) {
+            return Ok(false);
+        }
+        let growth = desired.saturating_sub(current) as u64;
+        // The cap covers all the run's memories together.
+        let requested = self.in_use.saturating_add(growth);
+        if requested > self.limit {
             return Err(MemoryLimitHit {
                 limit: self.limit,
-                requested: desired as u64,
+                requested,
             }
             .into());
         }
-        let growth = desired.saturating_sub(current) as u64;
         if !self.budget.take(growth) {
             return Err(MemoryBudgetHit {
                 total: self.budget.total,
@@ -147,7 +156,18 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             .into());
         }
         self.in_use += growth;
+        self.granted = growth;
         Ok(true)
+    }
+
+    /// The growth was granted but failed (past the memory's maximum, or the system had no
+    /// memory): it is given back, and `memory.grow` fails for the guest as usual.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        tracing::debug!(%error, "a granted memory growth failed");
+        self.in_use -= self.granted;
+        self.budget.give_back(self.granted);
+        self.granted = 0;
+        Ok(())
     }
 
     fn table_growing(

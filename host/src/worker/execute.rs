@@ -190,15 +190,21 @@ impl Execution<'_> {
             subtasks: AtomicU32::new(0),
             progress: Mutex::default(),
         });
-        let run = component.run(&invocation, limits, hooks, &self.slot.handle);
-        tokio::pin!(run);
+        // Boxed: the sandbox's future is large, and every task future that held it inline
+        // would be copied whole on each spawn.
+        let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));
         tokio::select! {
             outcome = &mut run => return outcome,
             () = tokio::time::sleep(shared.config.started_after) => {}
         }
-        if let Err(error) = shared.backend.set(&started, None).await {
-            tracing::warn!(task.id = envelope.id, %error, "recording the start failed");
-        }
+        // Written beside the run, not before it: a slow backend must not pause the guest.
+        let backend = shared.backend.clone();
+        let id = envelope.id.clone();
+        tokio::spawn(async move {
+            if let Err(error) = backend.set(&started, None).await {
+                tracing::warn!(task.id = id, %error, "recording the start failed");
+            }
+        });
         run.await
     }
 

@@ -251,7 +251,7 @@ fn start_worker(
 ) -> anyhow::Result<WorkerChild> {
     let exe = std::env::current_exe().context("cannot find the stem-host binary")?;
     let child = Command::new(exe)
-        .args(connections.forwarded(namespace))
+        .envs(connections.forwarded(namespace))
         .args(["worker", "start", "--queues", queue])
         .args(["--concurrency", &concurrency.to_string()])
         .stdin(Stdio::null())

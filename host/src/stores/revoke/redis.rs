@@ -98,11 +98,20 @@ impl RevokeStore for RedisRevokeStore {
             .arg(&keys)
             .query_async(&mut self.manager.clone())
             .await?;
-        task_ids
+        // One unreadable record must not hold up the others: it reads as absent.
+        Ok(task_ids
             .iter()
             .zip(texts)
-            .map(|(id, text)| text.map(|text| decode(id, &text)).transpose())
-            .collect()
+            .map(|(id, text)| {
+                text.and_then(|text| match decode(id, &text) {
+                    Ok(found) => Some(found),
+                    Err(error) => {
+                        tracing::warn!(%error, "ignoring an unreadable revocation");
+                        None
+                    }
+                })
+            })
+            .collect())
     }
 
     async fn list_since(&self, since: Timestamp) -> Result<Vec<Revocation>, StorageError> {
