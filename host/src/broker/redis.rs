@@ -8,9 +8,10 @@
 //!   also heals a count that went wrong).
 //! - `delayed:Q` (sorted by due time) and `delayed:Q:data`: entries waiting for `not_before`
 //!   or a release delay; every consume moves the due ones into their stream.
-//! - `leases:Q` (sorted by lease deadline) and `lease:Q` (lease token and delivery count),
-//!   keyed by `P-ENTRYID`: a lease is extended by moving its deadline, and an expired one is
-//!   taken over with `XCLAIM` by the next consumer, with a fresh token.
+//! - `leases:Q`: the leases, sorted by deadline, each member `P-ENTRYID|TOKEN|DELIVERIES`, so
+//!   one `ZREM` both checks that a receipt still holds its lease and ends it. A lease is
+//!   extended by moving its deadline, and an expired one is taken over with `XCLAIM` by the
+//!   next consumer, with a fresh token.
 //! - `dead`, `dead:data`, `dead:seq`: dead letters in order; `dead:count`: per queue;
 //!   `queues`: known queue names (pruned when a queue is empty).
 //! - Pub/sub: `wake` (a publish wakes waiting consumers at once) and `broadcast:CHANNEL`.
@@ -68,8 +69,7 @@ local function field(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
 end
 local function lease_it(q, member, deliveries)
-  redis.call('ZADD', ns .. ':leases:' .. q, now + lease, member)
-  redis.call('HSET', ns .. ':lease:' .. q, member, token .. '|' .. deliveries)
+  redis.call('ZADD', ns .. ':leases:' .. q, now + lease, member .. '|' .. token .. '|' .. deliveries)
 end
 for _, q in ipairs(queues) do
   local delayed = ns .. ':delayed:' .. q
@@ -87,19 +87,17 @@ for _, q in ipairs(queues) do
 end
 for _, q in ipairs(queues) do
   if #out >= max then break end
-  local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, max - #out)) do
-    local p, id = string.match(member, '^(%d)-(.*)$')
-    local claimed = redis.pcall('XCLAIM', stream(q, p), group, consumer, 0, id)
-    local info = redis.call('HGET', info_key, member)
-    local before = info and tonumber(string.match(info, '|(%d+)$'))
-    if type(claimed) == 'table' and not claimed.err and claimed[1] and claimed[1][2] and before then
-      local d = before + 1
+  local leases = ns .. ':leases:' .. q
+  for _, held in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, max - #out)) do
+    redis.call('ZREM', leases, held)
+    local member, before = string.match(held, '^([^|]*)|[^|]*|(%d+)$')
+    local p, id
+    if member then p, id = string.match(member, '^(%d)-(.*)$') end
+    local claimed = p and redis.pcall('XCLAIM', stream(q, p), group, consumer, 0, id)
+    if type(claimed) == 'table' and not claimed.err and claimed[1] and claimed[1][2] then
+      local d = tonumber(before) + 1
       lease_it(q, member, d)
       out[#out + 1] = {q, member, d, field(claimed[1][2], 'e') or ''}
-    else
-      redis.call('ZREM', leases, member)
-      redis.call('HDEL', info_key, member)
     end
   end
 end
@@ -146,9 +144,10 @@ end
 return {now, out}
 ";
 
-/// Settles a batch of leased entries, each only if its token still holds it. Returns 1 or 0
-/// per entry. ARGV: namespace, group, then seven fields per entry: queue, member, token, op
-/// (`ack`, `release`, `retry`, `dead`), delay ms, reason or next envelope, next priority.
+/// Settles a batch of leased entries, each only if its lease (member, token and delivery count)
+/// is still there. Returns 1 or 0 per entry. ARGV: namespace, group, then seven fields per
+/// entry: queue, member, `TOKEN|DELIVERIES`, op (`ack`, `release`, `retry`, `dead`), delay ms,
+/// reason or next envelope, next priority.
 const SETTLE: &str = r"
 local ns, group = ARGV[1], ARGV[2]
 local out, wake = {}, false
@@ -166,10 +165,8 @@ end
 for i = 3, #ARGV, 7 do
   local q, member, token, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local amount, text, next_p = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
-  local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
-  local info = redis.call('HGET', info_key, member)
   local p, id = string.match(member, '^(%d)-(.*)$')
-  if not info or not p or string.match(info, '^(.*)|') ~= token then
+  if not p or redis.call('ZREM', ns .. ':leases:' .. q, member .. '|' .. token) == 0 then
     out[#out + 1] = 0
   else
     local s = ns .. ':q:' .. q .. ':' .. p
@@ -182,10 +179,8 @@ for i = 3, #ARGV, 7 do
     end
     redis.call('XACK', s, group, id)
     redis.call('XDEL', s, id)
-    redis.call('ZREM', leases, member)
-    redis.call('HDEL', info_key, member)
     if op == 'release' then
-      local d = tonumber(string.match(info, '|(%d+)$') or '1')
+      local d = tonumber(string.match(token, '|(%d+)$') or '1')
       requeue(q, p, math.max(d - 1, 0), payload, amount, member)
     elseif op == 'retry' then
       requeue(q, next_p, 0, text, amount, member)
@@ -203,13 +198,13 @@ if wake then redis.call('PUBLISH', ns .. ':wake', 'settled') end
 return out
 ";
 
-/// Moves a lease's deadline if the token still holds it; returns the new deadline or 0.
-/// ARGV: namespace, queue, member, token, lease ms.
+/// Moves a lease's deadline if it is still there; returns the new deadline or 0.
+/// ARGV: namespace, queue, member, `TOKEN|DELIVERIES`, lease ms.
 const EXTEND: &str = r"
 local ns, q, member, token, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local info = redis.call('HGET', ns .. ':lease:' .. q, member)
-if not info or string.match(info, '^(.*)|') ~= token then return 0 end
-redis.call('ZADD', ns .. ':leases:' .. q, now + lease, member)
+local leases, held = ns .. ':leases:' .. q, member .. '|' .. token
+if not redis.call('ZSCORE', leases, held) then return 0 end
+redis.call('ZADD', leases, now + lease, held)
 return now + lease
 ";
 
@@ -228,18 +223,19 @@ return {stored - leased + expired, redis.call('ZCARD', ns .. ':delayed:' .. q), 
 /// ARGV: namespace, group, queue.
 const PURGE: &str = r"
 local ns, group, q = ARGV[1], ARGV[2], ARGV[3]
-local leases, info_key = ns .. ':leases:' .. q, ns .. ':lease:' .. q
+local leases = ns .. ':leases:' .. q
+local live = {}
+for _, held in ipairs(redis.call('ZRANGEBYSCORE', leases, '(' .. now, '+inf')) do
+  live[string.match(held, '^([^|]*)')] = true
+end
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 local purged = 0
 for p = 0, 9 do
   local s = ns .. ':q:' .. q .. ':' .. p
   for _, entry in ipairs(redis.call('XRANGE', s, '-', '+')) do
-    local member = p .. '-' .. entry[1]
-    local deadline = redis.call('ZSCORE', leases, member)
-    if not deadline or tonumber(deadline) <= now then
+    if not live[p .. '-' .. entry[1]] then
       redis.call('XACK', s, group, entry[1])
       redis.call('XDEL', s, entry[1])
-      redis.call('ZREM', leases, member)
-      redis.call('HDEL', info_key, member)
       purged = purged + 1
     end
   end
@@ -309,12 +305,15 @@ for _, q in ipairs(redis.call('SMEMBERS', ns .. ':queues')) do
     if redis.call('EXISTS', s) == 1 then
       stored = stored + redis.call('XLEN', s)
       local pending = redis.pcall('XPENDING', s, group, 'IDLE', orphan_age, '-', '+', 100)
-      if type(pending) == 'table' and not pending.err then
+      if type(pending) == 'table' and not pending.err and #pending > 0 then
+        local leased = {}
+        for _, held in ipairs(redis.call('ZRANGE', ns .. ':leases:' .. q, 0, -1)) do
+          leased[string.match(held, '^([^|]*)')] = true
+        end
         for _, entry in ipairs(pending) do
           local member = p .. '-' .. entry[1]
-          if redis.call('HEXISTS', ns .. ':lease:' .. q, member) == 0 then
-            redis.call('HSET', ns .. ':lease:' .. q, member, 'orphaned|' .. entry[4])
-            redis.call('ZADD', ns .. ':leases:' .. q, 0, member)
+          if not leased[member] then
+            redis.call('ZADD', ns .. ':leases:' .. q, 0, member .. '|orphaned|' .. entry[4])
           end
         end
       end
@@ -563,7 +562,7 @@ impl RedisBroker {
             let receipt = Receipt {
                 queue,
                 entry: member,
-                token: token.clone(),
+                token: format!("{token}|{count}"),
             };
             match Envelope::from_json(&payload) {
                 Ok(envelope) => deliveries.push(Delivery {
