@@ -30,7 +30,13 @@ pub enum ComponentError {
          replaced; upload the component again"
     )]
     DigestMismatch { expected: String, actual: String },
+    #[error("component {digest} could not be loaded a moment ago ({reason}); trying again shortly")]
+    RecentlyFailed { digest: String, reason: String },
 }
+
+/// How long a component that could not be fetched or loaded is not tried again, so a backlog
+/// of its tasks does not fetch and compile it once per delivery.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What an upload did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -79,6 +85,8 @@ pub struct ComponentSource {
     runtime: Arc<Runtime>,
     versions: Mutex<HashMap<String, (TaskVersion, Instant)>>,
     loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskComponent>>>>>,
+    /// Digests that failed to fetch or load, with why and when.
+    failures: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl ComponentSource {
@@ -88,6 +96,7 @@ impl ComponentSource {
             runtime,
             versions: Mutex::default(),
             loaded: Mutex::default(),
+            failures: Mutex::default(),
         }
     }
 
@@ -97,15 +106,29 @@ impl ComponentSource {
         name: &str,
     ) -> Result<(TaskVersion, Arc<TaskComponent>), ComponentError> {
         let version = self.version(name).await?;
+        let digest = &version.digest;
+        if let Some((reason, _)) = lock(&self.failures)
+            .get(digest)
+            .filter(|(_, at)| at.elapsed() < FAILURE_BACKOFF)
+        {
+            return Err(ComponentError::RecentlyFailed {
+                digest: digest.clone(),
+                reason: reason.clone(),
+            });
+        }
         let cell = lock(&self.loaded)
-            .entry(version.digest.clone())
+            .entry(digest.clone())
             .or_default()
             .clone();
-        let component = cell
-            .get_or_try_init(|| self.fetch(&version.digest))
-            .await?
-            .clone();
-        Ok((version, component))
+        match cell.get_or_try_init(|| self.fetch(digest)).await {
+            Ok(component) => Ok((version.clone(), component.clone())),
+            Err(error) => {
+                let mut failures = lock(&self.failures);
+                failures.retain(|_, (_, at)| at.elapsed() < FAILURE_BACKOFF);
+                failures.insert(digest.clone(), (error.to_string(), Instant::now()));
+                Err(error)
+            }
+        }
     }
 
     async fn version(&self, name: &str) -> Result<TaskVersion, ComponentError> {

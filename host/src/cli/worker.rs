@@ -104,6 +104,17 @@ struct BudgetArgs {
     /// lease) before the task goes to the dead-letter queue.
     #[arg(long, env = "STEM_WORKER_MAX_DELIVERIES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
     max_deliveries: u32,
+    /// Most retries a task may declare or an enqueue may ask for.
+    #[arg(
+        long,
+        env = "STEM_WORKER_MAX_TASK_RETRIES",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    max_task_retries: u32,
+    /// Longest wait a guest may ask for before its retry or a sub-task's start.
+    #[arg(long, env = "STEM_WORKER_MAX_DELAY", value_parser = parse_duration, default_value = "7d", value_name = "DURATION")]
+    max_delay: Duration,
 }
 
 impl BudgetArgs {
@@ -120,6 +131,8 @@ impl BudgetArgs {
             result_bytes: self.max_result_size,
             error_bytes: usize::try_from(self.max_error_size).unwrap_or(usize::MAX),
             max_deliveries: self.max_deliveries,
+            max_retries: self.max_task_retries,
+            max_delay: self.max_delay,
         }
     }
 }

@@ -35,6 +35,10 @@ pub struct Budgets {
     /// Deliveries of one attempt that end without being settled (a crashed or stuck worker)
     /// before the entry goes to the dead-letter queue.
     pub max_deliveries: u32,
+    /// Most retries a task may declare or an enqueue may ask for.
+    pub max_retries: u32,
+    /// Longest wait before a retry or a sub-task a guest may ask for.
+    pub max_delay: Duration,
 }
 
 impl Default for Budgets {
@@ -51,6 +55,8 @@ impl Default for Budgets {
             result_bytes: 16 << 20,
             error_bytes: 64 << 10,
             max_deliveries: 10,
+            max_retries: 100,
+            max_delay: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -187,6 +187,7 @@ impl Execution<'_> {
             depth: envelope.depth,
             max_subtasks: budgets.subtasks_per_run,
             max_depth: budgets.subtask_depth,
+            max_countdown: budgets.max_delay,
             subtasks: AtomicU32::new(0),
             progress: Mutex::default(),
         });
@@ -246,9 +247,11 @@ impl Execution<'_> {
                 Settle::Ack,
             ),
             error => {
-                let policy = RetryPolicy::new(options, envelope.max_retries);
+                let mut policy = RetryPolicy::new(options, envelope.max_retries);
+                policy.max_retries = policy.max_retries.min(budgets.max_retries);
                 match policy.next_delay(envelope.attempt, &error) {
                     Some(delay) => {
+                        let delay = delay.min(budgets.max_delay);
                         let mut next = envelope.clone();
                         next.attempt += 1;
                         next.not_before = Some(Timestamp::now().saturating_add(delay));

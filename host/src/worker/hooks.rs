@@ -27,6 +27,8 @@ pub(super) struct WorkerHooks {
     pub depth: u32,
     pub max_subtasks: u32,
     pub max_depth: u32,
+    /// Longest countdown a sub-task may ask for; a longer one is cut to it.
+    pub max_countdown: Duration,
     pub subtasks: AtomicU32,
     /// The last progress reported, and when a status was last written for it.
     pub progress: Mutex<Progress>,
@@ -111,9 +113,9 @@ impl TaskHooks for WorkerHooks {
         let sub_task = EnqueueRequest {
             queue: request.queue,
             priority: request.priority,
-            not_before: request
-                .countdown
-                .map(|countdown| Timestamp::now().saturating_add(countdown)),
+            not_before: request.countdown.map(|countdown| {
+                Timestamp::now().saturating_add(countdown.min(self.max_countdown))
+            }),
             parent_id: Some(parent.id.clone()),
             root_id: Some(self.root_id.clone()),
             depth,

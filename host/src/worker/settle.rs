@@ -19,8 +19,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::backend::{ResultBackend, TaskStatus};
 use crate::broker::{Broker, Receipt, Settle};
 
-/// The most settlements written together.
+/// The most settlements written together, and about the most bytes of results and retried
+/// envelopes in one write: a batch is one round trip, which must stay well within the
+/// connection's timeout.
 const MAX_BATCH: usize = 256;
+const MAX_BATCH_BYTES: usize = 8 << 20;
 
 /// How one delivery ended: the status to record (if any) and what becomes of its entry.
 #[derive(Debug)]
@@ -28,6 +31,22 @@ pub(super) struct Settlement {
     pub receipt: Receipt,
     pub status: Option<TaskStatus>,
     pub settle: Settle,
+}
+
+impl Settlement {
+    /// Roughly what writing it sends: the result and a retried envelope's arguments.
+    fn bytes(&self) -> usize {
+        let result = self
+            .status
+            .as_ref()
+            .and_then(|s| s.result.as_ref())
+            .map_or(0, |r| r.data.len());
+        let next = match &self.settle {
+            Settle::Retry { next, .. } => next.args.data.len(),
+            _ => 0,
+        };
+        result + next
+    }
 }
 
 type Pending = (Settlement, oneshot::Sender<bool>);
@@ -45,12 +64,18 @@ impl Settler {
         tokio::spawn(async move {
             let mut batch = Vec::new();
             while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                write(
-                    broker.as_ref(),
-                    backend.as_ref(),
-                    std::mem::take(&mut batch),
-                )
-                .await;
+                let mut pending = std::mem::take(&mut batch).into_iter().peekable();
+                while pending.peek().is_some() {
+                    let mut chunk = Vec::new();
+                    let mut bytes = 0;
+                    while let Some(next) = pending.next_if(|(next, _)| {
+                        chunk.is_empty() || bytes + next.bytes() <= MAX_BATCH_BYTES
+                    }) {
+                        bytes += next.0.bytes();
+                        chunk.push(next);
+                    }
+                    write(broker.as_ref(), backend.as_ref(), chunk).await;
+                }
             }
         });
         Settler { sender }

@@ -114,6 +114,56 @@ pub async fn run(args: BenchArgs, connections: &Connections) -> anyhow::Result<E
     }
 }
 
+/// Enqueue → result latency of `--idle-samples` tasks run one at a time, sorted.
+async fn idle_latencies(
+    bench: &EndToEnd,
+    client: &Client,
+    backend: &dyn crate::backend::ResultBackend,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut idle = Vec::with_capacity(bench.idle_samples);
+    for _ in 0..bench.idle_samples {
+        let start = Instant::now();
+        let envelope = client
+            .enqueue(EnqueueRequest::new(&bench.task, bench.args.clone()))
+            .await?;
+        let status = backend.wait(&envelope.id, Duration::from_secs(60)).await?;
+        if !status.is_some_and(|s| s.state.is_terminal()) {
+            bail!("task {} did not finish within a minute", envelope.id);
+        }
+        idle.push(start.elapsed());
+    }
+    idle.sort();
+    Ok(idle)
+}
+
+fn report_idle_json(report: &mut serde_json::Value, idle: &[Duration]) {
+    if !idle.is_empty() {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        report["idle_latency_p50_ms"] = json!(ms(percentile(idle, 0.5)));
+        report["idle_latency_p99_ms"] = json!(ms(percentile(idle, 0.99)));
+    }
+}
+
+fn print_idle(idle: &[Duration]) {
+    if !idle.is_empty() {
+        println!(
+            "  enqueue -> result idle ({} one at a time): p50 {}  p99 {}",
+            idle.len(),
+            human_duration(percentile(idle, 0.5)),
+            human_duration(percentile(idle, 0.99))
+        );
+    }
+}
+
+/// Success only when no task failed.
+fn exit_code(failed: usize) -> ExitCode {
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// Latency percentiles of sorted samples.
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
@@ -199,25 +249,13 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
     let wall = last_finish.saturating_since(envelopes[0].created_at);
     progress.finish();
 
-    let mut idle = Vec::with_capacity(bench.idle_samples);
-    for _ in 0..bench.idle_samples {
-        let start = Instant::now();
-        let envelope = client
-            .enqueue(EnqueueRequest::new(&bench.task, bench.args.clone()))
-            .await?;
-        let status = backend.wait(&envelope.id, Duration::from_secs(60)).await?;
-        if !status.is_some_and(|s| s.state.is_terminal()) {
-            bail!("task {} did not finish within a minute", envelope.id);
-        }
-        idle.push(start.elapsed());
-    }
+    let idle = idle_latencies(&bench, &client, backend.as_ref()).await?;
     let _ = stop.send(true);
     for worker in workers {
         worker.await?;
     }
 
     latencies.sort();
-    idle.sort();
     let throughput = bench.tasks as f64 / wall.as_secs_f64().max(1e-3);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if bench.json {
@@ -235,10 +273,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             "latency_p50_ms": ms(percentile(&latencies, 0.5)),
             "latency_p99_ms": ms(percentile(&latencies, 0.99)),
         });
-        if !idle.is_empty() {
-            report["idle_latency_p50_ms"] = json!(ms(percentile(&idle, 0.5)));
-            report["idle_latency_p99_ms"] = json!(ms(percentile(&idle, 0.99)));
-        }
+        report_idle_json(&mut report, &idle);
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("====== end to end: {} x {} ======", bench.tasks, bench.task);
@@ -261,20 +296,9 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             human_duration(percentile(&latencies, 0.5)),
             human_duration(percentile(&latencies, 0.99))
         );
-        if !idle.is_empty() {
-            println!(
-                "  enqueue -> result idle ({} one at a time): p50 {}  p99 {}",
-                idle.len(),
-                human_duration(percentile(&idle, 0.5)),
-                human_duration(percentile(&idle, 0.99))
-            );
-        }
+        print_idle(&idle);
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(exit_code(failed))
 }
 
 async fn runtime_bench(

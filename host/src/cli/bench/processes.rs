@@ -17,7 +17,7 @@ use serde_json::json;
 use super::super::Connections;
 use super::super::progress::Progress;
 use super::super::units::human_duration;
-use super::{EndToEnd, percentile};
+use super::{EndToEnd, exit_code, idle_latencies, print_idle, report_idle_json};
 use crate::backend::TaskState;
 use crate::client::{Client, EnqueueRequest};
 use crate::codec::Codecs;
@@ -154,27 +154,14 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     }
     let wall = last.saturating_since(began);
 
-    let mut idle = Vec::with_capacity(bench.idle_samples);
-    for _ in 0..bench.idle_samples {
-        let start = Instant::now();
-        let envelope = client
-            .enqueue(EnqueueRequest::new(&bench.task, bench.args.clone()))
-            .await?;
-        let status = backend.wait(&envelope.id, Duration::from_secs(60)).await?;
-        if !status.is_some_and(|s| s.state.is_terminal()) {
-            bail!("task {} did not finish within a minute", envelope.id);
-        }
-        idle.push(start.elapsed());
-    }
+    let idle = idle_latencies(&bench, &client, backend.as_ref()).await?;
     for worker in &mut workers {
         worker.stop();
     }
-    idle.sort();
 
     let tasks = bench.tasks as f64;
     let throughput = tasks / wall.as_secs_f64().max(1e-3);
     let worker_cpu_us = cpu_ticks_used as f64 / TICKS_PER_SECOND * 1e6 / tasks;
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if bench.json {
         let mut report = json!({
             "bench": "drain",
@@ -193,10 +180,7 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
             report["redis_cpu_us_per_task"] = json!(redis.cpu_us / tasks);
             report["redis_calls_per_task"] = json!(redis.calls_per_task(tasks));
         }
-        if !idle.is_empty() {
-            report["idle_latency_p50_ms"] = json!(ms(percentile(&idle, 0.5)));
-            report["idle_latency_p99_ms"] = json!(ms(percentile(&idle, 0.99)));
-        }
+        report_idle_json(&mut report, &idle);
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("====== drain: {} x {} ======", bench.tasks, bench.task);
@@ -222,20 +206,9 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
                 redis.calls_per_task(tasks)
             );
         }
-        if !idle.is_empty() {
-            println!(
-                "  enqueue -> result idle ({} one at a time): p50 {}  p99 {}",
-                idle.len(),
-                human_duration(percentile(&idle, 0.5)),
-                human_duration(percentile(&idle, 0.99))
-            );
-        }
+        print_idle(&idle);
     }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(exit_code(failed))
 }
 
 /// One `stem-host worker start` child; killed if still running when dropped.
