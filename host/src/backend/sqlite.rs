@@ -256,6 +256,34 @@ impl ResultBackend for SqliteBackend {
             .transpose()
     }
 
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<Option<TaskStatus>>, StorageError> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, status FROM stem_task_results
+                 WHERE namespace = ? AND (expires_at IS NULL OR expires_at > ?) AND id IN ({})",
+                sqlite::placeholders(chunk.len())
+            );
+            let mut select = sqlx::query(&sql)
+                .bind(self.namespace())
+                .bind(Timestamp::now().as_sql());
+            for id in chunk {
+                select = select.bind(id);
+            }
+            for row in select.fetch_all(self.pool()).await? {
+                let id: String = row.get("id");
+                // One unreadable record must not hold up the others: it reads as absent.
+                match TaskStatus::from_json(&id, row.get("status")) {
+                    Ok(status) => {
+                        found.insert(id, status);
+                    }
+                    Err(error) => tracing::warn!(%error, "ignoring an unreadable status"),
+                }
+            }
+        }
+        Ok(ids.iter().map(|id| found.remove(id)).collect())
+    }
+
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
         crate::wait::until(
             &self.inner.changed,

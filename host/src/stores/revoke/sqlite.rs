@@ -96,6 +96,28 @@ impl RevokeStore for SqliteRevokeStore {
         Ok(row.as_ref().map(revocation))
     }
 
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<Revocation>>, StorageError> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in task_ids.chunks(500) {
+            let sql = format!(
+                "SELECT * FROM stem_revocations
+                 WHERE namespace = ? AND expires_at > ? AND task_id IN ({})",
+                crate::sqlite::placeholders(chunk.len())
+            );
+            let mut select = sqlx::query(&sql)
+                .bind(&self.namespace)
+                .bind(Timestamp::now().as_sql());
+            for id in chunk {
+                select = select.bind(id);
+            }
+            for row in select.fetch_all(&self.pool).await? {
+                let revocation = revocation(&row);
+                found.insert(revocation.task_id.clone(), revocation);
+            }
+        }
+        Ok(task_ids.iter().map(|id| found.remove(id)).collect())
+    }
+
     async fn list_since(&self, since: Timestamp) -> Result<Vec<Revocation>, StorageError> {
         let rows = sqlx::query(
             "SELECT * FROM stem_revocations
