@@ -51,7 +51,11 @@ pub(super) async fn process(
             (None, trouble_release())
         }
     };
-    if slot.lost.load(Ordering::SeqCst) {
+    if !slot.still_leased(&delivery.receipt).await {
+        tracing::warn!(
+            task.id = id,
+            "the lease was lost; the outcome is not recorded"
+        );
         return;
     }
     let returned = matches!(settle, Settle::Release(delay) if delay.is_zero());

@@ -170,6 +170,37 @@ struct RunSlot {
     lost: Arc<AtomicBool>,
 }
 
+impl RunSlot {
+    /// Whether the lease may have run out by this worker's clock: its last extension is a
+    /// whole lease ago (the process stalled, or extensions kept failing).
+    fn lease_may_have_lapsed(&self) -> bool {
+        let lease = self.shared.config.lease;
+        self.shared
+            .running()
+            .get(&self.key)
+            .is_some_and(|running| running.leased_at.elapsed() >= lease)
+    }
+
+    /// Before an outcome is recorded: `false` when the lease is known to be lost, so another
+    /// worker has the entry and this outcome must not be written over its own.
+    async fn still_leased(&self, receipt: &Receipt) -> bool {
+        if self.lost.load(Ordering::SeqCst) {
+            return false;
+        }
+        if !self.lease_may_have_lapsed() {
+            return true;
+        }
+        let lease = self.shared.config.lease;
+        match self.shared.broker.extend_lease(receipt, lease).await {
+            Err(StorageError::LeaseLost(_)) => {
+                self.lost.store(true, Ordering::SeqCst);
+                false
+            }
+            _ => true,
+        }
+    }
+}
+
 impl Drop for RunSlot {
     fn drop(&mut self) {
         self.shared.running().remove(&self.key);
