@@ -68,8 +68,16 @@ local function stream(q, p) return ns .. ':q:' .. q .. ':' .. p end
 local function field(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end
 end
+-- Leases are written per queue in one ZADD when the consume ends.
+local leased = {}
 local function lease_it(q, member, deliveries)
-  redis.call('ZADD', ns .. ':leases:' .. q, now + lease, member .. '|' .. token .. '|' .. deliveries)
+  leased[q] = leased[q] or {}
+  table.insert(leased[q], now + lease)
+  table.insert(leased[q], member .. '|' .. token .. '|' .. deliveries)
+end
+local function finish()
+  for q, scored in pairs(leased) do redis.call('ZADD', ns .. ':leases:' .. q, unpack(scored)) end
+  return {now, out}
 end
 for _, q in ipairs(queues) do
   local delayed = ns .. ':delayed:' .. q
@@ -115,7 +123,7 @@ end
 for p = 9, 0, -1 do
   local lane = tostring(p)
   for _, q in ipairs(queues) do
-    if #out >= max then return {now, out} end
+    if #out >= max then return finish() end
     if lanes[q][lane] and (not all_lanes or redis.call('EXISTS', stream(q, p)) == 1) then
       local s, counter = stream(q, p), ns .. ':ready:' .. q
       local read = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', max - #out, 'STREAMS', s, '>')
@@ -141,7 +149,7 @@ for p = 9, 0, -1 do
     end
   end
 end
-return {now, out}
+return finish()
 ";
 
 /// Settles a batch of leased entries, each only if its lease (member, token and delivery count)
@@ -162,36 +170,59 @@ local function requeue(q, p, d, payload, delay, id)
     redis.call('ZADD', delayed, now + delay, id)
   end
 end
+-- The batch by queue, so that each queue's leases are checked and ended, and its entries
+-- acked and deleted, with one call each rather than one per entry.
+local queues, order = {}, {}
 for i = 3, #ARGV, 7 do
-  local q, member, token, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local amount, text, next_p = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
-  local p, id = string.match(member, '^(%d)-(.*)$')
-  if not p or redis.call('ZREM', ns .. ':leases:' .. q, member .. '|' .. token) == 0 then
-    out[#out + 1] = 0
-  else
-    local s = ns .. ':q:' .. q .. ':' .. p
-    local payload = ''
-    if op == 'release' or op == 'dead' then
-      local entry = redis.call('XRANGE', s, id, id)[1]
-      if entry then
-        for j = 1, #entry[2], 2 do if entry[2][j] == 'e' then payload = entry[2][j + 1] end end
+  local q = ARGV[i]
+  if not queues[q] then
+    queues[q] = {}
+    order[#order + 1] = q
+  end
+  table.insert(queues[q], i)
+  out[#out + 1] = 0
+end
+for _, q in ipairs(order) do
+  local leases, indexes, members = ns .. ':leases:' .. q, queues[q], {}
+  for j, i in ipairs(indexes) do members[j] = ARGV[i + 1] .. '|' .. ARGV[i + 2] end
+  local scores = redis.call('ZMSCORE', leases, unpack(members))
+  local held, ended, done = {}, {}, {}
+  for j, i in ipairs(indexes) do
+    local member, token, op = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local amount, text, next_p = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6]
+    local p, id = string.match(member, '^(%d)-(.*)$')
+    if p and scores[j] and not ended[members[j]] then
+      ended[members[j]] = true
+      held[#held + 1] = members[j]
+      out[(i - 3) / 7 + 1] = 1
+      local s = ns .. ':q:' .. q .. ':' .. p
+      done[s] = done[s] or {}
+      table.insert(done[s], id)
+      local payload = ''
+      if op == 'release' or op == 'dead' then
+        local entry = redis.call('XRANGE', s, id, id)[1]
+        if entry then
+          for k = 1, #entry[2], 2 do if entry[2][k] == 'e' then payload = entry[2][k + 1] end end
+        end
+      end
+      if op == 'release' then
+        local d = tonumber(string.match(token, '|(%d+)$') or '1')
+        requeue(q, p, math.max(d - 1, 0), payload, amount, member)
+      elseif op == 'retry' then
+        requeue(q, next_p, 0, text, amount, member)
+      elseif op == 'dead' then
+        local seq = redis.call('INCR', ns .. ':dead:seq')
+        redis.call('HSET', ns .. ':dead:data', seq,
+          cjson.encode({queue = q, reason = text, payload = payload, dead_at = now}))
+        redis.call('ZADD', ns .. ':dead', seq, seq)
+        redis.call('HINCRBY', ns .. ':dead:count', q, 1)
       end
     end
-    redis.call('XACK', s, group, id)
-    redis.call('XDEL', s, id)
-    if op == 'release' then
-      local d = tonumber(string.match(token, '|(%d+)$') or '1')
-      requeue(q, p, math.max(d - 1, 0), payload, amount, member)
-    elseif op == 'retry' then
-      requeue(q, next_p, 0, text, amount, member)
-    elseif op == 'dead' then
-      local seq = redis.call('INCR', ns .. ':dead:seq')
-      redis.call('HSET', ns .. ':dead:data', seq,
-        cjson.encode({queue = q, reason = text, payload = payload, dead_at = now}))
-      redis.call('ZADD', ns .. ':dead', seq, seq)
-      redis.call('HINCRBY', ns .. ':dead:count', q, 1)
-    end
-    out[#out + 1] = 1
+  end
+  if #held > 0 then redis.call('ZREM', leases, unpack(held)) end
+  for s, ids in pairs(done) do
+    redis.call('XACK', s, group, unpack(ids))
+    redis.call('XDEL', s, unpack(ids))
   end
 end
 if wake then redis.call('PUBLISH', ns .. ':wake', 'settled') end
