@@ -281,7 +281,7 @@ impl ResultBackend for SqliteBackend {
                 }
             }
         }
-        Ok(ids.iter().map(|id| found.remove(id)).collect())
+        Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
     }
 
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {

@@ -8,7 +8,7 @@
 //!   also heals a count that went wrong).
 //! - `delayed:Q` (sorted by due time) and `delayed:Q:data`: entries waiting for `not_before`
 //!   or a release delay; every consume moves the due ones into their stream.
-//! - `leases:Q`: the leases, sorted by deadline, each member `P-ENTRYID|TOKEN|DELIVERIES`, so
+//! - `held:Q`: the leases, sorted by deadline, each member `P-ENTRYID|TOKEN|DELIVERIES`, so
 //!   one `ZREM` both checks that a receipt still holds its lease and ends it. A lease is
 //!   extended by moving its deadline, and an expired one is taken over with `XCLAIM` by the
 //!   next consumer, with a fresh token.
@@ -76,7 +76,12 @@ local function lease_it(q, member, deliveries)
   table.insert(leased[q], member .. '|' .. token .. '|' .. deliveries)
 end
 local function finish()
-  for q, scored in pairs(leased) do redis.call('ZADD', ns .. ':leases:' .. q, unpack(scored)) end
+  for q, scored in pairs(leased) do
+    -- In slices: Lua's unpack takes a few thousand values at most.
+    for first = 1, #scored, 1000 do
+      redis.call('ZADD', ns .. ':held:' .. q, unpack(scored, first, math.min(first + 999, #scored)))
+    end
+  end
   return {now, out}
 end
 for _, q in ipairs(queues) do
@@ -95,7 +100,7 @@ for _, q in ipairs(queues) do
 end
 for _, q in ipairs(queues) do
   if #out >= max then break end
-  local leases = ns .. ':leases:' .. q
+  local leases = ns .. ':held:' .. q
   for _, held in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, max - #out)) do
     redis.call('ZREM', leases, held)
     local member, before = string.match(held, '^([^|]*)|[^|]*|(%d+)$')
@@ -170,8 +175,8 @@ local function requeue(q, p, d, payload, delay, id)
     redis.call('ZADD', delayed, now + delay, id)
   end
 end
--- The batch by queue, so that each queue's leases are checked and ended, and its entries
--- acked and deleted, with one call each rather than one per entry.
+-- The batch by queue, so that each queue's leases are ended, and its entries acked and
+-- deleted, with one call each rather than one per entry.
 local queues, order = {}, {}
 for i = 3, #ARGV, 7 do
   local q = ARGV[i]
@@ -183,9 +188,10 @@ for i = 3, #ARGV, 7 do
   out[#out + 1] = 0
 end
 for _, q in ipairs(order) do
-  local leases, indexes, members = ns .. ':leases:' .. q, queues[q], {}
+  local leases, indexes, members = ns .. ':held:' .. q, queues[q], {}
   for j, i in ipairs(indexes) do members[j] = ARGV[i + 1] .. '|' .. ARGV[i + 2] end
-  local scores = redis.call('ZMSCORE', leases, unpack(members))
+  local scores = {}
+  for j, held in ipairs(members) do scores[j] = redis.call('ZSCORE', leases, held) end
   local held, ended, done = {}, {}, {}
   for j, i in ipairs(indexes) do
     local member, token, op = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -219,7 +225,9 @@ for _, q in ipairs(order) do
       end
     end
   end
-  if #held > 0 then redis.call('ZREM', leases, unpack(held)) end
+  for first = 1, #held, 1000 do
+    redis.call('ZREM', leases, unpack(held, first, math.min(first + 999, #held)))
+  end
   for s, ids in pairs(done) do
     redis.call('XACK', s, group, unpack(ids))
     redis.call('XDEL', s, unpack(ids))
@@ -233,7 +241,7 @@ return out
 /// ARGV: namespace, queue, member, `TOKEN|DELIVERIES`, lease ms.
 const EXTEND: &str = r"
 local ns, q, member, token, lease = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local leases, held = ns .. ':leases:' .. q, member .. '|' .. token
+local leases, held = ns .. ':held:' .. q, member .. '|' .. token
 if not redis.call('ZSCORE', leases, held) then return 0 end
 redis.call('ZADD', leases, now + lease, held)
 return now + lease
@@ -244,8 +252,8 @@ const STATS: &str = r"
 local ns, q = ARGV[1], ARGV[2]
 local stored = 0
 for p = 0, 9 do stored = stored + redis.call('XLEN', ns .. ':q:' .. q .. ':' .. p) end
-local leased = redis.call('ZCARD', ns .. ':leases:' .. q)
-local expired = redis.call('ZCOUNT', ns .. ':leases:' .. q, '-inf', now)
+local leased = redis.call('ZCARD', ns .. ':held:' .. q)
+local expired = redis.call('ZCOUNT', ns .. ':held:' .. q, '-inf', now)
 local dead = tonumber(redis.call('HGET', ns .. ':dead:count', q) or '0')
 return {stored - leased + expired, redis.call('ZCARD', ns .. ':delayed:' .. q), leased - expired, dead}
 ";
@@ -254,7 +262,7 @@ return {stored - leased + expired, redis.call('ZCARD', ns .. ':delayed:' .. q), 
 /// ARGV: namespace, group, queue.
 const PURGE: &str = r"
 local ns, group, q = ARGV[1], ARGV[2], ARGV[3]
-local leases = ns .. ':leases:' .. q
+local leases = ns .. ':held:' .. q
 local live = {}
 for _, held in ipairs(redis.call('ZRANGEBYSCORE', leases, '(' .. now, '+inf')) do
   live[string.match(held, '^([^|]*)')] = true
@@ -338,13 +346,13 @@ for _, q in ipairs(redis.call('SMEMBERS', ns .. ':queues')) do
       local pending = redis.pcall('XPENDING', s, group, 'IDLE', orphan_age, '-', '+', 100)
       if type(pending) == 'table' and not pending.err and #pending > 0 then
         local leased = {}
-        for _, held in ipairs(redis.call('ZRANGE', ns .. ':leases:' .. q, 0, -1)) do
+        for _, held in ipairs(redis.call('ZRANGE', ns .. ':held:' .. q, 0, -1)) do
           leased[string.match(held, '^([^|]*)')] = true
         end
         for _, entry in ipairs(pending) do
           local member = p .. '-' .. entry[1]
           if not leased[member] then
-            redis.call('ZADD', ns .. ':leases:' .. q, 0, member .. '|orphaned|' .. entry[4])
+            redis.call('ZADD', ns .. ':held:' .. q, 0, member .. '|orphaned|' .. entry[4])
           end
         end
       end
@@ -359,7 +367,7 @@ for _, q in ipairs(redis.call('SMEMBERS', ns .. ':queues')) do
     end
   end
   if stored == 0 and redis.call('ZCARD', ns .. ':delayed:' .. q) == 0
-     and redis.call('ZCARD', ns .. ':leases:' .. q) == 0
+     and redis.call('ZCARD', ns .. ':held:' .. q) == 0
      and not redis.call('HGET', ns .. ':dead:count', q) then
     redis.call('SREM', ns .. ':queues', q)
   end
@@ -725,7 +733,8 @@ impl Broker for RedisBroker {
         if !options.wait.is_zero() {
             self.listen();
         }
-        let max = options.max.max(1);
+        // A consume's leases are written by one script; keep it to a size Lua handles well.
+        let max = options.max.clamp(1, 1000);
         crate::wait::until(
             &self.inner.woken,
             options.wait,

@@ -156,13 +156,19 @@ impl SqliteBroker {
         }
         let leased_until = now.saturating_add(lease);
         let token = new_lease_token();
-        // In delivery order, stopping at `max`: the order index, not the `visible_at` one,
-        // which would make SQLite sort every ready entry on each claim.
+        // From one queue, in delivery order, stopping at `max`: the order index, not the
+        // `visible_at` one, which would make SQLite sort every ready entry on each claim.
+        // Several queues are merged by a sort either way; there the `visible_at` index reads
+        // only ready entries.
+        let hint = match queues.len() {
+            1 => "INDEXED BY stem_queue_entries_order",
+            _ => "",
+        };
         let sql = format!(
             "UPDATE stem_queue_entries
              SET lease_token = ?, visible_at = ?, deliveries = deliveries + 1
              WHERE id IN (
-                 SELECT id FROM stem_queue_entries INDEXED BY stem_queue_entries_order
+                 SELECT id FROM stem_queue_entries {hint}
                  WHERE namespace = ? AND queue IN ({}) AND visible_at <= ?
                  ORDER BY priority DESC, id
                  LIMIT ?)

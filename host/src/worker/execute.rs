@@ -274,7 +274,7 @@ impl Execution<'_> {
                                 "{} (attempt {} of {})",
                                 cause.message,
                                 envelope.attempt,
-                                policy.max_retries + 1
+                                policy.max_retries.saturating_add(1)
                             ),
                         };
                         self.dead(cause, reason)

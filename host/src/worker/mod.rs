@@ -171,14 +171,16 @@ struct RunSlot {
 }
 
 impl RunSlot {
-    /// Whether the lease may have run out by this worker's clock: its last extension is a
-    /// whole lease ago (the process stalled, or extensions kept failing).
+    /// Whether the lease may have run out by this worker's clock: its last extension is half
+    /// a lease ago (extensions come every third of one, so only a stalled process or failing
+    /// extensions get here; the margin covers the time the lease was taken before
+    /// `leased_at` was).
     fn lease_may_have_lapsed(&self) -> bool {
         let lease = self.shared.config.lease;
         self.shared
             .running()
             .get(&self.key)
-            .is_some_and(|running| running.leased_at.elapsed() >= lease)
+            .is_some_and(|running| running.leased_at.elapsed() >= lease / 2)
     }
 
     /// Before an outcome is recorded: `false` when the lease is known to be lost, so another
@@ -192,11 +194,18 @@ impl RunSlot {
         }
         let lease = self.shared.config.lease;
         match self.shared.broker.extend_lease(receipt, lease).await {
+            Ok(_) => {
+                if let Some(running) = self.shared.running().get_mut(&self.key) {
+                    running.leased_at = Instant::now();
+                }
+                true
+            }
             Err(StorageError::LeaseLost(_)) => {
                 self.lost.store(true, Ordering::SeqCst);
                 false
             }
-            _ => true,
+            // The broker cannot say: record the outcome; its settle checks the lease again.
+            Err(_) => true,
         }
     }
 }

@@ -34,18 +34,19 @@ pub(super) struct Settlement {
 }
 
 impl Settlement {
-    /// Roughly what writing it sends: the result and a retried envelope's arguments.
+    /// Roughly what writing it sends: the result or error, and a retried envelope's
+    /// arguments or a dead letter's reason.
     fn bytes(&self) -> usize {
-        let result = self
-            .status
-            .as_ref()
-            .and_then(|s| s.result.as_ref())
-            .map_or(0, |r| r.data.len());
-        let next = match &self.settle {
+        let status = self.status.as_ref().map_or(0, |s| {
+            s.result.as_ref().map_or(0, |r| r.data.len())
+                + s.error.as_ref().map_or(0, |e| e.message.len())
+        });
+        let settle = match &self.settle {
             Settle::Retry { next, .. } => next.args.data.len(),
+            Settle::DeadLetter(reason) => reason.len(),
             _ => 0,
         };
-        result + next
+        status + settle
     }
 }
 

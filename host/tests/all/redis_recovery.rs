@@ -86,8 +86,7 @@ async fn entries_whose_lease_records_vanished_are_delivered_again() {
         .await
         .unwrap();
     assert_eq!(got.len(), 1);
-    delete(&mut admin, format!("{namespace}:lease:default")).await;
-    delete(&mut admin, format!("{namespace}:leases:default")).await;
+    delete(&mut admin, format!("{namespace}:held:default")).await;
     // Without its lease record the entry would sit in the consumer group for ever; the
     // sweeper gives it an expired lease once it is older than the orphan age.
     let again = broker

@@ -115,7 +115,7 @@ impl RevokeStore for SqliteRevokeStore {
                 found.insert(revocation.task_id.clone(), revocation);
             }
         }
-        Ok(task_ids.iter().map(|id| found.remove(id)).collect())
+        Ok(task_ids.iter().map(|id| found.get(id).cloned()).collect())
     }
 
     async fn list_since(&self, since: Timestamp) -> Result<Vec<Revocation>, StorageError> {
