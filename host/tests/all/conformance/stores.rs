@@ -102,11 +102,16 @@ mod revoke {
         );
         assert!(!reopened.get("task-2").await.unwrap().unwrap().terminate);
         assert_eq!(reopened.get("task-3").await.unwrap(), None);
-        let ids = ["task-3", "task-1", "task-2"].map(String::from);
+        let ids = ["task-3", "task-1", "task-2", "task-1"].map(String::from);
         let many = reopened.get_many(&ids).await.unwrap();
         assert_eq!(many[0], None);
         assert_eq!(many[1].as_ref(), Some(&revocation));
         assert_eq!(many[2].as_ref().map(|r| r.task_id.as_str()), Some("task-2"));
+        assert_eq!(
+            many[3].as_ref(),
+            Some(&revocation),
+            "a repeated id is answered again"
+        );
         assert!(reopened.remove("task-2").await.unwrap());
         assert!(!reopened.remove("task-2").await.unwrap());
         assert_eq!(reopened.get("task-2").await.unwrap(), None);
