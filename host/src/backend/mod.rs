@@ -43,9 +43,11 @@ pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(60);
 pub enum TaskState {
     /// Published and waiting in the broker. A worker receives it next.
     Pending,
-    /// A worker has it and is preparing the run. The worker starts it.
+    /// A worker has it and is preparing the run. The worker starts it. (Workers do not write
+    /// this state: the write would cost every task and show nothing a reader can act on.)
     Received,
-    /// Running in the sandbox. The worker records how it ended.
+    /// Running in the sandbox, recorded once a run has lasted the worker's `started_after`
+    /// (and refreshed by progress and heartbeats). The worker records how it ended.
     Started,
     /// Failed or asked to retry, and published again for a later attempt. A worker receives it.
     Retrying,
