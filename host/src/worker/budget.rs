@@ -7,9 +7,6 @@ use crate::envelope::Envelope;
 use crate::runtime::{DEFAULT_MAX_MEMORY_BYTES, DEFAULT_MEMORY_TOTAL_BYTES, RunLimits};
 use crate::task::TaskOptions;
 
-/// The hard time limit of a task that declares none.
-pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(300);
-
 /// What the operator allows each task, whatever it declares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budgets {
@@ -68,7 +65,7 @@ impl Budgets {
             .time_limit_ms
             .map(Duration::from_millis)
             .or(options.hard_time_limit())
-            .unwrap_or(DEFAULT_TIME_LIMIT)
+            .unwrap_or(RunLimits::default().hard_time_limit)
             .min(self.max_time_limit);
         RunLimits {
             memory_bytes: options

@@ -23,12 +23,7 @@ use crate::time::Timestamp;
 /// How long a delivery waits before it is tried again when the worker, not the task, could
 /// not run it (the registry or the backend unreachable). Such a wait uses no attempt: nothing
 /// of the task ran.
-const WORKER_TROUBLE_DELAY: Duration = Duration::from_secs(5);
-
-/// The release of a delivery the worker could not look at.
-pub(super) fn trouble_release() -> Settle {
-    Settle::Release(WORKER_TROUBLE_DELAY)
-}
+pub(super) const WORKER_TROUBLE_DELAY: Duration = Duration::from_secs(5);
 
 /// Runs one delivery through to its settlement.
 pub(super) async fn process(
@@ -48,7 +43,7 @@ pub(super) async fn process(
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::error!(task.id = id, %error, "preparing the task failed; it waits");
-            (None, trouble_release())
+            (None, Settle::Release(WORKER_TROUBLE_DELAY))
         }
     };
     if !slot.still_leased(&delivery.receipt).await {
@@ -137,7 +132,7 @@ impl Execution<'_> {
                 tracing::error!(task.id = envelope.id, task.name = envelope.task, %error, "cannot get the task's component; the task waits");
                 let cause = failure("component_unavailable", &error.to_string());
                 let status = self.status(TaskState::Retrying, Some(cause));
-                return Ok((Some(status), trouble_release()));
+                return Ok((Some(status), Settle::Release(WORKER_TROUBLE_DELAY)));
             }
         };
         self.component = Some(version.digest.clone());

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-pub use budget::{Budgets, DEFAULT_TIME_LIMIT};
+pub use budget::Budgets;
 
 use crate::backend::{ResultBackend, TaskStatus, WorkerHeartbeat};
 use crate::broker::{Broker, ConsumeOptions, Delivery, Receipt, Settle};
@@ -374,24 +374,35 @@ impl Worker {
     }
 }
 
-/// Gives deliveries back untouched, as not delivered.
-async fn give_back(shared: &Shared, deliveries: &[Delivery]) {
-    if deliveries.is_empty() {
-        return;
-    }
+/// Gives deliveries back untouched, to be delivered again after `delay` (not counted as a
+/// delivery); whether the broker took them.
+async fn release<'a>(
+    shared: &Shared,
+    deliveries: impl IntoIterator<Item = &'a Delivery>,
+    delay: Duration,
+) -> bool {
     let releases: Vec<(Receipt, Settle)> = deliveries
-        .iter()
-        .map(|delivery| (delivery.receipt.clone(), Settle::Release(Duration::ZERO)))
+        .into_iter()
+        .map(|delivery| (delivery.receipt.clone(), Settle::Release(delay)))
         .collect();
+    if releases.is_empty() {
+        return true;
+    }
     match shared.broker.settle_many(&releases).await {
-        Ok(_) => {
-            shared
-                .returned
-                .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
-        }
+        Ok(_) => true,
         Err(error) => {
             tracing::warn!(%error, "giving deliveries back failed; they return when their lease runs out");
+            false
         }
+    }
+}
+
+/// Gives back what a fetch took after shutdown began.
+async fn give_back(shared: &Shared, deliveries: &[Delivery]) {
+    if release(shared, deliveries, Duration::ZERO).await {
+        shared
+            .returned
+            .fetch_add(deliveries.len() as u64, Ordering::Relaxed);
     }
 }
 
@@ -431,13 +442,8 @@ async fn start_batch(shared: Arc<Shared>, slots: Vec<(RunSlot, Delivery, OwnedSe
         }
         Err(error) => {
             tracing::error!(%error, "reading the recorded states failed; the deliveries wait");
-            let releases: Vec<(Receipt, Settle)> = slots
-                .iter()
-                .map(|(_, delivery, _)| (delivery.receipt.clone(), execute::trouble_release()))
-                .collect();
-            if let Err(error) = shared.broker.settle_many(&releases).await {
-                tracing::warn!(%error, "giving deliveries back failed; they return when their lease runs out");
-            }
+            let deliveries = slots.iter().map(|(_, delivery, _)| delivery);
+            release(&shared, deliveries, execute::WORKER_TROUBLE_DELAY).await;
         }
     }
     for run in runs {
