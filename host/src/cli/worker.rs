@@ -10,7 +10,9 @@ use super::Connections;
 use super::units::{parse_duration, parse_size};
 use crate::codec::Codecs;
 use crate::envelope::{MAX_QUEUE_NAME_LEN, is_valid_queue_name};
-use crate::worker::{Budgets, Worker, WorkerConfig, WorkerParts, default_worker_id};
+use crate::worker::{
+    Budgets, DEFAULT_PREFETCH_MULTIPLIER, Worker, WorkerConfig, WorkerParts, default_worker_id,
+};
 
 #[derive(Subcommand)]
 pub enum WorkerCommand {
@@ -35,6 +37,11 @@ pub struct StartArgs {
     /// Tasks run at once.
     #[arg(long, short = 'c', default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     concurrency: u32,
+    /// Deliveries held per run slot: the worker fetches up to concurrency × this, so the next
+    /// tasks are at hand when a slot frees. 1 fetches only for free slots (fairer when tasks
+    /// are long and many workers share a queue).
+    #[arg(long, env = "STEM_WORKER_PREFETCH_MULTIPLIER", default_value_t = DEFAULT_PREFETCH_MULTIPLIER as u32, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    prefetch_multiplier: u32,
     /// This worker's name in heartbeats and statuses [default: HOSTNAME:PID].
     #[arg(long)]
     worker_id: Option<String>,
@@ -209,6 +216,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         worker_id: args.worker_id.unwrap_or_else(default_worker_id),
         queues: args.queues,
         concurrency,
+        prefetch_multiplier: args.prefetch_multiplier as usize,
         lease: args.lease,
         shutdown_grace: args.shutdown_grace,
         started_after: args.started_after,

@@ -32,23 +32,47 @@ pub(super) async fn process(
     delivery: Delivery,
     recorded: Recorded,
 ) {
-    let id = delivery.envelope.id.clone();
     let execution = Execution {
         shared,
         delivery: &delivery,
         slot: &slot,
         component: None,
     };
-    let (status, settle) = match execution.decide(recorded).await {
+    // Boxed: the run's future is large, and every task future that held it inline would be
+    // copied whole when it is spawned.
+    let (status, settle) = match Box::pin(execution.decide(recorded)).await {
         Ok(outcome) => outcome,
         Err(error) => {
-            tracing::error!(task.id = id, %error, "preparing the task failed; it waits");
+            tracing::error!(task.id = delivery.envelope.id, %error, "preparing the task failed; it waits");
             (None, Settle::Release(WORKER_TROUBLE_DELAY))
         }
     };
+    finish(shared, &slot, &delivery, status, settle).await;
+}
+
+/// Gives a delivery that never started back to the queue at once.
+pub(super) async fn give_back(shared: &Arc<Shared>, slot: RunSlot, delivery: Delivery) {
+    finish(
+        shared,
+        &slot,
+        &delivery,
+        None,
+        Settle::Release(Duration::ZERO),
+    )
+    .await;
+}
+
+/// Hands the outcome to the settle stage, unless the lease was lost, and counts it.
+async fn finish(
+    shared: &Arc<Shared>,
+    slot: &RunSlot,
+    delivery: &Delivery,
+    status: Option<TaskStatus>,
+    settle: Settle,
+) {
     if !slot.still_leased(&delivery.receipt).await {
         tracing::warn!(
-            task.id = id,
+            task.id = delivery.envelope.id,
             "the lease was lost; the outcome is not recorded"
         );
         return;
@@ -190,8 +214,6 @@ impl Execution<'_> {
             subtasks: AtomicU32::new(0),
             progress: Mutex::default(),
         });
-        // Boxed: the sandbox's future is large, and every task future that held it inline
-        // would be copied whole on each spawn.
         let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));
         tokio::select! {
             outcome = &mut run => return outcome,

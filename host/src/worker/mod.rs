@@ -3,10 +3,14 @@
 //! One [`Worker`] per process, running up to `concurrency` tasks at once. A delivery goes
 //! through three stages:
 //!
-//! 1. **Fetch** ([`Worker::run`]): one loop leases as many deliveries as there are free
-//!    slots, looks up their recorded statuses and revocations in one batch, and starts each.
-//!    From the moment a delivery is taken, its lease is kept ([`keep_leases`]); a lease that
-//!    is lost stops the run and nothing of it is settled.
+//! 1. **Fetch** ([`Worker::run`]): one loop leases deliveries in batches, looks up their
+//!    recorded statuses and revocations in one round trip each, and hands each to a task that
+//!    waits for one of the `concurrency` run slots. The worker holds up to
+//!    `concurrency × prefetch_multiplier` deliveries, and fetches again once a batch's worth
+//!    has room (half the concurrency), so the sandbox never waits for the broker and the
+//!    broker sees few large consumes instead of many small ones. From the moment a delivery is
+//!    taken, its lease is kept ([`keep_leases`]); a lease that is lost stops the run and
+//!    nothing of it is settled.
 //! 2. **Execute** (`execute.rs`): decides what the delivery needs (skip a finished or revoked
 //!    task, dead-letter one delivered too often, wait for a rate limit), runs the task under
 //!    the operator's [`Budgets`], and turns the outcome into a settlement.
@@ -18,7 +22,7 @@
 //! reach running tasks within [`WorkerConfig::revoke_poll_interval`].
 //!
 //! On shutdown the worker stops fetching (a fetch under way is finished and what it took is
-//! given back), gives running tasks [`WorkerConfig::shutdown_grace`] to finish, then stops the
+//! given back), gives back the deliveries still waiting for a slot, gives running tasks [`WorkerConfig::shutdown_grace`] to finish, then stops the
 //! rest and gives them back. Nothing is lost: an entry leaves the broker only once its outcome
 //! is recorded, and anything unsettled comes back when its lease runs out.
 
@@ -34,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 pub use budget::Budgets;
@@ -60,6 +64,9 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Tasks run at once.
     pub concurrency: usize,
+    /// Deliveries held at once, running or waiting for a free slot, as a multiple of
+    /// `concurrency`; 1 fetches only for free slots.
+    pub prefetch_multiplier: usize,
     /// Lease of each delivery; renewed every third of it while the task runs.
     pub lease: Duration,
     /// How long one fetch waits for work before looking at shutdown again.
@@ -80,6 +87,7 @@ impl Default for WorkerConfig {
             worker_id: default_worker_id(),
             queues: vec![crate::envelope::DEFAULT_QUEUE.to_owned()],
             concurrency: 8,
+            prefetch_multiplier: DEFAULT_PREFETCH_MULTIPLIER,
             lease: crate::broker::DEFAULT_VISIBILITY_TIMEOUT,
             fetch_wait: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(5),
@@ -88,6 +96,26 @@ impl Default for WorkerConfig {
             started_after: Duration::from_millis(200),
             budgets: Budgets::default(),
         }
+    }
+}
+
+/// How many deliveries a worker holds per run slot unless configured.
+pub const DEFAULT_PREFETCH_MULTIPLIER: usize = 2;
+
+impl WorkerConfig {
+    /// Deliveries held at once: running, or fetched and waiting for a slot.
+    fn held_capacity(&self) -> usize {
+        self.concurrency.max(1) * self.prefetch_multiplier.max(1)
+    }
+
+    /// Free room that makes the fetch loop fetch again: half the concurrency, so a fetch
+    /// brings a batch, but never more than the prefetch allows (without prefetch, one free slot
+    /// is enough).
+    fn fetch_threshold(&self) -> usize {
+        let concurrency = self.concurrency.max(1);
+        (concurrency / 2)
+            .min(self.held_capacity() - concurrency)
+            .max(1)
     }
 }
 
@@ -144,6 +172,10 @@ struct Shared {
     /// task id can be here at once), so leases, revocations and shutdown reach each.
     running: Mutex<HashMap<u64, Running>>,
     next_run: AtomicU64,
+    /// The run slots: a delivery runs once it holds one.
+    slots: Arc<Semaphore>,
+    /// Set when shutdown begins: deliveries still waiting for a slot go back to the queue.
+    draining: watch::Sender<bool>,
     /// Set when the shutdown grace ran out: stopped runs go back to the queue.
     stopping: AtomicBool,
     processed: AtomicU64,
@@ -268,10 +300,12 @@ impl Worker {
                 rate_limiter: parts.rate_limiter,
                 codecs: parts.codecs,
                 client,
-                config,
                 running: Mutex::default(),
                 next_run: AtomicU64::new(0),
+                slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                draining: watch::Sender::new(false),
                 stopping: AtomicBool::new(false),
+                config,
                 processed: AtomicU64::new(0),
                 returned: AtomicU64::new(0),
                 started_at: Timestamp::now(),
@@ -288,18 +322,26 @@ impl Worker {
             tokio::spawn(revocations(shared.clone())),
             tokio::spawn(keep_leases(shared.clone())),
         ];
-        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        // One permit per delivery held, running or waiting for a slot.
+        let held = Arc::new(Semaphore::new(config.held_capacity()));
+        let threshold = u32::try_from(config.fetch_threshold()).unwrap_or(u32::MAX);
         let mut batches = JoinSet::new();
         let mut queues = config.queues.clone();
         tokio::pin!(shutdown);
-        tracing::info!(worker = config.worker_id, queues = ?config.queues, concurrency = config.concurrency, "worker started");
+        tracing::info!(worker = config.worker_id, queues = ?config.queues, concurrency = config.concurrency, prefetch = config.held_capacity(), "worker started");
         loop {
-            let first = tokio::select! {
-                permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            let mut room = tokio::select! {
+                permits = held.clone().acquire_many_owned(threshold) => permits.expect("the semaphore is never closed"),
                 () = &mut shutdown => break,
             };
+            if let Ok(more) = held
+                .clone()
+                .try_acquire_many_owned(u32::try_from(held.available_permits()).unwrap_or(u32::MAX))
+            {
+                room.merge(more);
+            }
             let options = ConsumeOptions {
-                max: 1 + permits.available_permits(),
+                max: room.num_permits(),
                 lease: Some(config.lease),
                 wait: config.fetch_wait,
             };
@@ -316,6 +358,7 @@ impl Worker {
                 Ok(deliveries) => deliveries,
                 Err(error) => {
                     tracing::error!(%error, "fetching from the broker failed; retrying in 1s");
+                    drop(room);
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     if stop {
                         break;
@@ -327,24 +370,22 @@ impl Worker {
                 give_back(shared, &deliveries).await;
                 break;
             }
-            let mut slots = Vec::with_capacity(deliveries.len());
-            let mut first = Some(first);
-            for delivery in deliveries {
-                let permit = match first.take() {
-                    Some(permit) => permit,
-                    None => permits
-                        .clone()
-                        .try_acquire_owned()
-                        .expect("fetched no more than the free permits"),
-                };
-                slots.push((shared.register(&delivery), delivery, permit));
-            }
-            batches.spawn(start_batch(shared.clone(), slots));
+            let taken: Vec<Taken> = deliveries
+                .into_iter()
+                .map(|delivery| Taken {
+                    slot: shared.register(&delivery),
+                    held: room.split(1).expect("fetched no more than the room taken"),
+                    delivery,
+                })
+                .collect();
+            drop(room);
+            batches.spawn(start_batch(shared.clone(), taken));
             while let Some(finished) = batches.try_join_next() {
                 log_panic(finished);
             }
         }
 
+        shared.draining.send_replace(true);
         tracing::info!(
             in_flight = shared.running().len(),
             "shutting down: no more fetching"
@@ -413,42 +454,66 @@ struct Recorded {
     revocation: Option<Revocation>,
 }
 
-/// Looks up the batch's statuses and revocations in one round trip each, then runs every
-/// delivery on its own task.
-async fn start_batch(shared: Arc<Shared>, slots: Vec<(RunSlot, Delivery, OwnedSemaphorePermit)>) {
-    let ids: Vec<String> = slots
+/// A delivery from the moment it is taken until it is settled.
+struct Taken {
+    slot: RunSlot,
+    delivery: Delivery,
+    /// Its place among the deliveries the worker holds.
+    held: OwnedSemaphorePermit,
+}
+
+/// Looks up the batch's statuses and revocations in one round trip each, then hands every
+/// delivery to a task of its own that runs it once a slot is free.
+async fn start_batch(shared: Arc<Shared>, taken: Vec<Taken>) {
+    let ids: Vec<String> = taken
         .iter()
-        .map(|(_, delivery, _)| delivery.envelope.id.clone())
+        .map(|taken| taken.delivery.envelope.id.clone())
         .collect();
     let recorded =
         match tokio::try_join!(shared.backend.get_many(&ids), shared.revokes.get_many(&ids)) {
-            Ok((statuses, revocations)) => Ok(statuses
+            Ok((statuses, revocations)) => statuses
                 .into_iter()
                 .zip(revocations)
-                .map(|(status, revocation)| Recorded { status, revocation })
-                .collect::<Vec<_>>()),
-            Err(error) => Err(error),
-        };
-    let mut runs = Vec::with_capacity(slots.len());
-    match recorded {
-        Ok(recorded) => {
-            for ((slot, delivery, permit), recorded) in slots.into_iter().zip(recorded) {
-                let shared = shared.clone();
-                runs.push(tokio::spawn(async move {
-                    execute::process(&shared, slot, delivery, recorded).await;
-                    drop(permit);
-                }));
+                .map(|(status, revocation)| Recorded { status, revocation }),
+            Err(error) => {
+                tracing::error!(%error, "reading the recorded states failed; the deliveries wait");
+                let deliveries = taken.iter().map(|taken| &taken.delivery);
+                release(&shared, deliveries, execute::WORKER_TROUBLE_DELAY).await;
+                return;
             }
-        }
-        Err(error) => {
-            tracing::error!(%error, "reading the recorded states failed; the deliveries wait");
-            let deliveries = slots.iter().map(|(_, delivery, _)| delivery);
-            release(&shared, deliveries, execute::WORKER_TROUBLE_DELAY).await;
-        }
-    }
+        };
+    let runs: Vec<_> = taken
+        .into_iter()
+        .zip(recorded)
+        .map(|(taken, recorded)| tokio::spawn(run_when_free(shared.clone(), taken, recorded)))
+        .collect();
     for run in runs {
         log_panic(run.await);
     }
+}
+
+/// Waits for a run slot, then processes the delivery; a delivery still waiting when shutdown
+/// begins goes back to the queue untouched.
+async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
+    let Taken {
+        slot,
+        delivery,
+        held,
+    } = taken;
+    let mut draining = shared.draining.subscribe();
+    let running = tokio::select! {
+        biased;
+        _ = draining.wait_for(|draining| *draining) => None,
+        permit = shared.slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+    };
+    match running {
+        Some(permit) => {
+            execute::process(&shared, slot, delivery, recorded).await;
+            drop(permit);
+        }
+        None => execute::give_back(&shared, slot, delivery).await,
+    }
+    drop(held);
 }
 
 fn log_panic(finished: Result<(), tokio::task::JoinError>) {

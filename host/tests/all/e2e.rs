@@ -21,7 +21,7 @@ macro_rules! e2e_suite {
                 two_workers_run_a_thousand_tasks, a_killed_worker_loses_nothing,
                 retries_dead_letters_and_replay, bad_input_is_refused_and_loses_nothing,
                 revoke_terminate_stops_a_running_task, sigterm_returns_unfinished_tasks,
-                new_versions_reach_running_workers, long_tasks_keep_their_lease,
+                prefetched_tasks_wait_for_a_slot_and_go_back_at_shutdown, new_versions_reach_running_workers, long_tasks_keep_their_lease,
                 sub_tasks_record_their_parent);
         }
     };
@@ -371,6 +371,71 @@ async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
         (1, 0),
         "the slow task is back in the queue"
     );
+}
+
+async fn prefetched_tasks_wait_for_a_slot_and_go_back_at_shutdown(platform: &Platform) {
+    platform.upload("hello");
+    let broker = platform.broker().await;
+    let backend = platform.backend().await;
+    let enqueue_quick = || {
+        platform
+            .run_ok(&["enqueue", "hello.add", "--args", r#"{"a":1,"b":1}"#])
+            .trim()
+            .to_owned()
+    };
+
+    // Without prefetch, a worker whose one slot is busy leaves the next task in the queue.
+    let mut fair = platform.worker(&[
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--shutdown-grace",
+        "300ms",
+    ]);
+    start_a_long_task(platform).await;
+    enqueue_quick();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = broker.stats("default").await.unwrap();
+    assert_eq!((stats.ready, stats.in_flight), (1, 1), "{stats:?}");
+    let log = fair.terminate(Duration::from_secs(10));
+    assert!(log.contains("1 returned to the queue"), "{log}");
+    assert_eq!(broker.purge("default").await.unwrap(), 2);
+
+    // With prefetch, it takes the next task while the slot is busy; at shutdown that task goes
+    // back at once, without running and without waiting for the grace.
+    let mut worker = platform.worker(&[
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "2",
+        "--shutdown-grace",
+        "300ms",
+    ]);
+    let slow = start_a_long_task(platform).await;
+    let prefetched = enqueue_quick();
+    eventually(
+        Duration::from_secs(10),
+        "the worker took the next task",
+        || async {
+            let stats = broker.stats("default").await.unwrap();
+            (stats.ready, stats.in_flight) == (0, 2)
+        },
+    )
+    .await;
+    let log = worker.terminate(Duration::from_secs(10));
+    assert!(log.contains("2 returned to the queue"), "{log}");
+    let status = backend.get(&prefetched).await.unwrap();
+    assert!(
+        status.as_ref().is_none_or(|s| !s.state.is_terminal()),
+        "the prefetched task did not run: {status:?}"
+    );
+    assert_eq!(
+        backend.get(&slow).await.unwrap().unwrap().state,
+        TaskState::Pending
+    );
+    let stats = broker.stats("default").await.unwrap();
+    assert_eq!((stats.ready, stats.in_flight), (2, 0), "{stats:?}");
 }
 
 /// The same component with a custom section appended: another digest, the same behaviour.
