@@ -17,9 +17,10 @@ use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisBackendOptions};
 use crate::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::{RedisBroker, RedisBrokerOptions};
+use crate::broker::redis::{RedisBroker, RedisBrokerOptions, RedisSettlements};
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
+use crate::settlement::{SettlementStore, StatusesThenEntries};
 use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::rate_limit::memory::MemoryRateLimiter;
@@ -260,6 +261,29 @@ pub async fn open_backend(
             let backend = RedisBackend::connect(address, options).await;
             Arc::new(opened(Role::Backend, url, backend)?)
         }
+    })
+}
+
+/// Where a worker writes how deliveries ended. When the broker and the result backend are the
+/// same Redis, one script does both ([`RedisSettlements`]); otherwise the backend records the
+/// statuses, then the broker settles the entries.
+pub async fn open_settlements(
+    broker_url: &AdapterUrl,
+    backend_url: &AdapterUrl,
+    namespace: Option<&str>,
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+) -> Result<Arc<dyn SettlementStore>, ConfigError> {
+    Ok(match (broker_url, backend_url) {
+        (AdapterUrl::Redis(broker_address), AdapterUrl::Redis(backend_address))
+            if broker_address == backend_address =>
+        {
+            let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
+            let ttls = RedisBackendOptions::default().ttls;
+            let settlements = RedisSettlements::connect(broker_address, namespace, ttls).await;
+            Arc::new(opened(Role::Backend, backend_url, settlements)?)
+        }
+        _ => Arc::new(StatusesThenEntries::new(backend, broker)),
     })
 }
 

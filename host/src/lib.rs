@@ -10,6 +10,8 @@
 //!   encoded.
 //! - [`broker`]: delivery of envelopes (leases, priorities, delays, dead letters, broadcast).
 //! - [`backend`]: task history (states, results, groups and chords, worker heartbeats).
+//! - [`settlement`]: how a delivery ended, recorded in the backend and applied to its broker
+//!   entry in batches.
 //! - [`worker`]: runs deliveries in the sandbox and records how each ended.
 //! - [`stores`]: revocations, Beat's schedule and its locks, rate limits, the component
 //!   registry.
@@ -36,6 +38,7 @@ pub mod digest;
 pub mod envelope;
 mod redis;
 pub mod runtime;
+pub mod settlement;
 mod sqlite;
 pub mod storage;
 pub mod stores;

@@ -317,7 +317,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {
-        validate_settles(batch)?;
+        validate_settles(batch.iter().map(|(receipt, settle)| (receipt, settle)))?;
         let now = Timestamp::now();
         let mut state = self.lock();
         let mut held = Vec::with_capacity(batch.len());

@@ -349,7 +349,9 @@ pub trait Broker: Send + Sync {
 }
 
 /// Checks the envelopes of a settle batch's retries before any of the batch is applied.
-pub(crate) fn validate_settles(batch: &[(Receipt, Settle)]) -> Result<(), StorageError> {
+pub(crate) fn validate_settles<'a>(
+    batch: impl IntoIterator<Item = (&'a Receipt, &'a Settle)>,
+) -> Result<(), StorageError> {
     for (receipt, settle) in batch {
         if let Settle::Retry { next, .. } = settle {
             next.validate()?;

@@ -382,7 +382,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {
-        validate_settles(batch)?;
+        validate_settles(batch.iter().map(|(receipt, settle)| (receipt, settle)))?;
         let now = Timestamp::now();
         let namespace = self.namespace();
         let mut held = Vec::with_capacity(batch.len());

@@ -25,6 +25,7 @@ use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
 use crate::runtime::{Runtime, RuntimeConfig};
+use crate::settlement::SettlementStore;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::RevokeStore;
@@ -263,6 +264,22 @@ impl Connections {
 
     async fn backend(&self) -> anyhow::Result<Arc<dyn ResultBackend>> {
         Ok(config::open_backend(&self.url(Role::Backend)?, self.namespace()).await?)
+    }
+
+    /// Where a worker writes outcomes: in one step when broker and backend share a Redis.
+    async fn settlements(
+        &self,
+        broker: &Arc<dyn Broker>,
+        backend: &Arc<dyn ResultBackend>,
+    ) -> anyhow::Result<Arc<dyn SettlementStore>> {
+        Ok(config::open_settlements(
+            &self.url(Role::Broker)?,
+            &self.url(Role::Backend)?,
+            self.namespace(),
+            broker.clone(),
+            backend.clone(),
+        )
+        .await?)
     }
 
     async fn registry(&self) -> anyhow::Result<Arc<dyn ComponentRegistry>> {

@@ -199,9 +199,12 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         }
     }
     let budgets = args.budgets.budgets(connections.max_args_bytes());
+    let broker = connections.broker().await?;
+    let backend = connections.backend().await?;
     let parts = WorkerParts {
-        broker: connections.broker().await?,
-        backend: connections.backend().await?,
+        settlements: connections.settlements(&broker, &backend).await?,
+        broker,
+        backend,
         revokes: connections.revokes().await?,
         rate_limiter: connections.rate_limiter().await?,
         registry: connections.registry().await?,

@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use super::hooks::WorkerHooks;
 use super::retry::RetryPolicy;
-use super::settle::Settlement;
 use super::{Recorded, RunSlot, Shared};
 use crate::backend::{TaskFailure, TaskState, TaskStatus};
 use crate::broker::{Delivery, Settle};
 use crate::codec::Payload;
 use crate::components::ComponentError;
 use crate::runtime::{RunError, TaskComponent};
+use crate::settlement::Settlement;
 use crate::storage::StorageError;
 use crate::stores::rate_limit::Permit;
 use crate::stores::registry::TaskVersion;

@@ -15,7 +15,8 @@
 //!    task, dead-letter one delivered too often, wait for a rate limit), runs the task under
 //!    the operator's [`Budgets`], and turns the outcome into a settlement.
 //! 3. **Settle** (`settle.rs`): records the status and settles the broker entry, in batches
-//!    shared by concurrent runs: the status first, so nothing is lost if the settle is.
+//!    shared by concurrent runs, through a [`SettlementStore`]: the status no later than the
+//!    entry, so nothing is lost if the settle is.
 //!
 //! `started` is recorded only for runs that last longer than
 //! [`WorkerConfig::started_after`]; the terminal status always. Revocations are polled and
@@ -49,6 +50,7 @@ use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
 use crate::runtime::{RunHandle, Runtime};
+use crate::settlement::SettlementStore;
 use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
@@ -137,6 +139,9 @@ fn hostname() -> String {
 pub struct WorkerParts {
     pub broker: Arc<dyn Broker>,
     pub backend: Arc<dyn ResultBackend>,
+    /// Where outcomes are written: [`crate::settlement::StatusesThenEntries`] of the two
+    /// above, or a store that writes both in one step.
+    pub settlements: Arc<dyn SettlementStore>,
     pub revokes: Arc<dyn RevokeStore>,
     pub rate_limiter: Arc<dyn RateLimiter>,
     pub registry: Arc<dyn ComponentRegistry>,
@@ -293,7 +298,7 @@ impl Worker {
         Worker {
             shared: Arc::new(Shared {
                 components: ComponentSource::new(parts.registry, parts.runtime),
-                settler: Settler::start(parts.broker.clone(), parts.backend.clone()),
+                settler: Settler::start(parts.settlements),
                 broker: parts.broker,
                 backend: parts.backend,
                 revokes: parts.revokes,

@@ -2,53 +2,27 @@
 //! once.
 //!
 //! Runs hand their [`Settlement`] to one [`Settler`] per worker and wait for it. The settler
-//! takes whatever has arrived since its last write and applies it as one batch: first every
-//! status in one backend call, then every broker entry in one broker call. Under load, runs
-//! that finish while a batch is being written form the next batch (group commit); an idle
-//! worker writes each settlement at once, with no added wait.
+//! takes whatever has arrived since its last write and applies it as one batch through the
+//! worker's [`SettlementStore`] (one or two round trips, whatever the batch's size). Under
+//! load, runs that finish while a batch is being written form the next batch (group commit);
+//! an idle worker writes each settlement at once, with no added wait.
 //!
-//! The order is what makes a crash harmless: a status is recorded before its entry is settled,
-//! so an entry whose settle is lost comes back, and the worker that receives it again finds the
-//! outcome recorded (terminal statuses never change) and settles it without running the task.
-//! The broker applies each settle only while its lease holds.
+//! The store records a status no later than it settles its entry, which is what makes a crash
+//! harmless: an entry whose settle is lost comes back, and the worker that receives it again
+//! finds the outcome recorded (terminal statuses never change) and settles it without running
+//! the task. Each entry is settled only while its lease holds.
 
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::backend::{ResultBackend, TaskStatus};
-use crate::broker::{Broker, Receipt, Settle};
+use crate::settlement::{Settlement, SettlementStore};
 
 /// The most settlements written together, and about the most bytes of results and retried
 /// envelopes in one write: a batch is one round trip, which must stay well within the
 /// connection's timeout.
 const MAX_BATCH: usize = 256;
 const MAX_BATCH_BYTES: usize = 8 << 20;
-
-/// How one delivery ended: the status to record (if any) and what becomes of its entry.
-#[derive(Debug)]
-pub(super) struct Settlement {
-    pub receipt: Receipt,
-    pub status: Option<TaskStatus>,
-    pub settle: Settle,
-}
-
-impl Settlement {
-    /// Roughly what writing it sends: the result or error, and a retried envelope's
-    /// arguments or a dead letter's reason.
-    fn bytes(&self) -> usize {
-        let status = self.status.as_ref().map_or(0, |s| {
-            s.result.as_ref().map_or(0, |r| r.data.len())
-                + s.error.as_ref().map_or(0, |e| e.message.len())
-        });
-        let settle = match &self.settle {
-            Settle::Retry { next, .. } => next.args.data.len(),
-            Settle::DeadLetter(reason) => reason.len(),
-            _ => 0,
-        };
-        status + settle
-    }
-}
 
 type Pending = (Settlement, oneshot::Sender<bool>);
 
@@ -60,7 +34,7 @@ pub(super) struct Settler {
 impl Settler {
     /// Starts the settle loop; it ends when the settler is dropped and the last batch is
     /// written.
-    pub fn start(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> Settler {
+    pub fn start(store: Arc<dyn SettlementStore>) -> Settler {
         let (sender, mut receiver) = mpsc::unbounded_channel::<Pending>();
         tokio::spawn(async move {
             let mut batch = Vec::new();
@@ -75,7 +49,7 @@ impl Settler {
                         bytes += next.0.bytes();
                         chunk.push(next);
                     }
-                    write(broker.as_ref(), backend.as_ref(), chunk).await;
+                    write(store.as_ref(), chunk).await;
                 }
             }
         });
@@ -94,27 +68,17 @@ impl Settler {
 }
 
 /// Writes one batch and tells every run how its settlement went.
-async fn write(broker: &dyn Broker, backend: &dyn ResultBackend, batch: Vec<Pending>) {
-    let statuses: Vec<TaskStatus> = batch
-        .iter()
-        .filter_map(|(settlement, _)| settlement.status.clone())
-        .collect();
-    if let Err(error) = backend.set_many(&statuses, None).await {
-        tracing::error!(%error, tasks = batch.len(), "recording task states failed; the deliveries will come back");
-        return;
-    }
-    let settles: Vec<(Receipt, Settle)> = batch
-        .iter()
-        .map(|(settlement, _)| (settlement.receipt.clone(), settlement.settle.clone()))
-        .collect();
-    let held = match broker.settle_many(&settles).await {
+async fn write(store: &dyn SettlementStore, batch: Vec<Pending>) {
+    let (settlements, waiting): (Vec<Settlement>, Vec<oneshot::Sender<bool>>) =
+        batch.into_iter().unzip();
+    let held = match store.settle_many(&settlements).await {
         Ok(held) => held,
         Err(error) => {
-            tracing::error!(%error, tasks = batch.len(), "settling deliveries failed; they will come back");
+            tracing::error!(%error, tasks = settlements.len(), "settling deliveries failed; they will come back");
             return;
         }
     };
-    for ((settlement, done), held) in batch.into_iter().zip(held) {
+    for ((settlement, done), held) in settlements.iter().zip(waiting).zip(held) {
         if !held {
             tracing::warn!(
                 entry = settlement.receipt.entry,

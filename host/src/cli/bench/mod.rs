@@ -198,9 +198,19 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
     let (stop, stopped) = watch::channel(false);
     let mut workers = Vec::new();
     for _ in 0..bench.workers {
+        let worker_broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
+        let worker_backend = crate::config::open_backend(&backend_url, Some(&namespace)).await?;
         let parts = WorkerParts {
-            broker: crate::config::open_broker(&broker_url, Some(&namespace)).await?,
-            backend: crate::config::open_backend(&backend_url, Some(&namespace)).await?,
+            settlements: crate::config::open_settlements(
+                &broker_url,
+                &backend_url,
+                Some(&namespace),
+                worker_broker.clone(),
+                worker_backend.clone(),
+            )
+            .await?,
+            broker: worker_broker,
+            backend: worker_backend,
             revokes: Arc::new(crate::stores::revoke::memory::MemoryRevokeStore::default()),
             rate_limiter: connections.rate_limiter().await?,
             registry: registry.clone(),

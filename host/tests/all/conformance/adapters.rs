@@ -225,7 +225,12 @@ impl Redis {
         }
     }
 
-    fn namespace(&self, namespace: &str) -> String {
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The adapters' namespace for a case's `namespace`.
+    pub fn namespace(&self, namespace: &str) -> String {
         format!("{}:{namespace}", self.prefix)
     }
 }

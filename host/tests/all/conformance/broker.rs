@@ -79,6 +79,10 @@ fn wait_for_one(lease: Duration) -> ConsumeOptions {
     }
 }
 
+fn ids_of(envelopes: &[Envelope]) -> Vec<String> {
+    envelopes.iter().map(|e| e.id.clone()).collect()
+}
+
 fn ids(deliveries: &[Delivery]) -> Vec<String> {
     deliveries.iter().map(|d| d.envelope.id.clone()).collect()
 }
@@ -783,6 +787,24 @@ async fn purge_and_stats(harness: &impl BrokerHarness) {
         stats_of("q1", 0, 0, 1, 0)
     );
     broker.ack(&got[0].receipt).await.unwrap();
+    // The queue works on as before, and its counts stay right.
+    let later = [
+        envelope("t.s").with_queue("q1"),
+        envelope("t.s").with_queue("q1"),
+    ];
+    broker.publish_batch(&later).await.unwrap();
+    let got = broker
+        .consume(&queues(&["q1"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), ids_of(&later));
+    for delivery in &got {
+        broker.ack(&delivery.receipt).await.unwrap();
+    }
+    assert_eq!(
+        broker.stats("q1").await.unwrap(),
+        stats_of("q1", 0, 0, 0, 0)
+    );
     assert_eq!(broker.stats("q2").await.unwrap().ready, 1);
     assert_eq!(
         broker.stats("never-used").await.unwrap(),

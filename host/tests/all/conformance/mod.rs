@@ -1,5 +1,5 @@
-//! One conformance suite per storage contract (broker, result backend, revoke, lock, schedule,
-//! rate limiter and component registry), run unchanged against every adapter.
+//! One conformance suite per storage contract (broker, result backend, settlements, revoke,
+//! lock, schedule, rate limiter and component registry), run unchanged against every adapter.
 //!
 //! Each suite is a list of async cases generic over a harness, and a macro that turns the list
 //! into one test per case for an adapter. Adding an adapter is one line per suite, at the end
@@ -16,6 +16,7 @@
 mod adapters;
 mod backend;
 mod broker;
+mod settlement;
 mod stores;
 
 use std::sync::Arc;

@@ -2,10 +2,12 @@
 //! and hosts), atomic group counters and chord claims in Lua, worker heartbeats.
 //!
 //! Keys, inside the namespace: `result:ID` (the status as JSON, expiring with its TTL),
-//! `results` (a sorted set of ids by time of writing, for listing), `group:ID` (a hash) with
-//! `group:ID:members` (a set, for counting once) and `group:ID:order` (a list),
-//! `worker:ID` (a heartbeat, expiring) and `workers` (ids by expiry, trimmed on each beat). Statuses are written by a
-//! script that leaves a terminal status alone, a batch per call; the ids that reached a
+//! `written:SECOND` (a list of the ids written in that second) with `written` (those seconds,
+//! sorted), for listing, `group:ID` (a hash) with `group:ID:members` (a set, for counting once)
+//! and `group:ID:order` (a list), `worker:ID` (a heartbeat, expiring) and `workers` (ids by
+//! expiry, trimmed on each beat). Statuses are written by a script that leaves a terminal
+//! status alone, a batch per call (the Redis broker writes them in its settle script when both
+//! share a server: see [`crate::broker::redis::RedisSettlements`]); the ids that reached a
 //! terminal state are published together on `finished`, to which each backend instance with
 //! waiters subscribes once.
 
@@ -23,7 +25,7 @@ use super::{
     is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
-use crate::redis::connect;
+use crate::redis::{CLOCK, connect};
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
@@ -56,42 +58,9 @@ end
 return 0
 ";
 
-/// Writes statuses unless the stored one is terminal; returns 1 or 0 per status, and publishes
-/// the ids that became terminal on `finished`. The listing index is scored by the server's
-/// time of writing, so ids written longer ago than the default TTL, whose statuses have
-/// expired, are dropped from it. ARGV: namespace, TTL ms (0: none), default TTL ms (0: none),
-/// then three fields per status: id, state, JSON.
-const SET_STATUSES: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ns, ttl, default_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local terminal = {succeeded = true, failed = true, revoked = true}
-local out, finished = {}, {}
-for i = 4, #ARGV, 3 do
-  local id, state, json = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local key = ns .. ':result:' .. id
-  local head = redis.call('GETRANGE', key, 0, 6 * #id + 64)
-  local stored = string.match(head, '\34state\34:\34(%a+)\34')
-  if stored and terminal[stored] then
-    out[#out + 1] = 0
-  else
-    if ttl > 0 then
-      redis.call('SET', key, json, 'PX', ttl)
-    else
-      redis.call('SET', key, json)
-    end
-    redis.call('ZADD', ns .. ':results', now, id)
-    if terminal[state] then finished[#finished + 1] = id end
-    out[#out + 1] = 1
-  end
-end
-if ttl > 0 then redis.call('PEXPIRE', ns .. ':results', ttl) end
-if default_ttl > 0 then
-  redis.call('ZREMRANGEBYSCORE', ns .. ':results', '-inf', '(' .. (now - default_ttl))
-end
-if #finished > 0 then redis.call('PUBLISH', ns .. ':finished', table.concat(finished, '\n')) end
-return out
-";
+/// The Lua that writes statuses (`write_status`, `finish_statuses`), after the clock; the Redis
+/// broker's settle script includes it too.
+pub(crate) const STATUSES: &str = include_str!("statuses.lua");
 
 /// Tuning for [`RedisBackend::connect`].
 #[derive(Clone, Debug)]
@@ -147,7 +116,10 @@ impl RedisBackend {
                 client: connection.client,
                 manager: connection.manager,
                 options,
-                set_statuses: redis::Script::new(SET_STATUSES),
+                set_statuses: redis::Script::new(&format!(
+                    "{CLOCK}{STATUSES}{}",
+                    include_str!("set_statuses.lua")
+                )),
                 member_finished: redis::Script::new(MEMBER_FINISHED),
                 claim_callback: redis::Script::new(CLAIM_CALLBACK),
                 waiters: Mutex::default(),
@@ -248,6 +220,44 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// Writes statuses through the status script; `replace` overwrites terminal ones too.
+    async fn write(
+        &self,
+        statuses: &[TaskStatus],
+        ttl: Option<Duration>,
+        replace: bool,
+    ) -> Result<Vec<bool>, StorageError> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ttl = ttl.or(self.inner.options.ttls.result).map_or(0, millis);
+        let mut invocation = self.inner.set_statuses.prepare_invoke();
+        invocation
+            .arg(&self.inner.options.namespace)
+            .arg(ttl)
+            .arg(listed_for(&self.inner.options.ttls, ttl))
+            .arg(if replace { "1" } else { "0" });
+        for status in statuses {
+            invocation
+                .arg(&status.id)
+                .arg(status.state.as_str())
+                .arg(status.to_json());
+        }
+        let written: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(written.into_iter().map(|done| done == 1).collect())
+    }
+}
+
+/// How long written ids stay listed for statuses kept `ttl_ms` (0: for ever): as long as the
+/// longer of that and the default result TTL, so no listed status outlives its listing.
+pub(crate) fn listed_for(ttls: &Ttls, ttl_ms: u64) -> u64 {
+    match ttls.result {
+        Some(default) if ttl_ms > 0 => ttl_ms.max(millis(default)),
+        _ => 0,
+    }
+}
+
 struct WaiterGuard {
     inner: Arc<Inner>,
     id: String,
@@ -281,24 +291,7 @@ impl ResultBackend for RedisBackend {
         statuses: &[TaskStatus],
         ttl: Option<Duration>,
     ) -> Result<Vec<bool>, StorageError> {
-        if statuses.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ttl = ttl.or(self.inner.options.ttls.result).map_or(0, millis);
-        let default_ttl = self.inner.options.ttls.result.map_or(0, millis);
-        let mut invocation = self.inner.set_statuses.prepare_invoke();
-        invocation
-            .arg(&self.inner.options.namespace)
-            .arg(ttl)
-            .arg(default_ttl);
-        for status in statuses {
-            invocation
-                .arg(&status.id)
-                .arg(status.state.as_str())
-                .arg(status.to_json());
-        }
-        let written: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
-        Ok(written.into_iter().map(|done| done == 1).collect())
+        self.write(statuses, ttl, false).await
     }
 
     async fn replace(
@@ -306,25 +299,7 @@ impl ResultBackend for RedisBackend {
         status: &TaskStatus,
         ttl: Option<Duration>,
     ) -> Result<(), StorageError> {
-        let key = self.key(&["result", &status.id]);
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match ttl.or(self.inner.options.ttls.result) {
-            Some(ttl) => pipe
-                .cmd("SET")
-                .arg(&key)
-                .arg(status.to_json())
-                .arg("PX")
-                .arg(millis(ttl)),
-            None => pipe.cmd("SET").arg(&key).arg(status.to_json()),
-        };
-        pipe.ignore()
-            .cmd("ZADD")
-            .arg(self.key(&["results"]))
-            .arg(status.updated_at.as_millis())
-            .arg(&status.id)
-            .ignore();
-        let () = pipe.query_async(&mut self.conn()).await?;
+        self.write(std::slice::from_ref(status), ttl, true).await?;
         Ok(())
     }
 
@@ -376,46 +351,34 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError> {
-        let index = self.key(&["results"]);
+        let seconds: Vec<String> = redis::cmd("ZREVRANGE")
+            .arg(self.key(&["written"]))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut self.conn())
+            .await?;
         let mut found = Vec::new();
-        let mut start = 0isize;
-        const PAGE: isize = 500;
-        while found.len() < query.limit {
-            let ids: Vec<String> = redis::cmd("ZREVRANGE")
-                .arg(&index)
-                .arg(start)
-                .arg(start + PAGE - 1)
-                .query_async(&mut self.conn())
-                .await?;
-            if ids.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        for second in seconds {
+            if found.len() >= query.limit {
                 break;
             }
-            let keys: Vec<String> = ids.iter().map(|id| self.key(&["result", id])).collect();
-            let texts: Vec<Option<String>> = redis::cmd("MGET")
-                .arg(&keys)
+            let mut ids: Vec<String> = redis::cmd("LRANGE")
+                .arg(self.key(&["written", &second]))
+                .arg(0)
+                .arg(-1)
                 .query_async(&mut self.conn())
                 .await?;
-            let mut expired = Vec::new();
-            for (id, text) in ids.iter().zip(texts) {
-                match text {
-                    Some(text) => {
-                        let status = TaskStatus::from_json(id, &text)?;
-                        if query.selects(&status) && found.len() < query.limit {
-                            found.push(status);
-                        }
+            // Newest first; a task written again later was already seen in a later second.
+            ids.reverse();
+            ids.retain(|id| seen.insert(id.clone()));
+            for chunk in ids.chunks(500) {
+                for status in self.get_many(chunk).await?.into_iter().flatten() {
+                    if query.selects(&status) && found.len() < query.limit {
+                        found.push(status);
                     }
-                    None => expired.push(id.clone()),
                 }
             }
-            if !expired.is_empty() {
-                let () = redis::cmd("ZREM")
-                    .arg(&index)
-                    .arg(&expired)
-                    .query_async(&mut self.conn())
-                    .await?;
-                start -= expired.len() as isize;
-            }
-            start += PAGE;
         }
         found.sort_by(TaskStatus::newest_first);
         Ok(found)

@@ -10,6 +10,9 @@ use redis::aio::ConnectionManager;
 
 use crate::storage::StorageError;
 
+/// The server's time as `now` (milliseconds), the first lines of every script that needs it.
+pub(crate) const CLOCK: &str = include_str!("clock.lua");
+
 /// How long a command may take before the connection counts as broken. Large enough for a
 /// publish batch of several megabytes on a slow link; commands are never retried blindly.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
