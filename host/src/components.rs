@@ -83,7 +83,7 @@ async fn load(runtime: &Arc<Runtime>, bytes: Vec<u8>) -> Result<Arc<TaskComponen
 pub struct ComponentSource {
     registry: Arc<dyn ComponentRegistry>,
     runtime: Arc<Runtime>,
-    versions: Mutex<HashMap<String, (TaskVersion, Instant)>>,
+    versions: Mutex<HashMap<String, (Arc<TaskVersion>, Instant)>>,
     loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskComponent>>>>>,
     /// Digests that failed to fetch or load, with why and when.
     failures: Mutex<HashMap<String, (String, Instant)>>,
@@ -104,7 +104,7 @@ impl ComponentSource {
     pub async fn resolve(
         &self,
         name: &str,
-    ) -> Result<(TaskVersion, Arc<TaskComponent>), ComponentError> {
+    ) -> Result<(Arc<TaskVersion>, Arc<TaskComponent>), ComponentError> {
         let version = self.version(name).await?;
         let digest = &version.digest;
         if let Some((reason, _)) = lock(&self.failures)
@@ -116,10 +116,13 @@ impl ComponentSource {
                 reason: reason.clone(),
             });
         }
-        let cell = lock(&self.loaded)
-            .entry(digest.clone())
-            .or_default()
-            .clone();
+        let cell = {
+            let mut loaded = lock(&self.loaded);
+            match loaded.get(digest) {
+                Some(cell) => cell.clone(),
+                None => loaded.entry(digest.clone()).or_default().clone(),
+            }
+        };
         match cell.get_or_try_init(|| self.fetch(digest)).await {
             Ok(component) => Ok((version.clone(), component.clone())),
             Err(error) => {
@@ -131,7 +134,7 @@ impl ComponentSource {
         }
     }
 
-    async fn version(&self, name: &str) -> Result<TaskVersion, ComponentError> {
+    async fn version(&self, name: &str) -> Result<Arc<TaskVersion>, ComponentError> {
         if let Some((version, seen)) = lock(&self.versions).get(name)
             && seen.elapsed() < VERSION_CACHE_TTL
         {
@@ -142,6 +145,7 @@ impl ComponentSource {
             .task(name)
             .await?
             .ok_or_else(|| ComponentError::UnknownTask(name.to_owned()))?;
+        let version = Arc::new(version);
         lock(&self.versions).insert(name.to_owned(), (version.clone(), Instant::now()));
         Ok(version)
     }

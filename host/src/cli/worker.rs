@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use super::Connections;
@@ -232,7 +232,11 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         config.queues.join(",")
     );
     let worker = Worker::new(parts, config);
-    let summary = worker.run(shutdown_signal()).await;
+    // On a runtime thread rather than the main thread's `block_on`: a fetch woken by a
+    // publish or a reply then runs on the thread that woke it, without waking another.
+    let summary = tokio::spawn(async move { worker.run(shutdown_signal()).await })
+        .await
+        .context("the worker panicked")?;
     eprintln!(
         "worker stopped: {} tasks processed, {} returned to the queue",
         summary.processed, summary.returned

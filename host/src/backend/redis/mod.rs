@@ -33,6 +33,9 @@ use crate::time::Timestamp;
 /// reconnect in progress).
 const WAIT_FALLBACK_POLL: Duration = Duration::from_millis(500);
 
+/// How long a wait waits for the notification subscription before it relies on polling.
+const SUBSCRIBE_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Records a finished member once and returns `{finished, size}`, or -1 for an unknown group.
 const MEMBER_FINISHED: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
@@ -92,9 +95,12 @@ struct Inner {
     member_finished: redis::Script,
     claim_callback: redis::Script,
     /// Waiters by task id, woken by the listener.
-    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    waiters: Mutex<HashMap<String, Arc<Waiter>>>,
     /// The pub/sub listener, started by the first wait.
     listener: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    /// Whether the listener is subscribed now: a wait begins once it is, so that a result
+    /// published right after the wait's first look is not missed.
+    subscribed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Inner {
@@ -124,6 +130,7 @@ impl RedisBackend {
                 claim_callback: redis::Script::new(CLAIM_CALLBACK),
                 waiters: Mutex::default(),
                 listener: std::sync::OnceLock::new(),
+                subscribed: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -141,7 +148,7 @@ impl RedisBackend {
         self.inner.manager.clone()
     }
 
-    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Arc<Waiter>>> {
         self.inner
             .waiters
             .lock()
@@ -169,19 +176,28 @@ impl RedisBackend {
                     if pubsub.subscribe(&channel).await.is_err() {
                         continue;
                     }
+                    match weak.upgrade() {
+                        Some(inner) => inner.subscribed.send_replace(true),
+                        None => return,
+                    };
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
                         let Some(inner) = weak.upgrade() else { return };
-                        let Ok(ids) = message.get_payload::<String>() else {
+                        let Ok(finished) = message.get_payload::<String>() else {
                             continue;
                         };
                         let waiters = inner.waiters.lock().unwrap_or_else(|p| p.into_inner());
-                        for id in ids.split('\n') {
+                        for line in finished.split('\n') {
+                            let (id, status) = line.split_once('\t').unwrap_or((line, ""));
                             if let Some(waiter) = waiters.get(id) {
-                                waiter.notify_waiters();
+                                waiter.deliver(status);
                             }
                         }
                     }
+                    match weak.upgrade() {
+                        Some(inner) => inner.subscribed.send_replace(false),
+                        None => return,
+                    };
                 }
             })
         });
@@ -190,11 +206,11 @@ impl RedisBackend {
     /// Registers a waiter for `id`; the guard removes it once its last holder is gone, even
     /// when the wait is cancelled.
     fn waiter(&self, id: &str) -> WaiterGuard {
-        let notify = self.waiters().entry(id.to_owned()).or_default().clone();
+        let waiter = self.waiters().entry(id.to_owned()).or_default().clone();
         WaiterGuard {
             inner: self.inner.clone(),
             id: id.to_owned(),
-            notify,
+            waiter,
         }
     }
 
@@ -258,10 +274,30 @@ pub(crate) fn listed_for(ttls: &Ttls, ttl_ms: u64) -> u64 {
     }
 }
 
+/// A task some wait is waiting for: woken by the listener, with the status it published.
+#[derive(Default)]
+struct Waiter {
+    notify: Notify,
+    status: Mutex<Option<String>>,
+}
+
+impl Waiter {
+    fn deliver(&self, status: &str) {
+        if !status.is_empty() {
+            *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(status.to_owned());
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn take(&self) -> Option<String> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 struct WaiterGuard {
     inner: Arc<Inner>,
     id: String,
-    notify: Arc<Notify>,
+    waiter: Arc<Waiter>,
 }
 
 impl Drop for WaiterGuard {
@@ -272,7 +308,7 @@ impl Drop for WaiterGuard {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The map holds one reference and this guard another: no other wait shares it.
-        if Arc::strong_count(&self.notify) <= 2 {
+        if Arc::strong_count(&self.waiter) <= 2 {
             waiters.remove(&self.id);
         }
     }
@@ -340,11 +376,25 @@ impl ResultBackend for RedisBackend {
     async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<TaskStatus>, StorageError> {
         self.listen();
         let waiter = self.waiter(id);
+        // Without a subscription the wait still works, by polling.
+        let mut subscribed = self.inner.subscribed.subscribe();
+        let _ = tokio::time::timeout(
+            timeout.min(SUBSCRIBE_PATIENCE),
+            subscribed.wait_for(|subscribed| *subscribed),
+        )
+        .await;
+        // The notification carries the status; without one (a lost message, a poll), read it.
+        let look = || async {
+            match waiter.waiter.take() {
+                Some(text) => TaskStatus::from_json(id, &text).map(Some),
+                None => self.get(id).await,
+            }
+        };
         crate::wait::until(
-            &waiter.notify,
+            &waiter.waiter.notify,
             timeout,
             WAIT_FALLBACK_POLL,
-            || self.get(id),
+            look,
             is_final,
         )
         .await

@@ -19,13 +19,17 @@ local function write_status(ns, id, state, json, ttl)
     if ttl > 0 then redis.call('SET', key, json, 'PX', ttl) else redis.call('SET', key, json) end
   end
   written[#written + 1] = id
-  if terminal[state] then finished[#finished + 1] = id end
+  if terminal[state] then
+    finished[#finished + 1] = id
+    finished[#finished + 1] = json
+  end
   return true
 end
 
 -- Lists the ids written in this second (`written:SECOND`, the seconds in `written`) for
--- `result list`, forgets seconds older than `keep` ms (0 keeps them), and publishes the ids
--- that became terminal on `finished`.
+-- `result list`, forgets seconds older than `keep` ms (0 keeps them), and publishes the
+-- statuses that became terminal on `finished`, a line `ID<tab>JSON` each, when anyone listens
+-- (JSON has no raw tabs or newlines).
 local function finish_statuses(ns, keep)
   if #written > 0 then
     local second = math.floor(now / 1000)
@@ -40,5 +44,12 @@ local function finish_statuses(ns, keep)
       redis.call('ZREMRANGEBYSCORE', ns .. ':written', '-inf', '(' .. (second - math.ceil(keep / 1000)))
     end
   end
-  if #finished > 0 then redis.call('PUBLISH', ns .. ':finished', table.concat(finished, '\n')) end
+  if #finished > 0 then
+    local channel = ns .. ':finished'
+    if redis.call('PUBSUB', 'NUMSUB', channel)[2] > 0 then
+      local lines = {}
+      for i = 1, #finished, 2 do lines[#lines + 1] = finished[i] .. '\t' .. finished[i + 1] end
+      redis.call('PUBLISH', channel, table.concat(lines, '\n'))
+    end
+  end
 end

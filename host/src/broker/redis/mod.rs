@@ -296,8 +296,9 @@ impl RedisBroker {
     }
 
     /// Leases what is ready now: the consume script moves due entries, takes over expired
-    /// leases and names the lanes with unread entries; then one pipeline reads from those
-    /// lanes, highest priority first, as many as each holds until `max`.
+    /// leases and delivers a few unread entries or names the lanes that hold more; then one
+    /// pipeline reads from those lanes, highest priority first, as many as each holds until
+    /// `max`.
     async fn take_ready(
         &self,
         queues: &[String],
@@ -316,12 +317,12 @@ impl RedisBroker {
         for queue in queues {
             invocation.arg(queue);
         }
-        type TakenOver = (String, String, u32, u32, String);
-        let (now, taken_over, lanes): (u64, Vec<TakenOver>, Vec<(String, u8, i64)>) =
+        type Delivered = (String, String, u32, u32, String);
+        let (now, delivered, lanes): (u64, Vec<Delivered>, Vec<(String, u8, i64)>) =
             invocation.invoke_async(&mut self.conn()).await?;
         let leased_until = Timestamp::from_millis(now).saturating_add(lease);
         let deadline = leased_until.as_millis();
-        let mut entries: Vec<(Receipt, u32, String)> = taken_over
+        let mut entries: Vec<(Receipt, u32, String)> = delivered
             .into_iter()
             .map(|(queue, entry, before, count, payload)| {
                 let receipt = Receipt {

@@ -23,17 +23,17 @@ local function payload_of(s, id)
 end
 
 -- Acked ids by queue and lane, for trimming each stream once.
-local acked, out, seen = {}, {}, {}
+local acked, out = {}, {}
 for i = 5, #ARGV, 7 do
   local q, receipt, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local p, id, deadline, tail = receipt_head(receipt)
   local holds = false
-  if p and deadline and not seen[receipt] then
-    seen[receipt] = true
+  if p and deadline then
     local s = stream(q, p)
     -- Before the lease's deadline as delivered, nobody can have taken the entry over (an
     -- extension only moves the deadline later); after it, ask the pending list. Acking it
-    -- then tells whether it was still pending, that is not settled already.
+    -- then tells whether it was still pending, that is not settled already (also by an
+    -- earlier settle of the same receipt in this batch).
     if now >= deadline then
       local consumer, count = receipt_tail(receipt, tail)
       holds = consumer ~= nil and still_held(s, id, consumer, count)

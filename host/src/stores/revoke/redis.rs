@@ -1,6 +1,8 @@
 //! The Redis revoke store: one expiring key per revocation and a sorted set by revocation time.
 //! The sorted set serves [`RevokeStore::list_since`], which workers call for the last few
 //! seconds; it keeps the last [`INDEX_SPAN`] only, so it never outgrows the revocations.
+//! `revoked` lives as long as the longest revocation, so a batch of deliveries in a namespace
+//! without revocations (the usual case) is checked with one key instead of one per task.
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -18,6 +20,7 @@ const INDEX_SPAN: std::time::Duration = std::time::Duration::from_secs(3600);
 pub struct RedisRevokeStore {
     manager: ConnectionManager,
     namespace: String,
+    extend_marker: redis::Script,
 }
 
 impl RedisRevokeStore {
@@ -28,6 +31,7 @@ impl RedisRevokeStore {
         Ok(RedisRevokeStore {
             manager: crate::redis::connect(url).await?.manager,
             namespace: namespace.unwrap_or(DEFAULT_NAMESPACE).to_owned(),
+            extend_marker: redis::Script::new(EXTEND_MARKER),
         })
     }
 
@@ -38,7 +42,19 @@ impl RedisRevokeStore {
     fn index(&self) -> String {
         format!("{}:revokes", self.namespace)
     }
+
+    /// Present while any revocation may be.
+    fn marker(&self) -> String {
+        format!("{}:revoked", self.namespace)
+    }
 }
+
+/// Makes the marker live at least `ARGV[1]` ms longer.
+const EXTEND_MARKER: &str = r"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+end
+";
 
 fn decode(task_id: &str, text: &str) -> Result<Revocation, StorageError> {
     serde_json::from_str(text)
@@ -78,6 +94,12 @@ impl RevokeStore for RedisRevokeStore {
             .ignore()
             .query_async(&mut self.manager.clone())
             .await?;
+        let () = self
+            .extend_marker
+            .key(self.marker())
+            .arg(ttl)
+            .invoke_async(&mut self.manager.clone())
+            .await?;
         Ok(())
     }
 
@@ -92,6 +114,13 @@ impl RevokeStore for RedisRevokeStore {
     async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<Revocation>>, StorageError> {
         if task_ids.is_empty() {
             return Ok(Vec::new());
+        }
+        let any: bool = redis::cmd("EXISTS")
+            .arg(self.marker())
+            .query_async(&mut self.manager.clone())
+            .await?;
+        if !any {
+            return Ok(vec![None; task_ids.len()]);
         }
         let keys: Vec<String> = task_ids.iter().map(|id| self.key(id)).collect();
         let texts: Vec<Option<String>> = redis::cmd("MGET")
