@@ -204,6 +204,26 @@ pub(crate) fn is_final(status: &Option<TaskStatus>) -> bool {
     status.as_ref().is_some_and(|s| s.state.is_terminal())
 }
 
+/// `statuses` in order, cut into slices of at most `most` in which no task appears twice:
+/// one statement cannot write a row twice.
+pub(crate) fn distinct_slices(statuses: &[TaskStatus], most: usize) -> Vec<&[TaskStatus]> {
+    let mut slices = Vec::new();
+    let mut start = 0;
+    let mut ids = std::collections::HashSet::new();
+    for (at, status) in statuses.iter().enumerate() {
+        if at - start == most || !ids.insert(status.id.as_str()) {
+            slices.push(&statuses[start..at]);
+            start = at;
+            ids.clear();
+            ids.insert(status.id.as_str());
+        }
+    }
+    if start < statuses.len() {
+        slices.push(&statuses[start..]);
+    }
+    slices
+}
+
 /// Which statuses [`ResultBackend::list`] returns, most recently updated first.
 #[derive(Clone, Debug)]
 pub struct StatusQuery {

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use super::{
     GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
-    is_final,
+    distinct_slices, is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::sqlite;
@@ -180,6 +180,49 @@ async fn upsert(
     Ok(done.rows_affected() > 0)
 }
 
+/// Statuses written by one statement (eight bound values each).
+const STATUSES_PER_STATEMENT: usize = 500;
+
+/// Writes a slice of distinct tasks' statuses in one statement, leaving terminal ones alone;
+/// whether each was written.
+async fn upsert_many(
+    conn: &mut sqlx::SqliteConnection,
+    namespace: &str,
+    statuses: &[TaskStatus],
+    expires_at: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<Vec<bool>, StorageError> {
+    let sql = format!(
+        "INSERT INTO stem_task_results (namespace, id, state, task, status, updated_at, expires_at)
+         VALUES {}
+         ON CONFLICT (namespace, id) DO UPDATE SET
+             state = excluded.state, task = excluded.task, status = excluded.status,
+             updated_at = excluded.updated_at, expires_at = excluded.expires_at
+         WHERE stem_task_results.state NOT IN ('succeeded', 'failed', 'revoked')
+            OR stem_task_results.expires_at <= ?
+         RETURNING id",
+        vec!["(?, ?, ?, ?, ?, ?, ?)"; statuses.len()].join(", ")
+    );
+    let mut insert = sqlx::query_scalar::<_, String>(&sql);
+    for status in statuses {
+        insert = insert
+            .bind(namespace)
+            .bind(&status.id)
+            .bind(status.state.as_str())
+            .bind(&status.task)
+            .bind(status.to_json())
+            .bind(status.updated_at.as_sql())
+            .bind(expires_at.map(Timestamp::as_sql));
+    }
+    let written: std::collections::HashSet<String> = insert
+        .bind(now.as_sql())
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(statuses.iter().map(|s| written.contains(&s.id)).collect())
+}
+
 /// Deletes every expired row.
 async fn clean(pool: SqlitePool) {
     let now = Timestamp::now().as_sql();
@@ -221,9 +264,8 @@ impl ResultBackend for SqliteBackend {
         let expires_at = self.ttls().result_expiry(ttl, now);
         let mut written = Vec::with_capacity(statuses.len());
         let mut tx = self.pool().begin().await?;
-        for status in statuses {
-            let done = upsert(&mut tx, self.namespace(), status, expires_at, Some(now)).await?;
-            written.push(done);
+        for slice in distinct_slices(statuses, STATUSES_PER_STATEMENT) {
+            written.extend(upsert_many(&mut tx, self.namespace(), slice, expires_at, now).await?);
         }
         tx.commit().await?;
         self.inner.changed.notify_waiters();

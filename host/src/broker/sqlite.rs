@@ -276,6 +276,9 @@ impl SqliteBroker {
     }
 }
 
+/// Acks deleted by one statement, well within SQLite's limit of bound values.
+const ACKS_PER_STATEMENT: usize = 500;
+
 /// Deletes dead letters older than the retention.
 async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>) {
     let Some(retention) = retention else { return };
@@ -385,25 +388,52 @@ impl Broker for SqliteBroker {
         validate_settles(batch.iter().map(|(receipt, settle)| (receipt, settle)))?;
         let now = Timestamp::now();
         let namespace = self.namespace();
-        let mut held = Vec::with_capacity(batch.len());
+        let mut held = vec![false; batch.len()];
         let mut released = false;
         let mut tx = self.pool().begin().await?;
-        for (receipt, settle) in batch {
+        // Acks, the usual settle, go in one statement per lease token (the deliveries of one
+        // consume share theirs) and slice.
+        let mut acks: Vec<(&str, usize, i64)> = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, settle))| *settle == Settle::Ack)
+            .filter_map(|(at, (receipt, _))| {
+                let id = receipt.entry.parse::<i64>().ok()?;
+                Some((receipt.token.as_str(), at, id))
+            })
+            .collect();
+        acks.sort_unstable();
+        for same_token in acks.chunk_by(|a, b| a.0 == b.0) {
+            for slice in same_token.chunks(ACKS_PER_STATEMENT) {
+                let sql = format!(
+                    // `+namespace`: by primary key, not by scanning the namespace's index.
+                    "DELETE FROM stem_queue_entries
+                     WHERE id IN ({}) AND lease_token = ? AND +namespace = ?
+                     RETURNING id",
+                    placeholders(slice.len())
+                );
+                let mut delete = sqlx::query_scalar::<_, i64>(&sql);
+                for (_, _, id) in slice {
+                    delete = delete.bind(id);
+                }
+                let mut deleted: std::collections::HashSet<i64> = delete
+                    .bind(slice[0].0)
+                    .bind(namespace)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+                for (_, at, id) in slice {
+                    held[*at] = deleted.remove(id);
+                }
+            }
+        }
+        for (at, (receipt, settle)) in batch.iter().enumerate() {
             let Ok(id) = receipt.entry.parse::<i64>() else {
-                held.push(false);
                 continue;
             };
             let done = match settle {
-                Settle::Ack => sqlx::query(
-                    "DELETE FROM stem_queue_entries
-                     WHERE id = ? AND lease_token = ? AND namespace = ?",
-                )
-                .bind(id)
-                .bind(&receipt.token)
-                .bind(namespace)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected(),
+                Settle::Ack => continue,
                 Settle::Release(delay) => {
                     released = true;
                     sqlx::query(
@@ -441,7 +471,7 @@ impl Broker for SqliteBroker {
                     bury(&mut tx, namespace, id, Some(&receipt.token), reason, now).await?
                 }
             };
-            held.push(done > 0);
+            held[at] = done > 0;
         }
         tx.commit().await?;
         if released {
