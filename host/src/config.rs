@@ -2,8 +2,9 @@
 //!
 //! `memory://[name]` (this process only; the same name shares storage), `sqlite://PATH`
 //! (a local file, created if missing; `sqlite:PATH` works too), `redis://` and `rediss://`
-//! (one Redis serves every role, keys apart by namespace), and later `postgres://`. With no URL at all, everything runs on SQLite files in the
-//! working directory, one per role as the SQLite adapter advises:
+//! (one Redis serves every role, keys apart by namespace), `postgres://` and
+//! `postgresql://` (one database serves every role, rows apart by namespace). With no URL at
+//! all, everything runs on SQLite files in the working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
 //! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
 //! `stem_registry.sqlite` (`STEM_SQLITE_REGISTRY_PATH`).
@@ -14,9 +15,11 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use crate::backend::ResultBackend;
 use crate::backend::memory::MemoryBackend;
+use crate::backend::postgres::{PostgresBackend, PostgresBackendOptions};
 use crate::backend::redis::{RedisBackend, RedisBackendOptions};
 use crate::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use crate::broker::memory::MemoryBroker;
+use crate::broker::postgres::{PostgresBroker, PostgresBrokerOptions, PostgresSettlements};
 use crate::broker::redis::{RedisBroker, RedisBrokerOptions, RedisSettlements};
 use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
@@ -24,13 +27,16 @@ use crate::settlement::{SettlementStore, StatusesThenEntries};
 use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::rate_limit::memory::MemoryRateLimiter;
+use crate::stores::rate_limit::postgres::PostgresRateLimiter;
 use crate::stores::rate_limit::redis::RedisRateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::registry::memory::MemoryRegistry;
+use crate::stores::registry::postgres::PostgresRegistry;
 use crate::stores::registry::redis::RedisRegistry;
 use crate::stores::registry::sqlite::SqliteRegistry;
 use crate::stores::revoke::RevokeStore;
 use crate::stores::revoke::memory::MemoryRevokeStore;
+use crate::stores::revoke::postgres::PostgresRevokeStore;
 use crate::stores::revoke::redis::RedisRevokeStore;
 use crate::stores::revoke::sqlite::SqliteRevokeStore;
 
@@ -91,6 +97,8 @@ pub enum AdapterUrl {
     Sqlite(PathBuf),
     /// The URL as given: `redis://` or `rediss://`, with user, password and database.
     Redis(String),
+    /// The URL as given: `postgres://` or `postgresql://`, with its parameters.
+    Postgres(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +122,7 @@ impl AdapterUrl {
     pub fn parse(role: Role, url: &str) -> Result<AdapterUrl, ConfigError> {
         let invalid = |reason: &str| ConfigError::Url {
             role: role.name(),
-            url: crate::redis::redact(url),
+            url: crate::postgres::redact(url),
             reason: reason.to_owned(),
         };
         let (scheme, rest) = url
@@ -130,9 +138,10 @@ impl AdapterUrl {
                 Ok(AdapterUrl::Sqlite(PathBuf::from(path)))
             }
             "redis" | "rediss" => Ok(AdapterUrl::Redis(url.to_owned())),
-            "postgres" | "postgresql" => Err(invalid(
-                "this build has no adapter for it yet; use sqlite://PATH or memory://",
-            )),
+            "postgres" | "postgresql" => {
+                crate::postgres::PgUrl::parse(url).map_err(|reason| invalid(&reason))?;
+                Ok(AdapterUrl::Postgres(url.to_owned()))
+            }
             _ => Err(invalid(
                 "unknown scheme; expected memory://, sqlite://PATH, redis:// or postgres://",
             )),
@@ -162,6 +171,7 @@ impl std::fmt::Display for AdapterUrl {
             AdapterUrl::Memory(name) => write!(f, "memory://{name}"),
             AdapterUrl::Sqlite(path) => write!(f, "sqlite://{}", path.display()),
             AdapterUrl::Redis(url) => f.write_str(&crate::redis::redact(url)),
+            AdapterUrl::Postgres(url) => f.write_str(&crate::postgres::redact(url)),
         }
     }
 }
@@ -227,6 +237,14 @@ pub async fn open_broker(
             let broker = RedisBroker::connect(address, options).await;
             Arc::new(opened(Role::Broker, url, broker)?)
         }
+        AdapterUrl::Postgres(address) => {
+            let options = PostgresBrokerOptions {
+                namespace: namespace.to_owned(),
+                ..PostgresBrokerOptions::default()
+            };
+            let broker = PostgresBroker::connect(address, options).await;
+            Arc::new(opened(Role::Broker, url, broker)?)
+        }
     })
 }
 
@@ -261,11 +279,20 @@ pub async fn open_backend(
             let backend = RedisBackend::connect(address, options).await;
             Arc::new(opened(Role::Backend, url, backend)?)
         }
+        AdapterUrl::Postgres(address) => {
+            let options = PostgresBackendOptions {
+                namespace: namespace.to_owned(),
+                ..PostgresBackendOptions::default()
+            };
+            let backend = PostgresBackend::connect(address, options).await;
+            Arc::new(opened(Role::Backend, url, backend)?)
+        }
     })
 }
 
 /// Where a worker writes how deliveries ended. When the broker and the result backend are the
-/// same Redis, one script does both ([`RedisSettlements`]); otherwise the backend records the
+/// same Redis, one script does both ([`RedisSettlements`]); the same Postgres database, one
+/// statement or transaction ([`PostgresSettlements`]); otherwise the backend records the
 /// statuses, then the broker settles the entries.
 pub async fn open_settlements(
     broker_url: &AdapterUrl,
@@ -281,6 +308,14 @@ pub async fn open_settlements(
             let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
             let ttls = RedisBackendOptions::default().ttls;
             let settlements = RedisSettlements::connect(broker_address, namespace, ttls).await;
+            Arc::new(opened(Role::Backend, backend_url, settlements)?)
+        }
+        (AdapterUrl::Postgres(broker_address), AdapterUrl::Postgres(backend_address))
+            if broker_address == backend_address =>
+        {
+            let namespace = namespace.unwrap_or(DEFAULT_NAMESPACE);
+            let ttls = PostgresBackendOptions::default().ttls;
+            let settlements = PostgresSettlements::connect(broker_address, namespace, ttls).await;
             Arc::new(opened(Role::Backend, backend_url, settlements)?)
         }
         _ => Arc::new(StatusesThenEntries::new(backend, broker)),
@@ -306,6 +341,11 @@ pub async fn open_revoke_store(
             url,
             RedisRevokeStore::connect(address, namespace).await,
         )?),
+        AdapterUrl::Postgres(address) => Arc::new(opened(
+            Role::Revoke,
+            url,
+            PostgresRevokeStore::connect(address, namespace).await,
+        )?),
     })
 }
 
@@ -328,11 +368,16 @@ pub async fn open_registry(
             url,
             RedisRegistry::connect(address, namespace).await,
         )?),
+        AdapterUrl::Postgres(address) => Arc::new(opened(
+            Role::Registry,
+            url,
+            PostgresRegistry::connect(address, namespace).await,
+        )?),
     })
 }
 
 /// Opens the rate limiter at `url` in `namespace`. `memory://` limits the workers of one
-/// process only; Redis limits every worker that shares it.
+/// process only; Redis and Postgres limit every worker that shares them.
 pub async fn open_rate_limiter(
     url: &AdapterUrl,
     namespace: Option<&str>,
@@ -349,13 +394,19 @@ pub async fn open_rate_limiter(
             return Err(ConfigError::Url {
                 role: Role::RateLimiter.name(),
                 url: url.to_string(),
-                reason: "SQLite has no rate limiter; use redis:// or memory://".to_owned(),
+                reason: "SQLite has no rate limiter; use redis://, postgres:// or memory://"
+                    .to_owned(),
             });
         }
         AdapterUrl::Redis(address) => Arc::new(opened(
             Role::RateLimiter,
             url,
             RedisRateLimiter::connect(address, namespace).await,
+        )?),
+        AdapterUrl::Postgres(address) => Arc::new(opened(
+            Role::RateLimiter,
+            url,
+            PostgresRateLimiter::connect(address, namespace).await,
         )?),
     })
 }

@@ -17,12 +17,13 @@
 //!   registry.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
-//! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`).
+//! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
+//!   `postgres://`).
 //! - [`digest`]: content addresses (sha256) of components.
 //! - [`cli`]: the `stem-host` command line.
 //!
 //! Each storage contract is a trait in its module, with the in-memory adapter (tests and demos)
-//! and the durable ones (SQLite, Redis; Postgres next) as submodules beside it. They share one
+//! and the durable ones (SQLite, Redis, Postgres) as submodules beside it. They share one
 //! error type, [`storage::StorageError`], and one notion of time, [`time::Timestamp`].
 //!
 //! Errors are concrete types in the library modules; `anyhow` is used only in the CLI.
@@ -36,6 +37,7 @@ pub mod components;
 pub mod config;
 pub mod digest;
 pub mod envelope;
+mod postgres;
 mod redis;
 pub mod runtime;
 pub mod settlement;

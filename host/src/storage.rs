@@ -27,7 +27,8 @@ pub enum StorageError {
     #[error("stored {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
     #[error(transparent)]
-    Sqlite(#[from] sqlx::Error),
+    /// SQLite or Postgres.
+    Sql(#[from] sqlx::Error),
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -62,6 +63,23 @@ impl Periodic {
 }
 
 impl Drop for Periodic {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A background task that runs until this guard is dropped.
+pub(crate) struct Background(tokio::task::JoinHandle<()>);
+
+impl Background {
+    pub(crate) fn spawn(
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Background {
+        Background(tokio::spawn(task))
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -16,6 +16,7 @@
 //! Adapters: [`memory`] (one process), [`sqlite`] (one host) and [`redis`] (many hosts).
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 

@@ -17,10 +17,12 @@
 //! - Every adapter works inside a namespace; namespaces never see each other's entries.
 //!
 //! Adapters: [`memory`] (one process, for tests and demos), [`sqlite`] (one host, no
-//! infrastructure) and [`redis`] (Redis Streams: many workers on many hosts).
+//! infrastructure), [`redis`] (Redis Streams: many workers on many hosts) and [`postgres`]
+//! (`SKIP LOCKED` claims and `LISTEN/NOTIFY`: many workers on many hosts, one database).
 
 mod local_broadcast;
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 

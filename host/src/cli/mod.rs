@@ -202,7 +202,10 @@ impl Connections {
             .is_some_and(|variable| std::env::var_os(variable).is_some_and(|v| !v.is_empty()));
         if explicit.as_deref().is_none_or(str::is_empty) && role != Role::Broker && !sqlite_named {
             let broker = self.url(Role::Broker)?;
-            if matches!(broker, AdapterUrl::Redis(_) | AdapterUrl::Memory(_)) {
+            if matches!(
+                broker,
+                AdapterUrl::Redis(_) | AdapterUrl::Postgres(_) | AdapterUrl::Memory(_)
+            ) {
                 return Ok(broker);
             }
         }

@@ -83,6 +83,13 @@ pub fn component(crate_name: &str) -> Arc<TaskComponent> {
 }
 
 /// The Redis server the tests use: `STEM_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`.
+/// The Postgres server the tests use (`STEM_TEST_POSTGRES_URL`); each test works in a schema
+/// of its own.
+pub fn postgres_url() -> String {
+    std::env::var("STEM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
 pub fn redis_url() -> String {
     std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }

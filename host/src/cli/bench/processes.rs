@@ -154,6 +154,11 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     }
     let wall = last.saturating_since(began);
 
+    let peak_rss_kib = workers
+        .iter()
+        .map(|w| peak_rss_kib(w.pid()))
+        .max()
+        .unwrap_or(0);
     let idle = idle_latencies(&bench, &client, backend.as_ref()).await?;
     for worker in &mut workers {
         worker.stop();
@@ -175,6 +180,7 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
             "enqueue_per_second": tasks / enqueued_in.as_secs_f64(),
             "tasks_per_second": throughput,
             "worker_cpu_us_per_task": worker_cpu_us,
+            "worker_peak_rss_mib": peak_rss_kib as f64 / 1024.0,
         });
         if let Some(redis) = &redis_used {
             report["redis_cpu_us_per_task"] = json!(redis.cpu_us / tasks);
@@ -199,6 +205,10 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
             human_duration(wall)
         );
         println!("  worker CPU: {worker_cpu_us:.1}µs per task");
+        println!(
+            "  worker peak RSS (largest process): {:.1}MiB",
+            peak_rss_kib as f64 / 1024.0
+        );
         if let Some(redis) = &redis_used {
             println!("  Redis CPU: {:.1}µs per task", redis.cpu_us / tasks);
             println!(
@@ -293,6 +303,17 @@ fn cpu_ticks(pid: u32) -> u64 {
     };
     // utime and stime are the 14th and 15th fields; the 3rd is the first after the name.
     field(11) + field(12)
+}
+
+/// The most resident memory a process has used (`VmHWM` in `/proc/PID/status`), KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// What the Redis server spent, from `INFO`.

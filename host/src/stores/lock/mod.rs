@@ -2,6 +2,7 @@
 //! exactly one fires each schedule entry.
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 
 use std::time::Duration;

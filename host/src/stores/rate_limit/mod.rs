@@ -7,6 +7,7 @@
 //! never failed.
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 
 use std::time::Duration;

@@ -8,6 +8,7 @@
 //! reaches running workers without a restart.
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 

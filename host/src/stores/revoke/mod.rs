@@ -1,6 +1,7 @@
 //! The revoke store: which tasks must not run (or must stop running).
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 pub mod sqlite;
 

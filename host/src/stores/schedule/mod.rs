@@ -1,6 +1,7 @@
 //! The schedule store: Beat's periodic entries, shared by every Beat instance.
 
 pub mod memory;
+pub mod postgres;
 pub mod redis;
 
 use async_trait::async_trait;

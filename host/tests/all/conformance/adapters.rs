@@ -7,34 +7,42 @@ use std::time::Duration;
 use async_trait::async_trait;
 use stem_host::backend::ResultBackend;
 use stem_host::backend::memory::MemoryBackend;
+use stem_host::backend::postgres::{PostgresBackend, PostgresBackendOptions};
 use stem_host::backend::redis::{RedisBackend, RedisBackendOptions};
 use stem_host::backend::sqlite::{SqliteBackend, SqliteBackendOptions};
 use stem_host::broker::Broker;
 use stem_host::broker::memory::MemoryBroker;
-use stem_host::broker::redis::{RedisBroker, RedisBrokerOptions};
+use stem_host::broker::postgres::{PostgresBroker, PostgresBrokerOptions, PostgresSettlements};
+use stem_host::broker::redis::{RedisBroker, RedisBrokerOptions, RedisSettlements};
 use stem_host::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
+use stem_host::settlement::SettlementStore;
 use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
+use stem_host::stores::lock::postgres::PostgresLockStore;
 use stem_host::stores::lock::redis::RedisLockStore;
 use stem_host::stores::rate_limit::RateLimiter;
 use stem_host::stores::rate_limit::memory::MemoryRateLimiter;
+use stem_host::stores::rate_limit::postgres::PostgresRateLimiter;
 use stem_host::stores::rate_limit::redis::RedisRateLimiter;
 use stem_host::stores::registry::ComponentRegistry;
 use stem_host::stores::registry::memory::MemoryRegistry;
+use stem_host::stores::registry::postgres::PostgresRegistry;
 use stem_host::stores::registry::redis::RedisRegistry;
 use stem_host::stores::registry::sqlite::SqliteRegistry;
 use stem_host::stores::revoke::RevokeStore;
 use stem_host::stores::revoke::memory::MemoryRevokeStore;
+use stem_host::stores::revoke::postgres::PostgresRevokeStore;
 use stem_host::stores::revoke::redis::RedisRevokeStore;
 use stem_host::stores::revoke::sqlite::SqliteRevokeStore;
 use stem_host::stores::schedule::ScheduleStore;
 use stem_host::stores::schedule::memory::MemoryScheduleStore;
+use stem_host::stores::schedule::postgres::PostgresScheduleStore;
 use stem_host::stores::schedule::redis::RedisScheduleStore;
 use tempfile::TempDir;
 
 use super::Connect;
 use super::broker::RawEntries;
-use crate::support::redis_url;
+use crate::support::{postgres_url, redis_url};
 
 /// How often SQLite adapters poll in the suites: fast, so waits end soon after a change.
 const SQLITE_POLL: Duration = Duration::from_millis(10);
@@ -225,10 +233,6 @@ impl Redis {
         }
     }
 
-    pub fn url(&self) -> String {
-        self.url.clone()
-    }
-
     /// The adapters' namespace for a case's `namespace`.
     pub fn namespace(&self, namespace: &str) -> String {
         format!("{}:{namespace}", self.prefix)
@@ -333,6 +337,173 @@ impl Connect<dyn RateLimiter> for Redis {
         let ns = self.namespace(namespace);
         Arc::new(needs_redis(
             RedisRateLimiter::connect(&self.url, Some(&ns)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn SettlementStore> for Redis {
+    async fn connect(&self, namespace: &str) -> Arc<dyn SettlementStore> {
+        let ns = self.namespace(namespace);
+        Arc::new(needs_redis(
+            RedisSettlements::connect(&self.url, &ns, Default::default()).await,
+        ))
+    }
+}
+
+/// A fresh schema in the test database (`STEM_TEST_POSTGRES_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/test`), dropped when the harness is. A server that
+/// cannot be reached fails the test.
+pub struct Postgres {
+    base: String,
+    schema: String,
+}
+
+impl Postgres {
+    pub async fn new() -> Postgres {
+        Postgres {
+            base: postgres_url(),
+            schema: format!("stem_test_{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    /// The URL of this harness's schema, with a small pool (tests run side by side).
+    pub fn url(&self) -> String {
+        let separator = if self.base.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{separator}schema={}&max_connections=4",
+            self.base, self.schema
+        )
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let base = self.base.clone();
+        let schema = self.schema.clone();
+        // Drop runs outside any runtime the test may still be shutting down.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                use sqlx::{Connection, Executor};
+                let mut conn = sqlx::PgConnection::connect(&base).await?;
+                conn.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
+                    .await?;
+                Ok::<(), sqlx::Error>(())
+            })
+        });
+        if let Ok(Err(error)) = dropped.join() {
+            eprintln!("could not drop the test schema {}: {error}", self.schema);
+        }
+    }
+}
+
+fn needs_postgres<T>(connected: Result<T, stem_host::storage::StorageError>) -> T {
+    connected.unwrap_or_else(|e| panic!("the tests need Postgres: {e}"))
+}
+
+#[async_trait]
+impl Connect<dyn Broker> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn Broker> {
+        let options = PostgresBrokerOptions {
+            namespace: namespace.to_owned(),
+            ..PostgresBrokerOptions::default()
+        };
+        Arc::new(needs_postgres(
+            PostgresBroker::connect(&self.url(), options).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl RawEntries for Postgres {
+    async fn insert_raw(&self, namespace: &str, queue: &str, payload: &str) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.base).await.unwrap();
+        sqlx::query(&format!(
+            "INSERT INTO {}.stem_queue_entries (namespace, queue, priority, visible_at, payload)
+             VALUES ($1, $2, 0, 0, $3)",
+            self.schema
+        ))
+        .bind(namespace)
+        .bind(queue)
+        .bind(payload)
+        .execute(&mut conn)
+        .await
+        .expect("insert a raw entry");
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ResultBackend> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ResultBackend> {
+        let options = PostgresBackendOptions {
+            namespace: namespace.to_owned(),
+            cleanup_interval: Duration::from_millis(200),
+            ..PostgresBackendOptions::default()
+        };
+        Arc::new(needs_postgres(
+            PostgresBackend::connect(&self.url(), options).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn SettlementStore> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn SettlementStore> {
+        // The broker and the backend create the tables the store writes.
+        let _: Arc<dyn Broker> = self.connect(namespace).await;
+        let _: Arc<dyn ResultBackend> = self.connect(namespace).await;
+        Arc::new(needs_postgres(
+            PostgresSettlements::connect(&self.url(), namespace, Default::default()).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn RevokeStore> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn RevokeStore> {
+        Arc::new(needs_postgres(
+            PostgresRevokeStore::connect(&self.url(), Some(namespace)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn LockStore> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn LockStore> {
+        Arc::new(needs_postgres(
+            PostgresLockStore::connect(&self.url(), Some(namespace)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ScheduleStore> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ScheduleStore> {
+        Arc::new(needs_postgres(
+            PostgresScheduleStore::connect(&self.url(), Some(namespace)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ComponentRegistry> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ComponentRegistry> {
+        Arc::new(needs_postgres(
+            PostgresRegistry::connect(&self.url(), Some(namespace)).await,
+        ))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn RateLimiter> for Postgres {
+    async fn connect(&self, namespace: &str) -> Arc<dyn RateLimiter> {
+        Arc::new(needs_postgres(
+            PostgresRateLimiter::connect(&self.url(), Some(namespace)).await,
         ))
     }
 }

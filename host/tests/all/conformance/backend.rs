@@ -42,6 +42,7 @@ macro_rules! backend_suite {
 backend_suite!(memory, adapters::Memory::new());
 backend_suite!(sqlite, adapters::Sqlite::new());
 backend_suite!(redis, adapters::Redis::new());
+backend_suite!(postgres, adapters::Postgres::new());
 
 const NS: &str = "conformance";
 

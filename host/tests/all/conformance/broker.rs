@@ -52,6 +52,7 @@ macro_rules! broker_suite {
 broker_suite!(memory, adapters::Memory::new());
 broker_suite!(sqlite, adapters::Sqlite::new());
 broker_suite!(redis, adapters::Redis::new());
+broker_suite!(postgres, adapters::Postgres::new());
 
 const NS: &str = "conformance";
 

@@ -1,13 +1,12 @@
 //! The settlement contract (`stem_host::settlement`), for every store: the generic
 //! statuses-then-entries store over each adapter family's broker and backend, and the Redis
-//! store that does both in one script.
+//! and Postgres stores that do both in one step.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use stem_host::backend::{ResultBackend, TaskFailure, TaskState, TaskStatus};
-use stem_host::broker::redis::RedisSettlements;
 use stem_host::broker::{Broker, ConsumeOptions, Delivery, Settle};
 use stem_host::codec::Payload;
 use stem_host::envelope::Envelope;
@@ -41,6 +40,8 @@ settlement_suite!(memory, Separate::new(adapters::Memory::new()));
 settlement_suite!(sqlite, Separate::new(adapters::Sqlite::new()));
 settlement_suite!(redis_separate, Separate::new(adapters::Redis::new()));
 settlement_suite!(redis, Together::new(adapters::Redis::new()));
+settlement_suite!(postgres_separate, Separate::new(adapters::Postgres::new()));
+settlement_suite!(postgres, Together::new(adapters::Postgres::new()));
 
 const NS: &str = "conformance";
 
@@ -88,31 +89,26 @@ where
     }
 }
 
-/// [`RedisSettlements`] on the server of the Redis broker and backend.
-pub struct Together(adapters::Redis);
+/// A family's own store on the server of its broker and backend (`RedisSettlements`,
+/// `PostgresSettlements`): the harness connects it like any adapter.
+pub struct Together<H>(H);
 
-impl Together {
-    async fn new(harness: impl Future<Output = adapters::Redis>) -> Together {
+impl<H> Together<H> {
+    async fn new(harness: impl Future<Output = H>) -> Together<H> {
         Together(harness.await)
     }
 }
 
 #[async_trait]
-impl SettlementHarness for Together {
+impl<H> SettlementHarness for Together<H>
+where
+    H: Connect<dyn Broker> + Connect<dyn ResultBackend> + Connect<dyn SettlementStore>,
+{
     async fn open(&self, namespace: &str) -> Parts {
-        let broker: Arc<dyn Broker> = self.0.connect(namespace).await;
-        let backend: Arc<dyn ResultBackend> = self.0.connect(namespace).await;
-        let settlements = RedisSettlements::connect(
-            &self.0.url(),
-            &self.0.namespace(namespace),
-            Default::default(),
-        )
-        .await
-        .expect("the tests need Redis");
         Parts {
-            broker,
-            backend,
-            settlements: Arc::new(settlements),
+            broker: self.0.connect(namespace).await,
+            backend: self.0.connect(namespace).await,
+            settlements: self.0.connect(namespace).await,
         }
     }
 

@@ -67,6 +67,11 @@ macro_rules! rate_limit_suite {
 
 rate_limit_suite!(rate_limit_memory, adapters::Memory::new());
 rate_limit_suite!(rate_limit_redis, adapters::Redis::new());
+rate_limit_suite!(rate_limit_postgres, adapters::Postgres::new());
+registry_suite!(registry_postgres, adapters::Postgres::new());
+revoke_suite!(revoke_postgres, adapters::Postgres::new());
+lock_suite!(lock_postgres, adapters::Postgres::new());
+schedule_suite!(schedule_postgres, adapters::Postgres::new());
 registry_suite!(registry_memory, adapters::Memory::new());
 registry_suite!(registry_sqlite, adapters::Sqlite::new());
 registry_suite!(registry_redis, adapters::Redis::new());
