@@ -165,6 +165,17 @@ impl AdapterUrl {
     }
 }
 
+impl AdapterUrl {
+    /// The URL with its password, to hand to another process (never to print: `Display`
+    /// hides the password).
+    pub fn secret_url(&self) -> String {
+        match self {
+            AdapterUrl::Redis(url) | AdapterUrl::Postgres(url) => url.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for AdapterUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

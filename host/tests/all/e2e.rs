@@ -38,6 +38,11 @@ macro_rules! e2e_suite {
 
 e2e_suite!(sqlite, Platform::sqlite());
 e2e_suite!(redis, Platform::redis());
+e2e_suite!(postgres, Platform::postgres());
+e2e_suite!(
+    redis_broker_postgres_backend,
+    Platform::redis_with_postgres()
+);
 
 const TASKS: usize = 1000;
 
@@ -573,7 +578,16 @@ async fn sqlite_paths_come_from_the_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_rate_limits_hold_across_workers() {
     let _serial = serial().await;
-    let platform = Platform::redis();
+    rate_limits_hold_across_workers(&Platform::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rate_limits_hold_across_workers() {
+    let _serial = serial().await;
+    rate_limits_hold_across_workers(&Platform::postgres()).await;
+}
+
+async fn rate_limits_hold_across_workers(platform: &Platform) {
     platform.upload("hello");
     let args: Vec<String> = (0..50).map(|i| format!(r#"{{"a":{i},"b":0}}"#)).collect();
     let _first = platform.worker(&["--concurrency", "4"]);
@@ -630,4 +644,61 @@ async fn redis_connection_loss_loses_no_task() {
     let backend = platform.backend().await;
     let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
     assert_additions(&ids, &statuses);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connection_loss_loses_no_task() {
+    let _serial = serial().await;
+    let platform = Platform::postgres();
+    platform.upload("hello");
+    let ids = enqueue_additions(&platform);
+    let _worker = platform.worker(&["--concurrency", "4", "--lease", "2s"]);
+    let backend = platform.backend().await;
+    until_succeeded(backend.as_ref(), TASKS / 5).await;
+    // Every connection of this platform's processes (they name themselves after its schema),
+    // the worker's pool and its listening connections included.
+    let (base, schema) = platform.postgres_schema().expect("a Postgres platform");
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(base)
+        .await
+        .unwrap();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(schema)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(killed > 0, "no connection of the worker was terminated");
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(120)).await;
+    assert_additions(&ids, &statuses);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_processes_migrate_a_fresh_schema_at_once() {
+    let _serial = serial().await;
+    let platform = Platform::postgres();
+    // Each process opens every role, so each migrates every table set, all at the same time.
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            platform
+                .command(&["queue", "stats", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("stem-host starts")
+        })
+        .collect();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "a process failed to migrate:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    platform.upload("hello");
+    let id = platform.run_ok(&["enqueue", "hello.add", "--args", r#"{"a":1,"b":2}"#]);
+    assert!(!id.trim().is_empty());
 }

@@ -3,6 +3,8 @@
 //!
 //! With the SQLite platform every process runs in one fresh working directory with no adapter
 //! URL set, so the tests exercise the embedded default exactly as the README's quick start does.
+//! The Redis and Postgres platforms put every role on one server, in a fresh namespace (and on
+//! Postgres a fresh schema, dropped with the platform).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -41,8 +43,20 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 
 pub struct Platform {
     dir: TempDir,
-    /// The Redis URL and namespace every role uses, or `None` for the SQLite defaults.
-    redis: Option<(String, String)>,
+    /// The server URL and namespace every role uses, or `None` for the SQLite defaults.
+    shared: Option<(AdapterUrl, String)>,
+    /// The Postgres schema this platform created: the server's URL and the schema's name.
+    schema: Option<(String, String)>,
+    /// The broker's URL when it is not the shared one.
+    broker_override: Option<AdapterUrl>,
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        if let Some((base, schema)) = &self.schema {
+            crate::support::drop_schema(base, schema);
+        }
+    }
 }
 
 impl Platform {
@@ -50,7 +64,9 @@ impl Platform {
     pub fn sqlite() -> Platform {
         Platform {
             dir: tempfile::tempdir().expect("temporary directory"),
-            redis: None,
+            shared: None,
+            schema: None,
+            broker_override: None,
         }
     }
 
@@ -64,8 +80,40 @@ impl Platform {
         let namespace = format!("stem-e2e-{}", uuid::Uuid::new_v4().simple());
         Platform {
             dir: tempfile::tempdir().expect("temporary directory"),
-            redis: Some((url.to_owned(), namespace)),
+            shared: Some((AdapterUrl::Redis(url.to_owned()), namespace)),
+            schema: None,
+            broker_override: None,
         }
+    }
+
+    /// Every role on the test Postgres server, in a fresh schema.
+    pub fn postgres() -> Platform {
+        let base = crate::support::postgres_url();
+        let schema = format!("stem_e2e_{}", uuid::Uuid::new_v4().simple());
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}schema={schema}&application_name={schema}");
+        Platform {
+            dir: tempfile::tempdir().expect("temporary directory"),
+            shared: Some((AdapterUrl::Postgres(url), "stem-e2e".to_owned())),
+            schema: Some((base, schema)),
+            broker_override: None,
+        }
+    }
+
+    /// A Redis broker with every other role on Postgres, as the seeds' mixed deployment runs.
+    pub fn redis_with_postgres() -> Platform {
+        let mut platform = Platform::postgres();
+        // A fresh namespace: the Redis server is shared with other tests.
+        if let Some((_, namespace)) = &mut platform.shared {
+            *namespace = format!("stem-e2e-{}", uuid::Uuid::new_v4().simple());
+        }
+        platform.broker_override = Some(AdapterUrl::Redis(crate::support::redis_url()));
+        platform
+    }
+
+    /// The Postgres schema of this platform, to reach its tables directly.
+    pub fn postgres_schema(&self) -> Option<&(String, String)> {
+        self.schema.as_ref()
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -79,9 +127,9 @@ impl Platform {
             command.env_remove(variable);
         }
         command.env("STEM_COMPONENT_CACHE_DIR", cache_dir());
-        if let Some((url, namespace)) = &self.redis {
+        if let Some((url, namespace)) = &self.shared {
             for role in [Role::Broker, Role::Backend, Role::Registry, Role::Revoke] {
-                command.env(role.url_variable(), url);
+                command.env(role.url_variable(), self.url_of(role, url).secret_url());
             }
             command.env("STEM_NAMESPACE", namespace);
         }
@@ -175,24 +223,33 @@ impl Platform {
         WorkerProcess { child, log }
     }
 
-    /// Where the processes keep one role's data: Redis, or `sqlite_file` in the directory.
-    fn url(&self, sqlite_file: &str) -> (AdapterUrl, Option<&str>) {
-        match &self.redis {
-            Some((url, namespace)) => (AdapterUrl::Redis(url.clone()), Some(namespace)),
+    /// The URL `role` uses when the platform shares `url` between the roles.
+    fn url_of(&self, role: Role, url: &AdapterUrl) -> AdapterUrl {
+        match (&self.broker_override, role) {
+            (Some(broker), Role::Broker) => broker.clone(),
+            _ => url.clone(),
+        }
+    }
+
+    /// Where the processes keep one role's data: the shared server, or `sqlite_file` in the
+    /// directory.
+    fn url(&self, role: Role, sqlite_file: &str) -> (AdapterUrl, Option<&str>) {
+        match &self.shared {
+            Some((url, namespace)) => (self.url_of(role, url), Some(namespace)),
             None => (AdapterUrl::Sqlite(self.dir.path().join(sqlite_file)), None),
         }
     }
 
     /// The result backend, opened by the test itself to check what the processes wrote.
     pub async fn backend(&self) -> Arc<dyn ResultBackend> {
-        let (url, namespace) = self.url("stem_backend.sqlite");
+        let (url, namespace) = self.url(Role::Backend, "stem_backend.sqlite");
         config::open_backend(&url, namespace)
             .await
             .expect("open backend")
     }
 
     pub async fn broker(&self) -> Arc<dyn Broker> {
-        let (url, namespace) = self.url("stem_broker.sqlite");
+        let (url, namespace) = self.url(Role::Broker, "stem_broker.sqlite");
         config::open_broker(&url, namespace)
             .await
             .expect("open broker")
@@ -201,8 +258,17 @@ impl Platform {
     /// Overwrites every stored component with bytes that do not match their digest.
     pub async fn damage_components(&self) {
         let damaged = b"\0asm\x0d\0\x01\0".as_slice();
-        match &self.redis {
-            Some((url, namespace)) => {
+        match (&self.shared, &self.schema) {
+            (_, Some((base, schema))) => {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(base).await.unwrap();
+                sqlx::query(&format!("UPDATE {schema}.stem_components SET bytes = $1"))
+                    .bind(damaged)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            (Some((AdapterUrl::Redis(url), namespace)), None) => {
                 let client = redis::Client::open(url.as_str()).unwrap();
                 let mut conn = client.get_multiplexed_async_connection().await.unwrap();
                 let keys: Vec<String> = redis::cmd("KEYS")
@@ -219,7 +285,7 @@ impl Platform {
                         .unwrap();
                 }
             }
-            None => {
+            (_, None) => {
                 let file = self.dir.path().join("stem_registry.sqlite");
                 let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
                     .await

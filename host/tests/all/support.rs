@@ -93,3 +93,25 @@ pub fn postgres_url() -> String {
 pub fn redis_url() -> String {
     std::env::var("STEM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
+
+/// Drops a test's Postgres schema, from a thread of its own: drops run where the test's
+/// runtime may be shutting down.
+pub fn drop_schema(base: &str, schema: &str) {
+    let base = base.to_owned();
+    let statement = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+    let dropped = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            use sqlx::{Connection, Executor};
+            let mut conn = sqlx::PgConnection::connect(&base).await?;
+            conn.execute(statement.as_str()).await?;
+            Ok::<(), sqlx::Error>(())
+        })
+    });
+    if let Ok(Err(error)) = dropped.join() {
+        eprintln!("could not drop the test schema {schema}: {error}");
+    }
+}

@@ -379,25 +379,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let base = self.base.clone();
-        let schema = self.schema.clone();
-        // Drop runs outside any runtime the test may still be shutting down.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async {
-                use sqlx::{Connection, Executor};
-                let mut conn = sqlx::PgConnection::connect(&base).await?;
-                conn.execute(format!("DROP SCHEMA IF EXISTS {schema} CASCADE").as_str())
-                    .await?;
-                Ok::<(), sqlx::Error>(())
-            })
-        });
-        if let Ok(Err(error)) = dropped.join() {
-            eprintln!("could not drop the test schema {}: {error}", self.schema);
-        }
+        crate::support::drop_schema(&self.base, &self.schema);
     }
 }
 
