@@ -95,6 +95,9 @@ impl PgUrl {
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
+            // No ping before every query: a dropped connection fails its next query instead,
+            // which callers retry, and the pool replaces it.
+            .test_before_acquire(false)
             .connect_with(self.options.clone())
             .await
             .map_err(|e| failed(e.to_string()))?;
