@@ -95,9 +95,6 @@ impl PgUrl {
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            // No ping before every query: a dropped connection fails its next query instead,
-            // which callers retry, and the pool replaces it.
-            .test_before_acquire(false)
             .connect_with(self.options.clone())
             .await
             .map_err(|e| failed(e.to_string()))?;
@@ -118,6 +115,11 @@ impl PgUrl {
         }
         Ok(pool)
     }
+}
+
+/// The schema `url` names, if any (checked: letters, digits and `_`).
+pub(crate) fn schema_of(url: &str) -> Option<String> {
+    PgUrl::parse(url).ok()?.schema
 }
 
 /// Pools of this process by URL, shared by the adapters given the same URL; a pool closes

@@ -8,6 +8,7 @@ mod conformance;
 mod e2e;
 mod hardening;
 mod platform;
+mod postgres_enqueue;
 mod redis_recovery;
 mod redis_server;
 mod redis_tls;

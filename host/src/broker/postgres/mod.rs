@@ -132,6 +132,9 @@ pub struct PostgresBroker {
 
 struct Inner {
     pool: Arc<PgPool>,
+    /// The entries table named so that any connection to the database finds it (with the
+    /// URL's schema, if any), for publishes on the caller's connection.
+    entries_table: String,
     options: PostgresBrokerOptions,
     /// Wakes this broker's waiting consumers when anything is published in its namespace.
     published: Arc<Notify>,
@@ -163,6 +166,10 @@ impl PostgresBroker {
     ) -> Result<PostgresBroker, StorageError> {
         let pool = postgres::connect(url).await?;
         postgres::migrate(&pool, "broker", MIGRATIONS).await?;
+        let entries_table = match postgres::schema_of(url) {
+            Some(schema) => format!("\"{schema}\".stem_queue_entries"),
+            None => "stem_queue_entries".to_owned(),
+        };
         let sweeper = {
             let pool = PgPool::clone(&pool);
             let namespace = options.namespace.clone();
@@ -180,6 +187,7 @@ impl PostgresBroker {
         Ok(PostgresBroker {
             inner: Arc::new(Inner {
                 pool,
+                entries_table,
                 options,
                 published: Arc::new(Notify::new()),
                 channels: Arc::new(LocalChannels::default()),
@@ -196,6 +204,31 @@ impl PostgresBroker {
 
     fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// Publishes `envelopes` inside the caller's transaction, on `conn` (a connection to this
+    /// broker's database): the tasks exist if and only if the transaction commits, and
+    /// consumers are woken when it does. All or none, as [`Broker::publish_batch`]. Build the
+    /// envelopes with [`crate::client::Client::prepare`], which checks and completes them as
+    /// an enqueue does.
+    ///
+    /// ```ignore
+    /// let mut tx = pool.begin().await?;
+    /// sqlx::query("INSERT INTO orders (id) VALUES ($1)").bind(order).execute(&mut *tx).await?;
+    /// let envelope = client.prepare(EnqueueRequest::new("billing.charge", args)).await?;
+    /// broker.publish_in(&mut tx, &[envelope]).await?;
+    /// tx.commit().await?;
+    /// ```
+    pub async fn publish_in(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        envelopes: &[Envelope],
+    ) -> Result<(), StorageError> {
+        validate_all(envelopes)?;
+        if envelopes.is_empty() {
+            return Ok(());
+        }
+        store_entries(conn, &self.inner.entries_table, self.namespace(), envelopes).await
     }
 
     /// Starts listening once; returns when notifications are being received.
@@ -620,6 +653,45 @@ pub(crate) async fn settle_on(
     Ok((held, released))
 }
 
+/// Stores `envelopes` (validated) in `table`, in order, and notifies consumers when the
+/// statement's transaction commits.
+async fn store_entries(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    namespace: &str,
+    envelopes: &[Envelope],
+) -> Result<(), StorageError> {
+    let mut queues = Vec::with_capacity(envelopes.len());
+    let mut priorities = Vec::with_capacity(envelopes.len());
+    let mut not_before = Vec::with_capacity(envelopes.len());
+    let mut payloads = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes {
+        queues.push(envelope.queue.as_str());
+        priorities.push(i16::from(envelope.priority));
+        not_before.push(envelope.not_before.map_or(0, Timestamp::as_sql));
+        payloads.push(envelope.to_json());
+    }
+    sqlx::query(&format!(
+        "WITH stored AS (
+             INSERT INTO {table} (namespace, queue, priority, visible_at, payload)
+             SELECT $1, queue, priority, GREATEST(not_before, {NOW_MS}), payload
+             FROM unnest($2::text[], $3::smallint[], $4::bigint[], $5::text[])
+                 WITH ORDINALITY AS p(queue, priority, not_before, payload, n)
+             ORDER BY n
+             RETURNING 1)
+         SELECT pg_notify($6, $1) FROM (SELECT 1 FROM stored LIMIT 1) AS any_stored"
+    ))
+    .bind(namespace)
+    .bind(&queues)
+    .bind(&priorities)
+    .bind(&not_before)
+    .bind(&payloads)
+    .bind(READY_CHANNEL)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Tells listening consumers that `namespace` has work.
 pub(crate) async fn notify_ready(
     conn: &mut sqlx::PgConnection,
@@ -640,36 +712,8 @@ impl Broker for PostgresBroker {
         if envelopes.is_empty() {
             return Ok(());
         }
-        let mut queues = Vec::with_capacity(envelopes.len());
-        let mut priorities = Vec::with_capacity(envelopes.len());
-        let mut not_before = Vec::with_capacity(envelopes.len());
-        let mut payloads = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            queues.push(envelope.queue.as_str());
-            priorities.push(i16::from(envelope.priority));
-            not_before.push(envelope.not_before.map_or(0, Timestamp::as_sql));
-            payloads.push(envelope.to_json());
-        }
-        // One statement: the rows, in order, and the notification, sent when it commits.
-        sqlx::query(&format!(
-            "WITH stored AS (
-                 INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
-                 SELECT $1, queue, priority, GREATEST(not_before, {NOW_MS}), payload
-                 FROM unnest($2::text[], $3::smallint[], $4::bigint[], $5::text[])
-                     WITH ORDINALITY AS p(queue, priority, not_before, payload, n)
-                 ORDER BY n
-                 RETURNING 1)
-             SELECT pg_notify($6, $1) FROM (SELECT 1 FROM stored LIMIT 1) AS any_stored"
-        ))
-        .bind(self.namespace())
-        .bind(&queues)
-        .bind(&priorities)
-        .bind(&not_before)
-        .bind(&payloads)
-        .bind(READY_CHANNEL)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        let mut conn = self.pool().acquire().await?;
+        store_entries(&mut conn, "stem_queue_entries", self.namespace(), envelopes).await
     }
 
     async fn consume(

@@ -367,6 +367,16 @@ impl Postgres {
         }
     }
 
+    /// The server's URL, without the harness's schema.
+    pub fn base_url(&self) -> String {
+        self.base.clone()
+    }
+
+    /// The harness's schema.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
     /// The URL of this harness's schema, with a small pool (tests run side by side).
     pub fn url(&self) -> String {
         let separator = if self.base.contains('?') { '&' } else { '?' };

@@ -13,7 +13,7 @@
 //! in-memory store, a new Redis key prefix); every `connect` of the same harness reaches the
 //! same storage, as a second process would.
 
-mod adapters;
+pub mod adapters;
 mod backend;
 mod broker;
 mod settlement;
