@@ -75,6 +75,8 @@ pub enum EnvelopeError {
     Priority(u8),
     #[error("the task id is empty")]
     EmptyId,
+    #[error("invalid task id: use at most {MAX_TASK_ID_LEN} bytes and no control characters")]
+    TaskId,
     #[error("the queue name is empty")]
     EmptyQueue,
     #[error("attempt must start at 1")]
@@ -86,6 +88,9 @@ pub enum EnvelopeError {
     #[error("a retry cannot move a task from queue `{from}` to queue `{to}`")]
     QueueChanged { from: String, to: String },
 }
+
+/// Longest task id, in bytes.
+pub const MAX_TASK_ID_LEN: usize = 255;
 
 /// Longest queue name.
 pub const MAX_QUEUE_NAME_LEN: usize = 128;
@@ -151,6 +156,10 @@ impl Envelope {
     pub fn validate(&self) -> Result<(), EnvelopeError> {
         if self.id.is_empty() {
             return Err(EnvelopeError::EmptyId);
+        }
+        // Ids become storage keys and SQL text, which refuses NUL.
+        if self.id.len() > MAX_TASK_ID_LEN || self.id.chars().any(char::is_control) {
+            return Err(EnvelopeError::TaskId);
         }
         if !is_valid_task_name(&self.task) {
             return Err(EnvelopeError::TaskName(self.task.clone()));
@@ -228,6 +237,19 @@ mod tests {
             ok.clone().with_queue("media-2.thumbs_v1").validate(),
             Ok(())
         );
-        assert_eq!(ok.with_id("").validate(), Err(EnvelopeError::EmptyId));
+        assert_eq!(
+            ok.clone().with_id("").validate(),
+            Err(EnvelopeError::EmptyId)
+        );
+        assert_eq!(
+            ok.clone().with_id("a\0b").validate(),
+            Err(EnvelopeError::TaskId)
+        );
+        assert_eq!(
+            ok.clone()
+                .with_id("x".repeat(MAX_TASK_ID_LEN + 1))
+                .validate(),
+            Err(EnvelopeError::TaskId)
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! URLs are libpq's: `postgres://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE[?PARAMS]`
 //! (`postgresql://` too), with `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
 //! `verify-full`; TLS by rustls), `sslrootcert`, `application_name` (or `applicationName`), and
-//! two parameters of ours: `schema=NAME` puts the tables in a schema of their own (created if
-//! missing), and `max_connections=N` sizes the pool (default 10). Passwords never appear in
+//! two parameters of ours: `schema=NAME` (lower case) puts the tables in a schema of their own
+//! (created if missing), and `max_connections=N` sizes the pool (default 10; two more for the
+//! listening connections). Passwords never appear in
 //! messages ([`redact`]).
 //!
 //! Every adapter of a process that is given the same URL shares one pool ([`connect`]), so a
@@ -27,8 +28,13 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use crate::storage::StorageError;
 
 /// The server's time in milliseconds, as an SQL expression. `clock_timestamp()`, not `now()`:
-/// a transaction's start would make leases taken late in a long transaction look older.
-pub(crate) const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+/// a transaction's start would make leases taken late in a long transaction look older. A
+/// subquery, so it is evaluated once per statement and conditions on it can use an index.
+pub(crate) const NOW_MS: &str = "(SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint)";
+
+/// Connections a pool keeps beyond its size for listening (the broker's and the result
+/// backend's `LISTEN` connections come out of the pool and stay out).
+const LISTENERS: u32 = 2;
 
 /// Connections of a pool when the URL does not say.
 const DEFAULT_MAX_CONNECTIONS: u32 = 10;
@@ -93,12 +99,23 @@ impl PgUrl {
             reason: redact(&reason),
         };
         let pool = PgPoolOptions::new()
-            .max_connections(self.max_connections)
+            .max_connections(self.max_connections + LISTENERS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(self.options.clone())
             .await
             .map_err(|e| failed(e.to_string()))?;
         if let Some(schema) = &self.schema {
+            // Looked up first: creating, even `IF NOT EXISTS`, needs a right on the database
+            // that a role working in an existing schema may lack.
+            let exists: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM pg_namespace WHERE nspname = $1")
+                    .bind(schema)
+                    .fetch_optional(&pool)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            if exists.is_some() {
+                return Ok(pool);
+            }
             // Under the migration lock: two `CREATE SCHEMA IF NOT EXISTS` at once can collide.
             let created = async {
                 let mut tx = pool.begin().await?;
@@ -154,16 +171,29 @@ pub(crate) async fn connect(url: &str) -> Result<Arc<PgPool>, StorageError> {
     Ok(opened)
 }
 
+/// Lower case only: `search_path` folds unquoted names to lower case, so `Tenant_A` would be
+/// created as one schema and searched as another.
 fn valid_schema(name: &str) -> Result<&str, String> {
     let fine = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
     match fine {
         true => Ok(name),
         false => Err(format!(
-            "schema `{name}`: use 1 to 63 letters, digits and `_`, not starting with a digit"
+            "schema `{name}`: use 1 to 63 lower-case letters, digits and `_`, not starting \
+             with a digit"
         )),
+    }
+}
+
+/// `text` as Postgres can store it: `TEXT` refuses NUL, which a guest's error message may hold.
+pub(crate) fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.contains('\0') {
+        true => text.replace('\0', "\u{fffd}").into(),
+        false => text.into(),
     }
 }
 
@@ -220,47 +250,54 @@ pub(crate) async fn migrate(
     Ok(())
 }
 
-/// `url` without its password, for messages (also inside an error text that quotes it).
+/// `text` without the passwords of the URLs in it, for messages (also inside an error text
+/// that quotes a URL). A password may hold `/`, `?` or `@`: the credentials run to the last
+/// `@` before the end of the URL.
 pub(crate) fn redact(text: &str) -> String {
     let mut shown = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(scheme) = rest.find("://") {
         let (before, after) = rest.split_at(scheme + 3);
         shown.push_str(before);
-        let authority_end = after
-            .find(['/', '?', ' ', '`', '\'', '"'])
+        let url_end = after
+            .find(|c: char| c.is_whitespace() || matches!(c, '`' | '\'' | '"'))
             .unwrap_or(after.len());
-        let authority = &after[..authority_end];
-        match authority.rfind('@') {
+        let url = &after[..url_end];
+        match url.rfind('@') {
             Some(at) => {
-                let user = authority[..at].split(':').next().unwrap_or_default();
-                let password = authority[..at].contains(':');
-                shown.push_str(user);
-                if password {
-                    shown.push_str(":***");
+                let credentials = &url[..at];
+                match credentials.split_once(':') {
+                    Some((user, _)) => {
+                        shown.push_str(user);
+                        shown.push_str(":***");
+                    }
+                    None => shown.push_str(credentials),
                 }
-                shown.push_str(&authority[at..]);
+                shown.push_str(&redact_password_parameters(&url[at..]));
             }
-            None => shown.push_str(authority),
+            None => shown.push_str(&redact_password_parameters(url)),
         }
-        rest = &after[authority_end..];
+        rest = &after[url_end..];
     }
-    shown.push_str(rest);
-    redact_password_parameter(&shown)
+    shown.push_str(&redact_password_parameters(rest));
+    shown
 }
 
-/// Hides a `password=...` query parameter.
-fn redact_password_parameter(text: &str) -> String {
-    match text.find("password=") {
-        Some(at) => {
-            let value_start = at + "password=".len();
-            let value_end = text[value_start..]
-                .find(['&', ' ', '`', '\'', '"'])
-                .map_or(text.len(), |end| value_start + end);
-            format!("{}***{}", &text[..value_start], &text[value_end..])
-        }
-        None => text.to_owned(),
+/// Hides the value of every `password=` (and `sslpassword=`) parameter.
+fn redact_password_parameters(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("password=") {
+        let value_start = at + "password=".len();
+        shown.push_str(&rest[..value_start]);
+        shown.push_str("***");
+        let value_end = rest[value_start..]
+            .find(['&', ' ', '`', '\'', '"'])
+            .map_or(rest.len(), |end| value_start + end);
+        rest = &rest[value_end..];
     }
+    shown.push_str(rest);
+    shown
 }
 
 #[cfg(test)]
@@ -282,6 +319,12 @@ mod tests {
             "postgres://db/x?user=app&password=***&sslmode=disable"
         );
         assert_eq!(redact("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact("postgres://app:pa/ss?w@rd@db/x?sslpassword=k&password=p"),
+            "postgres://app:***@db/x?sslpassword=***&password=***"
+        );
+        assert!(PgUrl::parse("postgres://db/x?schema=Tenant_A").is_err());
+        assert_eq!(storable("a\0b"), "a\u{fffd}b");
         let error = PgUrl::parse("postgres://app:s3cret@db/x?schema=1bad").unwrap_err();
         assert!(
             !error.contains("s3cret") && error.contains("schema `1bad`"),

@@ -73,6 +73,22 @@ async fn write(store: &dyn SettlementStore, batch: Vec<Pending>) {
         batch.into_iter().unzip();
     let held = match store.settle_many(&settlements).await {
         Ok(held) => held,
+        Err(error) if settlements.len() > 1 => {
+            // One settlement the store refuses must not send the whole batch back to run
+            // again: each is tried on its own.
+            tracing::warn!(%error, tasks = settlements.len(), "settling a batch failed; settling its deliveries one by one");
+            let mut held = Vec::with_capacity(settlements.len());
+            for settlement in &settlements {
+                held.push(match store.settle_many(std::slice::from_ref(settlement)).await {
+                    Ok(one) => one.first() == Some(&true),
+                    Err(error) => {
+                        tracing::error!(%error, entry = settlement.receipt.entry, "settling a delivery failed; it will come back");
+                        false
+                    }
+                });
+            }
+            held
+        }
         Err(error) => {
             tracing::error!(%error, tasks = settlements.len(), "settling deliveries failed; they will come back");
             return;

@@ -634,3 +634,29 @@ async fn every_role_follows_the_brokers_redis_url() {
     assert!(keys.iter().any(|k| k.contains(":component:")), "{keys:?}");
     assert!(keys.iter().any(|k| k.contains(":revoke:")), "{keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_message_sql_refuses_fails_only_its_own_task() {
+    let _serial = serial().await;
+    let platform = Platform::postgres();
+    platform.upload("stem-test-hostile");
+    platform.upload("hello");
+    let args: Vec<String> = (0..40).map(|i| format!(r#"{{"a":{i},"b":1}}"#)).collect();
+    let hostile = platform.enqueue_each("hostile.nul_reject", &["{}".to_owned()]);
+    let ids = platform.enqueue_each("hello.add", &args);
+    // One worker, so the rejection is settled in a batch with the additions.
+    let _worker = platform.worker(&["--concurrency", "16"]);
+    let backend = platform.backend().await;
+    let statuses = wait_all(backend.as_ref(), &ids, Duration::from_secs(60)).await;
+    for status in &statuses {
+        assert_eq!(status.state, TaskState::Succeeded, "{status:?}");
+        assert_eq!(status.attempt, 1, "ran again: {status:?}");
+    }
+    let rejected = wait_all(backend.as_ref(), &hostile, Duration::from_secs(60)).await;
+    assert_eq!(rejected[0].state, TaskState::Failed, "{:?}", rejected[0]);
+    let dead: Value = serde_json::from_str(&platform.run_ok(&["dlq", "list", "--json"])).unwrap();
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("bad\u{fffd}input"), "{reason}");
+}

@@ -13,7 +13,8 @@
 //!   the dead tuples of deleted rows slow every claim until they are vacuumed, so it is created
 //!   with an eager autovacuum (`autovacuum_vacuum_scale_factor = 0.01`), and brokers vacuum it
 //!   themselves when its dead tuples pile up anyway (autovacuum off, or too slow for the
-//!   churn; [`PostgresBrokerOptions::vacuum_after`]), one broker at a time.
+//!   churn; [`PostgresBrokerOptions::vacuum_after`]), one broker at a time. A role that does
+//!   not own the table cannot vacuum it: Postgres skips it with a warning in its own log.
 //! - Publishes and releases `NOTIFY stem_queues`; every broker listens on one connection and
 //!   wakes its waiting consumers at once. Entries that become due later (delays, expired
 //!   leases) are found by consumers looking again when the next one falls due, at the latest
@@ -25,6 +26,7 @@
 mod settlements;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -85,10 +87,15 @@ const READY_CHANNEL: &str = "stem_queues";
 const BROADCAST_CHANNEL: &str = "stem_broadcast";
 /// Larger notifications go through `stem_broadcasts` (Postgres refuses 8000 bytes and more).
 const NOTIFY_LIMIT: usize = 7_000;
+/// The shortest a waiting consumer sleeps before looking again (no spinning on entries
+/// another consumer is claiming).
+const MIN_PAUSE_MS: u64 = 10;
+
 /// How often a broker looks at the queue table's dead tuples.
 pub const VACUUM_CHECK: Duration = Duration::from_secs(2);
-/// The advisory lock of the broker that vacuums, so that brokers take turns.
-const VACUUM_LOCK: i64 = 0x5354_454d_5641_4355; // "STEMVACU"
+/// The advisory lock (with the schema's hash) of the broker that vacuums, so that the brokers
+/// of a schema take turns.
+const VACUUM_LOCK: i32 = 0x5354_4d56; // "STMV"
 
 /// How long stored broadcast messages are kept for listeners to read.
 const BROADCAST_RETENTION: Duration = Duration::from_secs(3600);
@@ -106,8 +113,9 @@ pub struct PostgresBrokerOptions {
     pub sweeper_interval: Duration,
     /// How long dead letters are kept; `None` keeps them until purged.
     pub dead_letter_retention: Option<Duration>,
-    /// Vacuum the queue table when it holds this many dead tuples, or more dead than live ones
-    /// (looked at every [`VACUUM_CHECK`]); `None` leaves it to autovacuum.
+    /// Vacuum the queue table when this many dead tuples piled up since the last vacuum, or it
+    /// holds more dead than live ones (looked at every [`VACUUM_CHECK`]); `None` leaves it to
+    /// autovacuum.
     pub vacuum_after: Option<u64>,
 }
 
@@ -180,8 +188,9 @@ impl PostgresBroker {
         };
         let vacuum = options.vacuum_after.map(|threshold| {
             let pool = PgPool::clone(&pool);
+            let left = Arc::new(AtomicU64::new(0));
             Periodic::spawn(VACUUM_CHECK, move || {
-                vacuum_if_bloated(pool.clone(), threshold)
+                vacuum_if_bloated(pool.clone(), threshold, left.clone())
             })
         });
         Ok(PostgresBroker {
@@ -342,7 +351,10 @@ impl PostgresBroker {
                         reason,
                         "dead-lettering an undecodable entry"
                     );
-                    self.dead_letter(&receipt, &reason).await?;
+                    // The rest of the batch is leased: a failure here must not strand it.
+                    if let Err(error) = self.dead_letter(&receipt, &reason).await {
+                        tracing::error!(%error, entry = id, "dead-lettering failed; the entry comes back when its lease runs out");
+                    }
                 }
             }
         }
@@ -478,11 +490,11 @@ async fn sweep(pool: PgPool, namespace: String, retention: Option<Duration>) {
 /// Fewer dead tuples than this are never worth a vacuum.
 const MIN_DEAD_TO_VACUUM: u64 = 1_000;
 
-/// Vacuums the queue table once it holds `threshold` dead tuples, or more dead than live
-/// ones, unless another broker is
-/// doing so. A vacuum refused (the role does not own the table) is reported, and tried again
-/// no sooner than the next pile-up.
-async fn vacuum_if_bloated(pool: PgPool, threshold: u64) {
+/// Vacuums the queue table once it holds `threshold` more dead tuples than the last vacuum
+/// left (some can stay, held by an old snapshot), or more dead than live ones, unless another
+/// broker of the schema is doing so. On a connection of its own, so that the advisory lock
+/// goes with it should the job be stopped midway.
+async fn vacuum_if_bloated(pool: PgPool, threshold: u64, left: Arc<AtomicU64>) {
     let vacuumed = async {
         let counts: Option<(i64, i64)> = sqlx::query_as(
             "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables
@@ -496,24 +508,32 @@ async fn vacuum_if_bloated(pool: PgPool, threshold: u64) {
                 u64::try_from(live).unwrap_or(0),
             )
         });
+        let piled = dead.saturating_sub(left.load(Ordering::Relaxed));
         // Past the threshold, or mostly dead (a drained queue: vacuum gives its pages back).
-        if dead < MIN_DEAD_TO_VACUUM || (dead < threshold && dead < live) {
+        if piled < MIN_DEAD_TO_VACUUM || (piled < threshold && dead < live) {
             return Ok(());
         }
-        let mut conn = pool.acquire().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(VACUUM_LOCK)
-            .fetch_one(&mut *conn)
+        let mut conn =
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&pool.connect_options()).await?;
+        let ours: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))")
+                .bind(VACUUM_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+        if ours {
+            sqlx::Executor::execute(&mut conn, "VACUUM stem_queue_entries").await?;
+            let after: Option<i64> = sqlx::query_scalar(
+                "SELECT n_dead_tup FROM pg_stat_user_tables
+                 WHERE relid = 'stem_queue_entries'::regclass",
+            )
+            .fetch_optional(&mut conn)
             .await?;
-        if !ours {
-            return Ok(());
+            left.store(
+                after.map_or(0, |n| u64::try_from(n).unwrap_or(0)),
+                Ordering::Relaxed,
+            );
         }
-        let done = sqlx::Executor::execute(&mut *conn, "VACUUM stem_queue_entries").await;
-        sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(VACUUM_LOCK)
-            .execute(&mut *conn)
-            .await?;
-        done.map(|_| ())
+        sqlx::Connection::close(conn).await
     };
     if let Err(error) = vacuumed.await {
         tracing::warn!(%error, "vacuuming the queue table failed");
@@ -551,7 +571,7 @@ async fn bury(
     .bind(namespace)
     .bind(removed.get::<String, _>("queue"))
     .bind(task_id)
-    .bind(reason)
+    .bind(postgres::storable(reason))
     .bind(payload)
     .execute(&mut *conn)
     .await?;
@@ -744,9 +764,9 @@ impl Broker for PostgresBroker {
             // Look again when woken, when the next entry falls due, or after the poll interval.
             let mut pause = self.inner.options.poll_interval;
             if let Some(due) = next_due {
-                pause = pause.min(Duration::from_millis(
-                    u64::try_from(due.max(1)).unwrap_or(1),
-                ));
+                // Due already means ready but locked by another consumer's claim: a moment.
+                let due = u64::try_from(due).unwrap_or(0).max(MIN_PAUSE_MS);
+                pause = pause.min(Duration::from_millis(due));
             }
             let _ = tokio::time::timeout_at((now + pause).min(deadline), woken).await;
         }

@@ -1,5 +1,5 @@
-//! The Postgres rate limiter: GCRA in one statement, so every worker sharing the database
-//! shares the limit. One row per key holds its theoretical arrival time.
+//! The Postgres rate limiter: GCRA on one locked row per key (its theoretical arrival time),
+//! so every worker sharing the database shares the limit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,31 +48,42 @@ impl PostgresRateLimiter {
 impl RateLimiter for PostgresRateLimiter {
     async fn acquire(&self, key: &str, limit: RateLimit) -> Result<Permit, StorageError> {
         let interval = i64::try_from(interval_ms(limit)).unwrap_or(i64::MAX);
-        // The slot is taken when the stored arrival time has passed (the row lock orders
-        // concurrent takers); otherwise the wait is what is left of it.
-        let wait: i64 = sqlx::query_scalar(&format!(
-            "WITH now AS (SELECT {NOW_MS} AS ms),
-             taken AS (
-                 INSERT INTO stem_rate_limits AS r (namespace, key, tat)
-                 SELECT $1, $2, now.ms + $3 FROM now
-                 ON CONFLICT (namespace, key) DO UPDATE SET tat = excluded.tat
-                 WHERE r.tat <= excluded.tat - $3
-                 RETURNING 1)
-             SELECT CASE WHEN EXISTS (SELECT 1 FROM taken) THEN 0
-                    ELSE GREATEST(
-                        (SELECT tat FROM stem_rate_limits WHERE namespace = $1 AND key = $2)
-                            - (SELECT ms FROM now),
-                        1)
-                    END"
+        // The key's row, locked: concurrent takers queue on it and each reads the arrival time
+        // the previous one left (one statement would read a snapshot taken before it waited).
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO stem_rate_limits (namespace, key, tat) VALUES ($1, $2, 0)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.namespace)
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
+        let (tat, now): (i64, i64) = sqlx::query_as(&format!(
+            "SELECT tat, {NOW_MS} FROM stem_rate_limits
+             WHERE namespace = $1 AND key = $2 FOR UPDATE"
         ))
         .bind(&self.namespace)
         .bind(key)
-        .bind(interval)
-        .fetch_one(&*self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        Ok(match u64::try_from(wait).unwrap_or(1) {
-            0 => Permit::Granted,
-            ms => Permit::RetryAfter(Duration::from_millis(ms)),
-        })
+        let permit = match tat > now {
+            true => {
+                Permit::RetryAfter(Duration::from_millis(u64::try_from(tat - now).unwrap_or(1)))
+            }
+            false => {
+                sqlx::query(
+                    "UPDATE stem_rate_limits SET tat = $3 WHERE namespace = $1 AND key = $2",
+                )
+                .bind(&self.namespace)
+                .bind(key)
+                .bind(now.saturating_add(interval))
+                .execute(&mut *tx)
+                .await?;
+                Permit::Granted
+            }
+        };
+        tx.commit().await?;
+        Ok(permit)
     }
 }

@@ -74,7 +74,7 @@ impl RevokeStore for PostgresRevokeStore {
         .bind(&self.namespace)
         .bind(&revocation.task_id)
         .bind(revocation.terminate)
-        .bind(&revocation.reason)
+        .bind(revocation.reason.as_deref().map(postgres::storable))
         .bind(revocation.revoked_at.as_sql())
         .bind(revocation.expires_at.as_sql())
         .execute(&mut *tx)

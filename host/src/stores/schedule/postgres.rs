@@ -1,6 +1,6 @@
 //! The Postgres schedule store: one row per entry, indexed by next run time. A firing is
-//! recorded by an `UPDATE` conditional on the next run the Beat saw, so of several Beats
-//! exactly one records each firing.
+//! recorded on the locked row only if its next run is still the one the Beat saw, so of
+//! several Beats exactly one records each firing.
 
 use std::sync::Arc;
 
@@ -124,7 +124,17 @@ impl ScheduleStore for PostgresScheduleStore {
         ran_at: Timestamp,
         next_run_at: Timestamp,
     ) -> Result<bool, StorageError> {
-        let Some(mut entry) = self.get(id).await? else {
+        // The entry locked while it is read and written back: an edit made meanwhile is not
+        // overwritten with the old entry.
+        let mut tx = self.pool.begin().await?;
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT entry FROM stem_schedules WHERE namespace = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(&self.namespace)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(mut entry) = text.map(|text| decode(&text)).transpose()? else {
             return Ok(false);
         };
         if entry.next_run_at != expected_next_run {
@@ -135,15 +145,15 @@ impl ScheduleStore for PostgresScheduleStore {
         entry.total_runs += 1;
         let recorded = sqlx::query(
             "UPDATE stem_schedules SET next_run_at = $3, entry = $4
-             WHERE namespace = $1 AND id = $2 AND next_run_at = $5",
+             WHERE namespace = $1 AND id = $2",
         )
         .bind(&self.namespace)
         .bind(id)
         .bind(next_run_at.as_sql())
         .bind(encode(&entry))
-        .bind(expected_next_run.as_sql())
-        .execute(&*self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(recorded.rows_affected() == 1)
     }
 }

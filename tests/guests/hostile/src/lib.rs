@@ -212,6 +212,12 @@ pub fn huge_error(args: FailArgs) -> Result<(), TaskError> {
     Err(TaskError::fail("e".repeat(args.megabytes << 20)))
 }
 
+/// Rejects its input with a message holding NUL bytes, which SQL text columns refuse.
+#[stem_guest::task(name = "hostile.nul_reject")]
+pub fn nul_reject(_args: serde_json::Value) -> Result<(), TaskError> {
+    Err(TaskError::reject("bad\0input\0"))
+}
+
 /// Returns a result of `megabytes` megabytes.
 #[stem_guest::task(name = "hostile.huge_result", max_retries = 0)]
 pub fn huge_result(args: FailArgs) -> Result<String, TaskError> {
