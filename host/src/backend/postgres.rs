@@ -195,6 +195,42 @@ async fn receive(mut listener: PgListener, namespace: String, changed: Arc<Notif
     }
 }
 
+/// The conflict clause of a status upsert into `stem_task_results AS r`: a stored status is
+/// replaced unless it is terminal (and unexpired), or where `also` (an SQL condition) holds.
+pub(crate) fn unless_terminal(also: &str) -> String {
+    format!(
+        "ON CONFLICT (namespace, id) DO UPDATE SET
+             state = excluded.state, task = excluded.task, status = excluded.status,
+             updated_at = excluded.updated_at, expires_at = excluded.expires_at
+         WHERE {also} r.state NOT IN ('succeeded', 'failed', 'revoked')
+            OR r.expires_at <= {NOW_MS}"
+    )
+}
+
+/// Statuses as the column arrays an upsert's `unnest` binds.
+pub(crate) struct StatusColumns<'a> {
+    pub ids: Vec<&'a str>,
+    pub states: Vec<&'static str>,
+    pub tasks: Vec<Option<&'a str>>,
+    pub texts: Vec<String>,
+    pub updated: Vec<i64>,
+    /// Whether any of them is terminal (waiters are to be notified).
+    pub terminal: bool,
+}
+
+impl<'a> StatusColumns<'a> {
+    pub(crate) fn of(statuses: &[&'a TaskStatus]) -> StatusColumns<'a> {
+        StatusColumns {
+            ids: statuses.iter().map(|s| s.id.as_str()).collect(),
+            states: statuses.iter().map(|s| s.state.as_str()).collect(),
+            tasks: statuses.iter().map(|s| s.task.as_deref()).collect(),
+            texts: statuses.iter().map(|s| s.to_json()).collect(),
+            updated: statuses.iter().map(|s| s.updated_at.as_sql()).collect(),
+            terminal: statuses.iter().any(|s| s.state.is_terminal()),
+        }
+    }
+}
+
 /// Writes a slice of distinct tasks' statuses in one statement, leaving unexpired terminal
 /// ones alone unless `overwrite`; whether each was written. Notifies waiters when the slice
 /// holds a terminal status.
@@ -205,45 +241,37 @@ pub(crate) async fn upsert_statuses(
     ttl: Option<i64>,
     overwrite: bool,
 ) -> Result<Vec<bool>, StorageError> {
-    let ids: Vec<&str> = statuses.iter().map(|s| s.id.as_str()).collect();
-    let states: Vec<&str> = statuses.iter().map(|s| s.state.as_str()).collect();
-    let tasks: Vec<Option<&str>> = statuses.iter().map(|s| s.task.as_deref()).collect();
-    let texts: Vec<String> = statuses.iter().map(|s| s.to_json()).collect();
-    let updated: Vec<i64> = statuses.iter().map(|s| s.updated_at.as_sql()).collect();
-    let terminal = statuses.iter().any(|s| s.state.is_terminal());
+    let columns = StatusColumns::of(statuses);
     let written: std::collections::HashSet<String> = sqlx::query_scalar(&format!(
         "INSERT INTO stem_task_results AS r
              (namespace, id, state, task, status, updated_at, expires_at)
          SELECT $1, id, state, task, status, updated_at, {NOW_MS} + $7
          FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
              AS s(id, state, task, status, updated_at)
-         ON CONFLICT (namespace, id) DO UPDATE SET
-             state = excluded.state, task = excluded.task, status = excluded.status,
-             updated_at = excluded.updated_at, expires_at = excluded.expires_at
-         WHERE $8 OR r.state NOT IN ('succeeded', 'failed', 'revoked')
-            OR r.expires_at <= {NOW_MS}
-         RETURNING r.id"
+         {}
+         RETURNING r.id",
+        unless_terminal("$8 OR")
     ))
     .bind(namespace)
-    .bind(&ids)
-    .bind(&states)
-    .bind(&tasks)
-    .bind(&texts)
-    .bind(&updated)
+    .bind(&columns.ids)
+    .bind(&columns.states)
+    .bind(&columns.tasks)
+    .bind(&columns.texts)
+    .bind(&columns.updated)
     .bind(ttl)
     .bind(overwrite)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
     .collect();
-    if terminal && !written.is_empty() {
+    if columns.terminal && !written.is_empty() {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(RESULTS_CHANNEL)
             .bind(namespace)
             .execute(&mut *conn)
             .await?;
     }
-    Ok(ids.iter().map(|id| written.contains(*id)).collect())
+    Ok(columns.ids.iter().map(|id| written.contains(*id)).collect())
 }
 
 /// Writes `statuses` in as few statements as rows allow; whether each was written.

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 
 use super::{millis, notify_ready, settle_on};
-use crate::backend::postgres::{RESULTS_CHANNEL, set_statuses};
+use crate::backend::postgres::{RESULTS_CHANNEL, StatusColumns, set_statuses, unless_terminal};
 use crate::backend::{TaskStatus, Ttls, distinct_slices};
 use crate::broker::{Receipt, Settle, validate_settles};
 use crate::postgres::{self, NOW_MS};
@@ -58,12 +58,7 @@ impl PostgresSettlements {
                 statuses.push(status);
             }
         }
-        let ids: Vec<&str> = statuses.iter().map(|s| s.id.as_str()).collect();
-        let states: Vec<&str> = statuses.iter().map(|s| s.state.as_str()).collect();
-        let tasks: Vec<Option<&str>> = statuses.iter().map(|s| s.task.as_deref()).collect();
-        let texts: Vec<String> = statuses.iter().map(|s| s.to_json()).collect();
-        let updated: Vec<i64> = statuses.iter().map(|s| s.updated_at.as_sql()).collect();
-        let terminal = statuses.iter().any(|s| s.state.is_terminal());
+        let columns = StatusColumns::of(&statuses);
         let held: Vec<i64> = sqlx::query_scalar(&format!(
             "WITH acked AS (
                  DELETE FROM stem_queue_entries e
@@ -77,31 +72,28 @@ impl PostgresSettlements {
                  FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::text[],
                              $9::bigint[]) AS s(entry, id, state, task, status, updated_at)
                  JOIN acked ON acked.id = s.entry
-                 ON CONFLICT (namespace, id) DO UPDATE SET
-                     state = excluded.state, task = excluded.task, status = excluded.status,
-                     updated_at = excluded.updated_at, expires_at = excluded.expires_at
-                 WHERE r.state NOT IN ('succeeded', 'failed', 'revoked')
-                    OR r.expires_at <= {NOW_MS}
+                 {conflict}
                  RETURNING 1),
              notified AS (
                  SELECT pg_notify($11, $1) FROM (SELECT 1 FROM written LIMIT 1) AS w
                  WHERE $12)
              SELECT id FROM acked
              -- Evaluated once, before the scan: an unused join to it would be planned away.
-             WHERE (SELECT count(*) FROM notified) >= 0"
+             WHERE (SELECT count(*) FROM notified) >= 0",
+            conflict = unless_terminal("")
         ))
         .bind(&self.namespace)
         .bind(&entries)
         .bind(&tokens)
         .bind(&status_entries)
-        .bind(&ids)
-        .bind(&states)
-        .bind(&tasks)
-        .bind(&texts)
-        .bind(&updated)
+        .bind(&columns.ids)
+        .bind(&columns.states)
+        .bind(&columns.tasks)
+        .bind(&columns.texts)
+        .bind(&columns.updated)
         .bind(self.result_ttl)
         .bind(RESULTS_CHANNEL)
-        .bind(terminal)
+        .bind(columns.terminal)
         .fetch_all(&*self.pool)
         .await?;
         let mut held: std::collections::HashSet<i64> = held.into_iter().collect();

@@ -32,7 +32,8 @@ macro_rules! broker_suite {
                 expired_lease_is_redelivered_and_not_before, extend_lease_prevents_redelivery,
                 concurrent_consumers_never_share_a_delivery, consume_wakes_on_publish,
                 dead_letters_list_show_replay_purge, corrupt_entries_are_dead_lettered,
-                broadcast_reaches_every_subscriber, namespaces_are_isolated,
+                broadcast_reaches_every_subscriber, large_broadcasts_arrive_whole,
+                namespaces_are_isolated,
                 purge_and_stats, publish_batch_stores_everything, queue_names_cannot_share_keys,
                 retry_replaces_the_entry_with_its_next_attempt,
                 settle_many_applies_each_while_its_lease_holds);
@@ -716,6 +717,24 @@ async fn broadcast_reaches_every_subscriber(harness: &impl BrokerHarness) {
     }
     let nothing = tokio::time::timeout(SHORT, unrelated.recv()).await;
     assert!(nothing.is_err(), "a message reached another channel");
+}
+
+/// Control messages can be large (a list of revoked ids); Postgres notifications cannot.
+async fn large_broadcasts_arrive_whole(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    let mut subscription = other.subscribe("control").await.unwrap();
+    let large = format!(r#"{{"revoked":"{}"}}"#, "r".repeat(100_000));
+    broker.broadcast("control", &large).await.unwrap();
+    broker.broadcast("control", "small").await.unwrap();
+    let first = tokio::time::timeout(PATIENCE, subscription.recv())
+        .await
+        .unwrap();
+    assert_eq!(first.as_deref(), Some(large.as_str()));
+    let second = tokio::time::timeout(PATIENCE, subscription.recv())
+        .await
+        .unwrap();
+    assert_eq!(second.as_deref(), Some("small"));
 }
 
 async fn namespaces_are_isolated(harness: &impl BrokerHarness) {
