@@ -9,6 +9,7 @@ mod e2e;
 mod hardening;
 mod platform;
 mod postgres_enqueue;
+mod postgres_tls;
 mod redis_recovery;
 mod redis_server;
 mod redis_tls;
