@@ -34,6 +34,32 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// Whether the storage refused what was written (other writes would go through), rather
+    /// than being unreachable, slow or unwell: only then is it worth writing a batch's items
+    /// one by one to find the one refused.
+    pub fn refuses_the_data(&self) -> bool {
+        match self {
+            StorageError::InvalidEnvelope(_) | StorageError::Corrupt { .. } => true,
+            StorageError::Sql(sqlx::Error::Database(error)) => {
+                use sqlx::error::ErrorKind;
+                // SQLSTATE (five characters; SQLite's codes are numbers) classes: 22 data
+                // exception (NUL in text), 23 integrity, 54 limits.
+                let code_refuses = error.code().is_some_and(|code| {
+                    code.len() == 5 && ["22", "23", "54"].iter().any(|c| code.starts_with(c))
+                });
+                code_refuses
+                    || matches!(
+                        error.kind(),
+                        ErrorKind::UniqueViolation
+                            | ErrorKind::ForeignKeyViolation
+                            | ErrorKind::NotNullViolation
+                            | ErrorKind::CheckViolation
+                    )
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn corrupt(what: impl Into<String>, reason: impl ToString) -> StorageError {
         StorageError::Corrupt {
             what: what.into(),

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
-    undecodable_reason, validate_all, validate_settles,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
+    new_lease_token, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::storage::StorageError;
@@ -162,7 +162,7 @@ impl MemoryBroker {
                 .get_mut(&self.key(&queue))
                 .expect("queue was just read");
             let entry = entries.entries.get_mut(&key).expect("entry was just read");
-            match Envelope::from_json(&entry.payload) {
+            match decode_entry(&entry.payload) {
                 Ok(envelope) => {
                     let token = new_lease_token();
                     entry.lease_token = Some(token.clone());
@@ -179,7 +179,7 @@ impl MemoryBroker {
                         leased_until,
                     });
                 }
-                Err(error) => corrupt.push((queue, key.1, undecodable_reason(&error))),
+                Err(reason) => corrupt.push((queue, key.1, reason)),
             }
         }
         for (queue, id, reason) in corrupt {

@@ -131,7 +131,7 @@ impl DeadLetter {
         reason: String,
         dead_at: Timestamp,
     ) -> DeadLetter {
-        let envelope = Envelope::from_json(&payload).ok();
+        let envelope = decode_entry(&payload).ok();
         DeadLetter {
             id,
             queue,
@@ -143,9 +143,10 @@ impl DeadLetter {
         }
     }
 
-    /// The envelope to publish on replay: a fresh first attempt of the same task id.
+    /// The envelope to publish on replay: a fresh first attempt of the same task id, if the
+    /// stored entry is a valid envelope.
     pub fn replay_envelope(&self) -> Result<Envelope, StorageError> {
-        let mut envelope = Envelope::from_json(&self.payload)
+        let mut envelope = decode_entry(&self.payload)
             .map_err(|e| StorageError::corrupt(format!("dead letter {}", self.id), e))?;
         envelope.attempt = 1;
         envelope.not_before = None;
@@ -381,7 +382,14 @@ pub(crate) fn new_lease_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The reason recorded for an entry the broker could not decode.
-pub(crate) fn undecodable_reason(error: &serde_json::Error) -> String {
-    format!("undecodable entry: {error}")
+/// A stored entry's envelope, or the reason to dead-letter the entry: it cannot be decoded, or
+/// it breaks what brokers rely on (an entry stored before a check existed, or by another
+/// producer), which would otherwise fail every settle of it.
+pub(crate) fn decode_entry(payload: &str) -> Result<Envelope, String> {
+    let envelope =
+        Envelope::from_json(payload).map_err(|error| format!("undecodable entry: {error}"))?;
+    envelope
+        .validate()
+        .map_err(|error| format!("invalid entry: {error}"))?;
+    Ok(envelope)
 }

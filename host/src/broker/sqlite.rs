@@ -18,8 +18,8 @@ use tokio::sync::Notify;
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
-    undecodable_reason, validate_all, validate_settles,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
+    new_lease_token, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::sqlite::{self, placeholders};
@@ -198,15 +198,14 @@ impl SqliteBroker {
                 entry: id.to_string(),
                 token: token.clone(),
             };
-            match Envelope::from_json(&payload) {
+            match decode_entry(&payload) {
                 Ok(envelope) => deliveries.push(Delivery {
                     envelope,
                     receipt,
                     deliveries: u32::try_from(row.get::<i64, _>("deliveries")).unwrap_or(u32::MAX),
                     leased_until,
                 }),
-                Err(error) => {
-                    let reason = undecodable_reason(&error);
+                Err(reason) => {
                     tracing::warn!(
                         queue = receipt.queue,
                         entry = id,
@@ -322,7 +321,7 @@ async fn bury(
         return Ok(0);
     };
     let payload: String = removed.get("payload");
-    let task_id = Envelope::from_json(&payload).ok().map(|e| e.id);
+    let task_id = decode_entry(&payload).ok().map(|e| e.id);
     sqlx::query(
         "INSERT INTO stem_dead_letters (namespace, queue, task_id, reason, payload, dead_at)
          VALUES (?, ?, ?, ?, ?, ?)",

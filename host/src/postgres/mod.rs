@@ -79,7 +79,8 @@ impl PgUrl {
             true => base.to_owned(),
             false => format!("{base}?{}", passed.join("&")),
         };
-        let options = PgConnectOptions::from_str(&libpq).map_err(|e| redact(&e.to_string()))?;
+        let options =
+            PgConnectOptions::from_str(&libpq).map_err(|e| redact_text(&e.to_string()))?;
         let options = match &schema {
             Some(schema) => options.options([("search_path", schema.as_str())]),
             None => options,
@@ -96,7 +97,7 @@ impl PgUrl {
     async fn open(&self) -> Result<PgPool, StorageError> {
         let failed = |reason: String| StorageError::Open {
             location: format!("Postgres at {}", self.shown),
-            reason: redact(&reason),
+            reason: redact_text(&reason),
         };
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections + LISTENERS)
@@ -250,34 +251,40 @@ pub(crate) async fn migrate(
     Ok(())
 }
 
-/// `text` without the passwords of the URLs in it, for messages (also inside an error text
-/// that quotes a URL). A password may hold `/`, `?` or `@`: the credentials run to the last
-/// `@` before the end of the URL.
-pub(crate) fn redact(text: &str) -> String {
+/// `url` without its password, for messages. A password may hold any character, `@`, `/`,
+/// quotes and spaces included: the credentials run to the URL's last `@`.
+pub(crate) fn redact(url: &str) -> String {
+    let Some(scheme) = url.find("://") else {
+        return redact_password_parameters(url);
+    };
+    let (head, rest) = url.split_at(scheme + 3);
+    match rest.rfind('@') {
+        Some(at) => {
+            let user = match rest[..at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => rest[..at].to_owned(),
+            };
+            format!("{head}{user}{}", redact_password_parameters(&rest[at..]))
+        }
+        None => format!("{head}{}", redact_password_parameters(rest)),
+    }
+}
+
+/// `text` (an error message) without the passwords of the URLs it quotes: each URL is taken
+/// to end at whitespace or a quote.
+pub(crate) fn redact_text(text: &str) -> String {
     let mut shown = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(scheme) = rest.find("://") {
-        let (before, after) = rest.split_at(scheme + 3);
-        shown.push_str(before);
-        let url_end = after
+        let start = rest[..scheme]
+            .rfind(|c: char| c.is_whitespace() || matches!(c, '`' | '\'' | '"'))
+            .map_or(0, |at| at + 1);
+        shown.push_str(&redact_password_parameters(&rest[..start]));
+        let url_end = rest[scheme + 3..]
             .find(|c: char| c.is_whitespace() || matches!(c, '`' | '\'' | '"'))
-            .unwrap_or(after.len());
-        let url = &after[..url_end];
-        match url.rfind('@') {
-            Some(at) => {
-                let credentials = &url[..at];
-                match credentials.split_once(':') {
-                    Some((user, _)) => {
-                        shown.push_str(user);
-                        shown.push_str(":***");
-                    }
-                    None => shown.push_str(credentials),
-                }
-                shown.push_str(&redact_password_parameters(&url[at..]));
-            }
-            None => shown.push_str(&redact_password_parameters(url)),
-        }
-        rest = &after[url_end..];
+            .map_or(rest.len(), |end| scheme + 3 + end);
+        shown.push_str(&redact(&rest[start..url_end]));
+        rest = &rest[url_end..];
     }
     shown.push_str(&redact_password_parameters(rest));
     shown
@@ -311,8 +318,12 @@ mod tests {
             "postgres://app:***@db:5432/stem?sslmode=require"
         );
         assert_eq!(
-            redact("cannot use `postgresql://app:s3cret@db/x`"),
-            "cannot use `postgresql://app:***@db/x`"
+            redact_text("cannot use `postgresql://app:s3cret@db/x` or password=p here"),
+            "cannot use `postgresql://app:***@db/x` or password=*** here"
+        );
+        assert_eq!(
+            redact("postgres://app:it's my pass@db/x"),
+            "postgres://app:***@db/x"
         );
         assert_eq!(
             redact("postgres://db/x?user=app&password=s3cret&sslmode=disable"),

@@ -73,9 +73,10 @@ async fn write(store: &dyn SettlementStore, batch: Vec<Pending>) {
         batch.into_iter().unzip();
     let held = match store.settle_many(&settlements).await {
         Ok(held) => held,
-        Err(error) if settlements.len() > 1 => {
+        Err(error) if settlements.len() > 1 && error.refuses_the_data() => {
             // One settlement the store refuses must not send the whole batch back to run
-            // again: each is tried on its own.
+            // again: each is tried on its own. (A store that is down or slow is not asked
+            // again per settlement: the batch comes back, as below.)
             tracing::warn!(%error, tasks = settlements.len(), "settling a batch failed; settling its deliveries one by one");
             let mut held = Vec::with_capacity(settlements.len());
             for settlement in &settlements {

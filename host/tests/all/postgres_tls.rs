@@ -27,7 +27,11 @@ fn as_postgres(program: &str, args: &[&str], dir: &Path) {
         .stderr(Stdio::null())
         .status()
         .unwrap_or_else(|e| panic!("runuser {program}: {e}"));
-    assert!(status.success(), "{program} {args:?} failed");
+    let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "{program} {args:?} failed; server log:\n{log}"
+    );
 }
 
 impl OwnPostgres {

@@ -38,8 +38,8 @@ use tokio::sync::{Notify, OnceCell};
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, new_lease_token,
-    undecodable_reason, validate_all, validate_settles,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
+    new_lease_token, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::postgres::{self, NOW_MS};
@@ -143,6 +143,8 @@ struct Inner {
     /// The entries table named so that any connection to the database finds it (with the
     /// URL's schema, if any), for publishes on the caller's connection.
     entries_table: String,
+    /// Whose broadcasts this broker receives: its schema and namespace.
+    scope: String,
     options: PostgresBrokerOptions,
     /// Wakes this broker's waiting consumers when anything is published in its namespace.
     published: Arc<Notify>,
@@ -157,7 +159,8 @@ struct Inner {
 /// What travels in a broadcast notification.
 #[derive(Serialize, Deserialize)]
 struct BroadcastNote {
-    namespace: String,
+    /// The schema and namespace of the sender: a notification reaches the whole database.
+    scope: String,
     channel: String,
     /// The message, or the id of its row in `stem_broadcasts`.
     #[serde(default)]
@@ -174,10 +177,12 @@ impl PostgresBroker {
     ) -> Result<PostgresBroker, StorageError> {
         let pool = postgres::connect(url).await?;
         postgres::migrate(&pool, "broker", MIGRATIONS).await?;
-        let entries_table = match postgres::schema_of(url) {
+        let schema = postgres::schema_of(url);
+        let entries_table = match &schema {
             Some(schema) => format!("\"{schema}\".stem_queue_entries"),
             None => "stem_queue_entries".to_owned(),
         };
+        let scope = format!("{}/{}", schema.unwrap_or_default(), options.namespace);
         let sweeper = {
             let pool = PgPool::clone(&pool);
             let namespace = options.namespace.clone();
@@ -197,6 +202,7 @@ impl PostgresBroker {
             inner: Arc::new(Inner {
                 pool,
                 entries_table,
+                scope,
                 options,
                 published: Arc::new(Notify::new()),
                 channels: Arc::new(LocalChannels::default()),
@@ -253,8 +259,9 @@ impl PostgresBroker {
                 let namespace = self.namespace().to_owned();
                 let published = self.inner.published.clone();
                 let channels = self.inner.channels.clone();
+                let scope = self.inner.scope.clone();
                 Ok::<_, StorageError>(Background::spawn(receive(
-                    listener, pool, namespace, published, channels,
+                    listener, pool, namespace, scope, published, channels,
                 )))
             })
             .await?;
@@ -336,15 +343,14 @@ impl PostgresBroker {
                 entry: id.to_string(),
                 token: token.clone(),
             };
-            match Envelope::from_json(&payload) {
+            match decode_entry(&payload) {
                 Ok(envelope) => deliveries.push(Delivery {
                     envelope,
                     receipt,
                     deliveries: u32::try_from(row.get::<i32, _>("deliveries")).unwrap_or(0),
                     leased_until: Timestamp::from_sql(row.get("visible_at")),
                 }),
-                Err(error) => {
-                    let reason = undecodable_reason(&error);
+                Err(reason) => {
                     tracing::warn!(
                         queue = receipt.queue,
                         entry = id,
@@ -412,6 +418,7 @@ async fn receive(
     mut listener: PgListener,
     pool: PgPool,
     namespace: String,
+    scope: String,
     published: Arc<Notify>,
     channels: Arc<LocalChannels>,
 ) {
@@ -426,7 +433,7 @@ async fn receive(
                     else {
                         continue;
                     };
-                    if note.namespace != namespace {
+                    if note.scope != scope {
                         continue;
                     }
                     let message = match (note.message, note.stored) {
@@ -563,7 +570,7 @@ async fn bury(
         return Ok(false);
     };
     let payload: String = removed.get("payload");
-    let task_id = Envelope::from_json(&payload).ok().map(|e| e.id);
+    let task_id = decode_entry(&payload).ok().map(|e| e.id);
     sqlx::query(&format!(
         "INSERT INTO stem_dead_letters (namespace, queue, task_id, reason, payload, dead_at)
          VALUES ($1, $2, $3, $4, $5, {NOW_MS})"
@@ -901,7 +908,7 @@ impl Broker for PostgresBroker {
 
     async fn broadcast(&self, channel: &str, message: &str) -> Result<(), StorageError> {
         let mut note = BroadcastNote {
-            namespace: self.namespace().to_owned(),
+            scope: self.inner.scope.clone(),
             channel: channel.to_owned(),
             message: Some(message.to_owned()),
             stored: None,

@@ -41,7 +41,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, undecodable_reason,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
     validate_all, validate_settles,
 };
 use crate::backend::TaskStatus;
@@ -370,15 +370,14 @@ impl RedisBroker {
 
         let mut deliveries = Vec::with_capacity(entries.len());
         for (receipt, count, payload) in entries {
-            match Envelope::from_json(&payload) {
+            match decode_entry(&payload) {
                 Ok(envelope) => deliveries.push(Delivery {
                     envelope,
                     receipt,
                     deliveries: count,
                     leased_until,
                 }),
-                Err(error) => {
-                    let reason = undecodable_reason(&error);
+                Err(reason) => {
                     tracing::warn!(
                         queue = receipt.queue,
                         entry = receipt.entry,

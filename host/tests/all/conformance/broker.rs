@@ -661,6 +661,10 @@ async fn corrupt_entries_are_dead_lettered(harness: &impl BrokerHarness) {
     let broker = harness.connect(NS).await;
     harness.insert_raw(NS, "default", "{not an envelope").await;
     harness.insert_raw(NS, "default", r#"{"id":"half"}"#).await;
+    // Decodes, but breaks a rule brokers rely on (stored before the rule, or by another
+    // producer): a task id with a control character.
+    let invalid = envelope("t.invalid").with_id("bad\u{7}id");
+    harness.insert_raw(NS, "default", &invalid.to_json()).await;
     let good = envelope("t.good");
     broker.publish(&good).await.unwrap();
     let got = broker
@@ -676,13 +680,12 @@ async fn corrupt_entries_are_dead_lettered(harness: &impl BrokerHarness) {
         .dead_letters(&DeadLetterQuery::default())
         .await
         .unwrap();
-    assert_eq!(dead.len(), 2);
-    for letter in &dead {
-        assert!(
-            letter.reason.starts_with("undecodable entry:"),
-            "{}",
-            letter.reason
-        );
+    assert_eq!(dead.len(), 3);
+    for (letter, reason) in
+        dead.iter()
+            .zip(["undecodable entry:", "undecodable entry:", "invalid entry:"])
+    {
+        assert!(letter.reason.starts_with(reason), "{}", letter.reason);
         assert_eq!(letter.task_id, None);
     }
     assert_eq!(dead[0].payload, "{not an envelope");
@@ -693,10 +696,10 @@ async fn corrupt_entries_are_dead_lettered(harness: &impl BrokerHarness) {
     assert!(report.replayed.is_empty());
     assert_eq!(
         report.skipped.len(),
-        2,
+        3,
         "corrupt entries cannot be replayed, and stay"
     );
-    assert_eq!(broker.stats("default").await.unwrap().dead, 2);
+    assert_eq!(broker.stats("default").await.unwrap().dead, 3);
 }
 
 async fn broadcast_reaches_every_subscriber(harness: &impl BrokerHarness) {
