@@ -13,8 +13,10 @@
 //!   the dead tuples of deleted rows slow every claim until they are vacuumed, so it is created
 //!   with an eager autovacuum (`autovacuum_vacuum_scale_factor = 0.01`), and brokers vacuum it
 //!   themselves when its dead tuples pile up anyway (autovacuum off, or too slow for the
-//!   churn; [`PostgresBrokerOptions::vacuum_after`]), one broker at a time. A role that does
-//!   not own the table cannot vacuum it: Postgres skips it with a warning in its own log.
+//!   churn; [`PostgresBrokerOptions::vacuum_after`]), one broker at a time; once a drained
+//!   table's indexes still hold more than 4 MiB of a past backlog's pages, they are rebuilt
+//!   (`REINDEX CONCURRENTLY`, which blocks nobody). A role that does not own the table can do
+//!   neither: Postgres skips the vacuum with a warning in its own log.
 //! - Publishes and releases `NOTIFY stem_queues`; every broker listens on one connection and
 //!   wakes its waiting consumers at once. Entries that become due later (delays, expired
 //!   leases) are found by consumers looking again when the next one falls due, at the latest
@@ -503,22 +505,30 @@ const MIN_DEAD_TO_VACUUM: u64 = 1_000;
 /// goes with it should the job be stopped midway.
 async fn vacuum_if_bloated(pool: PgPool, threshold: u64, left: Arc<AtomicU64>) {
     let vacuumed = async {
-        let counts: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT n_dead_tup, n_live_tup FROM pg_stat_user_tables
+        let dead: Option<i64> = sqlx::query_scalar(
+            "SELECT n_dead_tup FROM pg_stat_user_tables
              WHERE relid = 'stem_queue_entries'::regclass",
         )
         .fetch_optional(&pool)
         .await?;
-        let (dead, live) = counts.map_or((0, 0), |(dead, live)| {
-            (
-                u64::try_from(dead).unwrap_or(0),
-                u64::try_from(live).unwrap_or(0),
-            )
-        });
+        let dead = dead.map_or(0, |dead| u64::try_from(dead).unwrap_or(0));
         let piled = dead.saturating_sub(left.load(Ordering::Relaxed));
-        // Past the threshold, or mostly dead (a drained queue: vacuum gives its pages back).
-        if piled < MIN_DEAD_TO_VACUUM || (piled < threshold && dead < live) {
+        if piled < MIN_DEAD_TO_VACUUM {
             return Ok(());
+        }
+        if piled < threshold {
+            // Below the threshold, only a mostly dead table (a drained queue) is vacuumed, to
+            // give its pages back. Live entries are counted, up to the dead ones: the
+            // statistics' estimate lags far behind a drain.
+            let live: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT 1 FROM stem_queue_entries LIMIT $1) AS bounded",
+            )
+            .bind(i64::try_from(piled).unwrap_or(i64::MAX))
+            .fetch_one(&pool)
+            .await?;
+            if u64::try_from(live).unwrap_or(0) >= piled {
+                return Ok(());
+            }
         }
         let mut conn =
             <sqlx::PgConnection as sqlx::Connection>::connect_with(&pool.connect_options()).await?;
@@ -539,12 +549,54 @@ async fn vacuum_if_bloated(pool: PgPool, threshold: u64, left: Arc<AtomicU64>) {
                 after.map_or(0, |n| u64::try_from(n).unwrap_or(0)),
                 Ordering::Relaxed,
             );
+            shrink_indexes(&mut conn).await?;
         }
         sqlx::Connection::close(conn).await
     };
     if let Err(error) = vacuumed.await {
         tracing::warn!(%error, "vacuuming the queue table failed");
     }
+}
+
+/// The index size past which a nearly empty queue table's indexes are rebuilt.
+const INDEX_SHRINK_BYTES: i64 = 4 << 20;
+
+/// Rebuilds the queue table's indexes when the table is nearly empty (fewer than 1,000 entries
+/// in every namespace) but they still hold the
+/// pages of a past backlog (vacuum keeps index pages for reuse, never returns them), without
+/// blocking publishes or claims. Indexes a failed rebuild left invalid are dropped first.
+async fn shrink_indexes(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let size: i64 = sqlx::query_scalar("SELECT pg_indexes_size('stem_queue_entries'::regclass)")
+        .fetch_one(&mut *conn)
+        .await?;
+    if size < INDEX_SHRINK_BYTES {
+        return Ok(());
+    }
+    // Counted, not estimated (the statistics lag behind a drain), up to the bound.
+    let entries: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM stem_queue_entries LIMIT 1000) AS bounded",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if entries >= 1000 {
+        return Ok(());
+    }
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT indexrelid::regclass::text FROM pg_index
+         WHERE indrelid = 'stem_queue_entries'::regclass AND NOT indisvalid",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for index in invalid {
+        // A name Postgres made for the rebuild's copy, quoted as `regclass` printed it.
+        sqlx::Executor::execute(
+            &mut *conn,
+            format!("DROP INDEX CONCURRENTLY {index}").as_str(),
+        )
+        .await?;
+    }
+    sqlx::Executor::execute(&mut *conn, "REINDEX TABLE CONCURRENTLY stem_queue_entries").await?;
+    Ok(())
 }
 
 /// Moves entry `id` to the dead letters if `token` (when given) still leases it; whether it
