@@ -54,7 +54,7 @@ macro_rules! registry_suite {
     ($adapter:ident, $make:expr) => {
         store_suite!(registry, $adapter, $make;
             components_are_stored_by_digest, changed_components_make_new_versions,
-            concurrent_uploads_get_distinct_versions);
+            concurrent_uploads_get_distinct_versions, large_components_round_trip);
     };
 }
 
@@ -356,6 +356,19 @@ mod registry {
         assert_eq!(
             reopened.component("d1").await.unwrap().as_deref(),
             Some(&b"repaired"[..])
+        );
+    }
+
+    /// Components of interpreted languages run to tens of MiB (a Python one is 18MiB).
+    pub async fn large_components_round_trip(harness: &Harness) {
+        let registry = harness.connect(NS).await;
+        let bytes: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        assert!(registry.put_component("large", &bytes).await.unwrap());
+        let stored = registry.component("large").await.unwrap().expect("stored");
+        assert!(
+            stored == bytes,
+            "{} bytes came back, not the same",
+            stored.len()
         );
     }
 
