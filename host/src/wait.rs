@@ -16,8 +16,24 @@ pub(crate) async fn until<T, F, Fut>(
     wake: &Notify,
     timeout: Duration,
     poll: Duration,
+    look: F,
+    done: impl Fn(&T) -> bool,
+) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StorageError>>,
+{
+    until_paused(wake, timeout, look, done, |_| poll).await
+}
+
+/// [`until`], sleeping between looks until `wake` is notified or for the pause `pause` names
+/// for what the last look found (say, until the next entry falls due).
+pub(crate) async fn until_paused<T, F, Fut>(
+    wake: &Notify,
+    timeout: Duration,
     mut look: F,
     done: impl Fn(&T) -> bool,
+    pause: impl Fn(&T) -> Duration,
 ) -> Result<T, StorageError>
 where
     F: FnMut() -> Fut,
@@ -33,6 +49,6 @@ where
         if done(&found) || now >= deadline {
             return Ok(found);
         }
-        let _ = tokio::time::timeout_at((now + poll).min(deadline), woken).await;
+        let _ = tokio::time::timeout_at((now + pause(&found)).min(deadline), woken).await;
     }
 }

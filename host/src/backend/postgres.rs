@@ -180,17 +180,9 @@ impl PostgresBackend {
 /// connection drops, since notifications sent meanwhile are lost.
 async fn receive(mut listener: PgListener, namespace: String, changed: Arc<Notify>) {
     loop {
-        match listener.try_recv().await {
-            Ok(Some(notification)) if notification.payload() == namespace => {
-                changed.notify_waiters();
-            }
-            Ok(Some(_)) => {}
-            Ok(None) => changed.notify_waiters(),
-            Err(error) => {
-                tracing::warn!(%error, "listening for Postgres notifications failed");
-                changed.notify_waiters();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        let notification = postgres::next_notification(&mut listener, &changed).await;
+        if notification.payload() == namespace {
+            changed.notify_waiters();
         }
     }
 }
@@ -274,15 +266,16 @@ pub(crate) async fn upsert_statuses(
     Ok(columns.ids.iter().map(|id| written.contains(*id)).collect())
 }
 
-/// Writes `statuses` in as few statements as rows allow; whether each was written.
+/// Writes statuses cut by [`distinct_slices`], one statement per slice; whether each was
+/// written.
 pub(crate) async fn set_statuses(
     conn: &mut sqlx::PgConnection,
     namespace: &str,
-    statuses: &[TaskStatus],
+    slices: &[&[TaskStatus]],
     ttl: Option<i64>,
 ) -> Result<Vec<bool>, StorageError> {
-    let mut written = Vec::with_capacity(statuses.len());
-    for slice in distinct_slices(statuses, usize::MAX) {
+    let mut written = Vec::new();
+    for slice in slices {
         let slice: Vec<&TaskStatus> = slice.iter().collect();
         written.extend(upsert_statuses(conn, namespace, &slice, ttl, false).await?);
     }
@@ -334,10 +327,10 @@ impl ResultBackend for PostgresBackend {
         let mut conn = self.pool().acquire().await?;
         let slices = distinct_slices(statuses, usize::MAX);
         if slices.len() == 1 {
-            return set_statuses(&mut conn, self.namespace(), statuses, ttl).await;
+            return set_statuses(&mut conn, self.namespace(), &slices, ttl).await;
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let written = set_statuses(&mut tx, self.namespace(), statuses, ttl).await?;
+        let written = set_statuses(&mut tx, self.namespace(), &slices, ttl).await?;
         tx.commit().await?;
         Ok(written)
     }

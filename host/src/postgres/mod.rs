@@ -23,7 +23,8 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use sqlx::Executor;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgNotification, PgPool, PgPoolOptions};
+use tokio::sync::Notify;
 
 use crate::storage::StorageError;
 
@@ -132,6 +133,26 @@ impl PgUrl {
             created.await.map_err(|e| failed(e.to_string()))?;
         }
         Ok(pool)
+    }
+}
+
+/// The next notification `listener` receives. While its connection is down (the listener
+/// reconnects by itself) notifications are lost, so `lost` is notified for its waiters to look
+/// again.
+pub(crate) async fn next_notification(listener: &mut PgListener, lost: &Notify) -> PgNotification {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => return notification,
+            Ok(None) => {
+                tracing::warn!("a Postgres listening connection dropped; reconnecting");
+                lost.notify_waiters();
+            }
+            Err(error) => {
+                tracing::warn!(%error, "listening for Postgres notifications failed");
+                lost.notify_waiters();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

@@ -425,48 +425,35 @@ async fn receive(
     channels: Arc<LocalChannels>,
 ) {
     loop {
-        match listener.try_recv().await {
-            Ok(Some(notification)) => match notification.channel() {
-                READY_CHANNEL if notification.payload() == namespace => {
-                    published.notify_waiters();
+        let notification = postgres::next_notification(&mut listener, &published).await;
+        match notification.channel() {
+            READY_CHANNEL if notification.payload() == namespace => published.notify_waiters(),
+            BROADCAST_CHANNEL => {
+                let Ok(note) = serde_json::from_str::<BroadcastNote>(notification.payload()) else {
+                    continue;
+                };
+                if note.scope != scope {
+                    continue;
                 }
-                BROADCAST_CHANNEL => {
-                    let Ok(note) = serde_json::from_str::<BroadcastNote>(notification.payload())
-                    else {
-                        continue;
-                    };
-                    if note.scope != scope {
-                        continue;
+                let message = match (note.message, note.stored) {
+                    (Some(message), _) => Some(message),
+                    (None, Some(id)) => {
+                        sqlx::query_scalar("SELECT message FROM stem_broadcasts WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&pool)
+                            .await
+                            .unwrap_or_else(|error| {
+                                tracing::warn!(%error, "reading a broadcast message failed");
+                                None
+                            })
                     }
-                    let message = match (note.message, note.stored) {
-                        (Some(message), _) => Some(message),
-                        (None, Some(id)) => {
-                            sqlx::query_scalar("SELECT message FROM stem_broadcasts WHERE id = $1")
-                                .bind(id)
-                                .fetch_optional(&pool)
-                                .await
-                                .unwrap_or_else(|error| {
-                                    tracing::warn!(%error, "reading a broadcast message failed");
-                                    None
-                                })
-                        }
-                        (None, None) => None,
-                    };
-                    if let Some(message) = message {
-                        channels.send(&note.channel, &message);
-                    }
+                    (None, None) => None,
+                };
+                if let Some(message) = message {
+                    channels.send(&note.channel, &message);
                 }
-                _ => {}
-            },
-            Ok(None) => {
-                tracing::warn!("the Postgres listening connection dropped; reconnecting");
-                published.notify_waiters();
             }
-            Err(error) => {
-                tracing::warn!(%error, "listening for Postgres notifications failed");
-                published.notify_waiters();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            _ => {}
         }
     }
 }
@@ -810,25 +797,23 @@ impl Broker for PostgresBroker {
         if !options.wait.is_zero() {
             self.listen().await?;
         }
-        let deadline = tokio::time::Instant::now() + options.wait;
-        loop {
-            let woken = self.inner.published.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            let (deliveries, next_due) = self.take_ready(queues, max, lease).await?;
-            let now = tokio::time::Instant::now();
-            if !deliveries.is_empty() || now >= deadline {
-                return Ok(deliveries);
-            }
-            // Look again when woken, when the next entry falls due, or after the poll interval.
-            let mut pause = self.inner.options.poll_interval;
-            if let Some(due) = next_due {
-                // Due already means ready but locked by another consumer's claim: a moment.
-                let due = u64::try_from(due).unwrap_or(0).max(MIN_PAUSE_MS);
-                pause = pause.min(Duration::from_millis(due));
-            }
-            let _ = tokio::time::timeout_at((now + pause).min(deadline), woken).await;
-        }
+        let poll = self.inner.options.poll_interval;
+        let (deliveries, _) = crate::wait::until_paused(
+            &self.inner.published,
+            options.wait,
+            || self.take_ready(queues, max, lease),
+            |(deliveries, _)| !deliveries.is_empty(),
+            // Look again when the next entry falls due (due already means ready but locked by
+            // another consumer's claim: a moment), at the latest after the poll interval.
+            |(_, next_due)| match next_due {
+                Some(due) => poll.min(Duration::from_millis(
+                    u64::try_from(*due).unwrap_or(0).max(MIN_PAUSE_MS),
+                )),
+                None => poll,
+            },
+        )
+        .await?;
+        Ok(deliveries)
     }
 
     async fn settle_many(&self, batch: &[(Receipt, Settle)]) -> Result<Vec<bool>, StorageError> {

@@ -137,7 +137,8 @@ impl PostgresSettlements {
             .filter(|(_, entry)| locked.contains(entry))
             .filter_map(|(s, _)| s.status.clone())
             .collect();
-        set_statuses(&mut tx, &self.namespace, &statuses, self.result_ttl).await?;
+        let slices = distinct_slices(&statuses, usize::MAX);
+        set_statuses(&mut tx, &self.namespace, &slices, self.result_ttl).await?;
         let pairs: Vec<(&Receipt, &Settle)> =
             batch.iter().map(|s| (&s.receipt, &s.settle)).collect();
         let (held, released) = settle_on(&mut tx, &self.namespace, &pairs).await?;
