@@ -28,6 +28,17 @@ pub struct ScheduleEntry {
     pub total_runs: u64,
 }
 
+impl ScheduleEntry {
+    /// The stored form, for adapters that keep an entry as text.
+    pub(crate) fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a schedule entry always serialises")
+    }
+
+    pub(crate) fn from_json(text: &str) -> Result<ScheduleEntry, StorageError> {
+        serde_json::from_str(text).map_err(|e| StorageError::corrupt("schedule entry", e))
+    }
+}
+
 /// The enabled entries due at `now`, earliest first (then by id), at most `limit`.
 pub(crate) fn select_due(
     entries: impl IntoIterator<Item = ScheduleEntry>,

@@ -47,14 +47,6 @@ impl PostgresScheduleStore {
     }
 }
 
-fn decode(text: &str) -> Result<ScheduleEntry, StorageError> {
-    serde_json::from_str(text).map_err(|e| StorageError::corrupt("schedule entry", e))
-}
-
-fn encode(entry: &ScheduleEntry) -> String {
-    serde_json::to_string(entry).expect("a schedule entry always serialises")
-}
-
 #[async_trait]
 impl ScheduleStore for PostgresScheduleStore {
     async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError> {
@@ -69,7 +61,7 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(&entry.id)
         .bind(entry.enabled)
         .bind(entry.next_run_at.as_sql())
-        .bind(encode(entry))
+        .bind(entry.to_json())
         .execute(&*self.pool)
         .await?;
         Ok(())
@@ -82,7 +74,7 @@ impl ScheduleStore for PostgresScheduleStore {
                 .bind(id)
                 .fetch_optional(&*self.pool)
                 .await?;
-        text.map(|text| decode(&text)).transpose()
+        text.map(|text| ScheduleEntry::from_json(&text)).transpose()
     }
 
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError> {
@@ -91,7 +83,10 @@ impl ScheduleStore for PostgresScheduleStore {
                 .bind(&self.namespace)
                 .fetch_all(&*self.pool)
                 .await?;
-        texts.iter().map(|text| decode(text)).collect()
+        texts
+            .iter()
+            .map(|text| ScheduleEntry::from_json(text))
+            .collect()
     }
 
     async fn remove(&self, id: &str) -> Result<bool, StorageError> {
@@ -114,7 +109,10 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&*self.pool)
         .await?;
-        texts.iter().map(|text| decode(text)).collect()
+        texts
+            .iter()
+            .map(|text| ScheduleEntry::from_json(text))
+            .collect()
     }
 
     async fn mark_run(
@@ -134,7 +132,10 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(mut entry) = text.map(|text| decode(&text)).transpose()? else {
+        let Some(mut entry) = text
+            .map(|text| ScheduleEntry::from_json(&text))
+            .transpose()?
+        else {
             return Ok(false);
         };
         if entry.next_run_at != expected_next_run {
@@ -150,7 +151,7 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(&self.namespace)
         .bind(id)
         .bind(next_run_at.as_sql())
-        .bind(encode(&entry))
+        .bind(entry.to_json())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -56,16 +56,12 @@ impl RedisScheduleStore {
             .arg(&keys)
             .query_async(&mut self.manager.clone())
             .await?;
-        texts.iter().flatten().map(|text| decode(text)).collect()
+        texts
+            .iter()
+            .flatten()
+            .map(|text| ScheduleEntry::from_json(text))
+            .collect()
     }
-}
-
-fn decode(text: &str) -> Result<ScheduleEntry, StorageError> {
-    serde_json::from_str(text).map_err(|e| StorageError::corrupt("schedule entry", e))
-}
-
-fn encode(entry: &ScheduleEntry) -> String {
-    serde_json::to_string(entry).expect("a schedule entry always serialises")
 }
 
 #[async_trait]
@@ -75,7 +71,7 @@ impl ScheduleStore for RedisScheduleStore {
             .atomic()
             .cmd("SET")
             .arg(self.key(&entry.id))
-            .arg(encode(entry))
+            .arg(entry.to_json())
             .ignore()
             .cmd("ZADD")
             .arg(self.index())
@@ -92,7 +88,7 @@ impl ScheduleStore for RedisScheduleStore {
             .arg(self.key(id))
             .query_async(&mut self.manager.clone())
             .await?;
-        text.map(|text| decode(&text)).transpose()
+        text.map(|text| ScheduleEntry::from_json(&text)).transpose()
     }
 
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError> {
@@ -152,7 +148,7 @@ impl ScheduleStore for RedisScheduleStore {
             .key(self.index())
             .arg(id)
             .arg(expected_next_run.as_millis())
-            .arg(encode(&entry))
+            .arg(entry.to_json())
             .arg(next_run_at.as_millis())
             .invoke_async(&mut self.manager.clone())
             .await?;
