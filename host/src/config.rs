@@ -7,7 +7,8 @@
 //! all, everything runs on SQLite files in the working directory, one per role as the SQLite adapter advises:
 //! `stem_broker.sqlite` (or `STEM_SQLITE_BROKER_PATH`), `stem_backend.sqlite`
 //! (`STEM_SQLITE_BACKEND_PATH`), `stem_revoke.sqlite` (`STEM_SQLITE_REVOKE_PATH`) and
-//! `stem_registry.sqlite` (`STEM_SQLITE_REGISTRY_PATH`).
+//! `stem_registry.sqlite` (`STEM_SQLITE_REGISTRY_PATH`), and Beat's schedule and locks in
+//! `stem_schedule.sqlite` (`STEM_SQLITE_SCHEDULE_PATH`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,6 +26,11 @@ use crate::broker::sqlite::{SqliteBroker, SqliteBrokerOptions};
 use crate::broker::{Broker, DEFAULT_NAMESPACE};
 use crate::settlement::{SettlementStore, StatusesThenEntries};
 use crate::storage::StorageError;
+use crate::stores::lock::LockStore;
+use crate::stores::lock::memory::MemoryLockStore;
+use crate::stores::lock::postgres::PostgresLockStore;
+use crate::stores::lock::redis::RedisLockStore;
+use crate::stores::lock::sqlite::SqliteLockStore;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::rate_limit::memory::MemoryRateLimiter;
 use crate::stores::rate_limit::postgres::PostgresRateLimiter;
@@ -39,6 +45,11 @@ use crate::stores::revoke::memory::MemoryRevokeStore;
 use crate::stores::revoke::postgres::PostgresRevokeStore;
 use crate::stores::revoke::redis::RedisRevokeStore;
 use crate::stores::revoke::sqlite::SqliteRevokeStore;
+use crate::stores::schedule::ScheduleStore;
+use crate::stores::schedule::memory::MemoryScheduleStore;
+use crate::stores::schedule::postgres::PostgresScheduleStore;
+use crate::stores::schedule::redis::RedisScheduleStore;
+use crate::stores::schedule::sqlite::SqliteScheduleStore;
 
 /// The storage roles a URL can fill, with their defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +59,8 @@ pub enum Role {
     Revoke,
     Registry,
     RateLimiter,
+    Schedule,
+    Lock,
 }
 
 impl Role {
@@ -59,6 +72,8 @@ impl Role {
             Role::Revoke => "STEM_REVOKE_STORE_URL",
             Role::Registry => "STEM_REGISTRY_URL",
             Role::RateLimiter => "STEM_RATE_LIMITER_URL",
+            Role::Schedule => "STEM_SCHEDULE_STORE_URL",
+            Role::Lock => "STEM_LOCK_STORE_URL",
         }
     }
 
@@ -70,6 +85,10 @@ impl Role {
             Role::Backend => Some(("STEM_SQLITE_BACKEND_PATH", "stem_backend.sqlite")),
             Role::Revoke => Some(("STEM_SQLITE_REVOKE_PATH", "stem_revoke.sqlite")),
             Role::Registry => Some(("STEM_SQLITE_REGISTRY_PATH", "stem_registry.sqlite")),
+            // Beat's locks live beside its schedule, in the same file.
+            Role::Schedule | Role::Lock => {
+                Some(("STEM_SQLITE_SCHEDULE_PATH", "stem_schedule.sqlite"))
+            }
             Role::RateLimiter => None,
         }
     }
@@ -86,6 +105,8 @@ impl Role {
             Role::Revoke => "revoke store",
             Role::Registry => "component registry",
             Role::RateLimiter => "rate limiter",
+            Role::Schedule => "schedule store",
+            Role::Lock => "lock store",
         }
     }
 }
@@ -195,6 +216,8 @@ struct MemoryAdapters {
     revokes: HashMap<String, MemoryRevokeStore>,
     registries: HashMap<String, MemoryRegistry>,
     rate_limiters: HashMap<String, MemoryRateLimiter>,
+    schedules: HashMap<String, MemoryScheduleStore>,
+    locks: HashMap<String, MemoryLockStore>,
 }
 
 static MEMORY: LazyLock<Mutex<MemoryAdapters>> = LazyLock::new(Mutex::default);
@@ -418,6 +441,62 @@ pub async fn open_rate_limiter(
             Role::RateLimiter,
             url,
             PostgresRateLimiter::connect(address, namespace).await,
+        )?),
+    })
+}
+
+/// Opens Beat's schedule store at `url` in `namespace`.
+pub async fn open_schedule_store(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn ScheduleStore>, ConfigError> {
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            let key = format!("{name}\0{}", namespace.unwrap_or(DEFAULT_NAMESPACE));
+            Arc::new(memory().schedules.entry(key).or_default().clone())
+        }
+        AdapterUrl::Sqlite(path) => Arc::new(opened(
+            Role::Schedule,
+            url,
+            SqliteScheduleStore::open(path, namespace).await,
+        )?),
+        AdapterUrl::Redis(address) => Arc::new(opened(
+            Role::Schedule,
+            url,
+            RedisScheduleStore::connect(address, namespace).await,
+        )?),
+        AdapterUrl::Postgres(address) => Arc::new(opened(
+            Role::Schedule,
+            url,
+            PostgresScheduleStore::connect(address, namespace).await,
+        )?),
+    })
+}
+
+/// Opens Beat's lock store at `url` in `namespace`.
+pub async fn open_lock_store(
+    url: &AdapterUrl,
+    namespace: Option<&str>,
+) -> Result<Arc<dyn LockStore>, ConfigError> {
+    Ok(match url {
+        AdapterUrl::Memory(name) => {
+            let key = format!("{name}\0{}", namespace.unwrap_or(DEFAULT_NAMESPACE));
+            Arc::new(memory().locks.entry(key).or_default().clone())
+        }
+        AdapterUrl::Sqlite(path) => Arc::new(opened(
+            Role::Lock,
+            url,
+            SqliteLockStore::open(path, namespace).await,
+        )?),
+        AdapterUrl::Redis(address) => Arc::new(opened(
+            Role::Lock,
+            url,
+            RedisLockStore::connect(address, namespace).await,
+        )?),
+        AdapterUrl::Postgres(address) => Arc::new(opened(
+            Role::Lock,
+            url,
+            PostgresLockStore::connect(address, namespace).await,
         )?),
     })
 }

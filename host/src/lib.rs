@@ -15,6 +15,10 @@
 //! - [`worker`]: runs deliveries in the sandbox and records how each ended.
 //! - [`stores`]: revocations, Beat's schedule and its locks, rate limits, the component
 //!   registry.
+//! - [`schedule`]: when an entry fires (intervals, cron in a time zone, one-shots, solar
+//!   events), as pure functions of an instant.
+//! - [`beat`]: the scheduler service: leader election over the lock store, firing due slots
+//!   under ids derived from them, recording each firing once; the schedule file.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
@@ -29,6 +33,7 @@
 //! Errors are concrete types in the library modules; `anyhow` is used only in the CLI.
 
 pub mod backend;
+pub mod beat;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -40,6 +45,7 @@ pub mod envelope;
 mod postgres;
 mod redis;
 pub mod runtime;
+pub mod schedule;
 pub mod settlement;
 mod sqlite;
 pub mod storage;

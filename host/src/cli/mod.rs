@@ -2,12 +2,14 @@
 //! arguments, sets up logging and the async runtime, opens the adapters the command needs, and
 //! turns errors into exit codes.
 
+mod beat;
 mod bench;
 mod enqueue;
 mod progress;
 mod queue;
 mod result;
 mod revoke;
+mod schedule;
 mod task;
 pub mod units;
 mod worker;
@@ -26,9 +28,11 @@ use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::settlement::SettlementStore;
+use crate::stores::lock::LockStore;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::RevokeStore;
+use crate::stores::schedule::ScheduleStore;
 
 #[derive(Parser)]
 #[command(
@@ -39,9 +43,11 @@ use crate::stores::revoke::RevokeStore;
                   Task authors build components with the stem-guest SDK \
                   (cargo build --release --target wasm32-wasip2) and upload them; workers run \
                   what producers enqueue.\n\n\
-                  Adapters are chosen by URL: memory://, sqlite://PATH. With none set, SQLite \
+                  Adapters are chosen by URL: memory://, sqlite://PATH, redis://, postgres://. \
+                  With none set, SQLite \
                   files in the working directory are used: stem_broker.sqlite, \
-                  stem_backend.sqlite, stem_revoke.sqlite and stem_registry.sqlite.\n\
+                  stem_backend.sqlite, stem_revoke.sqlite, stem_registry.sqlite and (for \
+                  Beat) stem_schedule.sqlite.\n\
                   Set STEM_LOG (e.g. STEM_LOG=debug) to see the host's log on stderr."
 )]
 pub struct Cli {
@@ -75,6 +81,19 @@ struct ConnectionArgs {
     /// Rate limiter URL [default: the broker's Redis, else memory:// (this process only)].
     #[arg(long, global = true, env = "STEM_RATE_LIMITER_URL", value_name = "URL")]
     rate_limiter: Option<String>,
+    /// Beat's schedule store URL [default: the broker's Redis or Postgres, else
+    /// sqlite://stem_schedule.sqlite, or STEM_SQLITE_SCHEDULE_PATH].
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_SCHEDULE_STORE_URL",
+        value_name = "URL",
+        visible_alias = "store"
+    )]
+    schedule_store: Option<String>,
+    /// Beat's lock store URL [default: the schedule store's].
+    #[arg(long, global = true, env = "STEM_LOCK_STORE_URL", value_name = "URL")]
+    lock_store: Option<String>,
     /// Keeps environments that share storage apart.
     #[arg(
         long,
@@ -125,6 +144,12 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Revoke a task: it will not run, and with --terminate a running one is stopped.
     Revoke(revoke::RevokeArgs),
+    /// Apply, list, edit, fire and preview Beat's schedule entries.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
+    /// Run Beat, which enqueues scheduled tasks; run as many as you like.
+    #[command(subcommand)]
+    Beat(beat::BeatCommand),
     /// Measure the platform's speed, end to end or the sandbox alone.
     Bench(bench::BenchArgs),
 }
@@ -162,6 +187,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queue(command) => queue::run_queue(command, &connections).await,
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
         Command::Revoke(args) => revoke::run(args, &connections).await,
+        Command::Schedule(command) => schedule::run(command, &connections).await,
+        Command::Beat(command) => beat::run(command, &connections).await,
         Command::Bench(args) => bench::run(args, &connections).await,
     }
 }
@@ -196,7 +223,12 @@ impl Connections {
             Role::Registry => &self.args.registry,
             Role::Revoke => &self.args.revoke_store,
             Role::RateLimiter => &self.args.rate_limiter,
+            Role::Schedule => &self.args.schedule_store,
+            Role::Lock => &self.args.lock_store,
         };
+        if role == Role::Lock && explicit.as_deref().is_none_or(str::is_empty) {
+            return self.url(Role::Schedule);
+        }
         let sqlite_named = role
             .sqlite_path_variable()
             .is_some_and(|variable| std::env::var_os(variable).is_some_and(|v| !v.is_empty()));
@@ -222,6 +254,8 @@ impl Connections {
             (Role::Registry, &args.registry),
             (Role::Revoke, &args.revoke_store),
             (Role::RateLimiter, &args.rate_limiter),
+            (Role::Schedule, &args.schedule_store),
+            (Role::Lock, &args.lock_store),
         ];
         let mut forwarded = vec![("STEM_NAMESPACE", namespace.to_owned())];
         for (role, value) in roles {
@@ -297,6 +331,14 @@ impl Connections {
 
     async fn revokes(&self) -> anyhow::Result<Arc<dyn RevokeStore>> {
         Ok(config::open_revoke_store(&self.url(Role::Revoke)?, self.namespace()).await?)
+    }
+
+    async fn schedules(&self) -> anyhow::Result<Arc<dyn ScheduleStore>> {
+        Ok(config::open_schedule_store(&self.url(Role::Schedule)?, self.namespace()).await?)
+    }
+
+    async fn locks(&self) -> anyhow::Result<Arc<dyn LockStore>> {
+        Ok(config::open_lock_store(&self.url(Role::Lock)?, self.namespace()).await?)
     }
 
     /// The sandbox, with the defaults changed by `tune`.

@@ -25,11 +25,6 @@ impl MemoryScheduleStore {
 
 #[async_trait]
 impl ScheduleStore for MemoryScheduleStore {
-    async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError> {
-        self.lock().insert(entry.id.clone(), entry.clone());
-        Ok(())
-    }
-
     async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
         Ok(self.lock().get(id).cloned())
     }
@@ -38,30 +33,30 @@ impl ScheduleStore for MemoryScheduleStore {
         Ok(self.lock().values().cloned().collect())
     }
 
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ScheduleEntry>, StorageError> {
+        Ok(select_due(self.lock().values().cloned(), before, limit))
+    }
+
+    async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
+        let mut stored = self.lock();
+        Ok(entries
+            .iter()
+            .map(|entry| {
+                let current = stored.get(&entry.id).map_or(0, |e| e.revision);
+                let written = current == entry.revision;
+                if written {
+                    stored.insert(entry.id.clone(), entry.next_revision());
+                }
+                written
+            })
+            .collect())
+    }
+
     async fn remove(&self, id: &str) -> Result<bool, StorageError> {
         Ok(self.lock().remove(id).is_some())
-    }
-
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError> {
-        Ok(select_due(self.lock().values().cloned(), now, limit))
-    }
-
-    async fn mark_run(
-        &self,
-        id: &str,
-        expected_next_run: Timestamp,
-        ran_at: Timestamp,
-        next_run_at: Timestamp,
-    ) -> Result<bool, StorageError> {
-        let mut entries = self.lock();
-        match entries.get_mut(id) {
-            Some(entry) if entry.next_run_at == expected_next_run => {
-                entry.last_run_at = Some(ran_at);
-                entry.next_run_at = next_run_at;
-                entry.total_runs += 1;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 }

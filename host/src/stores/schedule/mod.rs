@@ -1,34 +1,133 @@
-//! The schedule store: Beat's periodic entries, shared by every Beat instance.
+//! The schedule store: Beat's entries, shared by every Beat instance and by the `schedule`
+//! commands.
+//!
+//! Every write is a compare-and-set on the entry's [`ScheduleEntry::revision`]: a Beat that
+//! records a firing, an operator who disables an entry and a `schedule apply` that edits it
+//! each write only over the revision they read, so none of them undoes another's change, and of
+//! several Beats that fire the same slot exactly one records it.
 
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;
+
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::schedule::Schedule;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-/// One periodic task.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One scheduled task: what the operator defined, and what Beat keeps about its firings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ScheduleEntry {
     pub id: String,
+    pub definition: EntryDefinition,
+    pub state: EntryState,
+    /// Bumped by every write; 0 for an entry not stored yet.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+/// What to enqueue and when, as the schedule file says.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EntryDefinition {
     pub task: String,
-    /// JSON arguments.
+    /// JSON text.
     pub args: String,
+    pub schedule: Schedule,
+    /// IANA time zone of a cron schedule and of times written without an offset; UTC if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
-    /// When it fires, e.g. `every 5m` or a cron expression; Beat interprets it.
-    pub spec: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_time_limit_ms: Option<u64>,
+    /// Each firing's task expires this long after its slot if no worker ran it by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
     pub enabled: bool,
-    pub next_run_at: Timestamp,
+    /// Each firing's task is held back by up to this long (the same amount on every Beat).
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// The entry fires no slot after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_at: Option<Timestamp>,
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    #[serde(default)]
+    pub overlap: Overlap,
+    /// Free-form data for the operator; Beat ignores it.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What Beat does with slots missed while no Beat ran (or the entry's Beat was down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Missed slots are dropped; the entry fires again at its next slot.
+    None,
+    /// However many slots were missed, the entry fires once (for the latest of them).
+    #[default]
+    One,
+    /// Every missed slot fires, oldest first.
+    All,
+}
+
+/// Whether a slot fires while the previous firing's task has not finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Overlap {
+    #[default]
+    Allow,
+    /// The slot is skipped (and counted) while the previous task is pending or running.
+    Skip,
+}
+
+/// What Beat records about an entry's firings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryState {
+    /// The next slot to fire; `None` once nothing is left (a one-shot that fired, an end
+    /// passed).
+    pub next_run_at: Option<Timestamp>,
+    /// Where an interval without `start_at` counts from: when the entry was applied.
+    pub anchor: Timestamp,
+    #[serde(default)]
+    pub total_run_count: u64,
+    /// Slots not fired: skipped for overlap, or dropped by the catch-up policy.
+    #[serde(default)]
+    pub skipped_count: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run_at: Option<Timestamp>,
-    pub total_runs: u64,
+    /// The slot of the last firing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_slot: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_task_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// How late the last firing was published after its slot, in milliseconds.
+    #[serde(default)]
+    pub drift_ms: u64,
 }
 
 impl ScheduleEntry {
+    /// When the store should offer the entry to Beat: its next slot, if enabled.
+    pub fn due_at(&self) -> Option<Timestamp> {
+        self.state.next_run_at.filter(|_| self.definition.enabled)
+    }
+
     /// The stored form, for adapters that keep an entry as text.
     pub(crate) fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a schedule entry always serialises")
@@ -37,52 +136,59 @@ impl ScheduleEntry {
     pub(crate) fn from_json(text: &str) -> Result<ScheduleEntry, StorageError> {
         serde_json::from_str(text).map_err(|e| StorageError::corrupt("schedule entry", e))
     }
+
+    /// The entry as stored after a write over its current revision.
+    pub(crate) fn next_revision(&self) -> ScheduleEntry {
+        ScheduleEntry {
+            revision: self.revision + 1,
+            ..self.clone()
+        }
+    }
 }
 
-/// The enabled entries due at `now`, earliest first (then by id), at most `limit`.
+/// The entries due at `before`, earliest first (then by id), at most `limit`.
 pub(crate) fn select_due(
     entries: impl IntoIterator<Item = ScheduleEntry>,
-    now: Timestamp,
+    before: Timestamp,
     limit: usize,
 ) -> Vec<ScheduleEntry> {
-    let mut due: Vec<ScheduleEntry> = entries
+    let mut due: Vec<(Timestamp, ScheduleEntry)> = entries
         .into_iter()
-        .filter(|entry| entry.enabled && entry.next_run_at <= now)
+        .filter_map(|entry| Some((entry.due_at()?, entry)))
+        .filter(|(at, _)| *at <= before)
         .collect();
-    due.sort_by(|a, b| {
-        a.next_run_at
-            .cmp(&b.next_run_at)
-            .then_with(|| a.id.cmp(&b.id))
-    });
+    due.sort_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.id.cmp(&y.id)));
     due.truncate(limit);
-    due
+    due.into_iter().map(|(_, entry)| entry).collect()
 }
 
-/// Schedule entries. Several Beats may share a store: [`ScheduleStore::mark_run`] lets only
-/// one of them record each firing.
+/// Schedule entries. See the module documentation for the compare-and-set.
 #[async_trait]
 pub trait ScheduleStore: Send + Sync {
-    /// Adds an entry or replaces the one with the same id.
-    async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError>;
-
     async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError>;
 
     /// Every entry, by id.
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError>;
 
-    /// Deletes an entry; `false` if there was none.
-    async fn remove(&self, id: &str) -> Result<bool, StorageError>;
-
-    /// Enabled entries due at `now`, earliest first, at most `limit`.
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError>;
-
-    /// Records a firing, if the entry's next run is still `expected_next_run`; `false` when
-    /// another Beat recorded it first (or the entry is gone).
-    async fn mark_run(
+    /// Enabled entries whose next slot is at or before `before`, earliest first, at most
+    /// `limit`.
+    async fn due(
         &self,
-        id: &str,
-        expected_next_run: Timestamp,
-        ran_at: Timestamp,
-        next_run_at: Timestamp,
-    ) -> Result<bool, StorageError>;
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ScheduleEntry>, StorageError>;
+
+    /// Writes each entry whose stored revision is still `entry.revision` (0: not stored yet),
+    /// storing it with the revision after; whether each was written. One round trip or
+    /// transaction for the whole batch.
+    async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError>;
+
+    /// [`ScheduleStore::save_many`] for one entry.
+    async fn save(&self, entry: &ScheduleEntry) -> Result<bool, StorageError> {
+        let saved = self.save_many(std::slice::from_ref(entry)).await?;
+        Ok(saved.first() == Some(&true))
+    }
+
+    /// Deletes an entry whatever its revision; `false` if there was none.
+    async fn remove(&self, id: &str) -> Result<bool, StorageError>;
 }

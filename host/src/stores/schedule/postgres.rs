@@ -1,7 +1,8 @@
-//! The Postgres schedule store: one row per entry, indexed by next run time. A firing is
-//! recorded on the locked row only if its next run is still the one the Beat saw, so of
-//! several Beats exactly one records each firing.
+//! The Postgres schedule store: one row per entry with its revision and, while it is enabled
+//! and has a next slot, when it is due (indexed). A batch is saved in one statement that
+//! updates each row only where its revision is still the writer's, and inserts new entries.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -13,7 +14,8 @@ use crate::postgres;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_schedules (
         namespace TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -23,7 +25,23 @@ const MIGRATIONS: &[&str] = &["
         PRIMARY KEY (namespace, id)
     );
     CREATE INDEX stem_schedules_due ON stem_schedules (namespace, next_run_at, id);
-"];
+    ",
+    // Entries gained revisions and a definition/state split; the first table only ever held
+    // entries written through the library, before Beat read any.
+    "
+    DROP TABLE stem_schedules;
+    CREATE TABLE stem_beat_entries (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        revision BIGINT NOT NULL,
+        due_at BIGINT,
+        entry TEXT NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE INDEX stem_beat_entries_due ON stem_beat_entries (namespace, due_at, id)
+        WHERE due_at IS NOT NULL;
+    ",
+];
 
 /// Schedule entries in Postgres. Clones share the pool.
 #[derive(Clone)]
@@ -47,114 +65,113 @@ impl PostgresScheduleStore {
     }
 }
 
+fn decode(texts: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
+    texts
+        .iter()
+        .map(|text| ScheduleEntry::from_json(text))
+        .collect()
+}
+
 #[async_trait]
 impl ScheduleStore for PostgresScheduleStore {
-    async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError> {
-        sqlx::query(
-            "INSERT INTO stem_schedules (namespace, id, enabled, next_run_at, entry)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (namespace, id) DO UPDATE SET
-                 enabled = excluded.enabled, next_run_at = excluded.next_run_at,
-                 entry = excluded.entry",
+    async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT entry FROM stem_beat_entries WHERE namespace = $1 AND id = $2",
         )
         .bind(&self.namespace)
-        .bind(&entry.id)
-        .bind(entry.enabled)
-        .bind(entry.next_run_at.as_sql())
-        .bind(entry.to_json())
-        .execute(&*self.pool)
+        .bind(id)
+        .fetch_optional(&*self.pool)
         .await?;
-        Ok(())
-    }
-
-    async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
-        let text: Option<String> =
-            sqlx::query_scalar("SELECT entry FROM stem_schedules WHERE namespace = $1 AND id = $2")
-                .bind(&self.namespace)
-                .bind(id)
-                .fetch_optional(&*self.pool)
-                .await?;
         text.map(|text| ScheduleEntry::from_json(&text)).transpose()
     }
 
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let texts: Vec<String> =
-            sqlx::query_scalar("SELECT entry FROM stem_schedules WHERE namespace = $1 ORDER BY id")
-                .bind(&self.namespace)
-                .fetch_all(&*self.pool)
-                .await?;
-        texts
+        let texts: Vec<String> = sqlx::query_scalar(
+            "SELECT entry FROM stem_beat_entries WHERE namespace = $1 ORDER BY id",
+        )
+        .bind(&self.namespace)
+        .fetch_all(&*self.pool)
+        .await?;
+        decode(&texts)
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ScheduleEntry>, StorageError> {
+        let texts: Vec<String> = sqlx::query_scalar(
+            "SELECT entry FROM stem_beat_entries
+             WHERE namespace = $1 AND due_at IS NOT NULL AND due_at <= $2
+             ORDER BY due_at, id LIMIT $3",
+        )
+        .bind(&self.namespace)
+        .bind(before.as_sql())
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&*self.pool)
+        .await?;
+        decode(&texts)
+    }
+
+    async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        let expected: Vec<i64> = entries
             .iter()
-            .map(|text| ScheduleEntry::from_json(text))
-            .collect()
+            .map(|e| i64::try_from(e.revision).unwrap_or(i64::MAX))
+            .collect();
+        let due: Vec<Option<i64>> = entries
+            .iter()
+            .map(|e| e.due_at().map(Timestamp::as_sql))
+            .collect();
+        let texts: Vec<String> = entries
+            .iter()
+            .map(|e| e.next_revision().to_json())
+            .collect();
+        let written: Vec<i64> = sqlx::query_scalar(
+            "WITH input AS (
+                 SELECT * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[])
+                     WITH ORDINALITY AS i(id, expected, due_at, entry, n)
+             ),
+             updated AS (
+                 UPDATE stem_beat_entries e
+                 SET revision = e.revision + 1, due_at = i.due_at, entry = i.entry
+                 FROM input i
+                 WHERE e.namespace = $1 AND e.id = i.id AND i.expected > 0
+                   AND e.revision = i.expected
+                 RETURNING i.n
+             ),
+             inserted AS (
+                 INSERT INTO stem_beat_entries (namespace, id, revision, due_at, entry)
+                 SELECT $1, id, 1, due_at, entry FROM input WHERE expected = 0
+                 ON CONFLICT (namespace, id) DO NOTHING
+                 RETURNING (SELECT n FROM input i
+                            WHERE i.id = stem_beat_entries.id AND i.expected = 0
+                            ORDER BY n LIMIT 1)
+             )
+             SELECT n FROM updated UNION ALL SELECT n FROM inserted",
+        )
+        .bind(&self.namespace)
+        .bind(&ids)
+        .bind(&expected)
+        .bind(&due)
+        .bind(&texts)
+        .fetch_all(&*self.pool)
+        .await?;
+        let written: HashSet<i64> = written.into_iter().collect();
+        Ok((1..=entries.len() as i64)
+            .map(|n| written.contains(&n))
+            .collect())
     }
 
     async fn remove(&self, id: &str) -> Result<bool, StorageError> {
-        let removed = sqlx::query("DELETE FROM stem_schedules WHERE namespace = $1 AND id = $2")
+        let removed = sqlx::query("DELETE FROM stem_beat_entries WHERE namespace = $1 AND id = $2")
             .bind(&self.namespace)
             .bind(id)
             .execute(&*self.pool)
             .await?;
         Ok(removed.rows_affected() > 0)
-    }
-
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let texts: Vec<String> = sqlx::query_scalar(
-            "SELECT entry FROM stem_schedules
-             WHERE namespace = $1 AND enabled AND next_run_at <= $2
-             ORDER BY next_run_at, id LIMIT $3",
-        )
-        .bind(&self.namespace)
-        .bind(now.as_sql())
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&*self.pool)
-        .await?;
-        texts
-            .iter()
-            .map(|text| ScheduleEntry::from_json(text))
-            .collect()
-    }
-
-    async fn mark_run(
-        &self,
-        id: &str,
-        expected_next_run: Timestamp,
-        ran_at: Timestamp,
-        next_run_at: Timestamp,
-    ) -> Result<bool, StorageError> {
-        // The entry locked while it is read and written back: an edit made meanwhile is not
-        // overwritten with the old entry.
-        let mut tx = self.pool.begin().await?;
-        let text: Option<String> = sqlx::query_scalar(
-            "SELECT entry FROM stem_schedules WHERE namespace = $1 AND id = $2 FOR UPDATE",
-        )
-        .bind(&self.namespace)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(mut entry) = text
-            .map(|text| ScheduleEntry::from_json(&text))
-            .transpose()?
-        else {
-            return Ok(false);
-        };
-        if entry.next_run_at != expected_next_run {
-            return Ok(false);
-        }
-        entry.last_run_at = Some(ran_at);
-        entry.next_run_at = next_run_at;
-        entry.total_runs += 1;
-        let recorded = sqlx::query(
-            "UPDATE stem_schedules SET next_run_at = $3, entry = $4
-             WHERE namespace = $1 AND id = $2",
-        )
-        .bind(&self.namespace)
-        .bind(id)
-        .bind(next_run_at.as_sql())
-        .bind(entry.to_json())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(recorded.rows_affected() == 1)
     }
 }

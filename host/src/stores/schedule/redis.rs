@@ -1,5 +1,6 @@
-//! The Redis schedule store: one key per entry and a sorted set by next run time. A firing is
-//! recorded in Lua only while the entry's next run is still the one the Beat saw.
+//! The Redis schedule store: a hash per entry (`rev`, `entry`), a set of every id, and a sorted
+//! set of the enabled entries by next slot. One Lua script writes a whole batch, each entry
+//! only over the revision its writer read.
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -9,13 +10,29 @@ use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-/// KEYS: entry, index. ARGV: id, expected next run, updated entry JSON, new next run.
-const MARK_RUN: &str = r"
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-return 1
+/// ARGV: namespace, then per entry: id, expected revision, entry JSON, due time or "".
+/// Returns 1 or 0 per entry.
+const SAVE: &str = r"
+local ns = ARGV[1]
+local written = {}
+for i = 2, #ARGV, 4 do
+  local id = ARGV[i]
+  local key = ns .. ':beat:entry:' .. id
+  local rev = tonumber(redis.call('HGET', key, 'rev') or '0')
+  if rev == tonumber(ARGV[i + 1]) then
+    redis.call('HSET', key, 'rev', rev + 1, 'entry', ARGV[i + 2])
+    redis.call('SADD', ns .. ':beat:entries', id)
+    if ARGV[i + 3] == '' then
+      redis.call('ZREM', ns .. ':beat:due', id)
+    else
+      redis.call('ZADD', ns .. ':beat:due', ARGV[i + 3], id)
+    end
+    written[#written + 1] = 1
+  else
+    written[#written + 1] = 0
+  end
+end
+return written
 ";
 
 /// Schedule entries in Redis. Clones share the connection.
@@ -23,7 +40,7 @@ return 1
 pub struct RedisScheduleStore {
     manager: ConnectionManager,
     namespace: String,
-    mark_run: redis::Script,
+    save: redis::Script,
 }
 
 impl RedisScheduleStore {
@@ -34,28 +51,24 @@ impl RedisScheduleStore {
         Ok(RedisScheduleStore {
             manager: crate::redis::connect(url).await?.manager,
             namespace: namespace.unwrap_or(DEFAULT_NAMESPACE).to_owned(),
-            mark_run: redis::Script::new(MARK_RUN),
+            save: redis::Script::new(SAVE),
         })
     }
 
     fn key(&self, id: &str) -> String {
-        format!("{}:schedule:{id}", self.namespace)
+        format!("{}:beat:entry:{id}", self.namespace)
     }
 
-    fn index(&self) -> String {
-        format!("{}:schedules", self.namespace)
-    }
-
-    /// The entries with these ids that still exist.
+    /// The entries with these ids that still exist, in the same order.
     async fn load(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.key(id)).collect();
-        let texts: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut self.manager.clone())
-            .await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HGET").arg(self.key(id)).arg("entry");
+        }
+        let texts: Vec<Option<String>> = pipe.query_async(&mut self.manager.clone()).await?;
         texts
             .iter()
             .flatten()
@@ -66,92 +79,72 @@ impl RedisScheduleStore {
 
 #[async_trait]
 impl ScheduleStore for RedisScheduleStore {
-    async fn upsert(&self, entry: &ScheduleEntry) -> Result<(), StorageError> {
-        let () = redis::pipe()
-            .atomic()
-            .cmd("SET")
-            .arg(self.key(&entry.id))
-            .arg(entry.to_json())
-            .ignore()
-            .cmd("ZADD")
-            .arg(self.index())
-            .arg(entry.next_run_at.as_millis())
-            .arg(&entry.id)
-            .ignore()
-            .query_async(&mut self.manager.clone())
-            .await?;
-        Ok(())
-    }
-
     async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
-        let text: Option<String> = redis::cmd("GET")
-            .arg(self.key(id))
-            .query_async(&mut self.manager.clone())
-            .await?;
-        text.map(|text| ScheduleEntry::from_json(&text)).transpose()
+        Ok(self.load(&[id.to_owned()]).await?.pop())
     }
 
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(self.index())
-            .arg(0)
-            .arg(-1)
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{}:beat:entries", self.namespace))
             .query_async(&mut self.manager.clone())
             .await?;
-        let mut entries = self.load(&ids).await?;
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(entries)
+        ids.sort();
+        self.load(&ids).await
+    }
+
+    async fn due(
+        &self,
+        before: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<ScheduleEntry>, StorageError> {
+        let ids: Vec<String> = redis::cmd("ZRANGE")
+            .arg(format!("{}:beat:due", self.namespace))
+            .arg("-inf")
+            .arg(before.as_millis())
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.manager.clone())
+            .await?;
+        // Ties on the score are ordered by id in Redis too; select_due re-checks each entry.
+        Ok(select_due(self.load(&ids).await?, before, limit))
+    }
+
+    async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = self.save.prepare_invoke();
+        invocation.arg(&self.namespace);
+        for entry in entries {
+            invocation
+                .arg(&entry.id)
+                .arg(entry.revision)
+                .arg(entry.next_revision().to_json())
+                .arg(
+                    entry
+                        .due_at()
+                        .map_or_else(String::new, |at| at.as_millis().to_string()),
+                );
+        }
+        let written: Vec<i64> = invocation.invoke_async(&mut self.manager.clone()).await?;
+        Ok(written.into_iter().map(|done| done == 1).collect())
     }
 
     async fn remove(&self, id: &str) -> Result<bool, StorageError> {
-        let (deleted, _): (u32, u32) = redis::pipe()
+        let (deleted, _, _): (u32, u32, u32) = redis::pipe()
             .atomic()
             .cmd("DEL")
             .arg(self.key(id))
+            .cmd("SREM")
+            .arg(format!("{}:beat:entries", self.namespace))
+            .arg(id)
             .cmd("ZREM")
-            .arg(self.index())
+            .arg(format!("{}:beat:due", self.namespace))
             .arg(id)
             .query_async(&mut self.manager.clone())
             .await?;
         Ok(deleted > 0)
-    }
-
-    async fn due(&self, now: Timestamp, limit: usize) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(self.index())
-            .arg("-inf")
-            .arg(now.as_millis())
-            .query_async(&mut self.manager.clone())
-            .await?;
-        Ok(select_due(self.load(&ids).await?, now, limit))
-    }
-
-    async fn mark_run(
-        &self,
-        id: &str,
-        expected_next_run: Timestamp,
-        ran_at: Timestamp,
-        next_run_at: Timestamp,
-    ) -> Result<bool, StorageError> {
-        let Some(mut entry) = self.get(id).await? else {
-            return Ok(false);
-        };
-        if entry.next_run_at != expected_next_run {
-            return Ok(false);
-        }
-        entry.last_run_at = Some(ran_at);
-        entry.next_run_at = next_run_at;
-        entry.total_runs += 1;
-        let recorded: i64 = self
-            .mark_run
-            .key(self.key(id))
-            .key(self.index())
-            .arg(id)
-            .arg(expected_next_run.as_millis())
-            .arg(entry.to_json())
-            .arg(next_run_at.as_millis())
-            .invoke_async(&mut self.manager.clone())
-            .await?;
-        Ok(recorded == 1)
     }
 }

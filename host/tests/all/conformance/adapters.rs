@@ -20,6 +20,7 @@ use stem_host::stores::lock::LockStore;
 use stem_host::stores::lock::memory::MemoryLockStore;
 use stem_host::stores::lock::postgres::PostgresLockStore;
 use stem_host::stores::lock::redis::RedisLockStore;
+use stem_host::stores::lock::sqlite::SqliteLockStore;
 use stem_host::stores::rate_limit::RateLimiter;
 use stem_host::stores::rate_limit::memory::MemoryRateLimiter;
 use stem_host::stores::rate_limit::postgres::PostgresRateLimiter;
@@ -38,6 +39,7 @@ use stem_host::stores::schedule::ScheduleStore;
 use stem_host::stores::schedule::memory::MemoryScheduleStore;
 use stem_host::stores::schedule::postgres::PostgresScheduleStore;
 use stem_host::stores::schedule::redis::RedisScheduleStore;
+use stem_host::stores::schedule::sqlite::SqliteScheduleStore;
 use tempfile::TempDir;
 
 use super::Connect;
@@ -52,7 +54,8 @@ pub struct Memory {
     backend: MemoryBackend,
     revokes: MemoryRevokeStore,
     locks: MemoryLockStore,
-    schedules: MemoryScheduleStore,
+    /// One store per namespace, as `config` keeps them.
+    schedules: std::sync::Mutex<std::collections::HashMap<String, MemoryScheduleStore>>,
     registry: MemoryRegistry,
     rate_limiter: MemoryRateLimiter,
 }
@@ -64,7 +67,7 @@ impl Memory {
             backend: MemoryBackend::default(),
             revokes: MemoryRevokeStore::default(),
             locks: MemoryLockStore::default(),
-            schedules: MemoryScheduleStore::default(),
+            schedules: Default::default(),
             registry: MemoryRegistry::default(),
             rate_limiter: MemoryRateLimiter::default(),
         }
@@ -111,8 +114,9 @@ impl Connect<dyn LockStore> for Memory {
 
 #[async_trait]
 impl Connect<dyn ScheduleStore> for Memory {
-    async fn connect(&self, _namespace: &str) -> Arc<dyn ScheduleStore> {
-        Arc::new(self.schedules.clone())
+    async fn connect(&self, namespace: &str) -> Arc<dyn ScheduleStore> {
+        let mut schedules = self.schedules.lock().unwrap();
+        Arc::new(schedules.entry(namespace.to_owned()).or_default().clone())
     }
 }
 
@@ -215,6 +219,28 @@ impl Connect<dyn ComponentRegistry> for Sqlite {
             Some(namespace),
         );
         Arc::new(registry.await.expect("open registry"))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn LockStore> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn LockStore> {
+        let store = SqliteLockStore::open(
+            self.dir.path().join("stem_schedule.sqlite"),
+            Some(namespace),
+        );
+        Arc::new(store.await.expect("open lock store"))
+    }
+}
+
+#[async_trait]
+impl Connect<dyn ScheduleStore> for Sqlite {
+    async fn connect(&self, namespace: &str) -> Arc<dyn ScheduleStore> {
+        let store = SqliteScheduleStore::open(
+            self.dir.path().join("stem_schedule.sqlite"),
+            Some(namespace),
+        );
+        Arc::new(store.await.expect("open schedule store"))
     }
 }
 

@@ -46,7 +46,8 @@ macro_rules! lock_suite {
 macro_rules! schedule_suite {
     ($adapter:ident, $make:expr) => {
         store_suite!(schedule, $adapter, $make;
-            entries_round_trip, due_entries_in_order, each_firing_is_recorded_once);
+            entries_round_trip, due_entries_in_order, each_firing_is_recorded_once,
+            batches_write_each_entry_over_its_own_revision, namespaces_keep_entries_apart);
     };
 }
 
@@ -79,8 +80,10 @@ revoke_suite!(revoke_memory, adapters::Memory::new());
 revoke_suite!(revoke_sqlite, adapters::Sqlite::new());
 revoke_suite!(revoke_redis, adapters::Redis::new());
 lock_suite!(lock_memory, adapters::Memory::new());
+lock_suite!(lock_sqlite, adapters::Sqlite::new());
 lock_suite!(lock_redis, adapters::Redis::new());
 schedule_suite!(schedule_memory, adapters::Memory::new());
+schedule_suite!(schedule_sqlite, adapters::Sqlite::new());
 schedule_suite!(schedule_redis, adapters::Redis::new());
 
 const NS: &str = "conformance";
@@ -222,6 +225,11 @@ mod lock {
 }
 
 mod schedule {
+    use std::collections::BTreeMap;
+
+    use stem_host::schedule::Schedule;
+    use stem_host::stores::schedule::{CatchUp, EntryDefinition, EntryState, Overlap};
+
     use super::*;
 
     type Harness = dyn Connect<dyn ScheduleStore>;
@@ -229,30 +237,72 @@ mod schedule {
     fn entry(id: &str, next_run_at: Timestamp) -> ScheduleEntry {
         ScheduleEntry {
             id: id.into(),
-            task: "reports.generate".into(),
-            args: r#"{"customerId":42}"#.into(),
-            queue: Some("reports".into()),
-            spec: "every 5m".into(),
-            enabled: true,
-            next_run_at,
-            last_run_at: None,
-            total_runs: 0,
+            definition: EntryDefinition {
+                task: "reports.generate".into(),
+                args: r#"{"customerId":42}"#.into(),
+                schedule: Schedule::Cron {
+                    expression: "0 2 * * *".into(),
+                },
+                timezone: Some("Europe/Berlin".into()),
+                queue: Some("reports".into()),
+                priority: Some(5),
+                max_retries: None,
+                time_limit_ms: None,
+                soft_time_limit_ms: None,
+                expires_ms: None,
+                headers: BTreeMap::new(),
+                enabled: true,
+                jitter_ms: 0,
+                expire_at: None,
+                catch_up: CatchUp::One,
+                overlap: Overlap::Allow,
+                meta: serde_json::Map::new(),
+            },
+            state: EntryState {
+                next_run_at: Some(next_run_at),
+                anchor: next_run_at,
+                ..EntryState::default()
+            },
+            revision: 0,
         }
     }
 
     pub async fn entries_round_trip(harness: &Harness) {
         let store = harness.connect(NS).await;
         let first = entry("nightly", Timestamp::now());
-        store.upsert(&first).await.unwrap();
-        assert_eq!(store.get("nightly").await.unwrap(), Some(first.clone()));
-        let mut changed = first.clone();
-        changed.spec = "every 1h".into();
-        store.upsert(&changed).await.unwrap();
-        store
-            .upsert(&entry("hourly", Timestamp::now()))
-            .await
-            .unwrap();
-        let ids: Vec<String> = store
+        assert!(store.save(&first).await.unwrap());
+        let stored = store.get("nightly").await.unwrap().unwrap();
+        assert_eq!(stored.revision, 1, "a first write stores revision 1");
+        assert_eq!(
+            ScheduleEntry {
+                revision: 0,
+                ..stored.clone()
+            },
+            first
+        );
+        assert!(
+            !store.save(&first).await.unwrap(),
+            "revision 0 only creates an entry that does not exist"
+        );
+
+        let mut changed = stored.clone();
+        changed.definition.schedule = Schedule::Cron {
+            expression: "0 3 * * *".into(),
+        };
+        assert!(store.save(&changed).await.unwrap());
+        assert!(
+            !store.save(&stored).await.unwrap(),
+            "a write over a stale revision is refused"
+        );
+        assert!(
+            store
+                .save(&entry("hourly", Timestamp::now()))
+                .await
+                .unwrap()
+        );
+
+        let reopened = harness.connect(NS).await;
+        let ids: Vec<String> = reopened
             .list()
             .await
             .unwrap()
@@ -260,53 +310,74 @@ mod schedule {
             .map(|e| e.id)
             .collect();
         assert_eq!(ids, ["hourly", "nightly"]);
-        assert_eq!(
-            store.get("nightly").await.unwrap().unwrap().spec,
-            "every 1h"
-        );
+        let nightly = reopened.get("nightly").await.unwrap().unwrap();
+        assert_eq!(nightly.revision, 2);
+        assert_eq!(nightly.definition.schedule, changed.definition.schedule);
         assert!(store.remove("nightly").await.unwrap());
         assert!(!store.remove("nightly").await.unwrap());
         assert_eq!(store.get("nightly").await.unwrap(), None);
+        assert!(
+            store.save(&first).await.unwrap(),
+            "a removed id can be created again"
+        );
     }
 
     pub async fn due_entries_in_order(harness: &Harness) {
         let store = harness.connect(NS).await;
         let now = Timestamp::now();
         let at = |ms: u64| Timestamp::from_millis(now.as_millis() - ms);
-        store.upsert(&entry("late", at(10))).await.unwrap();
-        store.upsert(&entry("early", at(1000))).await.unwrap();
-        store
-            .upsert(&entry("future", now.saturating_add(PATIENCE)))
-            .await
-            .unwrap();
-        let mut disabled = entry("disabled", at(2000));
-        disabled.enabled = false;
-        store.upsert(&disabled).await.unwrap();
-        let due: Vec<String> = store
-            .due(now, 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.id)
-            .collect();
-        assert_eq!(due, ["early", "late"]);
-        assert_eq!(store.due(now, 1).await.unwrap().len(), 1);
+        let mut entries = vec![
+            entry("late", at(10)),
+            entry("early", at(1000)),
+            entry("future", now.saturating_add(PATIENCE)),
+            entry("disabled", at(2000)),
+            entry("finished", at(3000)),
+        ];
+        entries[3].definition.enabled = false;
+        entries[4].state.next_run_at = None;
+        assert!(
+            store
+                .save_many(&entries)
+                .await
+                .unwrap()
+                .iter()
+                .all(|saved| *saved)
+        );
+        let due = |list: Vec<ScheduleEntry>| list.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(due(store.due(now, 10).await.unwrap()), ["early", "late"]);
+        assert_eq!(due(store.due(now, 1).await.unwrap()), ["early"]);
+        assert_eq!(
+            due(store.due(now.saturating_add(PATIENCE), 10).await.unwrap()),
+            ["early", "late", "future"]
+        );
+
+        // Disabling takes an entry out of the due ones; enabling brings it back.
+        let mut early = store.get("early").await.unwrap().unwrap();
+        early.definition.enabled = false;
+        assert!(store.save(&early).await.unwrap());
+        assert_eq!(due(store.due(now, 10).await.unwrap()), ["late"]);
+        let mut early = store.get("early").await.unwrap().unwrap();
+        early.definition.enabled = true;
+        assert!(store.save(&early).await.unwrap());
+        assert_eq!(due(store.due(now, 10).await.unwrap()), ["early", "late"]);
     }
 
     pub async fn each_firing_is_recorded_once(harness: &Harness) {
         let store = harness.connect(NS).await;
         let due_at = Timestamp::now();
-        store.upsert(&entry("tick", due_at)).await.unwrap();
+        assert!(store.save(&entry("tick", due_at)).await.unwrap());
+        let read = store.get("tick").await.unwrap().unwrap();
         let next = due_at.saturating_add(Duration::from_secs(300));
         let mut beats = Vec::new();
-        for _ in 0..10 {
-            let store = Arc::clone(&store);
-            beats.push(tokio::spawn(async move {
-                store
-                    .mark_run("tick", due_at, Timestamp::now(), next)
-                    .await
-                    .unwrap()
-            }));
+        for beat in 0..10 {
+            let store = harness.connect(NS).await;
+            let mut fired = read.clone();
+            fired.state.next_run_at = Some(next);
+            fired.state.total_run_count += 1;
+            fired.state.last_task_id = Some(format!("from-beat-{beat}"));
+            beats.push(tokio::spawn(
+                async move { store.save(&fired).await.unwrap() },
+            ));
         }
         let mut recorded = 0;
         for beat in beats {
@@ -314,9 +385,52 @@ mod schedule {
         }
         assert_eq!(recorded, 1, "one Beat records each firing");
         let fired = store.get("tick").await.unwrap().unwrap();
-        assert_eq!((fired.total_runs, fired.next_run_at), (1, next));
-        assert!(fired.last_run_at.is_some());
-        assert!(!store.mark_run("gone", due_at, due_at, next).await.unwrap());
+        assert_eq!(
+            (
+                fired.revision,
+                fired.state.total_run_count,
+                fired.state.next_run_at
+            ),
+            (2, 1, Some(next))
+        );
+        assert!(store.due(due_at, 10).await.unwrap().is_empty());
+    }
+
+    pub async fn batches_write_each_entry_over_its_own_revision(harness: &Harness) {
+        let store = harness.connect(NS).await;
+        let now = Timestamp::now();
+        assert!(store.save(&entry("a", now)).await.unwrap());
+        assert!(store.save(&entry("b", now)).await.unwrap());
+        let a = store.get("a").await.unwrap().unwrap();
+        let mut b = store.get("b").await.unwrap().unwrap();
+        b.revision = 7;
+        let written = store
+            .save_many(&[a.clone(), b, entry("c", now), entry("a", now)])
+            .await
+            .unwrap();
+        assert_eq!(written, [true, false, true, false]);
+        assert_eq!(store.get("a").await.unwrap().unwrap().revision, 2);
+        assert_eq!(store.get("b").await.unwrap().unwrap().revision, 1);
+        assert!(store.save_many(&[]).await.unwrap().is_empty());
+    }
+
+    pub async fn namespaces_keep_entries_apart(harness: &Harness) {
+        let here = harness.connect("here").await;
+        let there = harness.connect("there").await;
+        assert!(
+            here.save(&entry("same-id", Timestamp::now()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            there
+                .save(&entry("same-id", Timestamp::now()))
+                .await
+                .unwrap()
+        );
+        assert!(here.remove("same-id").await.unwrap());
+        assert!(there.get("same-id").await.unwrap().is_some());
+        assert_eq!(there.list().await.unwrap().len(), 1);
     }
 }
 
