@@ -660,7 +660,7 @@ entries:
         assert_eq!(specs[3].definition.jitter_ms, 300_000);
         // JSON works as well, as a plain list.
         let json = parse(r#"[{"id": "a", "task": "hello.add", "every": 1}]"#).unwrap();
-        assert_eq!(json[0].definition.enabled, true);
+        assert!(json[0].definition.enabled);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! The guest components are built from `examples/` and `tests/guests/` once per run, by
 //! `scripts/build-guests` (or taken from `STEM_GUEST_DIR`).
 
+mod beat;
 mod cli;
 mod conformance;
 mod e2e;

@@ -16,6 +16,7 @@ use serde_json::Value;
 use stem_host::backend::{ResultBackend, TaskStatus};
 use stem_host::broker::Broker;
 use stem_host::config::{self, AdapterUrl, Role};
+use stem_host::stores::schedule::ScheduleStore;
 use tempfile::TempDir;
 
 use crate::support::{cache_dir, guest};
@@ -31,6 +32,10 @@ const ADAPTER_VARIABLES: &[&str] = &[
     "STEM_SQLITE_BACKEND_PATH",
     "STEM_SQLITE_REVOKE_PATH",
     "STEM_SQLITE_REGISTRY_PATH",
+    "STEM_SQLITE_SCHEDULE_PATH",
+    "STEM_SCHEDULE_STORE_URL",
+    "STEM_LOCK_STORE_URL",
+    "STEM_RATE_LIMITER_URL",
     "STEM_LOG",
 ];
 
@@ -193,20 +198,32 @@ impl Platform {
     pub fn worker_with(&self, extra: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
         let mut args = vec!["worker", "start"];
         args.extend_from_slice(extra);
-        let mut command = self.command(&args);
+        self.spawn(&args, env, " ready: ")
+    }
+
+    /// Starts `stem-host beat start --id ID` and waits until it says it started.
+    pub fn beat(&self, id: &str, extra: &[&str]) -> WorkerProcess {
+        let mut args = vec!["beat", "start", "--id", id];
+        args.extend_from_slice(extra);
+        self.spawn(&args, &[("STEM_LOG", "info")], " started: ")
+    }
+
+    /// Starts a long-running `stem-host` command and waits for `ready` on its stderr.
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)], ready: &'static str) -> WorkerProcess {
+        let mut command = self.command(args);
         command.envs(env.iter().copied());
         let mut child = command
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
-            .expect("worker starts");
+            .expect("stem-host starts");
         let log = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains(" ready: ") {
+                if line.contains(ready) {
                     let _ = ready_tx.send(());
                 }
                 let mut log = sink.lock().unwrap();
@@ -214,10 +231,11 @@ impl Platform {
                 log.push('\n');
             }
         });
-        let ready = ready_rx.recv_timeout(Duration::from_secs(60));
+        let started = ready_rx.recv_timeout(Duration::from_secs(60));
         assert!(
-            ready.is_ok(),
-            "the worker did not start:\n{}",
+            started.is_ok(),
+            "stem-host {} did not start:\n{}",
+            args.join(" "),
             log.lock().unwrap()
         );
         WorkerProcess { child, log }
@@ -246,6 +264,14 @@ impl Platform {
         config::open_backend(&url, namespace)
             .await
             .expect("open backend")
+    }
+
+    /// Beat's schedule store, as the processes open it.
+    pub async fn schedules(&self) -> Arc<dyn ScheduleStore> {
+        let (url, namespace) = self.url(Role::Schedule, "stem_schedule.sqlite");
+        config::open_schedule_store(&url, namespace)
+            .await
+            .expect("open schedule store")
     }
 
     pub async fn broker(&self) -> Arc<dyn Broker> {
@@ -300,7 +326,7 @@ impl Platform {
     }
 }
 
-/// A worker process; killed when dropped.
+/// A worker or Beat process; killed when dropped.
 pub struct WorkerProcess {
     child: Child,
     log: Arc<Mutex<String>>,

@@ -5,8 +5,10 @@
 //! publishing in batches, and every result read back. With `--processes N` the workers are
 //! `stem-host worker start` processes instead, as operators run them, draining a queue filled
 //! beforehand; that mode also reports the CPU each task costs the workers and Redis
-//! ([`processes`]). `bench runtime` times the sandbox alone.
+//! ([`processes`]). `bench runtime` times the sandbox alone; `bench beat` the scheduler
+//! ([`beat`]).
 
+mod beat;
 mod processes;
 
 use std::path::PathBuf;
@@ -46,6 +48,8 @@ enum BenchCommand {
     ///
     /// Every iteration is a complete run: a fresh Store and instance, the call, the teardown.
     Runtime(RuntimeBench),
+    /// Cost of Beat's rounds over many entries, and how late its firings are published.
+    Beat(beat::BeatBench),
 }
 
 /// Enqueue N tasks and run them with in-process workers against the configured broker and
@@ -107,6 +111,7 @@ struct RuntimeBench {
 pub async fn run(args: BenchArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     match args.command {
         Some(BenchCommand::Runtime(bench)) => runtime_bench(bench, connections).await,
+        Some(BenchCommand::Beat(bench)) => beat::run(bench, connections).await,
         None if args.end_to_end.processes.is_some() => {
             processes::drain(args.end_to_end, connections).await
         }
