@@ -69,6 +69,11 @@ impl From<Timestamp> for SystemTime {
 /// RFC 3339 in UTC with milliseconds, e.g. `2026-11-23T11:24:56.123Z`.
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // RFC 3339 ends with the year 9999; later instants print as milliseconds.
+        const YEAR_10000: u64 = 253_402_300_800_000;
+        if self.0 >= YEAR_10000 {
+            return write!(f, "@{}ms", self.0);
+        }
         humantime::format_rfc3339_millis(SystemTime::from(*self)).fmt(f)
     }
 }

@@ -20,7 +20,6 @@ use std::time::Duration;
 use jiff::tz::TimeZone;
 use serde_json::{Map, Value};
 
-use super::next_slot;
 use crate::envelope::{MAX_PRIORITY, is_valid_queue_name};
 use crate::schedule::{Schedule, ScheduleError, SolarEvent, time_zone};
 use crate::stores::schedule::{CatchUp, EntryDefinition, EntryState, Overlap, ScheduleEntry};
@@ -28,6 +27,11 @@ use crate::time::Timestamp;
 
 /// The longest entry id: with the slot appended it must still be a valid task id.
 pub const MAX_ENTRY_ID_LEN: usize = 200;
+/// Bounds on the durations an entry may give.
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_INTERVAL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+const MAX_JITTER: Duration = Duration::from_secs(24 * 3600);
+const MAX_TASK_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One entry of a schedule file, checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -222,21 +226,28 @@ impl Reader<'_> {
         }
     }
 
-    /// `30s`, `5m`, `1h 30m`, `500ms`; a bare number is seconds.
-    fn duration(&mut self, field: &str) -> Option<Duration> {
+    /// `30s`, `5m`, `1h 30m`, `500ms`; a bare number is seconds. At most `max`.
+    fn duration(&mut self, field: &str, max: Duration) -> Option<Duration> {
         let value = self.fields.get(field)?;
         let parsed = match value {
             Value::Null => return None,
             Value::Number(n) => n
                 .as_f64()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
+                .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
                 .ok_or_else(|| format!("{n} is not a duration")),
             Value::String(text) => humantime::parse_duration(text)
                 .map_err(|e| format!("`{text}` is not a duration ({e}); write e.g. 30s, 5m, 1h")),
             other => Err(format!("expected a duration such as 30s, found {other}")),
         };
-        parsed.map_err(|reason| self.fail(field, reason)).ok()
+        let checked = parsed.and_then(|duration| match duration <= max {
+            true => Ok(duration),
+            false => Err(format!(
+                "{} is longer than the {} allowed",
+                humantime::format_duration(duration),
+                humantime::format_duration(max)
+            )),
+        });
+        checked.map_err(|reason| self.fail(field, reason)).ok()
     }
 
     /// An instant: RFC 3339 with an offset, or a wall-clock time in the entry's time zone.
@@ -321,9 +332,11 @@ fn parse_entry(fields: &Map<String, Value>) -> Result<EntrySpec, Failures> {
     let max_retries = read
         .whole("max_retries", u64::from(u32::MAX))
         .map(|n| n as u32);
-    let time_limit_ms = read.duration("time_limit").map(millis);
-    let soft_time_limit_ms = read.duration("soft_time_limit").map(millis);
-    let expires_ms = read.duration("expires").map(millis);
+    let time_limit_ms = read.duration("time_limit", MAX_TASK_DURATION).map(millis);
+    let soft_time_limit_ms = read
+        .duration("soft_time_limit", MAX_TASK_DURATION)
+        .map(millis);
+    let expires_ms = read.duration("expires", MAX_INTERVAL).map(millis);
     let headers = match fields.get("headers") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(Value::Object(map)) => {
@@ -347,7 +360,7 @@ fn parse_entry(fields: &Map<String, Value>) -> Result<EntrySpec, Failures> {
         }
     };
     let enabled = read.boolean("enabled").unwrap_or(true);
-    let jitter_ms = read.duration("jitter").map_or(0, millis);
+    let jitter_ms = read.duration("jitter", MAX_JITTER).map_or(0, millis);
     let expire_at = read.instant("expire_at", &zone);
     let catch_up = match read.string("catch_up").as_deref() {
         None | Some("one") => CatchUp::One,
@@ -442,7 +455,14 @@ fn parse_schedule(read: &mut Reader<'_>, zone: &TimeZone) -> Option<Schedule> {
             return None;
         }
         ["every"] => {
-            let every = read.duration("every")?;
+            let every = read.duration("every", MAX_INTERVAL)?;
+            if every < MIN_INTERVAL {
+                read.fail(
+                    "every",
+                    "the shortest interval is 1s (Beat fires whole seconds)",
+                );
+                return None;
+            }
             Schedule::Interval {
                 every_ms: millis(every),
                 start_at: read.instant("start_at", zone),
@@ -534,7 +554,8 @@ impl Change {
     }
 }
 
-/// A new entry for `spec`, first due at its first slot at or after `now`.
+/// A new entry for `spec`, first due at its first slot at or after `now` (an interval at
+/// once).
 pub fn new_entry(spec: &EntrySpec, now: Timestamp) -> ScheduleEntry {
     let mut entry = ScheduleEntry {
         id: spec.id.clone(),
@@ -542,15 +563,15 @@ pub fn new_entry(spec: &EntrySpec, now: Timestamp) -> ScheduleEntry {
         state: EntryState::default(),
         revision: 0,
     };
+    entry.state.anchor = now;
     reschedule(&mut entry, now);
     entry
 }
 
-/// Works the entry's next slot out again from `now`, counting intervals from `now`.
+/// Works the entry's next slot out again: its first slot at or after `now`.
 pub fn reschedule(entry: &mut ScheduleEntry, now: Timestamp) {
-    entry.state.anchor = now;
-    let zone = time_zone(entry.definition.timezone.as_deref()).unwrap_or(TimeZone::UTC);
-    entry.state.next_run_at = next_slot(&entry.definition, &zone, now, now);
+    let zone = entry.definition.zone();
+    entry.state.next_run_at = entry.definition.next_slot(&zone, entry.state.anchor, now);
 }
 
 /// What applying `specs` over the `stored` entries changes; with `prune`, stored entries the
@@ -581,6 +602,10 @@ pub fn plan_apply(
                     || (after.enabled && !before.enabled);
                 let mut entry = (*current).clone();
                 entry.definition = after.clone();
+                if before.schedule != after.schedule {
+                    // A new interval counts from now; an edited end or zone keeps the phase.
+                    entry.state.anchor = now;
+                }
                 if rescheduled {
                     reschedule(&mut entry, now);
                 }
@@ -736,6 +761,15 @@ entries:
                 ("#3", "every"),
             ]
         );
+        let FileError::Invalid(bounds) = parse(
+            "[{id: a, task: t, every: 1e20}, {id: b, task: t, every: 10ms}, \
+              {id: c, task: t, every: 1m, jitter: 1000000000y}]",
+        )
+        .unwrap_err() else {
+            panic!("expected field errors");
+        };
+        let fields: Vec<&str> = bounds.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["every", "every", "jitter"]);
         assert!(parse("id: [").is_err());
         assert!(matches!(parse("just text"), Err(FileError::Shape)));
         let FileError::Invalid(twice) =

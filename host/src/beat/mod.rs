@@ -14,9 +14,12 @@
 //!
 //! Publishing comes before recording, so a Beat that dies between the two loses nothing: the
 //! next leader publishes the same slot again under the same task id, and a worker that finds
-//! that id already finished settles the copy without running it. Two leaders at once (a
-//! paused process whose lock expired) are harmless the same way: the compare-and-set lets one
-//! of them record each slot, and the task ids they publish are the same.
+//! that id already finished settles the copy without running it (a copy taken while the first
+//! is still queued or running would run too; the window is one store write wide). The leader
+//! renews its lock right before it publishes, so a Beat that stalled past its lock publishes
+//! nothing. A firing whose record loses to another writer (`schedule run`, an edit) is
+//! recorded again on the entry as that writer left it, unless its slot was recorded or
+//! rescheduled meanwhile.
 //!
 //! The store is read afresh every round, so `schedule apply`, `enable` and `disable` reach a
 //! running Beat within a tick.
@@ -28,15 +31,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::tz::TimeZone;
-
 use crate::backend::{ResultBackend, TaskState, TaskStatus};
-use crate::client::{Client, EnqueueRequest};
+use crate::client::{Client, EnqueueError, EnqueueRequest};
 use crate::envelope::Envelope;
-use crate::schedule::time_zone;
+use crate::schedule::Schedule;
 use crate::storage::StorageError;
 use crate::stores::lock::LockStore;
-use crate::stores::schedule::{CatchUp, EntryDefinition, Overlap, ScheduleEntry, ScheduleStore};
+use crate::stores::schedule::{CatchUp, Overlap, ScheduleEntry, ScheduleStore};
 use crate::time::Timestamp;
 
 /// The lock the leading Beat holds.
@@ -44,8 +45,6 @@ pub const LEADER_LOCK: &str = "beat-leader";
 /// The most slots of one entry a round fires under `catch_up = all`; the rest fire in the
 /// rounds right after.
 const MAX_CATCH_UP_PER_ROUND: usize = 100;
-/// Steps taken to find the slots missed during a long outage before jumping to the present.
-const MAX_SLOT_SCAN: usize = 100_000;
 /// Headers every firing carries.
 pub const ENTRY_HEADER: &str = "stem-beat-entry";
 pub const SLOT_HEADER: &str = "stem-beat-slot";
@@ -60,7 +59,7 @@ pub struct BeatConfig {
     pub tick: Duration,
     /// How long leadership lasts unrenewed: the longest a dead leader's entries wait.
     pub lock_ttl: Duration,
-    /// Entries fired per round.
+    /// Entries looked at, and tasks published, per round.
     pub batch: usize,
 }
 
@@ -101,40 +100,19 @@ pub struct Beat {
     backend: Arc<dyn ResultBackend>,
 }
 
-/// The slot an entry fires next at or after `at`, within its `expire_at`.
-pub fn next_slot(
-    definition: &EntryDefinition,
-    zone: &TimeZone,
-    anchor: Timestamp,
-    at: Timestamp,
-) -> Option<Timestamp> {
-    definition
-        .schedule
-        .next_at_or_after(at, zone, anchor)
-        .filter(|slot| definition.expire_at.is_none_or(|end| *slot <= end))
-}
-
-/// The entry's time zone; one stored before its zone was known falls back to UTC.
-fn zone_of(definition: &EntryDefinition) -> TimeZone {
-    time_zone(definition.timezone.as_deref()).unwrap_or(TimeZone::UTC)
-}
-
-/// The next `count` slots of an entry, from its next run.
-pub fn upcoming(entry: &ScheduleEntry, count: usize) -> Vec<Timestamp> {
-    let zone = zone_of(&entry.definition);
-    let mut slots = Vec::with_capacity(count);
-    let mut next = entry.state.next_run_at;
-    while let Some(slot) = next {
-        if slots.len() == count {
-            break;
-        }
+/// The next `count` slots of an entry after `now` (its next run, unless that is past: a
+/// disabled or backlogged entry's).
+pub fn upcoming(entry: &ScheduleEntry, count: usize, now: Timestamp) -> Vec<Timestamp> {
+    let definition = &entry.definition;
+    let zone = definition.zone();
+    let mut slots = Vec::new();
+    let mut next = match entry.state.next_run_at {
+        Some(next) if next < now => definition.next_slot(&zone, entry.state.anchor, now),
+        next => next,
+    };
+    while let Some(slot) = next.filter(|_| slots.len() < count) {
         slots.push(slot);
-        next = next_slot(
-            &entry.definition,
-            &zone,
-            entry.state.anchor,
-            Timestamp::from_millis(slot.as_millis() + 1),
-        );
+        next = definition.slot_after(&zone, entry.state.anchor, slot);
     }
     slots
 }
@@ -144,72 +122,107 @@ pub fn task_id(entry_id: &str, slot: Timestamp) -> String {
     format!("{entry_id}@{slot}")
 }
 
-/// What a round does with one due entry.
+/// What a round does with one due entry: the slots it fires, how many it skips, and the
+/// entry's next slot afterwards.
 struct Plan {
     fire: Vec<Timestamp>,
     dropped: u64,
     next: Option<Timestamp>,
 }
 
-/// Slots of `entry` due at `now`, and which of them fire under its catch-up policy. A slot
-/// more than `grace` old counts as missed.
+/// Counting the slots a long outage missed stops here; `skipped_count` then says "at least".
+const MAX_MISSED_COUNT: u64 = 10_000;
+
+/// Slots of `entry` due at `now`, and which of them fire under its catch-up and overlap
+/// policies. A slot more than `grace` old counts as missed.
 fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration) -> Plan {
     let definition = &entry.definition;
-    let zone = zone_of(definition);
-    let anchor = entry.state.anchor;
-    let after = |slot: Timestamp| {
-        next_slot(
-            definition,
-            &zone,
-            anchor,
-            Timestamp::from_millis(slot.as_millis() + 1),
-        )
+    let (zone, anchor) = (definition.zone(), entry.state.anchor);
+    let Some(first) = entry.state.next_run_at.filter(|slot| *slot <= now) else {
+        return Plan {
+            fire: Vec::new(),
+            dropped: 0,
+            next: entry.state.next_run_at,
+        };
     };
-    let mut due = Vec::new();
-    let mut cursor = entry.state.next_run_at;
-    let mut jumped = false;
-    while let Some(slot) = cursor.filter(|slot| *slot <= now) {
-        if due.len() == MAX_SLOT_SCAN {
-            jumped = true;
-            break;
+    if definition.catch_up == CatchUp::All {
+        // Oldest first, a bounded number per round; with `overlap = skip` one at a time, as
+        // the next must wait for it.
+        let most = match definition.overlap {
+            Overlap::Skip => 1,
+            Overlap::Allow => MAX_CATCH_UP_PER_ROUND,
+        };
+        let mut fire = vec![first];
+        let mut next = definition.slot_after(&zone, anchor, first);
+        while let Some(slot) = next.filter(|slot| *slot <= now && fire.len() < most) {
+            fire.push(slot);
+            next = definition.slot_after(&zone, anchor, slot);
         }
-        due.push(slot);
-        cursor = after(slot);
+        return Plan {
+            fire,
+            dropped: 0,
+            next,
+        };
     }
-    if jumped {
-        cursor = next_slot(
-            definition,
-            &zone,
-            anchor,
-            Timestamp::from_millis(now.as_millis() + 1),
-        );
-    }
-    let total = due.len() as u64;
-    let fire: Vec<Timestamp> = match definition.catch_up {
-        CatchUp::All => {
-            if due.len() > MAX_CATCH_UP_PER_ROUND {
-                let rest = due[MAX_CATCH_UP_PER_ROUND];
-                due.truncate(MAX_CATCH_UP_PER_ROUND);
-                return Plan {
-                    fire: due,
-                    dropped: 0,
-                    next: Some(rest),
-                };
+    let latest = definition
+        .latest_slot(&zone, anchor, now)
+        .filter(|latest| *latest >= first)
+        .unwrap_or(first);
+    let missed = match definition.schedule {
+        Schedule::Interval { every_ms, .. } => {
+            (latest.as_millis() - first.as_millis()) / every_ms.max(1) + 1
+        }
+        _ => {
+            let mut count = 1;
+            let mut slot = first;
+            while let Some(next) = definition
+                .slot_after(&zone, anchor, slot)
+                .filter(|next| *next <= latest && count < MAX_MISSED_COUNT)
+            {
+                count += 1;
+                slot = next;
             }
-            due
+            count
         }
-        CatchUp::One => due.last().copied().into_iter().collect(),
-        CatchUp::None => due
-            .last()
-            .copied()
-            .filter(|slot| now.saturating_since(*slot) <= grace)
-            .into_iter()
-            .collect(),
+    };
+    let on_time = now.saturating_since(latest) <= grace;
+    let fire = match definition.catch_up {
+        CatchUp::None if !on_time => Vec::new(),
+        _ => vec![latest],
     };
     Plan {
-        dropped: total - fire.len() as u64,
+        dropped: missed - fire.len() as u64,
         fire,
-        next: cursor,
+        next: definition.next_slot(&zone, anchor, Timestamp::from_millis(now.as_millis() + 1)),
+    }
+}
+
+/// What a round did to one entry, to record on whatever revision of it is current.
+struct Outcome {
+    /// The entry's next slot when the round read it.
+    read_next: Option<Timestamp>,
+    fired: Vec<(Timestamp, String)>,
+    dropped: u64,
+    next: Option<Timestamp>,
+    error: Option<String>,
+    at: Timestamp,
+}
+
+impl Outcome {
+    fn record(&self, state: &mut crate::stores::schedule::EntryState) {
+        state.next_run_at = self.next;
+        state.skipped_count += self.dropped;
+        state.total_run_count += self.fired.len() as u64;
+        if let Some((slot, task_id)) = self.fired.last() {
+            state.last_run_at = Some(self.at);
+            state.last_slot = Some(*slot);
+            state.last_task_id = Some(task_id.clone());
+            state.drift_ms =
+                u64::try_from(self.at.saturating_since(*slot).as_millis()).unwrap_or(u64::MAX);
+        }
+        if self.error.is_some() || !self.fired.is_empty() {
+            state.last_error.clone_from(&self.error);
+        }
     }
 }
 
@@ -224,7 +237,7 @@ fn jitter_of(task_id: &str, jitter_ms: u64) -> Duration {
         .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
         });
-    Duration::from_millis(hash % (jitter_ms + 1))
+    Duration::from_millis(hash % jitter_ms.saturating_add(1).max(1))
 }
 
 impl Beat {
@@ -257,6 +270,16 @@ impl Beat {
                     false
                 }
             };
+            let mut pause = self.config.tick;
+            if leading {
+                match self.round(Timestamp::now(), true).await {
+                    Ok(Some(round)) => pause = self.pause_after(&round),
+                    Ok(None) => leading = false,
+                    Err(error) => {
+                        tracing::warn!(%error, "a round failed; trying again next tick");
+                    }
+                }
+            }
             if leading != was_leading {
                 if leading {
                     tracing::info!(
@@ -267,17 +290,6 @@ impl Beat {
                     tracing::warn!(beat = self.config.id, "lost the leader lock; standing by");
                 }
             }
-            let pause = if leading {
-                match self.fire_due(Timestamp::now()).await {
-                    Ok(round) => self.pause_after(&round),
-                    Err(error) => {
-                        tracing::warn!(%error, "a round failed; trying again next tick");
-                        self.config.tick
-                    }
-                }
-            } else {
-                self.config.tick
-            };
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(pause) => {}
@@ -308,9 +320,15 @@ impl Beat {
     }
 
     /// One round at `now`: fires the entries due, records the firings, and says when the next
-    /// entry is due. The caller must hold the leader lock (several Beats firing at once are
-    /// safe, only wasteful).
+    /// entry is due. The caller should hold the leader lock (several Beats firing at once
+    /// publish the same task ids twice).
     pub async fn fire_due(&self, now: Timestamp) -> Result<Round, StorageError> {
+        Ok(self.round(now, false).await?.unwrap_or_default())
+    }
+
+    /// A round; when `fenced`, the leader lock is renewed right before publishing, and
+    /// `None` says it was lost and nothing was published.
+    async fn round(&self, now: Timestamp, fenced: bool) -> Result<Option<Round>, StorageError> {
         let horizon = now.saturating_add(self.config.tick);
         let entries = self.store.due(horizon, self.config.batch).await?;
         let full = entries.len() == self.config.batch;
@@ -323,69 +341,106 @@ impl Beat {
             ..Round::default()
         };
         if ready.is_empty() {
-            return Ok(round);
+            return Ok(Some(round));
         }
         let running = self.still_running(&ready).await?;
-        let grace = self.config.tick * 2;
+        // A slot late by less than a takeover is not missed: `catch_up = none` fires it.
+        let grace = self.config.lock_ttl + self.config.tick;
         let mut envelopes: Vec<Envelope> = Vec::new();
         let mut pending: Vec<TaskStatus> = Vec::new();
-        let mut updated: Vec<ScheduleEntry> = Vec::with_capacity(ready.len());
-        for mut entry in ready {
+        let mut recorded: Vec<(ScheduleEntry, Outcome)> = Vec::with_capacity(ready.len());
+        for entry in ready {
+            if envelopes.len() >= self.config.batch {
+                round.more = true;
+                break;
+            }
             let mut plan = plan(&entry, now, grace);
             if !plan.fire.is_empty() && running.contains(&entry.id) {
                 plan.dropped += plan.fire.len() as u64;
                 plan.fire.clear();
             }
-            round.skipped += plan.dropped;
-            entry.state.skipped_count += plan.dropped;
-            entry.state.next_run_at = plan.next;
+            let mut outcome = Outcome {
+                read_next: entry.state.next_run_at,
+                fired: Vec::new(),
+                dropped: plan.dropped,
+                next: plan.next,
+                error: None,
+                at: now,
+            };
             for slot in &plan.fire {
                 match self.client.prepare(firing(&entry, *slot)).await {
                     Ok(envelope) => {
                         if entry.definition.overlap == Overlap::Skip {
-                            let mut status = TaskStatus::new(&envelope.id, TaskState::Pending);
-                            status.task = Some(envelope.task.clone());
-                            pending.push(status);
+                            pending.push(pending_status(&envelope));
                         }
-                        entry.state.total_run_count += 1;
-                        entry.state.last_run_at = Some(now);
-                        entry.state.last_slot = Some(*slot);
-                        entry.state.last_task_id = Some(envelope.id.clone());
-                        entry.state.last_error = None;
-                        entry.state.drift_ms =
-                            u64::try_from(now.saturating_since(*slot).as_millis())
-                                .unwrap_or(u64::MAX);
+                        outcome.fired.push((*slot, envelope.id.clone()));
                         envelopes.push(envelope);
                     }
+                    // The registry could not be read: the slot waits for the next round.
+                    Err(EnqueueError::Storage(error)) => return Err(error),
                     Err(error) => {
                         tracing::warn!(entry = entry.id, %error, "cannot enqueue the entry's task");
-                        entry.state.last_error = Some(error.to_string());
+                        outcome.error = Some(error.to_string());
                         round.failed += 1;
                     }
                 }
             }
-            updated.push(entry);
+            round.skipped += outcome.dropped;
+            recorded.push((entry, outcome));
         }
         if !pending.is_empty() {
             self.backend.set_many(&pending, None).await?;
         }
+        if fenced
+            && !envelopes.is_empty()
+            && !self
+                .locks
+                .renew(LEADER_LOCK, &self.config.id, self.config.lock_ttl)
+                .await?
+        {
+            return Ok(None);
+        }
         self.client.broker().publish_batch(&envelopes).await?;
         round.fired = envelopes.len();
-        let saved = self.store.save_many(&updated).await?;
-        round.conflicts = saved.iter().filter(|saved| !**saved).count();
-        if round.conflicts > 0 {
-            tracing::debug!(
-                conflicts = round.conflicts,
-                "entries changed meanwhile; their firings were published under the same ids"
-            );
-        }
         for envelope in &envelopes {
             tracing::debug!(task.id = envelope.id, task = envelope.task, "fired");
+        }
+        let updated: Vec<ScheduleEntry> = recorded
+            .iter()
+            .map(|(entry, outcome)| {
+                let mut entry = entry.clone();
+                outcome.record(&mut entry.state);
+                entry
+            })
+            .collect();
+        let saved = self.store.save_many(&updated).await?;
+        for ((entry, outcome), saved) in recorded.iter().zip(saved) {
+            if !saved && !self.record_again(&entry.id, outcome).await? {
+                round.conflicts += 1;
+            }
         }
         round.more |= updated
             .iter()
             .any(|entry| entry.due_at().is_some_and(|at| at <= now));
-        Ok(round)
+        Ok(Some(round))
+    }
+
+    /// Records an outcome whose first save lost to another writer, on the entry as it is
+    /// now, unless another Beat recorded the slot or the entry was rescheduled meanwhile.
+    async fn record_again(&self, id: &str, outcome: &Outcome) -> Result<bool, StorageError> {
+        for _ in 0..5 {
+            let Some(mut entry) = self.store.get(id).await? else {
+                return Ok(false);
+            };
+            if entry.state.next_run_at != outcome.read_next {
+                return Ok(false);
+            }
+            outcome.record(&mut entry.state);
+            if self.store.save(&entry).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Ids of the entries with `overlap = skip` whose previous task has not finished.
@@ -410,39 +465,56 @@ impl Beat {
             .map(|((entry, _), _)| (*entry).to_owned())
             .collect())
     }
+}
 
-    /// Fires `id` now, outside its schedule (`schedule run`), and counts the firing; `None`
-    /// if there is no such entry.
-    pub async fn run_now(&self, id: &str) -> Result<Option<Envelope>, RunNowError> {
-        let Some(entry) = self.store.get(id).await? else {
-            return Ok(None);
-        };
-        let now = Timestamp::now();
-        let mut request = firing(&entry, now);
-        request.task_id = Some(format!("{id}@run-{now}"));
-        let envelope = self.client.prepare(request).await?;
-        self.client.broker().publish(&envelope).await?;
-        // Counted on whatever revision is current: a Beat recording a slot meanwhile wins.
-        let mut current = Some(entry);
-        for _ in 0..10 {
-            let Some(mut entry) = current else { break };
-            entry.state.total_run_count += 1;
-            entry.state.last_run_at = Some(now);
-            entry.state.last_task_id = Some(envelope.id.clone());
-            if self.store.save(&entry).await? {
-                break;
-            }
-            current = self.store.get(id).await?;
-        }
-        Ok(Some(envelope))
+/// The `pending` status Beat records for a firing that `overlap = skip` will watch.
+fn pending_status(envelope: &Envelope) -> TaskStatus {
+    let mut status = TaskStatus::new(&envelope.id, TaskState::Pending);
+    status.task = Some(envelope.task.clone());
+    status
+}
+
+/// Enqueues entry `id`'s task now, outside its schedule (`schedule run`), under the id
+/// `ID@run-TIME`, and counts the firing; `None` if there is no such entry.
+pub async fn run_now(
+    store: &dyn ScheduleStore,
+    client: &Client,
+    backend: &dyn ResultBackend,
+    id: &str,
+) -> Result<Option<Envelope>, RunNowError> {
+    let Some(entry) = store.get(id).await? else {
+        return Ok(None);
+    };
+    let now = Timestamp::now();
+    let mut request = firing(&entry, now);
+    request.task_id = Some(format!("{id}@run-{now}"));
+    request.not_before = None;
+    request.headers.remove(SLOT_HEADER);
+    let envelope = client.prepare(request).await?;
+    if entry.definition.overlap == Overlap::Skip {
+        backend.set(&pending_status(&envelope), None).await?;
     }
+    client.broker().publish(&envelope).await?;
+    // Counted on whatever revision is current: a Beat recording a slot meanwhile wins.
+    let mut current = Some(entry);
+    for _ in 0..10 {
+        let Some(mut entry) = current else { break };
+        entry.state.total_run_count += 1;
+        entry.state.last_run_at = Some(now);
+        entry.state.last_task_id = Some(envelope.id.clone());
+        if store.save(&entry).await? {
+            break;
+        }
+        current = store.get(id).await?;
+    }
+    Ok(Some(envelope))
 }
 
 /// Why `schedule run` could not fire an entry.
 #[derive(Debug, thiserror::Error)]
 pub enum RunNowError {
     #[error(transparent)]
-    Enqueue(#[from] crate::client::EnqueueError),
+    Enqueue(#[from] EnqueueError),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -1,7 +1,5 @@
 //! Beat rounds with a fixed clock, against the in-memory adapters.
 
-use std::collections::BTreeMap;
-
 use super::*;
 use crate::backend::memory::MemoryBackend;
 use crate::broker::memory::MemoryBroker;
@@ -11,8 +9,8 @@ use crate::schedule::Schedule;
 use crate::stores::lock::memory::MemoryLockStore;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::registry::memory::MemoryRegistry;
-use crate::stores::schedule::EntryState;
 use crate::stores::schedule::memory::MemoryScheduleStore;
+use crate::stores::schedule::{EntryDefinition, EntryState};
 use crate::task::{TaskDefinition, TaskOptions};
 
 const T0: u64 = 1_800_000_000_000;
@@ -84,29 +82,15 @@ impl Parts {
 fn every(id: &str, seconds: u64, next: Timestamp) -> ScheduleEntry {
     ScheduleEntry {
         id: id.into(),
-        definition: EntryDefinition {
-            task: "hello.add".into(),
-            args: r#"{"a":1,"b":2}"#.into(),
-            schedule: Schedule::Interval {
+        definition: EntryDefinition::new(
+            "hello.add",
+            r#"{"a":1,"b":2}"#,
+            Schedule::Interval {
                 every_ms: seconds * 1000,
                 start_at: None,
                 end_at: None,
             },
-            timezone: None,
-            queue: None,
-            priority: None,
-            max_retries: None,
-            time_limit_ms: None,
-            soft_time_limit_ms: None,
-            expires_ms: None,
-            headers: BTreeMap::new(),
-            enabled: true,
-            jitter_ms: 0,
-            expire_at: None,
-            catch_up: CatchUp::One,
-            overlap: Overlap::Allow,
-            meta: serde_json::Map::new(),
-        },
+        ),
         state: EntryState {
             next_run_at: Some(next),
             anchor: next,
@@ -169,8 +153,9 @@ async fn missed_slots_follow_the_catch_up_policy() {
         let mut entry = every("late", 10, at(0));
         entry.definition.catch_up = policy;
         parts.store.save(&entry).await.unwrap();
-        // Slots at 0, 10, ..., 90 are due at 95 s; the latest is 5 s old.
-        let round = parts.beat().fire_due(at(95)).await.unwrap();
+        // Slots at 0, 10, ..., 90 are due at 98 s; the latest is 8 s old, longer than a
+        // takeover (lock TTL 5 s + tick 1 s), so `none` counts it missed.
+        let round = parts.beat().fire_due(at(98)).await.unwrap();
         assert_eq!((round.fired, round.skipped), (fired, skipped), "{policy:?}");
         let published = parts.published().await;
         assert_eq!(published.len(), fired, "{policy:?}");
@@ -244,8 +229,13 @@ async fn disabled_and_expired_entries_do_not_fire() {
     assert_eq!(parts.entry("ending").await.state.next_run_at, None);
     assert_eq!(beat.fire_due(at(20)).await.unwrap().fired, 0);
     assert_eq!(
-        upcoming(&parts.entry("off").await, 3),
+        upcoming(&parts.entry("off").await, 3, at(0)),
         [at(0), at(10), at(20)]
+    );
+    assert_eq!(
+        upcoming(&parts.entry("off").await, 2, at(25)),
+        [at(30), at(40)],
+        "a stale next run is not shown as upcoming"
     );
 }
 
@@ -261,4 +251,54 @@ async fn jitter_delays_a_firing_by_the_same_amount_everywhere() {
         request.headers.get(ENTRY_HEADER).map(String::as_str),
         Some("spread")
     );
+}
+
+#[tokio::test]
+async fn overlap_skip_catches_up_one_slot_at_a_time() {
+    let parts = Parts::new().await;
+    let mut entry = every("backlog", 1, at(0));
+    entry.definition.overlap = Overlap::Skip;
+    entry.definition.catch_up = CatchUp::All;
+    parts.store.save(&entry).await.unwrap();
+    let round = parts.beat().fire_due(at(5)).await.unwrap();
+    assert_eq!(round.fired, 1, "the next slot waits for this one");
+    assert_eq!(parts.entry("backlog").await.state.next_run_at, Some(at(1)));
+}
+
+#[tokio::test]
+async fn a_firing_is_recorded_over_an_edit_made_meanwhile() {
+    let parts = Parts::new().await;
+    parts.store.save(&every("edited", 10, at(0))).await.unwrap();
+    let stale = parts.entry("edited").await;
+    // An operator edits the entry between the round's read and its write.
+    let mut edit = stale.clone();
+    edit.definition.meta.insert("owner".into(), "ops".into());
+    parts.store.save(&edit).await.unwrap();
+    let beat = parts.beat();
+    let outcome = Outcome {
+        read_next: stale.state.next_run_at,
+        fired: vec![(at(0), task_id("edited", at(0)))],
+        dropped: 0,
+        next: Some(at(10)),
+        error: None,
+        at: at(0),
+    };
+    let mut lost = stale.clone();
+    outcome.record(&mut lost.state);
+    assert!(!parts.store.save(&lost).await.unwrap());
+    assert!(beat.record_again("edited", &outcome).await.unwrap());
+    let entry = parts.entry("edited").await;
+    assert_eq!(
+        entry.state.next_run_at,
+        Some(at(10)),
+        "the slot is recorded: no refire"
+    );
+    assert_eq!(
+        entry.definition.meta["owner"], "ops",
+        "and the edit is kept"
+    );
+
+    // Once another Beat recorded the slot, the late one does not record it again.
+    assert!(!beat.record_again("edited", &outcome).await.unwrap());
+    assert_eq!(parts.entry("edited").await.state.total_run_count, 1);
 }

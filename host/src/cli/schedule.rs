@@ -8,8 +8,8 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::Connections;
+use crate::beat;
 use crate::beat::file::{self, Change};
-use crate::beat::{self, Beat, BeatConfig};
 use crate::stores::schedule::{ScheduleEntry, ScheduleStore};
 use crate::time::Timestamp;
 
@@ -61,6 +61,7 @@ pub enum ScheduleCommand {
     /// Preview an entry's next firings.
     Next {
         id: String,
+        /// How many (at most 1000).
         #[arg(long, default_value_t = 5)]
         count: usize,
         /// Print JSON instead of text.
@@ -68,6 +69,11 @@ pub enum ScheduleCommand {
         json: bool,
     },
 }
+
+/// Entries written per store call by `apply`, so a big file does not hold the store long.
+const APPLY_BATCH: usize = 500;
+/// The most firings `schedule next` previews.
+const MAX_PREVIEW: usize = 1000;
 
 pub async fn run(command: ScheduleCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
     let store = connections.schedules().await?;
@@ -98,14 +104,9 @@ pub async fn run(command: ScheduleCommand, connections: &Connections) -> anyhow:
         ScheduleCommand::Enable { id } => set_enabled(&*store, &id, true).await,
         ScheduleCommand::Disable { id } => set_enabled(&*store, &id, false).await,
         ScheduleCommand::Run { id, json } => {
-            let beat = Beat::new(
-                BeatConfig::default(),
-                store.clone(),
-                connections.locks().await?,
-                connections.client().await?,
-                connections.backend().await?,
-            );
-            let Some(envelope) = beat.run_now(&id).await? else {
+            let client = connections.client().await?;
+            let backend = connections.backend().await?;
+            let Some(envelope) = beat::run_now(&*store, &client, &*backend, &id).await? else {
                 bail!("no schedule entry `{id}` (see `stem-host schedule list`)");
             };
             if json {
@@ -120,7 +121,7 @@ pub async fn run(command: ScheduleCommand, connections: &Connections) -> anyhow:
         }
         ScheduleCommand::Next { id, count, json } => {
             let entry = existing(&*store, &id).await?;
-            let slots = beat::upcoming(&entry, count);
+            let slots = beat::upcoming(&entry, count.min(MAX_PREVIEW), Timestamp::now());
             if json {
                 let slots: Vec<String> = slots.iter().map(ToString::to_string).collect();
                 println!("{}", json!({"id": id, "next": slots}));
@@ -163,6 +164,12 @@ async fn apply(
         }
         Err(error) => bail!("{}: {error}; nothing was applied", path.display()),
     };
+    if prune && specs.is_empty() {
+        bail!(
+            "{} names no entries; --prune would remove every entry (use `schedule remove`)",
+            path.display()
+        );
+    }
     // A Beat recording a firing meanwhile makes a save fail; plan again over what it wrote.
     let mut changes = Vec::new();
     for attempt in 0.. {
@@ -175,8 +182,11 @@ async fn apply(
             .filter(|change| matches!(change, Change::Create(_) | Change::Update { .. }))
             .map(|change| change.entry().clone())
             .collect();
-        let saved = store.save_many(&writes).await?;
-        if saved.iter().all(|saved| *saved) {
+        let mut conflicts = false;
+        for chunk in writes.chunks(APPLY_BATCH) {
+            conflicts |= store.save_many(chunk).await?.iter().any(|saved| !*saved);
+        }
+        if !conflicts {
             break;
         }
         if attempt == 10 {
@@ -317,10 +327,7 @@ async fn set_enabled(
         entry.definition.enabled = enabled;
         if enabled {
             // Disabled time is not caught up: the entry fires from its next slot.
-            let anchor = entry.state.anchor;
-            let zone = crate::schedule::time_zone(entry.definition.timezone.as_deref())?;
-            entry.state.next_run_at =
-                beat::next_slot(&entry.definition, &zone, anchor, Timestamp::now());
+            file::reschedule(&mut entry, Timestamp::now());
         }
         if store.save(&entry).await? {
             let next = entry

@@ -184,6 +184,40 @@ impl Schedule {
         }
     }
 
+    /// The last firing at or before `at`, or `None` when none came before.
+    pub fn latest_at_or_before(
+        &self,
+        at: Timestamp,
+        zone: &TimeZone,
+        anchor: Timestamp,
+    ) -> Option<Timestamp> {
+        match self {
+            Schedule::Interval {
+                every_ms,
+                start_at,
+                end_at,
+            } => {
+                let start = start_at.unwrap_or(anchor).as_millis();
+                let at = end_at.map_or(at, |end| end.min(at)).as_millis();
+                let every = (*every_ms).max(1);
+                (at >= start).then(|| Timestamp::from_millis(start + (at - start) / every * every))
+            }
+            Schedule::Cron { expression } => {
+                let cron = parse_cron(expression).ok()?;
+                let from = zoned(at, zone)?;
+                let previous = cron.find_previous_occurrence(&from, true).ok()?;
+                let millis = u64::try_from(previous.timestamp().as_millisecond()).ok()?;
+                (millis <= at.as_millis()).then_some(Timestamp::from_millis(millis))
+            }
+            Schedule::Once { run_at } => (*run_at <= at).then_some(*run_at),
+            Schedule::Solar {
+                event,
+                latitude,
+                longitude,
+            } => solar::latest_at_or_before(*event, *latitude, *longitude, at),
+        }
+    }
+
     /// The first firing at or after `at`.
     pub fn next_at_or_after(
         &self,
@@ -213,10 +247,13 @@ impl Schedule {
     }
 }
 
+fn zoned(at: Timestamp, zone: &TimeZone) -> Option<jiff::Zoned> {
+    let instant = jiff::Timestamp::from_millisecond(i64::try_from(at.as_millis()).ok()?).ok()?;
+    Some(instant.to_zoned(zone.clone()))
+}
+
 fn cron_next_after(cron: &Cron, after: Timestamp, zone: &TimeZone) -> Option<Timestamp> {
-    let mut from = jiff::Timestamp::from_millisecond(i64::try_from(after.as_millis()).ok()?)
-        .ok()?
-        .to_zoned(zone.clone());
+    let mut from = zoned(after, zone)?;
     // Cron works in whole seconds; a search from inside a second could return that second.
     for _ in 0..2 {
         let next = cron.find_next_occurrence(&from, false).ok()?;
@@ -447,6 +484,36 @@ mod tests {
             end_at: Some(utc("2026-01-01T00:00:00Z")),
         };
         assert_eq!(backwards.validate().unwrap_err().field, "end_at");
+    }
+
+    #[test]
+    fn the_latest_slot_before_an_instant() {
+        let zone = TimeZone::get("America/New_York").unwrap();
+        let anchor = utc("2026-01-01T00:00:00Z");
+        let every = Schedule::Interval {
+            every_ms: 10_000,
+            start_at: None,
+            end_at: None,
+        };
+        let latest = |s: &Schedule, at: &str| {
+            s.latest_at_or_before(utc(at), &zone, anchor)
+                .map(|t| t.to_string())
+        };
+        assert_eq!(
+            latest(&every, "2026-01-01T00:00:25Z").as_deref(),
+            Some("2026-01-01T00:00:20.000Z")
+        );
+        assert_eq!(latest(&every, "2025-12-31T23:59:59Z"), None);
+        assert_eq!(
+            latest(&cron("30 1 * * *"), "2026-11-02T06:00:00Z").as_deref(),
+            Some("2026-11-01T05:30:00.000Z"),
+            "01:30 EDT, the first of the two on the fall-back day"
+        );
+        assert_eq!(
+            latest(&cron("0 * * * *"), "2026-11-02T06:00:00Z").as_deref(),
+            Some("2026-11-02T06:00:00.000Z"),
+            "an instant that is a slot is its own latest"
+        );
     }
 
     #[test]

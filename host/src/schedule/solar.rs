@@ -97,6 +97,21 @@ pub fn next_after(
         .find(|&at| at > after)
 }
 
+/// The last `event` at (`latitude`, `longitude`) at or before `at`.
+pub fn latest_at_or_before(
+    event: SolarEvent,
+    latitude: f64,
+    longitude: f64,
+    at: Timestamp,
+) -> Option<Timestamp> {
+    let julian = at.as_millis() as f64 / MS_PER_DAY + UNIX_EPOCH_JULIAN;
+    let last_day = (julian - J2000).floor() as i64 + 1;
+    (last_day - SEARCH_DAYS..=last_day)
+        .rev()
+        .filter_map(|day| event_on(event, latitude, longitude, day))
+        .find(|&when| when <= at)
+}
+
 /// The event on solar day `day` (days since J2000), if the sun reaches its altitude that day.
 fn event_on(event: SolarEvent, latitude: f64, longitude: f64, day: i64) -> Option<Timestamp> {
     // Mean solar time at the longitude (east positive).
@@ -237,5 +252,18 @@ mod tests {
         let second = next_after(SolarEvent::Sunrise, LONDON.0, LONDON.1, first).unwrap();
         let gap = second.as_millis() - first.as_millis();
         assert!((86_300_000..86_500_000).contains(&gap), "{gap}");
+        assert_eq!(
+            latest_at_or_before(SolarEvent::Sunrise, LONDON.0, LONDON.1, second),
+            Some(second)
+        );
+        assert_eq!(
+            latest_at_or_before(
+                SolarEvent::Sunrise,
+                LONDON.0,
+                LONDON.1,
+                Timestamp::from_millis(second.as_millis() - 1)
+            ),
+            Some(first)
+        );
     }
 }

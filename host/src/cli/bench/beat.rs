@@ -6,7 +6,6 @@
 //! a Beat running for a while with entries due every second, whose firings' publish times
 //! are compared with their slots.
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -21,9 +20,7 @@ use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, Role};
 use crate::schedule::Schedule;
-use crate::stores::schedule::{
-    CatchUp, EntryDefinition, EntryState, Overlap, ScheduleEntry, ScheduleStore,
-};
+use crate::stores::schedule::{EntryDefinition, EntryState, ScheduleEntry, ScheduleStore};
 use crate::time::Timestamp;
 
 const QUEUE: &str = "bench-beat";
@@ -51,27 +48,16 @@ fn entry(id: String, task: &str, every: Duration, next: Timestamp) -> ScheduleEn
     ScheduleEntry {
         id,
         definition: EntryDefinition {
-            task: task.to_owned(),
-            args: r#"{"a":1,"b":2}"#.to_owned(),
-            schedule: Schedule::Interval {
-                every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
-                start_at: None,
-                end_at: None,
-            },
-            timezone: None,
             queue: Some(QUEUE.to_owned()),
-            priority: None,
-            max_retries: None,
-            time_limit_ms: None,
-            soft_time_limit_ms: None,
-            expires_ms: None,
-            headers: BTreeMap::new(),
-            enabled: true,
-            jitter_ms: 0,
-            expire_at: None,
-            catch_up: CatchUp::One,
-            overlap: Overlap::Allow,
-            meta: serde_json::Map::new(),
+            ..EntryDefinition::new(
+                task,
+                r#"{"a":1,"b":2}"#,
+                Schedule::Interval {
+                    every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+                    start_at: None,
+                    end_at: None,
+                },
+            )
         },
         state: EntryState {
             next_run_at: Some(next),

@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::schedule::Schedule;
+use jiff::tz::TimeZone;
+
+use crate::schedule::{Schedule, time_zone};
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
@@ -122,6 +124,80 @@ pub struct EntryState {
     pub drift_ms: u64,
 }
 
+impl EntryDefinition {
+    /// An enabled entry enqueueing `task` with `args` (JSON text) on `schedule`, every other
+    /// option unset.
+    pub fn new(task: impl Into<String>, args: impl Into<String>, schedule: Schedule) -> Self {
+        EntryDefinition {
+            task: task.into(),
+            args: args.into(),
+            schedule,
+            timezone: None,
+            queue: None,
+            priority: None,
+            max_retries: None,
+            time_limit_ms: None,
+            soft_time_limit_ms: None,
+            expires_ms: None,
+            headers: BTreeMap::new(),
+            enabled: true,
+            jitter_ms: 0,
+            expire_at: None,
+            catch_up: CatchUp::default(),
+            overlap: Overlap::default(),
+            meta: serde_json::Map::new(),
+        }
+    }
+
+    /// The entry's time zone. One that this build does not know (stored by a newer one)
+    /// falls back to UTC, with a warning.
+    pub fn zone(&self) -> TimeZone {
+        time_zone(self.timezone.as_deref()).unwrap_or_else(|error| {
+            tracing::warn!(%error, "using UTC instead");
+            TimeZone::UTC
+        })
+    }
+
+    fn within_end(&self, slot: Timestamp) -> bool {
+        self.expire_at.is_none_or(|end| slot <= end)
+    }
+
+    /// The first slot at or after `at`, within `expire_at`.
+    pub fn next_slot(
+        &self,
+        zone: &TimeZone,
+        anchor: Timestamp,
+        at: Timestamp,
+    ) -> Option<Timestamp> {
+        self.schedule
+            .next_at_or_after(at, zone, anchor)
+            .filter(|slot| self.within_end(*slot))
+    }
+
+    /// The slot after `slot`, within `expire_at`.
+    pub fn slot_after(
+        &self,
+        zone: &TimeZone,
+        anchor: Timestamp,
+        slot: Timestamp,
+    ) -> Option<Timestamp> {
+        self.schedule
+            .next_after(slot, zone, anchor)
+            .filter(|slot| self.within_end(*slot))
+    }
+
+    /// The last slot at or before `at`, within `expire_at`.
+    pub fn latest_slot(
+        &self,
+        zone: &TimeZone,
+        anchor: Timestamp,
+        at: Timestamp,
+    ) -> Option<Timestamp> {
+        let at = self.expire_at.map_or(at, |end| end.min(at));
+        self.schedule.latest_at_or_before(at, zone, anchor)
+    }
+}
+
 impl ScheduleEntry {
     /// When the store should offer the entry to Beat: its next slot, if enabled.
     pub fn due_at(&self) -> Option<Timestamp> {
@@ -137,13 +213,48 @@ impl ScheduleEntry {
         serde_json::from_str(text).map_err(|e| StorageError::corrupt("schedule entry", e))
     }
 
-    /// The entry as stored after a write over its current revision.
+    /// The entry as stored after a write over its current revision. A new entry starts at a
+    /// revision taken from the clock (and a random part), so a writer still holding an entry
+    /// that was removed and created again cannot write over the new one.
     pub(crate) fn next_revision(&self) -> ScheduleEntry {
+        let revision = match self.revision {
+            0 => {
+                let micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.as_micros() as u64);
+                // Below i64::MAX, which SQL stores, for the next two centuries.
+                micros.saturating_mul(1000) + fastrand::u64(1..1000)
+            }
+            current => current + 1,
+        };
         ScheduleEntry {
-            revision: self.revision + 1,
+            revision,
             ..self.clone()
         }
     }
+}
+
+/// Decodes stored entries, skipping (and logging) any that cannot be read, so that one
+/// damaged or newer-format entry does not stop Beat from firing the others.
+pub(crate) fn decode_readable(texts: &[String]) -> Vec<ScheduleEntry> {
+    texts
+        .iter()
+        .filter_map(|text| match ScheduleEntry::from_json(text) {
+            Ok(entry) => Some(entry),
+            Err(error) => {
+                tracing::warn!(%error, "skipping a schedule entry that cannot be read");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Decodes stored entries; one that cannot be read is an error.
+pub(crate) fn decode_all(texts: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
+    texts
+        .iter()
+        .map(|text| ScheduleEntry::from_json(text))
+        .collect()
 }
 
 /// The entries due at `before`, earliest first (then by id), at most `limit`.
@@ -171,7 +282,7 @@ pub trait ScheduleStore: Send + Sync {
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError>;
 
     /// Enabled entries whose next slot is at or before `before`, earliest first, at most
-    /// `limit`.
+    /// `limit`. Entries that cannot be decoded are skipped (and logged).
     async fn due(
         &self,
         before: Timestamp,
@@ -180,7 +291,7 @@ pub trait ScheduleStore: Send + Sync {
 
     /// Writes each entry whose stored revision is still `entry.revision` (0: not stored yet),
     /// storing it with the revision after; whether each was written. One round trip or
-    /// transaction for the whole batch.
+    /// transaction for the whole batch; the ids in a batch are distinct.
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError>;
 
     /// [`ScheduleStore::save_many`] for one entry.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 
-use super::{ScheduleEntry, ScheduleStore};
+use super::{ScheduleEntry, ScheduleStore, decode_all, decode_readable};
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::postgres;
 use crate::storage::StorageError;
@@ -65,13 +65,6 @@ impl PostgresScheduleStore {
     }
 }
 
-fn decode(texts: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
-    texts
-        .iter()
-        .map(|text| ScheduleEntry::from_json(text))
-        .collect()
-}
-
 #[async_trait]
 impl ScheduleStore for PostgresScheduleStore {
     async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
@@ -92,7 +85,7 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(&self.namespace)
         .fetch_all(&*self.pool)
         .await?;
-        decode(&texts)
+        decode_all(&texts)
     }
 
     async fn due(
@@ -110,7 +103,7 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&*self.pool)
         .await?;
-        decode(&texts)
+        Ok(decode_readable(&texts))
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
@@ -126,14 +119,17 @@ impl ScheduleStore for PostgresScheduleStore {
             .iter()
             .map(|e| e.due_at().map(Timestamp::as_sql))
             .collect();
-        let texts: Vec<String> = entries
+        let stored: Vec<ScheduleEntry> = entries.iter().map(ScheduleEntry::next_revision).collect();
+        let revisions: Vec<i64> = stored
             .iter()
-            .map(|e| e.next_revision().to_json())
+            .map(|e| i64::try_from(e.revision).unwrap_or(i64::MAX))
             .collect();
+        let texts: Vec<String> = stored.iter().map(ScheduleEntry::to_json).collect();
         let written: Vec<i64> = sqlx::query_scalar(
             "WITH input AS (
-                 SELECT * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[])
-                     WITH ORDINALITY AS i(id, expected, due_at, entry, n)
+                 SELECT * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[],
+                                      $6::bigint[])
+                     WITH ORDINALITY AS i(id, expected, due_at, entry, revision, n)
              ),
              updated AS (
                  UPDATE stem_beat_entries e
@@ -145,7 +141,7 @@ impl ScheduleStore for PostgresScheduleStore {
              ),
              inserted AS (
                  INSERT INTO stem_beat_entries (namespace, id, revision, due_at, entry)
-                 SELECT $1, id, 1, due_at, entry FROM input WHERE expected = 0
+                 SELECT $1, id, revision, due_at, entry FROM input WHERE expected = 0
                  ON CONFLICT (namespace, id) DO NOTHING
                  RETURNING (SELECT n FROM input i
                             WHERE i.id = stem_beat_entries.id AND i.expected = 0
@@ -158,6 +154,7 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(&expected)
         .bind(&due)
         .bind(&texts)
+        .bind(&revisions)
         .fetch_all(&*self.pool)
         .await?;
         let written: HashSet<i64> = written.into_iter().collect();

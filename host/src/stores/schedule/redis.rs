@@ -5,27 +5,27 @@
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
-use super::{ScheduleEntry, ScheduleStore, select_due};
+use super::{ScheduleEntry, ScheduleStore, decode_all, decode_readable, select_due};
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-/// ARGV: namespace, then per entry: id, expected revision, entry JSON, due time or "".
-/// Returns 1 or 0 per entry.
+/// ARGV: namespace, then per entry: id, expected revision, new revision, entry JSON, due
+/// time or "". Returns 1 or 0 per entry.
 const SAVE: &str = r"
 local ns = ARGV[1]
 local written = {}
-for i = 2, #ARGV, 4 do
+for i = 2, #ARGV, 5 do
   local id = ARGV[i]
   local key = ns .. ':beat:entry:' .. id
-  local rev = tonumber(redis.call('HGET', key, 'rev') or '0')
-  if rev == tonumber(ARGV[i + 1]) then
-    redis.call('HSET', key, 'rev', rev + 1, 'entry', ARGV[i + 2])
+  local rev = redis.call('HGET', key, 'rev') or '0'
+  if rev == ARGV[i + 1] then
+    redis.call('HSET', key, 'rev', ARGV[i + 2], 'entry', ARGV[i + 3])
     redis.call('SADD', ns .. ':beat:entries', id)
-    if ARGV[i + 3] == '' then
+    if ARGV[i + 4] == '' then
       redis.call('ZREM', ns .. ':beat:due', id)
     else
-      redis.call('ZADD', ns .. ':beat:due', ARGV[i + 3], id)
+      redis.call('ZADD', ns .. ':beat:due', ARGV[i + 4], id)
     end
     written[#written + 1] = 1
   else
@@ -59,8 +59,8 @@ impl RedisScheduleStore {
         format!("{}:beat:entry:{id}", self.namespace)
     }
 
-    /// The entries with these ids that still exist, in the same order.
-    async fn load(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
+    /// The stored text of the entries with these ids that still exist, in the same order.
+    async fn texts(&self, ids: &[String]) -> Result<Vec<String>, StorageError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -69,11 +69,15 @@ impl RedisScheduleStore {
             pipe.cmd("HGET").arg(self.key(id)).arg("entry");
         }
         let texts: Vec<Option<String>> = pipe.query_async(&mut self.manager.clone()).await?;
-        texts
-            .iter()
-            .flatten()
-            .map(|text| ScheduleEntry::from_json(text))
-            .collect()
+        Ok(texts.into_iter().flatten().collect())
+    }
+
+    async fn load(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
+        decode_all(&self.texts(ids).await?)
+    }
+
+    async fn load_readable(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
+        Ok(decode_readable(&self.texts(ids).await?))
     }
 }
 
@@ -108,7 +112,7 @@ impl ScheduleStore for RedisScheduleStore {
             .query_async(&mut self.manager.clone())
             .await?;
         // Ties on the score are ordered by id in Redis too; select_due re-checks each entry.
-        Ok(select_due(self.load(&ids).await?, before, limit))
+        Ok(select_due(self.load_readable(&ids).await?, before, limit))
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
@@ -118,10 +122,12 @@ impl ScheduleStore for RedisScheduleStore {
         let mut invocation = self.save.prepare_invoke();
         invocation.arg(&self.namespace);
         for entry in entries {
+            let stored = entry.next_revision();
             invocation
                 .arg(&entry.id)
                 .arg(entry.revision)
-                .arg(entry.next_revision().to_json())
+                .arg(stored.revision)
+                .arg(stored.to_json())
                 .arg(
                     entry
                         .due_at()

@@ -7,7 +7,7 @@ use std::path::Path;
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
 
-use super::{ScheduleEntry, ScheduleStore};
+use super::{ScheduleEntry, ScheduleStore, decode_all, decode_readable};
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::sqlite;
 use crate::storage::StorageError;
@@ -49,13 +49,6 @@ impl SqliteScheduleStore {
     }
 }
 
-fn decode(texts: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
-    texts
-        .iter()
-        .map(|text| ScheduleEntry::from_json(text))
-        .collect()
-}
-
 #[async_trait]
 impl ScheduleStore for SqliteScheduleStore {
     async fn get(&self, id: &str) -> Result<Option<ScheduleEntry>, StorageError> {
@@ -76,7 +69,7 @@ impl ScheduleStore for SqliteScheduleStore {
         .bind(&self.namespace)
         .fetch_all(&self.pool)
         .await?;
-        decode(&texts)
+        decode_all(&texts)
     }
 
     async fn due(
@@ -94,7 +87,7 @@ impl ScheduleStore for SqliteScheduleStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        decode(&texts)
+        Ok(decode_readable(&texts))
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {
@@ -111,10 +104,11 @@ impl ScheduleStore for SqliteScheduleStore {
             let result = if entry.revision == 0 {
                 sqlx::query(
                     "INSERT INTO stem_beat_entries (namespace, id, revision, due_at, entry)
-                     VALUES (?, ?, 1, ?, ?) ON CONFLICT (namespace, id) DO NOTHING",
+                     VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, id) DO NOTHING",
                 )
                 .bind(&self.namespace)
                 .bind(&entry.id)
+                .bind(i64::try_from(stored.revision).unwrap_or(i64::MAX))
                 .bind(due_at)
                 .bind(stored.to_json())
                 .execute(&mut *tx)

@@ -225,10 +225,8 @@ mod lock {
 }
 
 mod schedule {
-    use std::collections::BTreeMap;
-
     use stem_host::schedule::Schedule;
-    use stem_host::stores::schedule::{CatchUp, EntryDefinition, EntryState, Overlap};
+    use stem_host::stores::schedule::{EntryDefinition, EntryState};
 
     use super::*;
 
@@ -238,25 +236,16 @@ mod schedule {
         ScheduleEntry {
             id: id.into(),
             definition: EntryDefinition {
-                task: "reports.generate".into(),
-                args: r#"{"customerId":42}"#.into(),
-                schedule: Schedule::Cron {
-                    expression: "0 2 * * *".into(),
-                },
                 timezone: Some("Europe/Berlin".into()),
                 queue: Some("reports".into()),
                 priority: Some(5),
-                max_retries: None,
-                time_limit_ms: None,
-                soft_time_limit_ms: None,
-                expires_ms: None,
-                headers: BTreeMap::new(),
-                enabled: true,
-                jitter_ms: 0,
-                expire_at: None,
-                catch_up: CatchUp::One,
-                overlap: Overlap::Allow,
-                meta: serde_json::Map::new(),
+                ..EntryDefinition::new(
+                    "reports.generate",
+                    r#"{"customerId":42}"#,
+                    Schedule::Cron {
+                        expression: "0 2 * * *".into(),
+                    },
+                )
             },
             state: EntryState {
                 next_run_at: Some(next_run_at),
@@ -272,7 +261,7 @@ mod schedule {
         let first = entry("nightly", Timestamp::now());
         assert!(store.save(&first).await.unwrap());
         let stored = store.get("nightly").await.unwrap().unwrap();
-        assert_eq!(stored.revision, 1, "a first write stores revision 1");
+        assert!(stored.revision > 0, "a first write stores a revision");
         assert_eq!(
             ScheduleEntry {
                 revision: 0,
@@ -311,7 +300,7 @@ mod schedule {
             .collect();
         assert_eq!(ids, ["hourly", "nightly"]);
         let nightly = reopened.get("nightly").await.unwrap().unwrap();
-        assert_eq!(nightly.revision, 2);
+        assert_eq!(nightly.revision, stored.revision + 1);
         assert_eq!(nightly.definition.schedule, changed.definition.schedule);
         assert!(store.remove("nightly").await.unwrap());
         assert!(!store.remove("nightly").await.unwrap());
@@ -319,6 +308,12 @@ mod schedule {
         assert!(
             store.save(&first).await.unwrap(),
             "a removed id can be created again"
+        );
+        let again = store.get("nightly").await.unwrap().unwrap();
+        assert_ne!(again.revision, stored.revision);
+        assert!(
+            !store.save(&stored).await.unwrap(),
+            "a writer holding the removed entry cannot write over the new one"
         );
     }
 
@@ -391,7 +386,7 @@ mod schedule {
                 fired.state.total_run_count,
                 fired.state.next_run_at
             ),
-            (2, 1, Some(next))
+            (read.revision + 1, 1, Some(next))
         );
         assert!(store.due(due_at, 10).await.unwrap().is_empty());
     }
@@ -409,8 +404,17 @@ mod schedule {
             .await
             .unwrap();
         assert_eq!(written, [true, false, true, false]);
-        assert_eq!(store.get("a").await.unwrap().unwrap().revision, 2);
-        assert_eq!(store.get("b").await.unwrap().unwrap().revision, 1);
+        assert_eq!(
+            store.get("a").await.unwrap().unwrap().revision,
+            a.revision + 1
+        );
+        let stored_b = store.get("b").await.unwrap().unwrap();
+        assert_ne!(stored_b.revision, 7);
+        assert_eq!(
+            stored_b.state,
+            entry("b", now).state,
+            "a refused write changes nothing"
+        );
         assert!(store.save_many(&[]).await.unwrap().is_empty());
     }
 
