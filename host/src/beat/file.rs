@@ -602,7 +602,7 @@ pub fn plan_apply(
                     || (after.enabled && !before.enabled);
                 let mut entry = (*current).clone();
                 entry.definition = after.clone();
-                if before.schedule != after.schedule {
+                if rephased(&before.schedule, &after.schedule) {
                     // A new interval counts from now; an edited end or zone keeps the phase.
                     entry.state.anchor = now;
                 }
@@ -623,6 +623,25 @@ pub fn plan_apply(
         );
     }
     changes
+}
+
+/// Whether an edit changes where an interval counts from (or the kind of schedule).
+fn rephased(before: &Schedule, after: &Schedule) -> bool {
+    match (before, after) {
+        (
+            Schedule::Interval {
+                every_ms: a,
+                start_at: x,
+                ..
+            },
+            Schedule::Interval {
+                every_ms: b,
+                start_at: y,
+                ..
+            },
+        ) => a != b || x != y,
+        _ => before != after,
+    }
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -131,11 +131,11 @@ struct Plan {
 }
 
 /// Counting the slots a long outage missed stops here; `skipped_count` then says "at least".
-const MAX_MISSED_COUNT: u64 = 10_000;
+const MAX_MISSED_COUNT: u64 = 1_000;
 
 /// Slots of `entry` due at `now`, and which of them fire under its catch-up and overlap
-/// policies. A slot more than `grace` old counts as missed.
-fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration) -> Plan {
+/// policies; at most `most` fire. A slot more than `grace` old counts as missed.
+fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration, most: usize) -> Plan {
     let definition = &entry.definition;
     let (zone, anchor) = (definition.zone(), entry.state.anchor);
     let Some(first) = entry.state.next_run_at.filter(|slot| *slot <= now) else {
@@ -150,7 +150,7 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration) -> Plan {
         // the next must wait for it.
         let most = match definition.overlap {
             Overlap::Skip => 1,
-            Overlap::Allow => MAX_CATCH_UP_PER_ROUND,
+            Overlap::Allow => MAX_CATCH_UP_PER_ROUND.min(most).max(1),
         };
         let mut fire = vec![first];
         let mut next = definition.slot_after(&zone, anchor, first);
@@ -168,23 +168,7 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration) -> Plan {
         .latest_slot(&zone, anchor, now)
         .filter(|latest| *latest >= first)
         .unwrap_or(first);
-    let missed = match definition.schedule {
-        Schedule::Interval { every_ms, .. } => {
-            (latest.as_millis() - first.as_millis()) / every_ms.max(1) + 1
-        }
-        _ => {
-            let mut count = 1;
-            let mut slot = first;
-            while let Some(next) = definition
-                .slot_after(&zone, anchor, slot)
-                .filter(|next| *next <= latest && count < MAX_MISSED_COUNT)
-            {
-                count += 1;
-                slot = next;
-            }
-            count
-        }
-    };
+    let missed = count_slots(entry, first, latest);
     let on_time = now.saturating_since(latest) <= grace;
     let fire = match definition.catch_up {
         CatchUp::None if !on_time => Vec::new(),
@@ -193,8 +177,31 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration) -> Plan {
     Plan {
         dropped: missed - fire.len() as u64,
         fire,
-        next: definition.next_slot(&zone, anchor, Timestamp::from_millis(now.as_millis() + 1)),
+        next: definition.next_slot(&zone, anchor, just_after(now)),
     }
+}
+
+/// How many slots of `entry` lie from `first` to `latest`, both included (at most
+/// [`MAX_MISSED_COUNT`] for schedules other than intervals).
+fn count_slots(entry: &ScheduleEntry, first: Timestamp, latest: Timestamp) -> u64 {
+    let definition = &entry.definition;
+    if latest < first {
+        return 0;
+    }
+    if let Schedule::Interval { every_ms, .. } = definition.schedule {
+        return (latest.as_millis() - first.as_millis()) / every_ms.max(1) + 1;
+    }
+    let (zone, anchor) = (definition.zone(), entry.state.anchor);
+    let mut count = 1;
+    let mut slot = first;
+    while let Some(next) = definition
+        .slot_after(&zone, anchor, slot)
+        .filter(|next| *next <= latest && count < MAX_MISSED_COUNT)
+    {
+        count += 1;
+        slot = next;
+    }
+    count
 }
 
 /// What a round did to one entry, to record on whatever revision of it is current.
@@ -211,9 +218,13 @@ struct Outcome {
 impl Outcome {
     fn record(&self, state: &mut crate::stores::schedule::EntryState) {
         state.next_run_at = self.next;
-        state.skipped_count += self.dropped;
-        state.total_run_count += self.fired.len() as u64;
-        if let Some((slot, task_id)) = self.fired.last() {
+        state.skipped_count = state.skipped_count.saturating_add(self.dropped);
+        state.total_run_count = state
+            .total_run_count
+            .saturating_add(self.fired.len() as u64);
+        // A `schedule run` recorded after this round read the entry stays the last firing.
+        let newer = state.last_run_at.is_some_and(|last| last > self.at);
+        if let Some((slot, task_id)) = self.fired.last().filter(|_| !newer) {
             state.last_run_at = Some(self.at);
             state.last_slot = Some(*slot);
             state.last_task_id = Some(task_id.clone());
@@ -224,6 +235,10 @@ impl Outcome {
             state.last_error.clone_from(&self.error);
         }
     }
+}
+
+fn just_after(at: Timestamp) -> Timestamp {
+    Timestamp::from_millis(at.as_millis().saturating_add(1))
 }
 
 /// A short, stable spread of a firing inside its jitter: every Beat computes the same one.
@@ -354,10 +369,19 @@ impl Beat {
                 round.more = true;
                 break;
             }
-            let mut plan = plan(&entry, now, grace);
+            let mut plan = plan(&entry, now, grace, self.config.batch - envelopes.len());
             if !plan.fire.is_empty() && running.contains(&entry.id) {
-                plan.dropped += plan.fire.len() as u64;
+                // Skipped while the last firing runs: every slot due now, not one per round.
+                let definition = &entry.definition;
+                let (zone, anchor) = (definition.zone(), entry.state.anchor);
+                if let (Some(first), Some(latest)) = (
+                    entry.state.next_run_at,
+                    definition.latest_slot(&zone, anchor, now),
+                ) {
+                    plan.dropped = count_slots(&entry, first, latest).max(plan.fire.len() as u64);
+                }
                 plan.fire.clear();
+                plan.next = definition.next_slot(&zone, anchor, just_after(now));
             }
             let mut outcome = Outcome {
                 read_next: entry.state.next_run_at,
@@ -388,17 +412,12 @@ impl Beat {
             round.skipped += outcome.dropped;
             recorded.push((entry, outcome));
         }
+        // Still the leader (renewed, or taken again if it lapsed and nobody else took it)?
+        if fenced && !envelopes.is_empty() && !self.lead(true).await? {
+            return Ok(None);
+        }
         if !pending.is_empty() {
             self.backend.set_many(&pending, None).await?;
-        }
-        if fenced
-            && !envelopes.is_empty()
-            && !self
-                .locks
-                .renew(LEADER_LOCK, &self.config.id, self.config.lock_ttl)
-                .await?
-        {
-            return Ok(None);
         }
         self.client.broker().publish_batch(&envelopes).await?;
         round.fired = envelopes.len();

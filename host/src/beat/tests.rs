@@ -260,9 +260,14 @@ async fn overlap_skip_catches_up_one_slot_at_a_time() {
     entry.definition.overlap = Overlap::Skip;
     entry.definition.catch_up = CatchUp::All;
     parts.store.save(&entry).await.unwrap();
-    let round = parts.beat().fire_due(at(5)).await.unwrap();
+    let beat = parts.beat();
+    let round = beat.fire_due(at(5)).await.unwrap();
     assert_eq!(round.fired, 1, "the next slot waits for this one");
     assert_eq!(parts.entry("backlog").await.state.next_run_at, Some(at(1)));
+    // While it runs, the rest of the backlog is skipped in one round, not one per round.
+    let round = beat.fire_due(at(5)).await.unwrap();
+    assert_eq!((round.fired, round.skipped, round.more), (0, 5, false));
+    assert_eq!(parts.entry("backlog").await.state.next_run_at, Some(at(6)));
 }
 
 #[tokio::test]

@@ -402,7 +402,13 @@ async fn a_guest_blocked_in_a_host_call_stops_at_the_hard_time_limit() {
     .await
     .unwrap_err();
     assert_eq!(error, RunError::TimeLimitExceeded { limit });
-    assert!(started.elapsed() < limit + Duration::from_millis(100));
+    // The guest asked to sleep a minute; a loaded 2-core machine may take a while to wake.
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < limit + Duration::from_secs(1),
+        "stopped {:?} after the limit",
+        elapsed - limit
+    );
     assert_runtime_still_serves().await;
 }
 

@@ -225,7 +225,7 @@ impl ScheduleEntry {
                 // Below i64::MAX, which SQL stores, for the next two centuries.
                 micros.saturating_mul(1000) + fastrand::u64(1..1000)
             }
-            current => current + 1,
+            current => current.saturating_add(1),
         };
         ScheduleEntry {
             revision,
