@@ -84,7 +84,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         connections.url(Role::Lock)?,
         connections.url(Role::Broker)?,
     );
-    beat.run(shutdown_signal()).await;
+    beat.run(super::terminate_or_interrupt()).await;
     eprintln!("beat {} stopped", config.id);
     Ok(ExitCode::SUCCESS)
 }
@@ -114,19 +114,4 @@ async fn status(connections: &Connections, json: bool) -> anyhow::Result<ExitCod
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = async {
-            match terminate.as_mut() {
-                Some(signal) => { signal.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {},
-    }
 }

@@ -246,20 +246,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
 
 /// Completes on the first SIGTERM or SIGINT; a second one exits at once.
 async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let next = async {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async {
-                match terminate.as_mut() {
-                    Some(signal) => { signal.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {},
-        }
-    };
-    next.await;
+    super::terminate_or_interrupt().await;
     eprintln!("shutting down: finishing running tasks (signal again to stop at once)");
     tokio::spawn(async {
         let _ = tokio::signal::ctrl_c().await;
