@@ -234,19 +234,23 @@ impl ScheduleEntry {
     }
 }
 
-/// Decodes stored entries, skipping (and logging) any that cannot be read, so that one
-/// damaged or newer-format entry does not stop Beat from firing the others.
-pub(crate) fn decode_readable(texts: &[String]) -> Vec<ScheduleEntry> {
-    texts
-        .iter()
-        .filter_map(|text| match ScheduleEntry::from_json(text) {
-            Ok(entry) => Some(entry),
+/// Decodes stored `(id, text)` rows, setting aside (and logging) those that cannot be read,
+/// so that one damaged or newer-format entry does not stop Beat from firing the others.
+/// Returns the entries and the ids set aside, which the adapter takes out of its due index
+/// (they stay stored, for `schedule list` to report and `schedule remove` to delete).
+pub(crate) fn decode_readable(rows: Vec<(String, String)>) -> (Vec<ScheduleEntry>, Vec<String>) {
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for (id, text) in rows {
+        match ScheduleEntry::from_json(&text) {
+            Ok(entry) => entries.push(entry),
             Err(error) => {
-                tracing::warn!(%error, "skipping a schedule entry that cannot be read");
-                None
+                tracing::warn!(entry = id, %error, "a schedule entry cannot be read; it no longer fires");
+                unreadable.push(id);
             }
-        })
-        .collect()
+        }
+    }
+    (entries, unreadable)
 }
 
 /// Decodes stored entries; one that cannot be read is an error.
@@ -282,7 +286,7 @@ pub trait ScheduleStore: Send + Sync {
     async fn list(&self) -> Result<Vec<ScheduleEntry>, StorageError>;
 
     /// Enabled entries whose next slot is at or before `before`, earliest first, at most
-    /// `limit`. Entries that cannot be decoded are skipped (and logged).
+    /// `limit`. An entry that cannot be decoded is logged and taken out of the due ones.
     async fn due(
         &self,
         before: Timestamp,

@@ -93,8 +93,8 @@ impl ScheduleStore for PostgresScheduleStore {
         before: Timestamp,
         limit: usize,
     ) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let texts: Vec<String> = sqlx::query_scalar(
-            "SELECT entry FROM stem_beat_entries
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, entry FROM stem_beat_entries
              WHERE namespace = $1 AND due_at IS NOT NULL AND due_at <= $2
              ORDER BY due_at, id LIMIT $3",
         )
@@ -103,7 +103,17 @@ impl ScheduleStore for PostgresScheduleStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&*self.pool)
         .await?;
-        Ok(decode_readable(&texts))
+        let (entries, unreadable) = decode_readable(rows);
+        if !unreadable.is_empty() {
+            sqlx::query(
+                "UPDATE stem_beat_entries SET due_at = NULL WHERE namespace = $1 AND id = ANY($2)",
+            )
+            .bind(&self.namespace)
+            .bind(&unreadable)
+            .execute(&*self.pool)
+            .await?;
+        }
+        Ok(entries)
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {

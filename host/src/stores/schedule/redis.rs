@@ -59,8 +59,8 @@ impl RedisScheduleStore {
         format!("{}:beat:entry:{id}", self.namespace)
     }
 
-    /// The stored text of the entries with these ids that still exist, in the same order.
-    async fn texts(&self, ids: &[String]) -> Result<Vec<String>, StorageError> {
+    /// The stored `(id, text)` of the entries with these ids that still exist, in order.
+    async fn rows(&self, ids: &[String]) -> Result<Vec<(String, String)>, StorageError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -69,15 +69,16 @@ impl RedisScheduleStore {
             pipe.cmd("HGET").arg(self.key(id)).arg("entry");
         }
         let texts: Vec<Option<String>> = pipe.query_async(&mut self.manager.clone()).await?;
-        Ok(texts.into_iter().flatten().collect())
+        Ok(ids
+            .iter()
+            .zip(texts)
+            .filter_map(|(id, text)| Some((id.clone(), text?)))
+            .collect())
     }
 
     async fn load(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
-        decode_all(&self.texts(ids).await?)
-    }
-
-    async fn load_readable(&self, ids: &[String]) -> Result<Vec<ScheduleEntry>, StorageError> {
-        Ok(decode_readable(&self.texts(ids).await?))
+        let texts: Vec<String> = self.rows(ids).await?.into_iter().map(|(_, t)| t).collect();
+        decode_all(&texts)
     }
 }
 
@@ -111,8 +112,16 @@ impl ScheduleStore for RedisScheduleStore {
             .arg(limit)
             .query_async(&mut self.manager.clone())
             .await?;
+        let (entries, unreadable) = decode_readable(self.rows(&ids).await?);
+        if !unreadable.is_empty() {
+            let () = redis::cmd("ZREM")
+                .arg(format!("{}:beat:due", self.namespace))
+                .arg(&unreadable)
+                .query_async(&mut self.manager.clone())
+                .await?;
+        }
         // Ties on the score are ordered by id in Redis too; select_due re-checks each entry.
-        Ok(select_due(self.load_readable(&ids).await?, before, limit))
+        Ok(select_due(entries, before, limit))
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {

@@ -77,8 +77,8 @@ impl ScheduleStore for SqliteScheduleStore {
         before: Timestamp,
         limit: usize,
     ) -> Result<Vec<ScheduleEntry>, StorageError> {
-        let texts: Vec<String> = sqlx::query_scalar(
-            "SELECT entry FROM stem_beat_entries
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, entry FROM stem_beat_entries
              WHERE namespace = ? AND due_at IS NOT NULL AND due_at <= ?
              ORDER BY due_at, id LIMIT ?",
         )
@@ -87,7 +87,17 @@ impl ScheduleStore for SqliteScheduleStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
-        Ok(decode_readable(&texts))
+        let (entries, unreadable) = decode_readable(rows);
+        for id in unreadable {
+            sqlx::query(
+                "UPDATE stem_beat_entries SET due_at = NULL WHERE namespace = ? AND id = ?",
+            )
+            .bind(&self.namespace)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(entries)
     }
 
     async fn save_many(&self, entries: &[ScheduleEntry]) -> Result<Vec<bool>, StorageError> {

@@ -525,3 +525,67 @@ impl Connect<dyn RateLimiter> for Postgres {
         ))
     }
 }
+
+/// Overwrites a stored schedule entry with text no build can decode, as a damaged row or a
+/// newer format would leave it.
+#[async_trait]
+pub trait DamageEntries: Send + Sync {
+    async fn damage_entry(&self, namespace: &str, id: &str);
+}
+
+const DAMAGED: &str = "{not an entry";
+
+#[async_trait]
+impl DamageEntries for Sqlite {
+    async fn damage_entry(&self, namespace: &str, id: &str) {
+        let url = format!(
+            "sqlite://{}",
+            self.dir.path().join("stem_schedule.sqlite").display()
+        );
+        let pool = sqlx::SqlitePool::connect(&url)
+            .await
+            .expect("open schedule file");
+        sqlx::query("UPDATE stem_beat_entries SET entry = ? WHERE namespace = ? AND id = ?")
+            .bind(DAMAGED)
+            .bind(namespace)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .expect("damage an entry");
+        pool.close().await;
+    }
+}
+
+#[async_trait]
+impl DamageEntries for Redis {
+    async fn damage_entry(&self, namespace: &str, id: &str) {
+        let client = redis::Client::open(self.url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let key = format!("{}:beat:entry:{id}", self.namespace(namespace));
+        let _: i64 = redis::cmd("HSET")
+            .arg(key)
+            .arg("entry")
+            .arg(DAMAGED)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[async_trait]
+impl DamageEntries for Postgres {
+    async fn damage_entry(&self, namespace: &str, id: &str) {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.base).await.unwrap();
+        sqlx::query(&format!(
+            "UPDATE {}.stem_beat_entries SET entry = $1 WHERE namespace = $2 AND id = $3",
+            self.schema
+        ))
+        .bind(DAMAGED)
+        .bind(namespace)
+        .bind(id)
+        .execute(&mut conn)
+        .await
+        .expect("damage an entry");
+    }
+}

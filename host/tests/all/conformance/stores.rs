@@ -86,6 +86,24 @@ schedule_suite!(schedule_memory, adapters::Memory::new());
 schedule_suite!(schedule_sqlite, adapters::Sqlite::new());
 schedule_suite!(schedule_redis, adapters::Redis::new());
 
+/// Durable adapters only: an in-memory store cannot hold a damaged entry.
+macro_rules! damaged_schedule_suite {
+    ($adapter:ident, $make:expr) => {
+        mod $adapter {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_unreadable_entry_stops_only_itself() {
+                let harness = $make.await;
+                super::schedule::an_unreadable_entry_stops_only_itself(&harness).await;
+            }
+        }
+    };
+}
+
+damaged_schedule_suite!(damaged_schedule_sqlite, adapters::Sqlite::new());
+damaged_schedule_suite!(damaged_schedule_redis, adapters::Redis::new());
+damaged_schedule_suite!(damaged_schedule_postgres, adapters::Postgres::new());
+
 const NS: &str = "conformance";
 
 mod revoke {
@@ -416,6 +434,30 @@ mod schedule {
             "a refused write changes nothing"
         );
         assert!(store.save_many(&[]).await.unwrap().is_empty());
+    }
+
+    pub async fn an_unreadable_entry_stops_only_itself<H>(harness: &H)
+    where
+        H: Connect<dyn ScheduleStore> + adapters::DamageEntries,
+    {
+        let store = harness.connect(NS).await;
+        let now = Timestamp::now();
+        let entries = [entry("damaged", now), entry("fine", now)];
+        assert!(store.save_many(&entries).await.unwrap().iter().all(|s| *s));
+        harness.damage_entry(NS, "damaged").await;
+        let due = |list: Vec<ScheduleEntry>| list.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(due(store.due(now, 10).await.unwrap()), ["fine"]);
+        assert_eq!(
+            due(store.due(now, 1).await.unwrap()),
+            ["fine"],
+            "the unreadable entry no longer takes a place in the due ones"
+        );
+        assert!(
+            store.list().await.is_err(),
+            "list reports the damaged entry"
+        );
+        assert!(store.remove("damaged").await.unwrap());
+        assert_eq!(store.list().await.unwrap().len(), 1);
     }
 
     pub async fn namespaces_keep_entries_apart(harness: &Harness) {
