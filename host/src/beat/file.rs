@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::envelope::{MAX_PRIORITY, is_valid_queue_name};
 use crate::schedule::{Schedule, ScheduleError, SolarEvent, time_zone};
-use crate::stores::schedule::{CatchUp, EntryDefinition, EntryState, Overlap, ScheduleEntry};
+use crate::stores::schedule::{CatchUp, EntryDefinition, Overlap, ScheduleEntry};
 use crate::time::Timestamp;
 
 /// The longest entry id: with the slot appended it must still be a valid task id.
@@ -557,13 +557,7 @@ impl Change {
 /// A new entry for `spec`, first due at its first slot at or after `now` (an interval at
 /// once).
 pub fn new_entry(spec: &EntrySpec, now: Timestamp) -> ScheduleEntry {
-    let mut entry = ScheduleEntry {
-        id: spec.id.clone(),
-        definition: spec.definition.clone(),
-        state: EntryState::default(),
-        revision: 0,
-    };
-    entry.state.anchor = now;
+    let mut entry = ScheduleEntry::new(&spec.id, spec.definition.clone(), now);
     reschedule(&mut entry, now);
     entry
 }

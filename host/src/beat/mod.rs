@@ -31,13 +31,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::tz::TimeZone;
+
 use crate::backend::{ResultBackend, TaskState, TaskStatus};
 use crate::client::{Client, EnqueueError, EnqueueRequest};
 use crate::envelope::Envelope;
 use crate::schedule::Schedule;
 use crate::storage::StorageError;
 use crate::stores::lock::LockStore;
-use crate::stores::schedule::{CatchUp, Overlap, ScheduleEntry, ScheduleStore};
+use crate::stores::schedule::{CatchUp, EntryDefinition, Overlap, ScheduleEntry, ScheduleStore};
 use crate::time::Timestamp;
 
 /// The lock the leading Beat holds.
@@ -134,8 +136,15 @@ struct Plan {
 const MAX_MISSED_COUNT: u64 = 1_000;
 
 /// Slots of `entry` due at `now`, and which of them fire under its catch-up and overlap
-/// policies; at most `most` fire. A slot more than `grace` old counts as missed.
-fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration, most: usize) -> Plan {
+/// policies; at most `most` fire. A slot more than `grace` old counts as missed; while the
+/// entry's last firing is `running` (`overlap = skip`), every due slot is skipped at once.
+fn plan(
+    entry: &ScheduleEntry,
+    now: Timestamp,
+    grace: Duration,
+    most: usize,
+    running: bool,
+) -> Plan {
     let definition = &entry.definition;
     let (zone, anchor) = (definition.zone(), entry.state.anchor);
     let Some(first) = entry.state.next_run_at.filter(|slot| *slot <= now) else {
@@ -145,7 +154,7 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration, most: usize) -> 
             next: entry.state.next_run_at,
         };
     };
-    if definition.catch_up == CatchUp::All {
+    if definition.catch_up == CatchUp::All && !running {
         // Oldest first, a bounded number per round; with `overlap = skip` one at a time, as
         // the next must wait for it.
         let most = match definition.overlap {
@@ -168,9 +177,10 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration, most: usize) -> 
         .latest_slot(&zone, anchor, now)
         .filter(|latest| *latest >= first)
         .unwrap_or(first);
-    let missed = count_slots(entry, first, latest);
+    let missed = count_slots(definition, &zone, anchor, first, latest);
     let on_time = now.saturating_since(latest) <= grace;
     let fire = match definition.catch_up {
+        _ if running => Vec::new(),
         CatchUp::None if !on_time => Vec::new(),
         _ => vec![latest],
     };
@@ -181,21 +191,22 @@ fn plan(entry: &ScheduleEntry, now: Timestamp, grace: Duration, most: usize) -> 
     }
 }
 
-/// How many slots of `entry` lie from `first` to `latest`, both included (at most
+/// How many slots lie from `first` to `latest`, both included, `first` being one (at most
 /// [`MAX_MISSED_COUNT`] for schedules other than intervals).
-fn count_slots(entry: &ScheduleEntry, first: Timestamp, latest: Timestamp) -> u64 {
-    let definition = &entry.definition;
-    if latest < first {
-        return 0;
-    }
+fn count_slots(
+    definition: &EntryDefinition,
+    zone: &TimeZone,
+    anchor: Timestamp,
+    first: Timestamp,
+    latest: Timestamp,
+) -> u64 {
     if let Schedule::Interval { every_ms, .. } = definition.schedule {
         return (latest.as_millis() - first.as_millis()) / every_ms.max(1) + 1;
     }
-    let (zone, anchor) = (definition.zone(), entry.state.anchor);
     let mut count = 1;
     let mut slot = first;
     while let Some(next) = definition
-        .slot_after(&zone, anchor, slot)
+        .slot_after(zone, anchor, slot)
         .filter(|next| *next <= latest && count < MAX_MISSED_COUNT)
     {
         count += 1;
@@ -369,20 +380,8 @@ impl Beat {
                 round.more = true;
                 break;
             }
-            let mut plan = plan(&entry, now, grace, self.config.batch - envelopes.len());
-            if !plan.fire.is_empty() && running.contains(&entry.id) {
-                // Skipped while the last firing runs: every slot due now, not one per round.
-                let definition = &entry.definition;
-                let (zone, anchor) = (definition.zone(), entry.state.anchor);
-                if let (Some(first), Some(latest)) = (
-                    entry.state.next_run_at,
-                    definition.latest_slot(&zone, anchor, now),
-                ) {
-                    plan.dropped = count_slots(&entry, first, latest).max(plan.fire.len() as u64);
-                }
-                plan.fire.clear();
-                plan.next = definition.next_slot(&zone, anchor, just_after(now));
-            }
+            let most = self.config.batch - envelopes.len();
+            let plan = plan(&entry, now, grace, most, running.contains(&entry.id));
             let mut outcome = Outcome {
                 read_next: entry.state.next_run_at,
                 fired: Vec::new(),

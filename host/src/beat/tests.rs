@@ -9,8 +9,8 @@ use crate::schedule::Schedule;
 use crate::stores::lock::memory::MemoryLockStore;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::registry::memory::MemoryRegistry;
+use crate::stores::schedule::EntryDefinition;
 use crate::stores::schedule::memory::MemoryScheduleStore;
-use crate::stores::schedule::{EntryDefinition, EntryState};
 use crate::task::{TaskDefinition, TaskOptions};
 
 const T0: u64 = 1_800_000_000_000;
@@ -80,24 +80,13 @@ impl Parts {
 }
 
 fn every(id: &str, seconds: u64, next: Timestamp) -> ScheduleEntry {
-    ScheduleEntry {
-        id: id.into(),
-        definition: EntryDefinition::new(
-            "hello.add",
-            r#"{"a":1,"b":2}"#,
-            Schedule::Interval {
-                every_ms: seconds * 1000,
-                start_at: None,
-                end_at: None,
-            },
-        ),
-        state: EntryState {
-            next_run_at: Some(next),
-            anchor: next,
-            ..EntryState::default()
-        },
-        revision: 0,
-    }
+    let schedule = Schedule::Interval {
+        every_ms: seconds * 1000,
+        start_at: None,
+        end_at: None,
+    };
+    let definition = EntryDefinition::new("hello.add", r#"{"a":1,"b":2}"#, schedule);
+    ScheduleEntry::new(id, definition, next)
 }
 
 #[tokio::test]

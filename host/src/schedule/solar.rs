@@ -82,6 +82,12 @@ const MS_PER_DAY: f64 = 86_400_000.0;
 /// Polar night can last half a year; a search longer than a year finds nothing more.
 const SEARCH_DAYS: i64 = 370;
 
+/// The solar day (days since J2000) of an instant.
+fn day_of(at: Timestamp) -> i64 {
+    let julian = at.as_millis() as f64 / MS_PER_DAY + UNIX_EPOCH_JULIAN;
+    (julian - J2000).floor() as i64
+}
+
 /// The first `event` at (`latitude`, `longitude`) strictly after `after`.
 pub fn next_after(
     event: SolarEvent,
@@ -89,9 +95,8 @@ pub fn next_after(
     longitude: f64,
     after: Timestamp,
 ) -> Option<Timestamp> {
-    let julian = after.as_millis() as f64 / MS_PER_DAY + UNIX_EPOCH_JULIAN;
     // Start a day early: far east of Greenwich, a day's event can come before its UTC date.
-    let first_day = (julian - J2000).floor() as i64 - 1;
+    let first_day = day_of(after) - 1;
     (first_day..first_day + SEARCH_DAYS)
         .filter_map(|day| event_on(event, latitude, longitude, day))
         .find(|&at| at > after)
@@ -104,8 +109,7 @@ pub fn latest_at_or_before(
     longitude: f64,
     at: Timestamp,
 ) -> Option<Timestamp> {
-    let julian = at.as_millis() as f64 / MS_PER_DAY + UNIX_EPOCH_JULIAN;
-    let last_day = (julian - J2000).floor() as i64 + 1;
+    let last_day = day_of(at) + 1;
     (last_day - SEARCH_DAYS..=last_day)
         .rev()
         .filter_map(|day| event_on(event, latitude, longitude, day))

@@ -20,7 +20,7 @@ use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, Role};
 use crate::schedule::Schedule;
-use crate::stores::schedule::{EntryDefinition, EntryState, ScheduleEntry, ScheduleStore};
+use crate::stores::schedule::{EntryDefinition, ScheduleEntry, ScheduleStore};
 use crate::time::Timestamp;
 
 const QUEUE: &str = "bench-beat";
@@ -45,27 +45,16 @@ pub(super) struct BeatBench {
 }
 
 fn entry(id: String, task: &str, every: Duration, next: Timestamp) -> ScheduleEntry {
-    ScheduleEntry {
-        id,
-        definition: EntryDefinition {
-            queue: Some(QUEUE.to_owned()),
-            ..EntryDefinition::new(
-                task,
-                r#"{"a":1,"b":2}"#,
-                Schedule::Interval {
-                    every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
-                    start_at: None,
-                    end_at: None,
-                },
-            )
-        },
-        state: EntryState {
-            next_run_at: Some(next),
-            anchor: next,
-            ..EntryState::default()
-        },
-        revision: 0,
-    }
+    let schedule = Schedule::Interval {
+        every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX),
+        start_at: None,
+        end_at: None,
+    };
+    let definition = EntryDefinition {
+        queue: Some(QUEUE.to_owned()),
+        ..EntryDefinition::new(task, r#"{"a":1,"b":2}"#, schedule)
+    };
+    ScheduleEntry::new(id, definition, next)
 }
 
 /// Saves entries in batches of a thousand, as `schedule apply` would.

@@ -199,6 +199,20 @@ impl EntryDefinition {
 }
 
 impl ScheduleEntry {
+    /// An entry not stored yet, first due at `first` (where an interval counts from).
+    pub fn new(id: impl Into<String>, definition: EntryDefinition, first: Timestamp) -> Self {
+        ScheduleEntry {
+            id: id.into(),
+            definition,
+            state: EntryState {
+                next_run_at: Some(first),
+                anchor: first,
+                ..EntryState::default()
+            },
+            revision: 0,
+        }
+    }
+
     /// When the store should offer the entry to Beat: its next slot, if enabled.
     pub fn due_at(&self) -> Option<Timestamp> {
         self.state.next_run_at.filter(|_| self.definition.enabled)

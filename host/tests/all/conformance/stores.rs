@@ -244,34 +244,23 @@ mod lock {
 
 mod schedule {
     use stem_host::schedule::Schedule;
-    use stem_host::stores::schedule::{EntryDefinition, EntryState};
+    use stem_host::stores::schedule::EntryDefinition;
 
     use super::*;
 
     type Harness = dyn Connect<dyn ScheduleStore>;
 
     fn entry(id: &str, next_run_at: Timestamp) -> ScheduleEntry {
-        ScheduleEntry {
-            id: id.into(),
-            definition: EntryDefinition {
-                timezone: Some("Europe/Berlin".into()),
-                queue: Some("reports".into()),
-                priority: Some(5),
-                ..EntryDefinition::new(
-                    "reports.generate",
-                    r#"{"customerId":42}"#,
-                    Schedule::Cron {
-                        expression: "0 2 * * *".into(),
-                    },
-                )
-            },
-            state: EntryState {
-                next_run_at: Some(next_run_at),
-                anchor: next_run_at,
-                ..EntryState::default()
-            },
-            revision: 0,
-        }
+        let schedule = Schedule::Cron {
+            expression: "0 2 * * *".into(),
+        };
+        let definition = EntryDefinition {
+            timezone: Some("Europe/Berlin".into()),
+            queue: Some("reports".into()),
+            priority: Some(5),
+            ..EntryDefinition::new("reports.generate", r#"{"customerId":42}"#, schedule)
+        };
+        ScheduleEntry::new(id, definition, next_run_at)
     }
 
     pub async fn entries_round_trip(harness: &Harness) {
