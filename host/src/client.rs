@@ -181,7 +181,8 @@ impl Client {
         Ok(envelopes)
     }
 
-    async fn definition(&self, task: &str) -> Result<TaskDefinition, EnqueueError> {
+    /// The task's definition from the registry (cached), or [`EnqueueError::UnknownTask`].
+    pub(crate) async fn definition(&self, task: &str) -> Result<TaskDefinition, EnqueueError> {
         let cached = self
             .definitions
             .lock()

@@ -19,6 +19,8 @@
 //!   events), as pure functions of an instant.
 //! - [`beat`]: the scheduler service: leader election over the lock store, firing due slots
 //!   under ids derived from them, recording each firing once; the schedule file.
+//! - [`canvas`]: chains, groups and chords, stored once and advanced by the workers that run
+//!   their tasks, every child under an id derived from its position.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
@@ -35,6 +37,7 @@
 pub mod backend;
 pub mod beat;
 pub mod broker;
+pub mod canvas;
 pub mod cli;
 pub mod client;
 pub mod codec;

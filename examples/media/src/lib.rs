@@ -1,4 +1,5 @@
-//! CPU-heavy tasks on real bytes passed as base64: shrink a PPM image, deflate data, hash it.
+//! CPU-heavy tasks on real bytes passed as base64: shrink a PPM image, deflate data, hash it;
+//! and `media.resize`, a light step for canvas examples.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -64,6 +65,41 @@ pub fn thumbnail(ctx: &TaskContext, args: ThumbnailArgs) -> Result<Thumbnail, Ta
         height,
         sha256: hex(&Sha256::digest(&encoded)),
         image: BASE64.encode(&encoded),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ResizeArgs {
+    file: String,
+    /// Target width in pixels (default 1024).
+    #[serde(default = "default_width")]
+    width: u32,
+}
+
+fn default_width() -> u32 {
+    1024
+}
+
+#[derive(Serialize)]
+pub struct Resized {
+    file: String,
+    output: String,
+    width: u32,
+}
+
+/// Names the output of resizing `file` to `width` pixels, without reading any bytes.
+#[stem_guest::task(name = "media.resize", queue = "media")]
+pub fn resize(args: ResizeArgs) -> Result<Resized, TaskError> {
+    if args.file.is_empty() {
+        return Err(TaskError::reject("file must not be empty"));
+    }
+    if args.width == 0 {
+        return Err(TaskError::reject("width must be at least 1"));
+    }
+    Ok(Resized {
+        output: format!("resized/{}/{}", args.width, args.file),
+        file: args.file,
+        width: args.width,
     })
 }
 

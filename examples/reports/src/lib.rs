@@ -1,5 +1,6 @@
 //! A report pipeline: `reports.generate` aggregates a customer's orders, reporting progress,
-//! and enqueues `reports.deliver` for the finished report.
+//! and enqueues `reports.deliver` for the finished report. `reports.render` renders one week's
+//! report, a step for canvas examples (a chord of weeks into `billing.email-receipt`).
 
 use serde::{Deserialize, Serialize};
 use stem_guest::{EnqueueOptions, TaskContext, TaskError};
@@ -129,6 +130,51 @@ pub fn deliver(ctx: &TaskContext, args: DeliverArgs) -> Result<String, TaskError
     );
     ctx.info(&message);
     Ok(message)
+}
+
+#[derive(Deserialize)]
+pub struct RenderArgs {
+    /// An ISO week, `YYYY-Www`.
+    week: String,
+}
+
+#[derive(Serialize)]
+pub struct Rendered {
+    week: String,
+    pages: u32,
+    total_cents: u64,
+}
+
+/// Renders the report of one week (`YYYY-Www`), the same every time for that week.
+#[stem_guest::task(name = "reports.render", queue = "reports")]
+pub fn render(args: RenderArgs) -> Result<Rendered, TaskError> {
+    let (year, week) = parse_week(&args.week).ok_or_else(|| {
+        TaskError::reject(format!(
+            "`{}` is not an ISO week like 2024-W28 (YYYY-Www, week 01 to 53)",
+            args.week
+        ))
+    })?;
+    let seed = u64::from(year) * 100 + u64::from(week);
+    let pages = (seed % 17) as u32 + 3;
+    Ok(Rendered {
+        week: args.week,
+        pages,
+        total_cents: u64::from(pages) * 1_250 + seed % 1_000,
+    })
+}
+
+/// The year and week of `YYYY-Www`.
+fn parse_week(text: &str) -> Option<(u16, u8)> {
+    let (year, week) = text.split_once("-W")?;
+    let digits =
+        |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_digit());
+    if !digits(year, 4) || !digits(week, 2) {
+        return None;
+    }
+    let week: u8 = week.parse().ok()?;
+    (1..=53)
+        .contains(&week)
+        .then_some((year.parse().ok()?, week))
 }
 
 /// Deterministic pseudo-random orders (xorshift), so a report is reproducible.

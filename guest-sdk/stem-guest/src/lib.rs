@@ -31,6 +31,28 @@
 //! Argument decoding errors become a `reject` naming the task and the serde error, so a bad
 //! enqueue is never retried. A panic aborts the wasm instance; the host reports it as a failed
 //! run together with the panic message, and the worker carries on.
+//!
+//! # Canvas
+//!
+//! A task can start a whole workflow as its child: a chain, a group or a chord built with
+//! [`canvas`]. Each call returns the canvas id from the host; the workers run the canvas on
+//! their own, and this task does not wait for it.
+//!
+//! ```no_run
+//! use serde_json::{Value, json};
+//! use stem_guest::canvas::{chord, task};
+//! use stem_guest::{TaskContext, TaskError};
+//!
+//! /// Renders two weeks in parallel, then mails one receipt with both results as `input`.
+//! #[stem_guest::task(name = "billing.close-month")]
+//! fn close_month(ctx: &TaskContext, _args: Value) -> Result<String, TaskError> {
+//!     let weeks = ["2024-W27", "2024-W28"];
+//!     ctx.chord(
+//!         weeks.map(|week| task("reports.render", &json!({"week": week}))),
+//!         task("billing.email-receipt", &json!({"to": "finance@example.com"})).queue("emails"),
+//!     )
+//! }
+//! ```
 
 use std::fmt;
 use std::sync::Mutex;
@@ -39,6 +61,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use stem_guest_macros::task;
+
+pub mod canvas;
 
 mod bindings {
     wit_bindgen::generate!({
@@ -225,6 +249,39 @@ impl TaskContext {
         };
         context::enqueue(name, &args, &options)
             .map_err(|e| TaskError::fail(format!("cannot enqueue sub-task `{name}`: {e}")))
+    }
+
+    /// Submits `canvas` as a child of this task and returns its id. See [`canvas`] for how
+    /// results flow between its tasks.
+    pub fn submit(&self, canvas: &canvas::Node) -> Result<String, TaskError> {
+        let spec = serde_json::to_string(canvas).map_err(TaskError::fail)?;
+        context::submit_canvas(&spec)
+            .map_err(|e| TaskError::fail(format!("cannot submit the canvas: {e}")))
+    }
+
+    /// Submits a [`canvas::chain`] of `steps`.
+    pub fn chain(
+        &self,
+        steps: impl IntoIterator<Item = canvas::Node>,
+    ) -> Result<String, TaskError> {
+        self.submit(&canvas::chain(steps))
+    }
+
+    /// Submits a [`canvas::group`] of `members`.
+    pub fn group(
+        &self,
+        members: impl IntoIterator<Item = canvas::Node>,
+    ) -> Result<String, TaskError> {
+        self.submit(&canvas::group(members))
+    }
+
+    /// Submits a [`canvas::chord`]: `header` in parallel, then `callback` with their results.
+    pub fn chord(
+        &self,
+        header: impl IntoIterator<Item = canvas::Node>,
+        callback: canvas::Node,
+    ) -> Result<String, TaskError> {
+        self.submit(&canvas::chord(header, callback))
     }
 }
 

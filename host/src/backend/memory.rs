@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use super::{
-    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
-    is_final,
+    CanvasRecord, GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls,
+    WorkerHeartbeat, is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::storage::StorageError;
@@ -40,6 +40,7 @@ struct State {
     writes: u64,
     statuses: HashMap<Key, Expiring<TaskStatus>>,
     groups: HashMap<Key, Expiring<GroupRecord>>,
+    canvases: HashMap<Key, Expiring<CanvasRecord>>,
     heartbeats: HashMap<Key, Expiring<WorkerHeartbeat>>,
 }
 
@@ -72,6 +73,7 @@ impl State {
         if self.writes.is_multiple_of(SWEEP_EVERY_WRITES) {
             self.statuses.retain(|_, s| s.live(now));
             self.groups.retain(|_, g| g.live(now));
+            self.canvases.retain(|_, c| c.live(now));
             self.heartbeats.retain(|_, h| h.live(now));
         }
     }
@@ -210,18 +212,22 @@ impl ResultBackend for MemoryBackend {
         &self,
         group: &GroupRecord,
         ttl: Option<Duration>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let now = Timestamp::now();
+        let key = self.key(&group.id);
         let mut state = self.lock();
+        if state.groups.get(&key).is_some_and(|g| g.live(now)) {
+            return Ok(false);
+        }
         state.groups.insert(
-            self.key(&group.id),
+            key,
             Expiring {
                 value: group.clone(),
                 expires_at: Some(now.saturating_add(ttl.unwrap_or(self.ttls.group))),
             },
         );
         state.wrote(now);
-        Ok(())
+        Ok(true)
     }
 
     async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
@@ -250,12 +256,36 @@ impl ResultBackend for MemoryBackend {
         })
     }
 
-    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
-        self.group_mut(group_id, |group| {
-            let claimable = group.is_complete() && !group.callback_claimed;
-            group.callback_claimed |= claimable;
-            claimable
-        })
+    async fn save_canvas(
+        &self,
+        canvas: &CanvasRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Option<CanvasRecord>, StorageError> {
+        let now = Timestamp::now();
+        let key = self.key(&canvas.id);
+        let mut state = self.lock();
+        if let Some(stored) = state.canvases.get(&key).filter(|c| c.live(now)) {
+            return Ok(Some(stored.value.clone()));
+        }
+        state.canvases.insert(
+            key,
+            Expiring {
+                value: canvas.clone(),
+                expires_at: Some(now.saturating_add(ttl.unwrap_or(self.ttls.group))),
+            },
+        );
+        state.wrote(now);
+        Ok(None)
+    }
+
+    async fn get_canvas(&self, id: &str) -> Result<Option<CanvasRecord>, StorageError> {
+        let now = Timestamp::now();
+        let state = self.lock();
+        Ok(state
+            .canvases
+            .get(&self.key(id))
+            .filter(|c| c.live(now))
+            .map(|c| c.value.clone()))
     }
 
     async fn heartbeat(

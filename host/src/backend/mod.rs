@@ -1,5 +1,5 @@
-//! Result backends: the history of every task (its state, result or error), group and chord
-//! bookkeeping, and worker heartbeats.
+//! Result backends: the history of every task (its state, result or error), group bookkeeping,
+//! submitted canvases, and worker heartbeats.
 //!
 //! The [`ResultBackend`] contract is the same for every adapter; the shared conformance suite
 //! (`host/tests/all/conformance/backend.rs`) runs unchanged against each of them.
@@ -10,10 +10,14 @@
 //! - [`ResultBackend::wait`] returns once a task reaches a terminal state, whichever process
 //!   wrote it.
 //! - Groups count their finished members atomically, once per member however often it is
-//!   reported, and a chord's callback can be claimed exactly once.
-//! - Results, groups and heartbeats expire after their TTL.
+//!   reported; creating a group that exists leaves it alone, so a submitter that retries does
+//!   not reset its count. (A chord's callback is published once by
+//!   [`crate::broker::Broker::publish_unique`], not claimed here.)
+//! - A canvas is stored once, by whoever saves it first, and read by every worker advancing it.
+//! - Results, groups, canvases and heartbeats expire after their TTL.
 //!
-//! Adapters: [`memory`] (one process), [`sqlite`] (one host) and [`redis`] (many hosts).
+//! Adapters: [`memory`] (one process), [`sqlite`] (one host), [`redis`] and [`postgres`] (many
+//! hosts).
 
 pub mod memory;
 pub mod postgres;
@@ -33,7 +37,7 @@ use crate::time::Timestamp;
 
 /// How long results are kept when nothing else is configured.
 pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How long group and chord records are kept.
+/// How long group and canvas records are kept.
 pub const DEFAULT_GROUP_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a worker counts as alive after its last heartbeat.
 pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(60);
@@ -253,7 +257,7 @@ impl StatusQuery {
     }
 }
 
-/// A group of tasks, and for a chord the callback to run once all of them have finished.
+/// A group of tasks, and which of them have finished.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRecord {
     pub id: String,
@@ -261,22 +265,15 @@ pub struct GroupRecord {
     pub size: u32,
     /// Member task ids that have finished, in the order they were reported.
     pub finished: Vec<String>,
-    /// The chord callback's envelope (JSON), if this group is a chord.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub callback: Option<String>,
-    /// Whether the chord callback has been claimed for dispatch.
-    pub callback_claimed: bool,
     pub created_at: Timestamp,
 }
 
 impl GroupRecord {
-    pub fn new(id: impl Into<String>, size: u32, callback: Option<String>) -> GroupRecord {
+    pub fn new(id: impl Into<String>, size: u32) -> GroupRecord {
         GroupRecord {
             id: id.into(),
             size,
             finished: Vec::new(),
-            callback,
-            callback_claimed: false,
             created_at: Timestamp::now(),
         }
     }
@@ -297,6 +294,16 @@ impl GroupProgress {
     pub fn is_complete(self) -> bool {
         self.finished >= self.size
     }
+}
+
+/// A submitted canvas (chain, group, chord): its validated tree as JSON, stored once by the
+/// submitter and read by every worker that advances it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CanvasRecord {
+    pub id: String,
+    /// The canvas tree, JSON.
+    pub tree: String,
+    pub created_at: Timestamp,
 }
 
 /// What a worker says about itself, every few seconds.
@@ -359,12 +366,14 @@ pub trait ResultBackend: Send + Sync {
     /// Statuses matching `query`, most recently updated first.
     async fn list(&self, query: &StatusQuery) -> Result<Vec<TaskStatus>, StorageError>;
 
-    /// Creates (or replaces) a group record; it expires after `ttl` or the default group TTL.
+    /// Creates the group unless one with its id exists; a repeated create leaves the existing
+    /// record (and its finished members) alone. Returns whether it created it. The group
+    /// expires after `ttl` or the default group TTL; an expired one counts as absent.
     async fn create_group(
         &self,
         group: &GroupRecord,
         ttl: Option<Duration>,
-    ) -> Result<(), StorageError>;
+    ) -> Result<bool, StorageError>;
 
     /// The group, unless unknown or expired.
     async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError>;
@@ -377,10 +386,16 @@ pub trait ResultBackend: Send + Sync {
         task_id: &str,
     ) -> Result<GroupProgress, StorageError>;
 
-    /// Claims the chord callback for dispatch: `true` for exactly one caller, once every member
-    /// has finished; `false` for everyone else and before then. Fails with
-    /// [`StorageError::NotFound`] if the group is unknown.
-    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError>;
+    /// Stores the canvas unless one with its id exists; returns the canvas stored before (left
+    /// unchanged) if there was one. Expires after `ttl` or the group TTL.
+    async fn save_canvas(
+        &self,
+        canvas: &CanvasRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Option<CanvasRecord>, StorageError>;
+
+    /// The canvas, unless unknown or expired.
+    async fn get_canvas(&self, id: &str) -> Result<Option<CanvasRecord>, StorageError>;
 
     /// Records a worker heartbeat; the worker counts as gone after `ttl` or the default
     /// heartbeat TTL.
@@ -394,11 +409,12 @@ pub trait ResultBackend: Send + Sync {
     async fn workers(&self) -> Result<Vec<WorkerHeartbeat>, StorageError>;
 }
 
-/// Expiry times of the three kinds of records.
+/// Expiry times of the kinds of records.
 #[derive(Clone, Copy, Debug)]
 pub struct Ttls {
     /// `None` keeps results until they are deleted.
     pub result: Option<Duration>,
+    /// Groups and canvases.
     pub group: Duration,
     pub heartbeat: Duration,
 }

@@ -8,8 +8,8 @@
 //!   any host. Waiters also look every [`PostgresBackendOptions::poll_interval`], should a
 //!   notification be lost while the listening connection reconnects.
 //! - A group member is a row (the primary key counts it once) and the group's row counts its
-//!   members in the same statement; the chord claim is one conditional `UPDATE`: exactly one
-//!   caller sees it succeed.
+//!   members in the same statement. Creating a group or saving a canvas is an insert that
+//!   leaves an unexpired row of the same id alone.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,8 +20,8 @@ use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::{Notify, OnceCell};
 
 use super::{
-    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
-    distinct_slices, is_final,
+    CanvasRecord, GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls,
+    WorkerHeartbeat, distinct_slices, is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::broker::postgres::millis;
@@ -29,7 +29,11 @@ use crate::postgres::{self, NOW_MS};
 use crate::storage::{Background, Periodic, StorageError};
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+/// `stem_groups.callback` and `callback_claimed` are no longer written (chord callbacks are
+/// not claimed here any more); they keep their defaults, so a database stays usable by
+/// processes of the previous version during an upgrade.
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_task_results (
         namespace TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -68,7 +72,19 @@ const MIGRATIONS: &[&str] = &["
         expires_at BIGINT NOT NULL,
         PRIMARY KEY (namespace, worker_id)
     );
-"];
+",
+    "
+    CREATE TABLE stem_canvases (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        tree TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE INDEX stem_canvases_expiry ON stem_canvases (expires_at);
+",
+];
 
 /// The channel a batch with a terminal status notifies, with the namespace as payload.
 pub(crate) const RESULTS_CHANNEL: &str = "stem_results";
@@ -162,17 +178,6 @@ impl PostgresBackend {
             })
             .await?;
         Ok(())
-    }
-
-    async fn group_exists(&self, group_id: &str) -> Result<bool, StorageError> {
-        let found: Option<i32> = sqlx::query_scalar(&format!(
-            "SELECT 1 FROM stem_groups WHERE namespace = $1 AND id = $2 AND expires_at > {NOW_MS}"
-        ))
-        .bind(self.namespace())
-        .bind(group_id)
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(found.is_some())
     }
 }
 
@@ -302,6 +307,11 @@ async fn clean(pool: PgPool) {
         .execute(&pool)
         .await?;
         sqlx::query(&format!(
+            "DELETE FROM stem_canvases WHERE expires_at <= {NOW_MS}"
+        ))
+        .execute(&pool)
+        .await?;
+        sqlx::query(&format!(
             "DELETE FROM stem_worker_heartbeats WHERE expires_at <= {NOW_MS}"
         ))
         .execute(&pool)
@@ -422,59 +432,57 @@ impl ResultBackend for PostgresBackend {
         &self,
         group: &GroupRecord,
         ttl: Option<Duration>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.group));
         let mut tx = self.pool().begin().await?;
-        sqlx::query("DELETE FROM stem_group_members WHERE namespace = $1 AND group_id = $2")
-            .bind(self.namespace())
-            .bind(&group.id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(&format!(
-            "INSERT INTO stem_groups
-                 (namespace, id, size, callback, callback_claimed, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, {NOW_MS} + $7)
+        // A concurrent create of the same id waits for this one's row, then leaves it alone.
+        let created = sqlx::query(&format!(
+            "INSERT INTO stem_groups AS g (namespace, id, size, finished, created_at, expires_at)
+             VALUES ($1, $2, $3, 0, $4, {NOW_MS} + $5)
              ON CONFLICT (namespace, id) DO UPDATE SET
-                 size = excluded.size, callback = excluded.callback,
-                 callback_claimed = excluded.callback_claimed,
-                 created_at = excluded.created_at, expires_at = excluded.expires_at"
+                 size = excluded.size, finished = 0, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at
+             WHERE g.expires_at <= {NOW_MS}"
         ))
         .bind(self.namespace())
         .bind(&group.id)
         .bind(i64::from(group.size))
-        .bind(&group.callback)
-        .bind(group.callback_claimed)
         .bind(group.created_at.as_sql())
         .bind(ttl)
         .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO stem_group_members (namespace, group_id, task_id)
-             SELECT $1, $2, task_id FROM unnest($3::text[]) WITH ORDINALITY AS m(task_id, n)
-             ORDER BY n
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(self.namespace())
-        .bind(&group.id)
-        .bind(&group.finished)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE stem_groups SET finished = (SELECT count(*) FROM stem_group_members
-                                                WHERE namespace = $1 AND group_id = $2)
-             WHERE namespace = $1 AND id = $2",
-        )
-        .bind(self.namespace())
-        .bind(&group.id)
-        .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            > 0;
+        if created {
+            // Members of an expired group of the same id that cleaning has not reached yet.
+            sqlx::query("DELETE FROM stem_group_members WHERE namespace = $1 AND group_id = $2")
+                .bind(self.namespace())
+                .bind(&group.id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "WITH added AS (
+                     INSERT INTO stem_group_members (namespace, group_id, task_id)
+                     SELECT $1, $2, task_id FROM unnest($3::text[]) WITH ORDINALITY AS m(task_id, n)
+                     ORDER BY n
+                     ON CONFLICT DO NOTHING
+                     RETURNING 1)
+                 UPDATE stem_groups SET finished = (SELECT count(*) FROM added)
+                 WHERE namespace = $1 AND id = $2",
+            )
+            .bind(self.namespace())
+            .bind(&group.id)
+            .bind(&group.finished)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(created)
     }
 
     async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
         let Some(row) = sqlx::query(&format!(
-            "SELECT size, callback, callback_claimed, created_at,
+            "SELECT size, created_at,
                  ARRAY(SELECT task_id FROM stem_group_members m
                        WHERE m.namespace = g.namespace AND m.group_id = g.id
                        ORDER BY seq) AS finished
@@ -492,8 +500,6 @@ impl ResultBackend for PostgresBackend {
             id: id.to_owned(),
             size: u32::try_from(row.get::<i32, _>("size")).unwrap_or(0),
             finished: row.get("finished"),
-            callback: row.get("callback"),
-            callback_claimed: row.get("callback_claimed"),
             created_at: Timestamp::from_sql(row.get("created_at")),
         }))
     }
@@ -528,24 +534,66 @@ impl ResultBackend for PostgresBackend {
         })
     }
 
-    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
-        let claimed = sqlx::query(&format!(
-            "UPDATE stem_groups SET callback_claimed = true
-             WHERE namespace = $1 AND id = $2 AND expires_at > {NOW_MS} AND NOT callback_claimed
-               AND size <= finished"
+    async fn save_canvas(
+        &self,
+        canvas: &CanvasRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Option<CanvasRecord>, StorageError> {
+        let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.group));
+        // In a transaction: the insert that finds an unexpired canvas locks it, so the read
+        // after it (a statement of its own, to see a canvas committed meanwhile) finds it too.
+        let mut tx = self.pool().begin().await?;
+        let saved = sqlx::query(&format!(
+            "INSERT INTO stem_canvases AS c (namespace, id, tree, created_at, expires_at)
+             VALUES ($1, $2, $3, $4, {NOW_MS} + $5)
+             ON CONFLICT (namespace, id) DO UPDATE SET
+                 tree = excluded.tree, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at
+             WHERE c.expires_at <= {NOW_MS}"
         ))
         .bind(self.namespace())
-        .bind(group_id)
-        .execute(self.pool())
-        .await?;
-        if claimed.rows_affected() == 1 {
-            return Ok(true);
-        }
-        if self.group_exists(group_id).await? {
-            Ok(false)
+        .bind(&canvas.id)
+        .bind(&canvas.tree)
+        .bind(canvas.created_at.as_sql())
+        .bind(ttl)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        let stored = if saved {
+            None
         } else {
-            Err(StorageError::NotFound(format!("group {group_id}")))
-        }
+            let row = sqlx::query(
+                "SELECT tree, created_at FROM stem_canvases WHERE namespace = $1 AND id = $2",
+            )
+            .bind(self.namespace())
+            .bind(&canvas.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            Some(CanvasRecord {
+                id: canvas.id.clone(),
+                tree: row.get("tree"),
+                created_at: Timestamp::from_sql(row.get("created_at")),
+            })
+        };
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_canvas(&self, id: &str) -> Result<Option<CanvasRecord>, StorageError> {
+        let row = sqlx::query(&format!(
+            "SELECT tree, created_at FROM stem_canvases
+             WHERE namespace = $1 AND id = $2 AND expires_at > {NOW_MS}"
+        ))
+        .bind(self.namespace())
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|row| CanvasRecord {
+            id: id.to_owned(),
+            tree: row.get("tree"),
+            created_at: Timestamp::from_sql(row.get("created_at")),
+        }))
     }
 
     async fn heartbeat(

@@ -14,8 +14,8 @@ use sqlx::sqlite::SqlitePool;
 use tokio::sync::Notify;
 
 use super::{
-    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
-    distinct_slices, is_final,
+    CanvasRecord, GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls,
+    WorkerHeartbeat, distinct_slices, is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::sqlite;
@@ -23,7 +23,11 @@ use crate::storage::Periodic;
 use crate::storage::StorageError;
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+/// `stem_groups.callback` and `callback_claimed` are no longer written (chord callbacks are
+/// not claimed here any more); they keep their defaults, so a file stays usable by processes
+/// of the previous version during an upgrade.
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_task_results (
         namespace TEXT NOT NULL,
         id TEXT NOT NULL,
@@ -59,7 +63,19 @@ const MIGRATIONS: &[&str] = &["
         expires_at INTEGER NOT NULL,
         PRIMARY KEY (namespace, worker_id)
     );
-"];
+",
+    "
+    CREATE TABLE stem_canvases (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        tree TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE INDEX stem_canvases_expiry ON stem_canvases (expires_at);
+",
+];
 
 /// Tuning for [`SqliteBackend::open`].
 #[derive(Clone, Debug)]
@@ -133,18 +149,6 @@ impl SqliteBackend {
 
     fn ttls(&self) -> &Ttls {
         &self.inner.options.ttls
-    }
-
-    async fn group_exists(&self, group_id: &str, now: Timestamp) -> Result<bool, StorageError> {
-        let found: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM stem_groups WHERE namespace = ? AND id = ? AND expires_at > ?",
-        )
-        .bind(self.namespace())
-        .bind(group_id)
-        .bind(now.as_sql())
-        .fetch_optional(self.pool())
-        .await?;
-        Ok(found.is_some())
     }
 }
 
@@ -239,6 +243,10 @@ async fn clean(pool: SqlitePool) {
         .execute(&pool)
         .await?;
         sqlx::query("DELETE FROM stem_groups WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&pool)
+            .await?;
+        sqlx::query("DELETE FROM stem_canvases WHERE expires_at <= ?")
             .bind(now)
             .execute(&pool)
             .await?;
@@ -371,46 +379,55 @@ impl ResultBackend for SqliteBackend {
         &self,
         group: &GroupRecord,
         ttl: Option<Duration>,
-    ) -> Result<(), StorageError> {
-        let expires_at = Timestamp::now().saturating_add(ttl.unwrap_or(self.ttls().group));
+    ) -> Result<bool, StorageError> {
+        let now = Timestamp::now();
+        let expires_at = now.saturating_add(ttl.unwrap_or(self.ttls().group));
+        // The upsert comes first so the transaction takes the write lock at once.
         let mut tx = self.pool().begin().await?;
-        sqlx::query("DELETE FROM stem_group_members WHERE namespace = ? AND group_id = ?")
-            .bind(self.namespace())
-            .bind(&group.id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO stem_groups
-                 (namespace, id, size, callback, callback_claimed, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        let created = sqlx::query(
+            "INSERT INTO stem_groups (namespace, id, size, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (namespace, id) DO UPDATE SET
+                 size = excluded.size, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at
+             WHERE stem_groups.expires_at <= ?",
         )
         .bind(self.namespace())
         .bind(&group.id)
         .bind(i64::from(group.size))
-        .bind(&group.callback)
-        .bind(group.callback_claimed)
         .bind(group.created_at.as_sql())
         .bind(expires_at.as_sql())
+        .bind(now.as_sql())
         .execute(&mut *tx)
-        .await?;
-        for member in &group.finished {
-            sqlx::query(
-                "INSERT OR IGNORE INTO stem_group_members (namespace, group_id, task_id)
-                 VALUES (?, ?, ?)",
-            )
-            .bind(self.namespace())
-            .bind(&group.id)
-            .bind(member)
-            .execute(&mut *tx)
-            .await?;
+        .await?
+        .rows_affected()
+            > 0;
+        if created {
+            // Members of an expired group of the same id that cleaning has not reached yet.
+            sqlx::query("DELETE FROM stem_group_members WHERE namespace = ? AND group_id = ?")
+                .bind(self.namespace())
+                .bind(&group.id)
+                .execute(&mut *tx)
+                .await?;
+            for member in &group.finished {
+                sqlx::query(
+                    "INSERT OR IGNORE INTO stem_group_members (namespace, group_id, task_id)
+                     VALUES (?, ?, ?)",
+                )
+                .bind(self.namespace())
+                .bind(&group.id)
+                .bind(member)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(created)
     }
 
     async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
         let Some(row) = sqlx::query(
-            "SELECT size, callback, callback_claimed, created_at FROM stem_groups
+            "SELECT size, created_at FROM stem_groups
              WHERE namespace = ? AND id = ? AND expires_at > ?",
         )
         .bind(self.namespace())
@@ -433,8 +450,6 @@ impl ResultBackend for SqliteBackend {
             id: id.to_owned(),
             size: u32::try_from(row.get::<i64, _>("size")).unwrap_or(0),
             finished,
-            callback: row.get("callback"),
-            callback_claimed: row.get("callback_claimed"),
             created_at: Timestamp::from_sql(row.get("created_at")),
         }))
     }
@@ -477,27 +492,69 @@ impl ResultBackend for SqliteBackend {
         })
     }
 
-    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
+    async fn save_canvas(
+        &self,
+        canvas: &CanvasRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Option<CanvasRecord>, StorageError> {
         let now = Timestamp::now();
-        let claimed = sqlx::query(
-            "UPDATE stem_groups AS g SET callback_claimed = 1
-             WHERE namespace = ? AND id = ? AND expires_at > ? AND callback_claimed = 0
-               AND size <= (SELECT COUNT(*) FROM stem_group_members m
-                            WHERE m.namespace = g.namespace AND m.group_id = g.id)",
+        let expires_at = now.saturating_add(ttl.unwrap_or(self.ttls().group));
+        // The upsert comes first so the transaction takes the write lock at once; the canvas
+        // it finds can then neither change nor go before the read.
+        let mut tx = self.pool().begin().await?;
+        let saved = sqlx::query(
+            "INSERT INTO stem_canvases (namespace, id, tree, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (namespace, id) DO UPDATE SET
+                 tree = excluded.tree, created_at = excluded.created_at,
+                 expires_at = excluded.expires_at
+             WHERE stem_canvases.expires_at <= ?",
         )
         .bind(self.namespace())
-        .bind(group_id)
+        .bind(&canvas.id)
+        .bind(&canvas.tree)
+        .bind(canvas.created_at.as_sql())
+        .bind(expires_at.as_sql())
         .bind(now.as_sql())
-        .execute(self.pool())
-        .await?;
-        if claimed.rows_affected() == 1 {
-            return Ok(true);
-        }
-        if self.group_exists(group_id, now).await? {
-            Ok(false)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        let stored = if saved {
+            None
         } else {
-            Err(StorageError::NotFound(format!("group {group_id}")))
-        }
+            let row = sqlx::query(
+                "SELECT tree, created_at FROM stem_canvases WHERE namespace = ? AND id = ?",
+            )
+            .bind(self.namespace())
+            .bind(&canvas.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            Some(CanvasRecord {
+                id: canvas.id.clone(),
+                tree: row.get("tree"),
+                created_at: Timestamp::from_sql(row.get("created_at")),
+            })
+        };
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn get_canvas(&self, id: &str) -> Result<Option<CanvasRecord>, StorageError> {
+        let row = sqlx::query(
+            "SELECT tree, created_at FROM stem_canvases
+             WHERE namespace = ? AND id = ? AND expires_at > ?",
+        )
+        .bind(self.namespace())
+        .bind(id)
+        .bind(Timestamp::now().as_sql())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|row| CanvasRecord {
+            id: id.to_owned(),
+            tree: row.get("tree"),
+            created_at: Timestamp::from_sql(row.get("created_at")),
+        }))
     }
 
     async fn heartbeat(

@@ -4,7 +4,7 @@
 //! entries and dead-lettering behave exactly as they do there.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,9 +42,16 @@ struct State {
     next_id: u64,
     queues: HashMap<QueueKey, Queue>,
     dead: Vec<(String, DeadLetter)>,
+    /// Task ids published through `publish_unique`, by namespace, until they are forgotten.
+    unique: HashSet<IdKey>,
+    /// The same ids by when they are forgotten, so pruning looks only at the expired ones.
+    unique_expiry: BTreeSet<(Timestamp, IdKey)>,
 }
 
 type QueueKey = (String, String);
+
+/// A namespace and a task id.
+type IdKey = (String, String);
 
 /// Entries in delivery order: priority descending, then publication order.
 #[derive(Default)]
@@ -215,6 +222,28 @@ impl State {
         self.next_id
     }
 
+    /// Stores a validated envelope on its queue.
+    fn store(&mut self, namespace: &str, envelope: &Envelope, now: Timestamp) {
+        let id = self.next_id();
+        self.queues
+            .entry((namespace.to_owned(), envelope.queue.clone()))
+            .or_default()
+            .insert(
+                id,
+                envelope.priority,
+                envelope.ready_at(now),
+                envelope.to_json(),
+            );
+    }
+
+    /// Forgets the unique ids whose window has passed.
+    fn forget_expired(&mut self, now: Timestamp) {
+        while self.unique_expiry.first().is_some_and(|(at, _)| *at <= now) {
+            let (_, key) = self.unique_expiry.pop_first().expect("just looked at");
+            self.unique.remove(&key);
+        }
+    }
+
     fn bury(
         &mut self,
         namespace: &str,
@@ -276,21 +305,38 @@ impl Broker for MemoryBroker {
         let now = Timestamp::now();
         let mut state = self.lock();
         for envelope in envelopes {
-            let id = state.next_id();
-            state
-                .queues
-                .entry(self.key(&envelope.queue))
-                .or_default()
-                .insert(
-                    id,
-                    envelope.priority,
-                    envelope.ready_at(now),
-                    envelope.to_json(),
-                );
+            state.store(&self.namespace, envelope, now);
         }
         drop(state);
         self.shared.changed.notify_waiters();
         Ok(())
+    }
+
+    async fn publish_unique(
+        &self,
+        envelopes: &[Envelope],
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError> {
+        validate_all(envelopes)?;
+        let now = Timestamp::now();
+        let forget_at = now.saturating_add(window);
+        let mut state = self.lock();
+        state.forget_expired(now);
+        let mut stored = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            let key = (self.namespace.clone(), envelope.id.clone());
+            let fresh = state.unique.insert(key.clone());
+            if fresh {
+                state.unique_expiry.insert((forget_at, key));
+                state.store(&self.namespace, envelope, now);
+            }
+            stored.push(fresh);
+        }
+        drop(state);
+        if stored.contains(&true) {
+            self.shared.changed.notify_waiters();
+        }
+        Ok(stored)
     }
 
     async fn consume(

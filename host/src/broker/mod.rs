@@ -4,7 +4,9 @@
 //! (`host/tests/all/conformance/broker.rs`) runs unchanged against each of them.
 //!
 //! - Publish an [`Envelope`] to its queue. Priorities run 0–9, higher first, FIFO within a
-//!   priority; `not_before` delays delivery.
+//!   priority; `not_before` delays delivery. [`Broker::publish_unique`] stores a task id at
+//!   most once within a window, so a producer that publishes again after a crash or a timeout
+//!   does not run the task twice.
 //! - [`Broker::consume`] leases up to `max` entries from one or more queues for a visibility
 //!   timeout. A delivery is [extended](Broker::extend_lease) while it runs, then
 //!   [settled](Broker::settle_many): acked, released to be delivered again after a delay,
@@ -252,6 +254,20 @@ pub trait Broker: Send + Sync {
     /// Stores many envelopes at once, all or none: if one fails [`Envelope::validate`],
     /// nothing is stored.
     async fn publish_batch(&self, envelopes: &[Envelope]) -> Result<(), StorageError>;
+
+    /// Publishes each envelope unless one with the same task id was published through
+    /// `publish_unique` within `window` (the adapter remembers each id that long); per
+    /// envelope, whether it was stored. Remembering an id and storing its envelope happen
+    /// together (one Lua script, one transaction): a producer that crashes and publishes again
+    /// cannot store a second copy, and an id is never remembered without its envelope. A
+    /// duplicate id inside one batch is stored once (the first). Refuses the whole batch if
+    /// one envelope fails [`Envelope::validate`]. Plain publishes neither check nor record
+    /// ids, and neither do settles: a retry of a uniquely published entry goes through.
+    async fn publish_unique(
+        &self,
+        envelopes: &[Envelope],
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError>;
 
     /// Leases up to `options.max` ready entries from `queues`, highest priority first, then
     /// oldest first. Waits up to `options.wait` for one when none is ready. Entries that cannot

@@ -56,6 +56,15 @@ const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX stem_queue_entries_visible ON stem_queue_entries (namespace, queue, visible_at);
 ",
+    "
+    CREATE TABLE stem_unique_ids (
+        namespace TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, task_id)
+    );
+    CREATE INDEX stem_unique_ids_expiry ON stem_unique_ids (expires_at);
+",
 ];
 
 /// Broadcast subscribers of every SQLite broker in this process, by file and namespace.
@@ -70,7 +79,7 @@ pub struct SqliteBrokerOptions {
     pub visibility_timeout: Duration,
     /// How often a waiting consumer looks for due entries.
     pub poll_interval: Duration,
-    /// How often expired dead letters are deleted.
+    /// How often expired dead letters and forgotten unique ids are deleted.
     pub sweeper_interval: Duration,
     /// How long dead letters are kept; `None` keeps them until purged.
     pub dead_letter_retention: Option<Duration>,
@@ -278,22 +287,53 @@ impl SqliteBroker {
 /// Acks deleted by one statement, well within SQLite's limit of bound values.
 const ACKS_PER_STATEMENT: usize = 500;
 
-/// Deletes dead letters older than the retention.
+/// Deletes dead letters older than the retention, and unique ids whose window has passed
+/// (of every namespace: an expired id counts as absent in any of them).
 async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>) {
-    let Some(retention) = retention else { return };
-    let cutoff = Timestamp::from_millis(
-        Timestamp::now()
-            .as_millis()
-            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
-    );
-    let swept = sqlx::query("DELETE FROM stem_dead_letters WHERE namespace = ? AND dead_at < ?")
-        .bind(&namespace)
-        .bind(cutoff.as_sql())
+    let now = Timestamp::now();
+    if let Some(retention) = retention {
+        let cutoff = Timestamp::from_millis(
+            now.as_millis()
+                .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
+        );
+        let swept =
+            sqlx::query("DELETE FROM stem_dead_letters WHERE namespace = ? AND dead_at < ?")
+                .bind(&namespace)
+                .bind(cutoff.as_sql())
+                .execute(&pool)
+                .await;
+        if let Err(error) = swept {
+            tracing::warn!(%error, "sweeping expired dead letters failed");
+        }
+    }
+    let swept = sqlx::query("DELETE FROM stem_unique_ids WHERE expires_at <= ?")
+        .bind(now.as_sql())
         .execute(&pool)
         .await;
     if let Err(error) = swept {
-        tracing::warn!(%error, "sweeping expired dead letters failed");
+        tracing::warn!(%error, "sweeping forgotten unique ids failed");
     }
+}
+
+/// Stores a validated envelope as a queue entry.
+async fn insert_entry(
+    conn: &mut sqlx::SqliteConnection,
+    namespace: &str,
+    envelope: &Envelope,
+    now: Timestamp,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(namespace)
+    .bind(&envelope.queue)
+    .bind(i64::from(envelope.priority))
+    .bind(envelope.ready_at(now).as_sql())
+    .bind(envelope.to_json())
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Moves entry `id` to the dead letters, if `token` (when given) still leases it; returns
@@ -344,21 +384,50 @@ impl Broker for SqliteBroker {
         let now = Timestamp::now();
         let mut tx = self.pool().begin().await?;
         for envelope in envelopes {
-            sqlx::query(
-                "INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(self.namespace())
-            .bind(&envelope.queue)
-            .bind(i64::from(envelope.priority))
-            .bind(envelope.ready_at(now).as_sql())
-            .bind(envelope.to_json())
-            .execute(&mut *tx)
-            .await?;
+            insert_entry(&mut tx, self.namespace(), envelope, now).await?;
         }
         tx.commit().await?;
         self.inner.published.notify_waiters();
         Ok(())
+    }
+
+    async fn publish_unique(
+        &self,
+        envelopes: &[Envelope],
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError> {
+        validate_all(envelopes)?;
+        let now = Timestamp::now();
+        let forget_at = now.saturating_add(window);
+        let mut seen = std::collections::HashSet::new();
+        let mut stored = Vec::with_capacity(envelopes.len());
+        // The first statement writes, so the transaction takes SQLite's write lock at once.
+        let mut tx = self.pool().begin().await?;
+        for envelope in envelopes {
+            let remembered = seen.insert(envelope.id.as_str())
+                && sqlx::query(
+                    "INSERT INTO stem_unique_ids (namespace, task_id, expires_at) VALUES (?, ?, ?)
+                     ON CONFLICT (namespace, task_id) DO UPDATE SET expires_at = excluded.expires_at
+                     WHERE stem_unique_ids.expires_at <= ?",
+                )
+                .bind(self.namespace())
+                .bind(&envelope.id)
+                .bind(forget_at.as_sql())
+                .bind(now.as_sql())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    > 0;
+            if remembered {
+                insert_entry(&mut tx, self.namespace(), envelope, now).await?;
+            }
+            stored.push(remembered);
+        }
+        tx.commit().await?;
+        if stored.contains(&true) {
+            self.inner.published.notify_waiters();
+        }
+        Ok(stored)
     }
 
     async fn consume(

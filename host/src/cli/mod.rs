@@ -4,6 +4,7 @@
 
 mod beat;
 mod bench;
+mod canvas;
 mod enqueue;
 mod progress;
 mod queue;
@@ -23,6 +24,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
+use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
@@ -130,9 +132,12 @@ enum Command {
     Task(task::TaskCommand),
     /// Enqueue a task (or many, from a JSON-lines file).
     Enqueue(enqueue::EnqueueArgs),
-    /// Read or wait for task results.
+    /// Read or wait for task results (of a canvas too: its tree).
     #[command(subcommand)]
     Result(result::ResultCommand),
+    /// Submit and show canvases: chains, groups and chords of tasks.
+    #[command(subcommand)]
+    Canvas(canvas::CanvasCommand),
     /// Run a worker.
     #[command(subcommand)]
     Worker(worker::WorkerCommand),
@@ -183,6 +188,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task(command) => task::run(command, &connections).await,
         Command::Enqueue(args) => enqueue::run(args, &connections).await,
         Command::Result(command) => result::run(command, &connections).await,
+        Command::Canvas(command) => canvas::run(command, &connections).await,
         Command::Worker(command) => worker::run(command, &connections).await,
         Command::Queue(command) => queue::run_queue(command, &connections).await,
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
@@ -304,6 +310,15 @@ impl Connections {
             Codecs::default(),
         )
         .with_max_args_bytes(self.max_args_bytes()))
+    }
+
+    /// Submits, advances and reads canvases through the configured broker and backend.
+    async fn canvases(&self) -> anyhow::Result<Canvases> {
+        Ok(Canvases::new(
+            self.client().await?,
+            self.backend().await?,
+            Codecs::default(),
+        ))
     }
 
     fn namespace(&self) -> Option<&str> {

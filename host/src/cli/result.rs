@@ -8,6 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::Connections;
+use super::canvas;
 use super::progress::Progress;
 use super::units::{human_duration, parse_duration};
 use crate::backend::{ResultBackend, StatusQuery, TaskState, TaskStatus};
@@ -15,7 +16,8 @@ use crate::codec::Codecs;
 
 #[derive(Subcommand)]
 pub enum ResultCommand {
-    /// Print a task's current status and, once it succeeded, its result.
+    /// Print a task's current status and, once it succeeded, its result. For a canvas id,
+    /// the canvas as a tree with each node's state, and its result once it succeeded.
     ///
     /// Exits 0 if the task succeeded, 1 otherwise.
     Get {
@@ -25,7 +27,7 @@ pub enum ResultCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until a task finishes, then print it as `get` does.
+    /// Wait until a task (or a whole canvas) finishes, then print it as `get` does.
     ///
     /// Exits 0 if the task succeeded, 1 if it failed, was revoked or the wait timed out.
     Wait {
@@ -59,15 +61,25 @@ pub enum ResultCommand {
 pub async fn run(command: ResultCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
     let backend = connections.backend().await?;
     match command {
-        ResultCommand::Get { id, json } => match backend.get(&id).await? {
-            Some(status) => report(&status, json),
-            None => bail!(
-                "no status for task {id}: it is unknown, still waiting in the queue, or its \
-                 result expired"
-            ),
-        },
+        ResultCommand::Get { id, json } => {
+            if let Some(code) = canvas::show(&connections.canvases().await?, &id, json).await? {
+                return Ok(code);
+            }
+            match backend.get(&id).await? {
+                Some(status) => report(&status, json),
+                None => bail!(
+                    "no status for task {id}: it is unknown, still waiting in the queue, or its \
+                     result expired"
+                ),
+            }
+        }
         ResultCommand::Wait { id, timeout, json } => {
             let status = wait(backend.as_ref(), &id, timeout).await?;
+            if status.as_ref().is_some_and(|s| s.state.is_terminal())
+                && let Some(code) = canvas::show(&connections.canvases().await?, &id, json).await?
+            {
+                return Ok(code);
+            }
             finish_wait(&id, status, timeout, json)
         }
         ResultCommand::List {

@@ -7,11 +7,13 @@ use clap::Args;
 
 use super::Connections;
 use super::units::parse_duration;
+use crate::canvas::CanvasError;
 use crate::stores::revoke::Revocation;
 
 #[derive(Args)]
 pub struct RevokeArgs {
-    /// The task ids to revoke.
+    /// The task ids to revoke. A canvas id revokes every task of the canvas that has not
+    /// finished, including those not published yet.
     #[arg(required = true)]
     ids: Vec<String>,
     /// Also stop the tasks if they are running now.
@@ -27,17 +29,26 @@ pub struct RevokeArgs {
 
 pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let store = connections.revokes().await?;
+    let canvases = connections.canvases().await?;
+    let what = if args.terminate {
+        "revoked and terminating"
+    } else {
+        "revoked"
+    };
     for id in &args.ids {
         let revocation = Revocation {
             reason: args.reason.clone(),
             ..Revocation::new(id, args.terminate, args.ttl)
         };
+        match canvases.revoke(store.as_ref(), id, &revocation).await {
+            Ok(tasks) => {
+                println!("{id} {what} (a canvas: {tasks} unfinished tasks)");
+                continue;
+            }
+            Err(CanvasError::Unknown(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
         store.revoke(&revocation).await?;
-        let what = if args.terminate {
-            "revoked and terminating"
-        } else {
-            "revoked"
-        };
         println!("{id} {what}");
     }
     Ok(ExitCode::SUCCESS)

@@ -281,10 +281,12 @@ fn describe_options(definition: &TaskDefinition) -> Vec<String> {
     out
 }
 
-/// Guest logs and progress on stderr; sub-tasks recorded, not run.
+/// Guest logs and progress on stderr; sub-tasks and canvases recorded, not run.
 #[derive(Default)]
 struct LocalHooks {
     subtasks: Mutex<Vec<(String, SubTaskRequest)>>,
+    /// Each canvas's id and JSON spec.
+    canvases: Mutex<Vec<(String, String)>>,
 }
 
 #[async_trait::async_trait]
@@ -304,6 +306,15 @@ impl TaskHooks for LocalHooks {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((id.clone(), request));
+        Ok(id)
+    }
+
+    async fn submit_canvas(&self, _parent: &TaskInfo, spec: String) -> Result<String, String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.canvases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id.clone(), spec));
         Ok(id)
     }
 }
@@ -357,6 +368,7 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
         .await;
     let elapsed = started.elapsed();
     let subtasks = std::mem::take(&mut *hooks.subtasks.lock().unwrap_or_else(|p| p.into_inner()));
+    let canvases = std::mem::take(&mut *hooks.canvases.lock().unwrap_or_else(|p| p.into_inner()));
 
     if args.json {
         let subtasks: Vec<_> = subtasks
@@ -372,11 +384,21 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
                 })
             })
             .collect();
+        let canvases: Vec<_> = canvases
+            .iter()
+            .map(|(id, spec)| {
+                json!({
+                    "id": id,
+                    "spec": serde_json::from_str::<serde_json::Value>(spec).ok(),
+                })
+            })
+            .collect();
         let mut report = json!({
             "task_id": invocation.id,
             "task": invocation.name,
             "duration_ms": elapsed.as_secs_f64() * 1e3,
             "subtasks": subtasks,
+            "canvases": canvases,
         });
         match &outcome {
             Ok(result) => {
@@ -395,6 +417,9 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
                 "sub-task {} enqueued as {id} with {} (not run: `task run` has no broker)",
                 request.name, request.args
             );
+        }
+        for (id, spec) in &canvases {
+            eprintln!("canvas submitted as {id}: {spec} (not run: `task run` has no broker)");
         }
         match &outcome {
             Ok(result) => {

@@ -1,4 +1,5 @@
-//! How a running guest reaches the rest of the host: logs, progress, heartbeats and sub-tasks.
+//! How a running guest reaches the rest of the host: logs, progress, heartbeats, sub-tasks and
+//! canvases.
 //!
 //! The sandbox knows nothing of brokers or backends; whoever runs a task (the worker, or
 //! `stem-host task run` locally) passes an implementation of [`TaskHooks`].
@@ -54,10 +55,15 @@ pub trait TaskHooks: Send + Sync + 'static {
 
     /// Enqueues a sub-task and returns its id, or a message the guest receives as the error.
     async fn enqueue(&self, parent: &TaskInfo, request: SubTaskRequest) -> Result<String, String>;
+
+    /// Submits a canvas as a child of `parent` and returns its id, or a message the guest
+    /// receives as the error. `spec` is valid JSON; its size is for the implementation to bound,
+    /// as it bounds sub-task arguments.
+    async fn submit_canvas(&self, parent: &TaskInfo, spec: String) -> Result<String, String>;
 }
 
-/// Hooks for runs that have nowhere to send sub-tasks: logs go to `tracing`, enqueues are
-/// refused with a clear message.
+/// Hooks for runs that have nowhere to send sub-tasks: logs go to `tracing`, enqueues and
+/// canvases are refused with a clear message.
 pub struct DetachedHooks;
 
 #[async_trait::async_trait]
@@ -67,5 +73,9 @@ impl TaskHooks for DetachedHooks {
             "cannot enqueue `{}`: this run is not connected to a broker",
             request.name
         ))
+    }
+
+    async fn submit_canvas(&self, _parent: &TaskInfo, _spec: String) -> Result<String, String> {
+        Err("cannot submit a canvas: this run is not connected to a broker".to_owned())
     }
 }

@@ -93,6 +93,13 @@ impl context::Host for RunState {
         };
         self.hooks.enqueue(&self.task, request).await
     }
+
+    async fn submit_canvas(&mut self, spec: String) -> Result<String, String> {
+        if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&spec) {
+            return Err(format!("the canvas is not valid JSON: {error}"));
+        }
+        self.hooks.submit_canvas(&self.task, spec).await
+    }
 }
 
 /// What one run may log (log and progress messages): past either bound, messages are

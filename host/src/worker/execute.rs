@@ -10,8 +10,10 @@ use super::retry::RetryPolicy;
 use super::{Recorded, RunSlot, Shared};
 use crate::backend::{TaskFailure, TaskState, TaskStatus};
 use crate::broker::{Delivery, Settle};
+use crate::canvas::CANVAS_HEADER;
 use crate::codec::Payload;
 use crate::components::ComponentError;
+use crate::envelope::Envelope;
 use crate::runtime::{RunError, TaskComponent};
 use crate::settlement::Settlement;
 use crate::storage::StorageError;
@@ -38,6 +40,7 @@ pub(super) async fn process(
         slot: &slot,
         component: None,
     };
+    let ended_before = recorded.status.clone().filter(|s| s.state.is_terminal());
     // Boxed: the run's future is large, and every task future that held it inline would be
     // copied whole when it is spawned.
     let (status, settle) = match Box::pin(execution.decide(recorded)).await {
@@ -47,7 +50,47 @@ pub(super) async fn process(
             (None, Settle::Release(WORKER_TROUBLE_DELAY))
         }
     };
+    let (status, settle) = if delivery.envelope.headers.contains_key(CANVAS_HEADER)
+        && slot.still_leased(&delivery.receipt).await
+    {
+        advance_canvas(shared, &delivery.envelope, (status, settle), ended_before).await
+    } else {
+        (status, settle)
+    };
     finish(shared, &slot, &delivery, status, settle).await;
+}
+
+/// A task of a canvas that ended (now, or in a delivery whose settle was lost) records its
+/// status at once and moves its canvas on before its entry is settled. If either fails, the
+/// entry comes back later, and its next delivery advances again: nothing is published twice.
+async fn advance_canvas(
+    shared: &Arc<Shared>,
+    envelope: &Envelope,
+    (status, settle): Outcome,
+    ended_before: Option<TaskStatus>,
+) -> Outcome {
+    let ended = match (&status, ended_before) {
+        (Some(status), _) if status.state.is_terminal() => status.clone(),
+        (None, Some(before)) => before,
+        _ => return (status, settle),
+    };
+    if status.is_some()
+        && let Err(error) = shared.backend.set(&ended, None).await
+    {
+        tracing::error!(task.id = envelope.id, %error, "recording the end of a canvas task failed; it comes back");
+        return (None, Settle::Release(WORKER_TROUBLE_DELAY));
+    }
+    match shared.canvases.advance(envelope, &ended).await {
+        Ok(()) => (status, settle),
+        Err(error) if !error.is_transient() => {
+            tracing::error!(task.id = envelope.id, %error, "the canvas cannot move on from this task");
+            (status, settle)
+        }
+        Err(error) => {
+            tracing::error!(task.id = envelope.id, %error, "advancing the canvas failed; the task comes back to advance it again");
+            (None, Settle::Release(WORKER_TROUBLE_DELAY))
+        }
+    }
 }
 
 /// Gives a delivery that never started back to the queue at once.
@@ -145,6 +188,14 @@ impl Execution<'_> {
         if self.slot.handle.is_terminated() {
             return Ok(self.returned());
         }
+        // Revoked after it was fetched, while it waited for a run slot.
+        if self.slot.handle.is_revoked() {
+            let cause = failure("revoked", "revoked before it ran");
+            return Ok((
+                Some(self.status(TaskState::Revoked, Some(cause))),
+                Settle::Ack,
+            ));
+        }
 
         let (version, component) = match shared.components.resolve(&envelope.task).await {
             Ok(found) => found,
@@ -212,6 +263,8 @@ impl Execution<'_> {
             max_depth: budgets.subtask_depth,
             max_countdown: budgets.max_delay,
             subtasks: AtomicU32::new(0),
+            canvas_service: shared.canvases.clone(),
+            canvases: AtomicU32::new(0),
             progress: Mutex::default(),
         });
         let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));

@@ -1,6 +1,7 @@
-//! What a running guest reaches through the worker: sub-tasks go to the same broker, with
-//! their parent, root and depth recorded and the operator's sub-task budgets applied;
-//! progress and heartbeats are recorded in the result backend.
+//! What a running guest reaches through the worker: sub-tasks and canvases go to the same
+//! broker, with their parent, root and depth recorded and the operator's sub-task budgets
+//! applied (a canvas's tasks count as sub-tasks); progress and heartbeats are recorded in the
+//! result backend.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::backend::{ResultBackend, TaskProgress, TaskStatus};
-use crate::client::{Client, EnqueueRequest};
+use crate::canvas::{Canvases, Node, Origin, spec};
+use crate::client::{Client, EnqueueError, EnqueueRequest};
 use crate::runtime::{SubTaskRequest, TaskHooks, TaskInfo};
 use crate::time::Timestamp;
 
@@ -30,6 +32,10 @@ pub(super) struct WorkerHooks {
     /// Longest countdown a sub-task may ask for; a longer one is cut to it.
     pub max_countdown: Duration,
     pub subtasks: AtomicU32,
+    /// Submits the canvases the run creates.
+    pub canvas_service: Arc<Canvases>,
+    /// Canvases this run submitted, which numbers their ids.
+    pub canvases: AtomicU32,
     /// The last progress reported, and when a status was last written for it.
     pub progress: Mutex<Progress>,
 }
@@ -125,6 +131,60 @@ impl TaskHooks for WorkerHooks {
             Ok(envelope) => Ok(envelope.id),
             Err(error) => {
                 self.subtasks.fetch_sub(1, Ordering::Relaxed);
+                Err(error.to_string())
+            }
+        }
+    }
+
+    /// The spec is held to the operator's bound on sub-task arguments.
+    async fn submit_canvas(&self, parent: &TaskInfo, spec: String) -> Result<String, String> {
+        self.client
+            .check_args_size("canvas", &spec)
+            .map_err(|error| match error {
+                EnqueueError::ArgsTooLarge { size, limit, .. } => format!(
+                    "the canvas is {size} bytes, over the limit of {limit} bytes for sub-task \
+                     arguments (STEM_MAX_ARGS_SIZE)"
+                ),
+                other => other.to_string(),
+            })?;
+        let depth = self.depth + 1;
+        if depth > self.max_depth {
+            return Err(format!(
+                "cannot submit a canvas: sub-tasks may nest {} deep below the task a producer \
+                 enqueued, and its tasks would be at depth {depth}",
+                self.max_depth
+            ));
+        }
+        let root: Node = serde_json::from_str(&spec)
+            .map_err(|error| format!("the canvas spec is not valid: {error}"))?;
+        if root.id.is_some() {
+            return Err(
+                "a task's canvases take ids derived from the task's own: leave out `id`".into(),
+            );
+        }
+        // Derived from the task id, so a retried run that submits again publishes nothing twice.
+        let number = self.canvases.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}~{number}", parent.id);
+        let tasks = spec::validate(&root, &id).map_err(|error| error.to_string())?;
+        let tasks = u32::try_from(tasks).unwrap_or(u32::MAX);
+        let before = self.subtasks.fetch_add(tasks, Ordering::Relaxed);
+        if before.saturating_add(tasks) > self.max_subtasks {
+            self.subtasks.fetch_sub(tasks, Ordering::Relaxed);
+            return Err(format!(
+                "cannot submit a canvas of {tasks} tasks: a run may enqueue at most {} sub-tasks \
+                 ({before} so far)",
+                self.max_subtasks
+            ));
+        }
+        let origin = Origin {
+            parent_id: Some(parent.id.clone()),
+            root_id: Some(self.root_id.clone()),
+            depth,
+        };
+        match self.canvas_service.submit_as(id, root, origin).await {
+            Ok(submitted) => Ok(submitted.id),
+            Err(error) => {
+                self.subtasks.fetch_sub(tasks, Ordering::Relaxed);
                 Err(error.to_string())
             }
         }

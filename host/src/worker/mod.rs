@@ -46,6 +46,7 @@ pub use budget::Budgets;
 
 use crate::backend::{ResultBackend, TaskStatus, WorkerHeartbeat};
 use crate::broker::{Broker, ConsumeOptions, Delivery, Receipt, Settle};
+use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
@@ -171,6 +172,8 @@ struct Shared {
     rate_limiter: Arc<dyn RateLimiter>,
     components: ComponentSource,
     client: Client,
+    /// Moves canvases on as their tasks finish, and submits those tasks create.
+    canvases: Arc<Canvases>,
     codecs: Codecs,
     settler: Settler,
     /// Deliveries taken and not yet settled, by a key of their own (two deliveries of one
@@ -295,6 +298,18 @@ impl Worker {
             parts.codecs.clone(),
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes);
+        // What a canvas publishes next carries results, bounded by the result budget, not
+        // arguments a guest wrote: it gets the producer's limit.
+        let canvas_client = Client::new(
+            parts.broker.clone(),
+            parts.registry.clone(),
+            parts.codecs.clone(),
+        );
+        let canvases = Arc::new(Canvases::new(
+            canvas_client,
+            parts.backend.clone(),
+            parts.codecs.clone(),
+        ));
         Worker {
             shared: Arc::new(Shared {
                 components: ComponentSource::new(parts.registry, parts.runtime),
@@ -305,6 +320,7 @@ impl Worker {
                 rate_limiter: parts.rate_limiter,
                 codecs: parts.codecs,
                 client,
+                canvases,
                 running: Mutex::default(),
                 next_run: AtomicU64::new(0),
                 slots: Arc::new(Semaphore::new(config.concurrency.max(1))),

@@ -4,6 +4,7 @@
 //! `scripts/build-guests` (or taken from `STEM_GUEST_DIR`).
 
 mod beat;
+mod canvas;
 mod cli;
 mod conformance;
 mod e2e;

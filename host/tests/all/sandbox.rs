@@ -200,6 +200,7 @@ struct RecordingHooks {
     logs: Mutex<Vec<(LogLevel, String)>>,
     progress: Mutex<Vec<u8>>,
     subtasks: Mutex<Vec<(TaskInfo, SubTaskRequest)>>,
+    canvases: Mutex<Vec<(TaskInfo, String)>>,
 }
 
 #[async_trait::async_trait]
@@ -216,6 +217,12 @@ impl TaskHooks for RecordingHooks {
         let mut subtasks = self.subtasks.lock().unwrap();
         subtasks.push((parent.clone(), request));
         Ok(format!("sub-{}", subtasks.len()))
+    }
+
+    async fn submit_canvas(&self, parent: &TaskInfo, spec: String) -> Result<String, String> {
+        let mut canvases = self.canvases.lock().unwrap();
+        canvases.push((parent.clone(), spec));
+        Ok(format!("canvas-{}", canvases.len()))
     }
 }
 
@@ -280,6 +287,42 @@ async fn a_subtask_enqueue_without_a_broker_fails_the_run_clearly() {
     .unwrap_err();
     assert!(
         matches!(&error, RunError::Failed(m) if m.contains("reports.deliver") && m.contains("not connected to a broker")),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_guest_submits_a_canvas_through_its_hooks() {
+    let hooks = Arc::new(RecordingHooks::default());
+    let invocation = Invocation::new("canvas.spawn", json!({"n": 2}).to_string());
+    let result = component("stem-test-canvas")
+        .run(
+            &invocation,
+            limits(Duration::from_secs(10)),
+            hooks.clone(),
+            &RunHandle::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(result, r#""canvas-1""#);
+    let (parent, spec) = hooks.canvases.lock().unwrap()[0].clone();
+    assert_eq!(parent.id, invocation.id);
+    assert_eq!(
+        serde_json::from_str::<Value>(&spec).unwrap(),
+        json!({"chord": {
+            "header": [
+                {"task": "canvas.add", "args": {"add": 0}},
+                {"task": "canvas.add", "args": {"add": 1}},
+            ],
+            "callback": {"task": "canvas.sum", "args": {}},
+        }})
+    );
+
+    let error = run("stem-test-canvas", "canvas.spawn", json!({"n": 1}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, RunError::Failed(m) if m.contains("canvas") && m.contains("not connected to a broker")),
         "{error:?}"
     );
 }

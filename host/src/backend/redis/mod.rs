@@ -1,15 +1,16 @@
 //! The Redis result backend: statuses with TTLs, waiting through pub/sub (across processes
-//! and hosts), atomic group counters and chord claims in Lua, worker heartbeats.
+//! and hosts), atomic group counters in Lua, stored canvases, worker heartbeats.
 //!
 //! Keys, inside the namespace: `result:ID` (the status as JSON, expiring with its TTL),
 //! `written:SECOND` (a list of the ids written in that second) with `written` (those seconds,
 //! sorted), for listing, `group:ID` (a hash) with `group:ID:members` (a set, for counting once)
-//! and `group:ID:order` (a list), `worker:ID` (a heartbeat, expiring) and `workers` (ids by
-//! expiry, trimmed on each beat). Statuses are written by a script that leaves a terminal
-//! status alone, a batch per call (the Redis broker writes them in its settle script when both
-//! share a server: see [`crate::broker::redis::RedisSettlements`]); the ids that reached a
-//! terminal state are published together on `finished`, to which each backend instance with
-//! waiters subscribes once.
+//! and `group:ID:order` (a list), `canvas:ID` (a hash: the tree and when it was created),
+//! `worker:ID` (a heartbeat, expiring) and `workers` (ids by expiry, trimmed on each beat).
+//! Statuses are written by a script that leaves a terminal status alone, a batch per call (the
+//! Redis broker writes them in its settle script when both share a server: see
+//! [`crate::broker::redis::RedisSettlements`]); the ids that reached a terminal state are
+//! published together on `finished`, to which each backend instance with waiters subscribes
+//! once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,8 +22,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::Notify;
 
 use super::{
-    GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls, WorkerHeartbeat,
-    is_final,
+    CanvasRecord, GroupProgress, GroupRecord, ResultBackend, StatusQuery, TaskStatus, Ttls,
+    WorkerHeartbeat, is_final,
 };
 use crate::broker::DEFAULT_NAMESPACE;
 use crate::redis::{CLOCK, connect};
@@ -50,15 +51,32 @@ end
 return {redis.call('SCARD', KEYS[2]), tonumber(redis.call('HGET', KEYS[1], 'size'))}
 ";
 
-/// 1 for the one caller that claims a complete chord's callback, 0 otherwise, -1 if unknown.
-const CLAIM_CALLBACK: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('HGET', KEYS[1], 'claimed') == '1' then return 0 end
-if redis.call('SCARD', KEYS[2]) >= tonumber(redis.call('HGET', KEYS[1], 'size')) then
-  redis.call('HSET', KEYS[1], 'claimed', '1')
-  return 1
+/// Creates a group unless one exists and returns 1, else 0. ARGV: size, created_at, TTL ms,
+/// the members finished already. Members and order left by an expired group of the same id
+/// (they expire with it, but need not have yet) are not this group's.
+const CREATE_GROUP: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'size', ARGV[1], 'created_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+for i = 4, #ARGV do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then redis.call('RPUSH', KEYS[3], ARGV[i]) end
 end
-return 0
+if #ARGV > 3 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+";
+
+/// Stores a canvas unless one exists; returns nothing if it stored it, else the stored
+/// `{tree, created_at}`. ARGV: tree, created_at, TTL ms.
+const SAVE_CANVAS: &str = r"
+local stored = redis.call('HMGET', KEYS[1], 'tree', 'created_at')
+if stored[1] then return stored end
+redis.call('HSET', KEYS[1], 'tree', ARGV[1], 'created_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return false
 ";
 
 /// The Lua that writes statuses (`write_status`, `finish_statuses`), after the clock; the Redis
@@ -92,8 +110,9 @@ struct Inner {
     manager: ConnectionManager,
     options: RedisBackendOptions,
     set_statuses: redis::Script,
+    create_group: redis::Script,
     member_finished: redis::Script,
-    claim_callback: redis::Script,
+    save_canvas: redis::Script,
     /// Waiters by task id, woken by the listener.
     waiters: Mutex<HashMap<String, Arc<Waiter>>>,
     /// The pub/sub listener, started by the first wait.
@@ -126,8 +145,9 @@ impl RedisBackend {
                     "{CLOCK}{STATUSES}{}",
                     include_str!("set_statuses.lua")
                 )),
+                create_group: redis::Script::new(CREATE_GROUP),
                 member_finished: redis::Script::new(MEMBER_FINISHED),
-                claim_callback: redis::Script::new(CLAIM_CALLBACK),
+                save_canvas: redis::Script::new(SAVE_CANVAS),
                 waiters: Mutex::default(),
                 listener: std::sync::OnceLock::new(),
                 subscribed: tokio::sync::watch::Sender::new(false),
@@ -214,25 +234,18 @@ impl RedisBackend {
         }
     }
 
-    async fn group_script(
+    /// An invocation of a group script with its keys: the group's hash, members and order.
+    fn group_script<'a>(
         &self,
-        script: &redis::Script,
+        script: &'a redis::Script,
         group_id: &str,
-        task_id: Option<&str>,
-    ) -> Result<redis::Value, StorageError> {
+    ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
         invocation
             .key(self.key(&["group", group_id]))
             .key(self.key(&["group", group_id, "members"]))
             .key(self.key(&["group", group_id, "order"]));
-        if let Some(task_id) = task_id {
-            invocation.arg(task_id);
-        }
-        let value: redis::Value = invocation.invoke_async(&mut self.conn()).await?;
-        if value == redis::Value::Int(-1) {
-            return Err(StorageError::NotFound(format!("group {group_id}")));
-        }
-        Ok(value)
+        invocation
     }
 }
 
@@ -438,43 +451,16 @@ impl ResultBackend for RedisBackend {
         &self,
         group: &GroupRecord,
         ttl: Option<Duration>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.group));
-        let hash = self.key(&["group", &group.id]);
-        let members = self.key(&["group", &group.id, "members"]);
-        let order = self.key(&["group", &group.id, "order"]);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("DEL")
-            .arg(&hash)
-            .arg(&members)
-            .arg(&order)
-            .ignore()
-            .cmd("HSET")
-            .arg(&hash)
-            .arg("size")
+        let mut invocation = self.group_script(&self.inner.create_group, &group.id);
+        invocation
             .arg(group.size)
-            .arg("claimed")
-            .arg(if group.callback_claimed { "1" } else { "0" })
-            .arg("created_at")
             .arg(group.created_at.as_millis())
-            .ignore();
-        if let Some(callback) = &group.callback {
-            pipe.cmd("HSET")
-                .arg(&hash)
-                .arg("callback")
-                .arg(callback)
-                .ignore();
-        }
-        if !group.finished.is_empty() {
-            pipe.cmd("SADD").arg(&members).arg(&group.finished).ignore();
-            pipe.cmd("RPUSH").arg(&order).arg(&group.finished).ignore();
-            pipe.cmd("PEXPIRE").arg(&members).arg(ttl).ignore();
-            pipe.cmd("PEXPIRE").arg(&order).arg(ttl).ignore();
-        }
-        pipe.cmd("PEXPIRE").arg(&hash).arg(ttl).ignore();
-        let () = pipe.query_async(&mut self.conn()).await?;
-        Ok(())
+            .arg(ttl)
+            .arg(&group.finished);
+        let created: i64 = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(created == 1)
     }
 
     async fn get_group(&self, id: &str) -> Result<Option<GroupRecord>, StorageError> {
@@ -500,8 +486,6 @@ impl ResultBackend for RedisBackend {
             id: id.to_owned(),
             size: u32::try_from(number("size")).unwrap_or(u32::MAX),
             finished,
-            callback: fields.get("callback").cloned(),
-            callback_claimed: fields.get("claimed").is_some_and(|v| v == "1"),
             created_at: Timestamp::from_millis(number("created_at")),
         }))
     }
@@ -511,19 +495,51 @@ impl ResultBackend for RedisBackend {
         group_id: &str,
         task_id: &str,
     ) -> Result<GroupProgress, StorageError> {
-        let value = self
-            .group_script(&self.inner.member_finished, group_id, Some(task_id))
-            .await?;
+        let mut invocation = self.group_script(&self.inner.member_finished, group_id);
+        invocation.arg(task_id);
+        let value: redis::Value = invocation.invoke_async(&mut self.conn()).await?;
+        if value == redis::Value::Int(-1) {
+            return Err(StorageError::NotFound(format!("group {group_id}")));
+        }
         let (finished, size): (u32, u32) = redis::FromRedisValue::from_redis_value(value)
             .map_err(|e| StorageError::corrupt(format!("progress of group {group_id}"), e))?;
         Ok(GroupProgress { finished, size })
     }
 
-    async fn claim_chord_callback(&self, group_id: &str) -> Result<bool, StorageError> {
-        let value = self
-            .group_script(&self.inner.claim_callback, group_id, None)
+    async fn save_canvas(
+        &self,
+        canvas: &CanvasRecord,
+        ttl: Option<Duration>,
+    ) -> Result<Option<CanvasRecord>, StorageError> {
+        let ttl = millis(ttl.unwrap_or(self.inner.options.ttls.group));
+        let stored: Option<(String, u64)> = self
+            .inner
+            .save_canvas
+            .key(self.key(&["canvas", &canvas.id]))
+            .arg(&canvas.tree)
+            .arg(canvas.created_at.as_millis())
+            .arg(ttl)
+            .invoke_async(&mut self.conn())
             .await?;
-        Ok(value == redis::Value::Int(1))
+        Ok(stored.map(|(tree, created_at)| CanvasRecord {
+            id: canvas.id.clone(),
+            tree,
+            created_at: Timestamp::from_millis(created_at),
+        }))
+    }
+
+    async fn get_canvas(&self, id: &str) -> Result<Option<CanvasRecord>, StorageError> {
+        let (tree, created_at): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.key(&["canvas", id]))
+            .arg("tree")
+            .arg("created_at")
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(tree.map(|tree| CanvasRecord {
+            id: id.to_owned(),
+            tree,
+            created_at: Timestamp::from_millis(created_at.unwrap_or(0)),
+        }))
     }
 
     async fn heartbeat(

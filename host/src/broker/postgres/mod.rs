@@ -50,7 +50,8 @@ use crate::time::Timestamp;
 
 pub use settlements::PostgresSettlements;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_queue_entries (
         id BIGSERIAL PRIMARY KEY,
         namespace TEXT NOT NULL,
@@ -81,7 +82,17 @@ const MIGRATIONS: &[&str] = &["
         message TEXT NOT NULL,
         sent_at BIGINT NOT NULL
     );
-"];
+",
+    "
+    CREATE TABLE stem_unique_ids (
+        namespace TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (namespace, task_id)
+    );
+    CREATE INDEX stem_unique_ids_expiry ON stem_unique_ids (expires_at);
+",
+];
 
 /// The channel publishes and releases notify, with the namespace as payload.
 const READY_CHANNEL: &str = "stem_queues";
@@ -111,7 +122,7 @@ pub struct PostgresBrokerOptions {
     pub visibility_timeout: Duration,
     /// The longest a waiting consumer goes without looking, should a notification be lost.
     pub poll_interval: Duration,
-    /// How often old dead letters and broadcast messages are deleted.
+    /// How often old dead letters, broadcast messages and forgotten unique ids are deleted.
     pub sweeper_interval: Duration,
     /// How long dead letters are kept; `None` keeps them until purged.
     pub dead_letter_retention: Option<Duration>,
@@ -458,7 +469,8 @@ async fn receive(
     }
 }
 
-/// Deletes dead letters older than the retention, and stored broadcast messages.
+/// Deletes dead letters older than the retention, stored broadcast messages, and unique ids
+/// whose window has passed (of every namespace: an expired id counts as absent in any of them).
 async fn sweep(pool: PgPool, namespace: String, retention: Option<Duration>) {
     if let Some(retention) = retention {
         let swept = sqlx::query(&format!(
@@ -480,6 +492,14 @@ async fn sweep(pool: PgPool, namespace: String, retention: Option<Duration>) {
     .await;
     if let Err(error) = swept {
         tracing::warn!(%error, "sweeping stored broadcast messages failed");
+    }
+    let swept = sqlx::query(&format!(
+        "DELETE FROM stem_unique_ids WHERE expires_at <= {NOW_MS}"
+    ))
+    .execute(&pool)
+    .await;
+    if let Err(error) = swept {
+        tracing::warn!(%error, "sweeping forgotten unique ids failed");
     }
 }
 
@@ -780,6 +800,69 @@ impl Broker for PostgresBroker {
         }
         let mut conn = self.pool().acquire().await?;
         store_entries(&mut conn, "stem_queue_entries", self.namespace(), envelopes).await
+    }
+
+    async fn publish_unique(
+        &self,
+        envelopes: &[Envelope],
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError> {
+        validate_all(envelopes)?;
+        if envelopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::with_capacity(envelopes.len());
+        let mut queues = Vec::with_capacity(envelopes.len());
+        let mut priorities = Vec::with_capacity(envelopes.len());
+        let mut not_before = Vec::with_capacity(envelopes.len());
+        let mut payloads = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            ids.push(envelope.id.as_str());
+            queues.push(envelope.queue.as_str());
+            priorities.push(i16::from(envelope.priority));
+            not_before.push(envelope.not_before.map_or(0, Timestamp::as_sql));
+            payloads.push(envelope.to_json());
+        }
+        // One statement: the first envelope of each id, the ids remembered now (new, or
+        // forgotten since), their entries, and a notification if any was stored (`notified`
+        // has its one row exactly when `remembered` has rows). A concurrent publish of the
+        // same id waits for this one's row and then finds it remembered.
+        let mut remembered: std::collections::HashSet<String> = sqlx::query_scalar(&format!(
+            "WITH batch AS (
+                 SELECT DISTINCT ON (task_id) task_id, queue, priority, not_before, payload, n
+                 FROM unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::text[])
+                     WITH ORDINALITY AS b(task_id, queue, priority, not_before, payload, n)
+                 ORDER BY task_id, n),
+             remembered AS (
+                 INSERT INTO stem_unique_ids AS u (namespace, task_id, expires_at)
+                 SELECT $1, task_id, {NOW_MS} + $7 FROM batch
+                 ON CONFLICT (namespace, task_id) DO UPDATE SET expires_at = excluded.expires_at
+                     WHERE u.expires_at <= {NOW_MS}
+                 RETURNING task_id),
+             stored AS (
+                 INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+                 SELECT $1, queue, priority, GREATEST(not_before, {NOW_MS}), payload
+                 FROM batch JOIN remembered USING (task_id)
+                 ORDER BY n
+                 RETURNING 1),
+             notified AS (
+                 SELECT pg_notify($8, $1) FROM (SELECT 1 FROM stored LIMIT 1) AS any_stored)
+             SELECT task_id FROM remembered, notified"
+        ))
+        .bind(self.namespace())
+        .bind(&ids)
+        .bind(&queues)
+        .bind(&priorities)
+        .bind(&not_before)
+        .bind(&payloads)
+        .bind(millis(window))
+        .bind(READY_CHANNEL)
+        .fetch_all(self.pool())
+        .await?
+        .into_iter()
+        .collect();
+        // The first envelope of each remembered id was stored; a later one of the batch was not.
+        Ok(ids.iter().map(|id| remembered.remove(*id)).collect())
     }
 
     async fn consume(

@@ -18,6 +18,8 @@
 //!   that not every consume scans the pending lists.
 //! - `dead`, `dead:data`, `dead:seq`: dead letters in order; `dead:count`: per queue;
 //!   `queues`: known queue names (pruned when a queue is empty).
+//! - `unique:ID`: a task id published through [`Broker::publish_unique`], expiring after its
+//!   window.
 //! - Pub/sub: `wake` (a publish wakes waiting consumers at once) and `broadcast:CHANNEL`.
 //!
 //! A consume is one script (due delayed entries, expired leases, which lanes hold unread
@@ -100,6 +102,7 @@ pub struct RedisBroker {
 }
 
 struct Scripts {
+    publish_unique: redis::Script,
     consume: redis::Script,
     settle: redis::Script,
     extend: redis::Script,
@@ -113,6 +116,7 @@ impl Scripts {
     fn new() -> Scripts {
         let script = |body: &str| redis::Script::new(&format!("{CLOCK}{PRELUDE}\n{body}"));
         Scripts {
+            publish_unique: script(include_str!("publish_unique.lua")),
             consume: script(include_str!("consume.lua")),
             settle: settle_script(),
             extend: script(include_str!("extend.lua")),
@@ -483,6 +487,42 @@ impl Broker for RedisBroker {
             .ignore();
         let () = pipe.query_async(&mut self.conn()).await?;
         Ok(())
+    }
+
+    async fn publish_unique(
+        &self,
+        envelopes: &[Envelope],
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError> {
+        validate_all(envelopes)?;
+        if envelopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = Timestamp::now();
+        let mut invocation = self.inner.scripts.publish_unique.prepare_invoke();
+        // `PX` takes no zero.
+        invocation
+            .arg(self.namespace())
+            .arg(GROUP)
+            .arg(millis(window).max(1));
+        for envelope in envelopes {
+            let ready_at = envelope.ready_at(now);
+            let (due, delayed_id) = if ready_at > now {
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                (ready_at.as_millis(), id)
+            } else {
+                (0, String::new())
+            };
+            invocation
+                .arg(&envelope.id)
+                .arg(&envelope.queue)
+                .arg(envelope.priority)
+                .arg(due)
+                .arg(delayed_id)
+                .arg(envelope.to_json());
+        }
+        let stored: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
+        Ok(stored.into_iter().map(|done| done == 1).collect())
     }
 
     async fn consume(

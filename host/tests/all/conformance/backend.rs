@@ -1,12 +1,10 @@
 //! The result-backend contract (`stem_host::backend`), for every adapter.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use stem_host::backend::{
-    GroupRecord, ResultBackend, StatusQuery, TaskFailure, TaskProgress, TaskState, TaskStatus,
-    WorkerHeartbeat,
+    CanvasRecord, GroupRecord, ResultBackend, StatusQuery, TaskFailure, TaskProgress, TaskState,
+    TaskStatus, WorkerHeartbeat,
 };
 use stem_host::codec::Codecs;
 use stem_host::storage::StorageError;
@@ -23,9 +21,10 @@ macro_rules! backend_suite {
                 states_and_payloads_round_trip, terminal_states_never_change,
                 wait_sees_a_result_written_elsewhere,
                 wait_times_out_with_the_last_status, list_filters_and_orders,
-                result_ttl_expires, chord_callback_is_claimed_exactly_once,
-                group_members_count_once, groups_expire_and_unknown_groups_are_errors,
-                heartbeats_expire, namespaces_are_isolated);
+                result_ttl_expires, group_counts_are_exact_under_concurrency,
+                group_members_count_once, creating_a_group_again_leaves_it_alone,
+                groups_expire_and_unknown_groups_are_errors, canvases_are_stored_once,
+                canvases_expire, heartbeats_expire, namespaces_are_isolated);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -237,23 +236,15 @@ async fn result_ttl_expires(harness: &Harness) {
     );
 }
 
-async fn chord_callback_is_claimed_exactly_once(harness: &Harness) {
+async fn group_counts_are_exact_under_concurrency(harness: &Harness) {
     const MEMBERS: usize = 1000;
     const CONNECTIONS: usize = 8;
     let backend = harness.connect(NS).await;
-    let chord = GroupRecord::new(
-        "chord-1",
-        MEMBERS as u32,
-        Some(r#"{"task":"report.merge"}"#.into()),
-    );
-    backend.create_group(&chord, None).await.unwrap();
-    assert!(
-        !backend.claim_chord_callback("chord-1").await.unwrap(),
-        "not before every member finished"
-    );
-
-    let claims = Arc::new(AtomicUsize::new(0));
-    let completions = Arc::new(AtomicUsize::new(0));
+    let created = backend
+        .create_group(&GroupRecord::new("g-race", MEMBERS as u32), None)
+        .await
+        .unwrap();
+    assert!(created);
     let mut connections = Vec::new();
     for _ in 0..CONNECTIONS {
         connections.push(harness.connect(NS).await);
@@ -261,40 +252,39 @@ async fn chord_callback_is_claimed_exactly_once(harness: &Harness) {
     let mut members = Vec::new();
     for i in 0..MEMBERS {
         let backend = connections[i % CONNECTIONS].clone();
-        let (claims, completions) = (claims.clone(), completions.clone());
         members.push(tokio::spawn(async move {
-            let progress = backend
-                .group_member_finished("chord-1", &format!("member-{i}"))
+            backend
+                .group_member_finished("g-race", &format!("member-{i}"))
                 .await
-                .unwrap();
-            if progress.is_complete() {
-                completions.fetch_add(1, Ordering::SeqCst);
-            }
-            if progress.is_complete() && backend.claim_chord_callback("chord-1").await.unwrap() {
-                claims.fetch_add(1, Ordering::SeqCst);
-            }
+                .unwrap()
         }));
     }
+    let mut counts = Vec::new();
     for member in members {
-        member.await.unwrap();
+        let progress = member.await.unwrap();
+        assert_eq!(progress.size, MEMBERS as u32);
+        counts.push(progress.finished);
     }
+    counts.sort_unstable();
     assert_eq!(
-        claims.load(Ordering::SeqCst),
-        1,
-        "the callback is dispatched exactly once"
+        counts,
+        (1..=MEMBERS as u32).collect::<Vec<_>>(),
+        "every report sees the count its member made, so exactly one sees the group complete"
     );
-    assert!(completions.load(Ordering::SeqCst) >= 1);
-    assert!(!backend.claim_chord_callback("chord-1").await.unwrap());
-    let group = backend.get_group("chord-1").await.unwrap().expect("group");
+    let again = backend
+        .group_member_finished("g-race", "member-7")
+        .await
+        .unwrap();
+    assert_eq!(again.finished, MEMBERS as u32);
+    let group = backend.get_group("g-race").await.unwrap().expect("group");
     assert_eq!(group.finished.len(), MEMBERS);
-    assert!(group.callback_claimed && group.is_complete());
-    assert_eq!(group.callback, chord.callback);
+    assert!(group.is_complete());
 }
 
 async fn group_members_count_once(harness: &Harness) {
     let backend = harness.connect(NS).await;
     backend
-        .create_group(&GroupRecord::new("g-dup", 3, None), None)
+        .create_group(&GroupRecord::new("g-dup", 3), None)
         .await
         .unwrap();
     for member in ["a", "b", "a", "b", "a"] {
@@ -308,27 +298,149 @@ async fn group_members_count_once(harness: &Harness) {
     assert_eq!((progress.finished, progress.size), (3, 3));
     let group = backend.get_group("g-dup").await.unwrap().unwrap();
     assert_eq!(group.finished, ["a", "b", "c"]);
-    assert!(backend.claim_chord_callback("g-dup").await.unwrap());
+}
+
+async fn creating_a_group_again_leaves_it_alone(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    let first = GroupRecord::new("g-twice", 3);
+    assert!(backend.create_group(&first, None).await.unwrap());
+    for member in ["a", "b"] {
+        backend
+            .group_member_finished("g-twice", member)
+            .await
+            .unwrap();
+    }
+    let retried = GroupRecord::new("g-twice", 5);
+    assert!(
+        !other.create_group(&retried, None).await.unwrap(),
+        "the group exists"
+    );
+    let group = backend.get_group("g-twice").await.unwrap().unwrap();
+    assert_eq!(group.size, 3, "the existing record is kept");
+    assert_eq!(
+        group.finished,
+        ["a", "b"],
+        "and so are its finished members"
+    );
+    assert_eq!(group.created_at, first.created_at);
+    let progress = other.group_member_finished("g-twice", "c").await.unwrap();
+    assert_eq!((progress.finished, progress.size), (3, 3));
 }
 
 async fn groups_expire_and_unknown_groups_are_errors(harness: &Harness) {
     let backend = harness.connect(NS).await;
-    backend
-        .create_group(&GroupRecord::new("g-ttl", 2, None), Some(SHORT))
-        .await
-        .unwrap();
+    assert!(
+        backend
+            .create_group(&GroupRecord::new("g-ttl", 2), Some(SHORT))
+            .await
+            .unwrap()
+    );
+    backend.group_member_finished("g-ttl", "a").await.unwrap();
     assert!(backend.get_group("g-ttl").await.unwrap().is_some());
     tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
     assert_eq!(backend.get_group("g-ttl").await.unwrap(), None);
     let missing = backend
-        .group_member_finished("g-ttl", "a")
+        .group_member_finished("g-ttl", "b")
         .await
         .unwrap_err();
     assert!(matches!(missing, StorageError::NotFound(_)), "{missing}");
     assert!(matches!(
-        backend.claim_chord_callback("g-never").await,
+        backend.group_member_finished("g-never", "a").await,
         Err(StorageError::NotFound(_))
     ));
+    assert!(
+        backend
+            .create_group(&GroupRecord::new("g-ttl", 2), None)
+            .await
+            .unwrap(),
+        "an expired group counts as absent"
+    );
+    let progress = backend.group_member_finished("g-ttl", "b").await.unwrap();
+    assert_eq!(
+        (progress.finished, progress.size),
+        (1, 2),
+        "the expired group's members are not the new one's"
+    );
+    let group = backend.get_group("g-ttl").await.unwrap().unwrap();
+    assert_eq!(group.finished, ["b"]);
+}
+
+/// A canvas tree of `nodes` nodes, each a task with a few arguments: 10,000 make some MB.
+fn canvas_tree(nodes: usize, task: &str) -> String {
+    let header: Vec<serde_json::Value> = (0..nodes)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("node-{i}"),
+                "task": task,
+                "args": {"page": i, "title": "Q4 ✓", "rows": [1, 2, 3]},
+                "queue": "reports",
+                "options": {"max_retries": 3, "time_limit_ms": 60000},
+                "headers": {"trace": "t".repeat(64)},
+            })
+        })
+        .collect();
+    serde_json::json!({"kind": "chord", "header": header}).to_string()
+}
+
+fn canvas(id: &str, tree: String) -> CanvasRecord {
+    CanvasRecord {
+        id: id.into(),
+        tree,
+        created_at: Timestamp::now(),
+    }
+}
+
+async fn canvases_are_stored_once(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    let other = harness.connect(NS).await;
+    assert_eq!(backend.get_canvas("c-big").await.unwrap(), None);
+    let big = canvas("c-big", canvas_tree(10_000, "reports.page"));
+    assert!(big.tree.len() > 2_000_000, "{} bytes", big.tree.len());
+    assert_eq!(backend.save_canvas(&big, None).await.unwrap(), None);
+    assert_eq!(other.get_canvas("c-big").await.unwrap(), Some(big.clone()));
+
+    let mut retried = canvas("c-big", canvas_tree(3, "reports.other"));
+    retried.created_at = Timestamp::from_millis(big.created_at.as_millis() + 1000);
+    assert_eq!(
+        other.save_canvas(&retried, None).await.unwrap(),
+        Some(big.clone()),
+        "a second save returns the canvas stored first"
+    );
+    assert_eq!(
+        backend.get_canvas("c-big").await.unwrap(),
+        Some(big),
+        "and leaves it unchanged"
+    );
+    assert_eq!(backend.get_canvas("c-never").await.unwrap(), None);
+}
+
+async fn canvases_expire(harness: &Harness) {
+    let backend = harness.connect(NS).await;
+    let short = canvas("c-short", canvas_tree(2, "reports.page"));
+    let long = canvas("c-long", canvas_tree(2, "reports.page"));
+    assert_eq!(
+        backend.save_canvas(&short, Some(SHORT)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        backend
+            .save_canvas(&long, Some(PATIENCE * 10))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(backend.get_canvas("c-short").await.unwrap(), Some(short));
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    assert_eq!(backend.get_canvas("c-short").await.unwrap(), None);
+    assert_eq!(backend.get_canvas("c-long").await.unwrap(), Some(long));
+    let again = canvas("c-short", canvas_tree(1, "reports.again"));
+    assert_eq!(
+        backend.save_canvas(&again, None).await.unwrap(),
+        None,
+        "an expired canvas counts as absent"
+    );
+    assert_eq!(backend.get_canvas("c-short").await.unwrap(), Some(again));
 }
 
 fn heartbeat(worker_id: &str) -> WorkerHeartbeat {
@@ -390,10 +502,25 @@ async fn namespaces_are_isolated(harness: &Harness) {
         b.get("same-id").await.unwrap().unwrap().state,
         TaskState::Failed
     );
-    a.create_group(&GroupRecord::new("g", 1, None), None)
-        .await
-        .unwrap();
+    assert!(
+        a.create_group(&GroupRecord::new("g", 1), None)
+            .await
+            .unwrap()
+    );
     assert_eq!(b.get_group("g").await.unwrap(), None);
+    assert!(
+        b.create_group(&GroupRecord::new("g", 2), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(a.get_group("g").await.unwrap().unwrap().size, 1);
+    let tree_a = canvas("c", canvas_tree(1, "ns.a"));
+    let tree_b = canvas("c", canvas_tree(1, "ns.b"));
+    assert_eq!(a.save_canvas(&tree_a, None).await.unwrap(), None);
+    assert_eq!(b.get_canvas("c").await.unwrap(), None);
+    assert_eq!(b.save_canvas(&tree_b, None).await.unwrap(), None);
+    assert_eq!(a.get_canvas("c").await.unwrap(), Some(tree_a));
+    assert_eq!(b.get_canvas("c").await.unwrap(), Some(tree_b));
     a.heartbeat(&heartbeat("w"), None).await.unwrap();
     assert!(b.workers().await.unwrap().is_empty());
     assert_eq!(b.list(&StatusQuery::default()).await.unwrap().len(), 1);

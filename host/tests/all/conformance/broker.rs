@@ -36,7 +36,10 @@ macro_rules! broker_suite {
                 namespaces_are_isolated,
                 purge_and_stats, publish_batch_stores_everything, queue_names_cannot_share_keys,
                 retry_replaces_the_entry_with_its_next_attempt,
-                settle_many_applies_each_while_its_lease_holds);
+                settle_many_applies_each_while_its_lease_holds,
+                publish_unique_stores_each_id_once, publish_unique_refuses_a_whole_invalid_batch,
+                publish_unique_forgets_an_id_after_its_window,
+                publish_unique_ignores_plain_publishes, publish_unique_ids_are_per_namespace);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -848,6 +851,175 @@ async fn publish_batch_stores_everything(harness: &impl BrokerHarness) {
         ids(&got),
         batch.into_iter().map(|e| e.id).collect::<Vec<_>>()
     );
+}
+
+async fn publish_unique_stores_each_id_once(harness: &impl BrokerHarness) {
+    let producer = harness.connect(NS).await;
+    let restarted = harness.connect(NS).await;
+    let first = envelope("t.unique");
+    assert_eq!(
+        producer
+            .publish_unique(std::slice::from_ref(&first), PATIENCE)
+            .await
+            .unwrap(),
+        [true]
+    );
+    let mut again = first.clone();
+    again.args = Payload::json(r#"{"n":2}"#);
+    assert_eq!(
+        restarted
+            .publish_unique(std::slice::from_ref(&again), PATIENCE)
+            .await
+            .unwrap(),
+        [false],
+        "a producer publishing again (after a crash) stores no second copy"
+    );
+
+    // Inside one batch the first of an id is stored; the batch may mix ready and delayed.
+    let second = envelope("t.unique");
+    let mut duplicate = second.clone();
+    duplicate.args = Payload::json(r#"{"n":3}"#);
+    let later = envelope("t.unique").delayed(PATIENCE);
+    let stored = producer
+        .publish_unique(
+            &[second.clone(), duplicate, first.clone(), later.clone()],
+            PATIENCE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, [true, false, false, true]);
+    assert_eq!(
+        producer.stats("default").await.unwrap(),
+        stats_of("default", 2, 1, 0, 0)
+    );
+    let got = producer
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    let envelopes: Vec<Envelope> = got.iter().map(|d| d.envelope.clone()).collect();
+    assert_eq!(envelopes, [first, second]);
+
+    // Settles neither check nor record ids: a retry of a uniquely published entry goes on.
+    let mut next = got[0].envelope.clone();
+    next.attempt = 2;
+    producer
+        .settle(
+            &got[0].receipt,
+            Settle::Retry {
+                next: Box::new(next.clone()),
+                delay: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    let retried = producer
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].envelope, next);
+    assert_eq!(
+        producer.publish_unique(&[later], PATIENCE).await.unwrap(),
+        [false],
+        "a delayed entry's id is remembered too"
+    );
+}
+
+async fn publish_unique_refuses_a_whole_invalid_batch(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let good = envelope("t.unique");
+    let refused = broker
+        .publish_unique(
+            &[good.clone(), envelope("t.unique").with_priority(10)],
+            PATIENCE,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StorageError::InvalidEnvelope(_)),
+        "{refused}"
+    );
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 0, 0, 0, 0),
+        "a refused batch stores nothing"
+    );
+    assert_eq!(
+        broker
+            .publish_unique(std::slice::from_ref(&good), PATIENCE)
+            .await
+            .unwrap(),
+        [true],
+        "and remembers no id"
+    );
+    assert!(
+        broker
+            .publish_unique(&[], PATIENCE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn publish_unique_forgets_an_id_after_its_window(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let window = Duration::from_millis(300);
+    let sent = envelope("t.unique");
+    let once = std::slice::from_ref(&sent);
+    assert_eq!(broker.publish_unique(once, window).await.unwrap(), [true]);
+    assert_eq!(broker.publish_unique(once, window).await.unwrap(), [false]);
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    assert_eq!(
+        broker.publish_unique(once, window).await.unwrap(),
+        [true],
+        "after the window the id may be published again"
+    );
+    assert_eq!(broker.publish_unique(once, window).await.unwrap(), [false]);
+    let got = broker
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [sent.id.clone(), sent.id]);
+}
+
+async fn publish_unique_ignores_plain_publishes(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let sent = envelope("t.unique");
+    let once = std::slice::from_ref(&sent);
+    broker.publish(&sent).await.unwrap();
+    assert_eq!(
+        broker.publish_unique(once, PATIENCE).await.unwrap(),
+        [true],
+        "a plain publish records no id"
+    );
+    assert_eq!(
+        broker.publish_unique(once, PATIENCE).await.unwrap(),
+        [false]
+    );
+    broker.publish_batch(once).await.unwrap();
+    assert_eq!(
+        broker.stats("default").await.unwrap().ready,
+        3,
+        "nor does it check one"
+    );
+}
+
+async fn publish_unique_ids_are_per_namespace(harness: &impl BrokerHarness) {
+    let a = harness.connect("ns-a").await;
+    let b = harness.connect("ns-b").await;
+    let sent = envelope("t.unique");
+    let once = std::slice::from_ref(&sent);
+    assert_eq!(a.publish_unique(once, PATIENCE).await.unwrap(), [true]);
+    assert_eq!(b.publish_unique(once, PATIENCE).await.unwrap(), [true]);
+    assert_eq!(a.publish_unique(once, PATIENCE).await.unwrap(), [false]);
+    assert_eq!(b.publish_unique(once, PATIENCE).await.unwrap(), [false]);
+    for broker in [a, b] {
+        let got = broker
+            .consume(&queues(&["default"]), &take(10, PATIENCE))
+            .await
+            .unwrap();
+        assert_eq!(ids(&got), vec![sent.id.clone()]);
+    }
 }
 
 fn stats_of(
