@@ -109,6 +109,11 @@ impl Client {
         self
     }
 
+    /// The largest arguments (JSON text) this client publishes.
+    pub fn max_args_bytes(&self) -> usize {
+        self.max_args_bytes
+    }
+
     /// Whether arguments of this size may be enqueued.
     pub fn check_args_size(&self, task: &str, args: &str) -> Result<(), EnqueueError> {
         if args.len() > self.max_args_bytes {

@@ -13,9 +13,9 @@
 //! 3. It records the firings with a compare-and-set on each entry's revision, in one batch.
 //!
 //! Publishing comes before recording, so a Beat that dies between the two loses nothing: the
-//! next leader publishes the same slot again under the same task id, and a worker that finds
-//! that id already finished settles the copy without running it (a copy taken while the first
-//! is still queued or running would run too; the window is one store write wide). The leader
+//! next leader publishes the same slot again under the same task id, which the broker refuses
+//! ([`crate::broker::Broker::publish_unique`] remembers every id Beat published for [`DUPLICATE_WINDOW`]),
+//! so the slot's task is stored once. The leader
 //! renews its lock right before it publishes, so a Beat that stalled past its lock publishes
 //! nothing. A firing whose record loses to another writer (`schedule run`, an edit) is
 //! recorded again on the entry as that writer left it, unless its slot was recorded or
@@ -50,6 +50,11 @@ const MAX_CATCH_UP_PER_ROUND: usize = 100;
 /// Headers every firing carries.
 pub const ENTRY_HEADER: &str = "stem-beat-entry";
 pub const SLOT_HEADER: &str = "stem-beat-slot";
+
+/// How long the broker remembers a slot's task id, refusing to store it again: far longer
+/// than a takeover (the lock TTL and a tick), short enough that the ids of a busy schedule
+/// stay few.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 
 /// How a Beat runs.
 #[derive(Clone, Debug)]
@@ -418,7 +423,10 @@ impl Beat {
         if !pending.is_empty() {
             self.backend.set_many(&pending, None).await?;
         }
-        self.client.broker().publish_batch(&envelopes).await?;
+        self.client
+            .broker()
+            .publish_unique(&envelopes, DUPLICATE_WINDOW)
+            .await?;
         round.fired = envelopes.len();
         for envelope in &envelopes {
             tracing::debug!(task.id = envelope.id, task = envelope.task, "fired");

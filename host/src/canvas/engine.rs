@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -27,9 +27,20 @@ const DEDUPE_WINDOW: Duration = DEFAULT_GROUP_TTL;
 /// Envelopes per publish, and statuses per read.
 const BATCH: usize = 500;
 
-/// Bytes of canvas trees a process keeps parsed; past it, the oldest are dropped (and read
-/// again from the backend when needed).
-const TREE_CACHE_BYTES: usize = 64 << 20;
+/// Member results per read: each may be as large as a worker's result budget, and reading
+/// stops once they add up to more than a task may receive.
+const RESULTS_BATCH: usize = 16;
+
+/// Bytes of canvas trees a process keeps parsed (counted as their stored size times
+/// [`PARSED_WEIGHT`]); past it, the oldest are dropped and read again when needed.
+const TREE_CACHE_BYTES: usize = 256 << 20;
+
+/// About how much larger a parsed tree is than its JSON.
+const PARSED_WEIGHT: usize = 16;
+
+/// How long a parsed tree is trusted before it is read again: a canvas that expired, or an
+/// id submitted again after it did, is seen within this.
+const TREE_CACHE_AGE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CanvasError {
@@ -60,10 +71,12 @@ impl CanvasError {
     /// Whether trying again later may succeed: storage trouble. Anything else (a canvas
     /// gone or damaged) stays as it is.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            CanvasError::Storage(_) | CanvasError::Enqueue(EnqueueError::Storage(_))
-        )
+        match self {
+            CanvasError::Storage(error) | CanvasError::Enqueue(EnqueueError::Storage(error)) => {
+                !matches!(error, StorageError::NotFound(_)) && !error.refuses_the_data()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -199,21 +212,28 @@ pub struct TreeNode {
 /// Parsed trees, newest last, bounded by their stored size.
 #[derive(Default)]
 struct TreeCache {
-    trees: HashMap<String, (Arc<Canvas>, usize)>,
+    trees: HashMap<String, (Arc<Canvas>, usize, Instant)>,
     order: VecDeque<String>,
     bytes: usize,
 }
 
 impl TreeCache {
-    fn insert(&mut self, canvas: Arc<Canvas>, size: usize) {
+    fn get(&self, id: &str) -> Option<Arc<Canvas>> {
+        let (canvas, _, loaded) = self.trees.get(id)?;
+        (loaded.elapsed() < TREE_CACHE_AGE).then(|| canvas.clone())
+    }
+
+    fn insert(&mut self, canvas: Arc<Canvas>, stored: usize) {
+        let size = stored.saturating_mul(PARSED_WEIGHT);
         while self.bytes + size > TREE_CACHE_BYTES
             && let Some(oldest) = self.order.pop_front()
         {
-            if let Some((_, dropped)) = self.trees.remove(&oldest) {
+            if let Some((_, dropped, _)) = self.trees.remove(&oldest) {
                 self.bytes -= dropped;
             }
         }
-        if let Some((_, replaced)) = self.trees.insert(canvas.id.clone(), (canvas.clone(), size)) {
+        let entry = (canvas.clone(), size, Instant::now());
+        if let Some((_, replaced, _)) = self.trees.insert(canvas.id.clone(), entry) {
             self.bytes -= replaced;
             self.order.retain(|id| *id != canvas.id);
         }
@@ -265,6 +285,10 @@ impl Canvases {
         self.check_tasks(&root).await?;
         let tree = Tree { root, origin };
         let text = serde_json::to_string(&tree).expect("a canvas tree always serialises");
+        // Every worker reads the tree back: refuse one it could not (nested past the parser's
+        // depth limit) before any of it is stored.
+        serde_json::from_str::<Tree>(&text)
+            .map_err(|error| SpecError::Syntax(format!("the canvas nests too deeply: {error}")))?;
         let record = CanvasRecord {
             id: id.clone(),
             tree: text,
@@ -324,15 +348,54 @@ impl Canvases {
                 canvas = canvas_id,
                 "the task's canvas is gone (expired?); nothing follows it"
             );
+            let status = TaskStatus {
+                error: Some(TaskFailure {
+                    kind: "canvas_error".to_owned(),
+                    message: CanvasError::Unknown(canvas_id.clone()).to_string(),
+                }),
+                ..TaskStatus::new(canvas_id.clone(), TaskState::Failed)
+            };
+            self.backend.set(&status, None).await?;
             return Ok(());
         };
+        // Only the task a node names, under its canonical id, moves the canvas on.
         let path = node_path(canvas_id, &envelope.id)
-            .filter(|path| canvas.tree.root.at(path).is_some())
+            .filter(|path| node_id(canvas_id, path) == envelope.id)
+            .filter(|path| {
+                canvas
+                    .tree
+                    .root
+                    .at(path)
+                    .and_then(|node| node.task.as_deref())
+                    == Some(envelope.task.as_str())
+            })
             .ok_or_else(|| CanvasError::NotInCanvas(envelope.id.clone()))?;
-        let outcome = Outcome::of(status, &self.codecs)?;
-        self.drive(&canvas, Vec::new(), vec![(path, outcome)])
-            .await?;
-        Ok(())
+        let advanced = match Outcome::of(status, &self.codecs) {
+            Ok(outcome) => self.drive(&canvas, Vec::new(), vec![(path, outcome)]).await,
+            Err(error) => Err(error),
+        };
+        match advanced {
+            Err(error) if !error.is_transient() => {
+                self.fail_canvas(&canvas, &error).await;
+                Err(error)
+            }
+            other => other.map(drop),
+        }
+    }
+
+    /// A canvas that cannot move on for good is recorded `failed` at its root, so whoever
+    /// waits for it learns why instead of waiting forever.
+    async fn fail_canvas(&self, canvas: &Canvas, error: &CanvasError) {
+        let status = TaskStatus {
+            error: Some(TaskFailure {
+                kind: "canvas_error".to_owned(),
+                message: error.to_string(),
+            }),
+            ..self.composite_status(canvas, &[], TaskState::Failed)
+        };
+        if let Err(error) = self.backend.set(&status, None).await {
+            tracing::warn!(canvas = canvas.id, %error, "recording the canvas as failed failed");
+        }
     }
 
     /// Publishes `starts` and moves up from every node in `finished`, until nothing is left:
@@ -356,10 +419,14 @@ impl Canvases {
             published += count;
             for (path, error) in refused {
                 let status = TaskStatus {
-                    error: Some(error),
+                    error: Some(error.clone()),
                     ..self.task_status(canvas, &path, TaskState::Failed)?
                 };
-                let outcome = self.record(status).await?;
+                let failed = Outcome::Ended {
+                    state: TaskState::Failed,
+                    error,
+                };
+                let outcome = self.record(status, failed).await?;
                 finished.push((path, outcome));
             }
         }
@@ -416,12 +483,8 @@ impl Canvases {
                     if let Outcome::Ended { .. } = outcome {
                         // Recorded before the member is counted: whoever sees the group
                         // complete then also sees that it failed, and runs no callback.
-                        let status = self.outcome_status(
-                            canvas,
-                            &parent_path,
-                            outcome.passed_up(&format!("member {who}")),
-                        )?;
-                        outcome = self.record(status).await?;
+                        let failed = outcome.passed_up(&format!("member {who}"));
+                        outcome = self.record_node(canvas, &parent_path, failed).await?;
                         self.backend
                             .group_member_finished(&group_id, &member_id)
                             .await?;
@@ -441,7 +504,18 @@ impl Canvases {
                         continue;
                     }
                     let members = parent.members().len();
-                    let results = Value::Array(self.results(canvas, &parent_path, members).await?);
+                    let results = match self.results(canvas, &parent_path, members).await? {
+                        Ok(results) => Value::Array(results),
+                        Err(error) => {
+                            let failed = Outcome::Ended {
+                                state: TaskState::Failed,
+                                error,
+                            };
+                            outcome = self.record_node(canvas, &parent_path, failed).await?;
+                            path = parent_path;
+                            continue;
+                        }
+                    };
                     if let Kind::Chord(_) = parent.kind() {
                         starts.push((
                             child(&parent_path, Step::Callback),
@@ -454,21 +528,37 @@ impl Canvases {
                 (Kind::Chord(_), Step::Callback) => outcome.passed_up(&format!("callback {who}")),
                 _ => return Err(CanvasError::NotInCanvas(node_id(&canvas.id, &path))),
             };
-            let status = self.outcome_status(canvas, &parent_path, up)?;
-            outcome = self.record(status).await?;
+            outcome = self.record_node(canvas, &parent_path, up).await?;
             path = parent_path;
         }
     }
 
     /// Writes a terminal status unless one is recorded; returns the outcome that stands.
-    async fn record(&self, status: TaskStatus) -> Result<Outcome, CanvasError> {
+    async fn record(&self, status: TaskStatus, outcome: Outcome) -> Result<Outcome, CanvasError> {
         if self.backend.set(&status, None).await? {
-            return Outcome::of(&status, &self.codecs);
+            return Ok(outcome);
         }
-        match self.recorded(&status.id).await? {
-            Some(recorded) => Ok(recorded),
-            None => Outcome::of(&status, &self.codecs),
-        }
+        Ok(self.recorded(&status.id).await?.unwrap_or(outcome))
+    }
+
+    /// Records how the composite node at `path` ended; returns the outcome that stands.
+    async fn record_node(
+        &self,
+        canvas: &Canvas,
+        path: &[Step],
+        outcome: Outcome,
+    ) -> Result<Outcome, CanvasError> {
+        let status = match &outcome {
+            Outcome::Succeeded(result) => TaskStatus {
+                result: Some(Payload::json(result.to_string())),
+                ..self.composite_status(canvas, path, TaskState::Succeeded)
+            },
+            Outcome::Ended { state, error } => TaskStatus {
+                error: Some(error.clone()),
+                ..self.composite_status(canvas, path, *state)
+            },
+        };
+        self.record(status, outcome).await
     }
 
     /// The outcome recorded for `id`, if it is terminal.
@@ -487,16 +577,28 @@ impl Canvases {
         canvas: &Canvas,
         group: &[Step],
         members: usize,
-    ) -> Result<Vec<Value>, CanvasError> {
+    ) -> Result<Result<Vec<Value>, TaskFailure>, CanvasError> {
         let ids: Vec<String> = (0..members)
             .map(|at| node_id(&canvas.id, &child(group, index(at))))
             .collect();
+        let limit = self.client.max_args_bytes();
+        let mut bytes = 0;
         let mut results = Vec::with_capacity(members);
-        for chunk in ids.chunks(BATCH) {
+        for chunk in ids.chunks(RESULTS_BATCH) {
             let statuses = self.backend.get_many(chunk).await?;
             for (id, status) in chunk.iter().zip(statuses) {
                 match status {
                     Some(status) if status.state == TaskState::Succeeded => {
+                        bytes += status.result.as_ref().map_or(0, |r| r.data.len());
+                        if bytes > limit {
+                            return Ok(Err(TaskFailure {
+                                kind: "result_too_large".to_owned(),
+                                message: format!(
+                                    "the results of its members are over {limit} bytes \
+                                     together, the most a task may receive (STEM_MAX_ARGS_SIZE)"
+                                ),
+                            }));
+                        }
                         results.push(match &status.result {
                             Some(payload) => decode(&self.codecs, payload)?,
                             None => Value::Null,
@@ -506,7 +608,7 @@ impl Canvases {
                 }
             }
         }
-        Ok(results)
+        Ok(Ok(results))
     }
 
     /// Publishes the tasks that start each node of `starts` (creating the groups on the way),
@@ -520,6 +622,7 @@ impl Canvases {
         let mut stack = starts;
         stack.reverse();
         let mut envelopes = Vec::new();
+        let mut callbacks = Vec::new();
         let mut refused = Vec::new();
         while let Some((path, feed)) = stack.pop() {
             let node = canvas.node(&path)?;
@@ -534,6 +637,7 @@ impl Canvases {
                         Ok(mut envelope) => {
                             envelope.group_id = group_of(canvas, &path);
                             envelopes.push(envelope);
+                            callbacks.push(path.last() == Some(&Step::Callback));
                         }
                         Err(EnqueueError::Storage(error)) => return Err(error.into()),
                         Err(error) => refused.push((
@@ -563,19 +667,18 @@ impl Canvases {
             }
         }
         let mut published = 0;
-        for chunk in envelopes.chunks(BATCH) {
+        for (chunk, callbacks) in envelopes.chunks(BATCH).zip(callbacks.chunks(BATCH)) {
             let stored = self
                 .client
                 .broker()
                 .publish_unique(chunk, DEDUPE_WINDOW)
                 .await?;
-            for (envelope, stored) in chunk.iter().zip(stored) {
+            for ((envelope, stored), callback) in chunk.iter().zip(stored).zip(callbacks) {
                 if !stored {
                     continue;
                 }
                 published += 1;
-                // Only a chord callback's id ends so: canvas ids carry no `:` of their own.
-                if envelope.id.ends_with(":cb") {
+                if *callback {
                     tracing::info!(
                         canvas = canvas.id,
                         task.id = envelope.id,
@@ -614,25 +717,6 @@ impl Canvases {
             depth: origin.depth,
             ..EnqueueRequest::new(name, Value::Object(args).to_string())
         }
-    }
-
-    /// The status a composite node records when it ends with `outcome`.
-    fn outcome_status(
-        &self,
-        canvas: &Canvas,
-        path: &[Step],
-        outcome: Outcome,
-    ) -> Result<TaskStatus, CanvasError> {
-        Ok(match outcome {
-            Outcome::Succeeded(result) => TaskStatus {
-                result: Some(Payload::json(result.to_string())),
-                ..self.composite_status(canvas, path, TaskState::Succeeded)
-            },
-            Outcome::Ended { state, error } => TaskStatus {
-                error: Some(error),
-                ..self.composite_status(canvas, path, state)
-            },
-        })
     }
 
     fn composite_status(&self, canvas: &Canvas, path: &[Step], state: TaskState) -> TaskStatus {
@@ -683,7 +767,10 @@ impl Canvases {
             .ok_or_else(|| CanvasError::Unknown(id.to_owned()))?;
         let mut tasks = Vec::new();
         walk(&canvas.tree.root, &mut Vec::new(), &mut |node, path| {
-            if let Kind::Task(_) = node.kind() {
+            // `link_error` callbacks are what a revoked canvas runs.
+            if let Kind::Task(_) = node.kind()
+                && path.last() != Some(&Step::LinkError)
+            {
                 tasks.push(node_id(&canvas.id, path));
             }
         });
@@ -797,8 +884,8 @@ impl Canvases {
 
     /// The canvas `id`, from this process's cache or the backend.
     async fn load(&self, id: &str) -> Result<Option<Arc<Canvas>>, CanvasError> {
-        if let Some((canvas, _)) = self.cache().trees.get(id) {
-            return Ok(Some(canvas.clone()));
+        if let Some(canvas) = self.cache().get(id) {
+            return Ok(Some(canvas));
         }
         let Some(record) = self.backend.get_canvas(id).await? else {
             return Ok(None);

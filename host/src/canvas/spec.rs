@@ -110,6 +110,10 @@ pub fn validate(root: &Node, canvas_id: &str) -> Result<usize, SpecError> {
                     };
                     return Err(fail(format!("{what} needs at least one node")));
                 }
+                // Counted before they are looked at: a huge flat group is refused at once.
+                if tasks + members.len() > MAX_TASKS {
+                    return Err(SpecError::TooManyTasks(tasks + members.len()));
+                }
                 for at in 0..members.len() {
                     let step = Step::Index(
                         u32::try_from(at).map_err(|_| SpecError::TooManyTasks(members.len()))?,

@@ -26,6 +26,11 @@ struct Parts {
 }
 
 async fn parts() -> Parts {
+    parts_with_limit(crate::client::DEFAULT_MAX_ARGS_BYTES).await
+}
+
+/// Parts whose client publishes arguments of at most `limit` bytes.
+async fn parts_with_limit(limit: usize) -> Parts {
     let registry = Arc::new(MemoryRegistry::default());
     let definitions: Vec<TaskDefinition> = ["t.add", "t.sum", "t.fail", "t.echo"]
         .into_iter()
@@ -38,7 +43,8 @@ async fn parts() -> Parts {
     registry.register("digest", &definitions).await.unwrap();
     let broker = Arc::new(MemoryBroker::default());
     let backend = Arc::new(MemoryBackend::default());
-    let client = Client::new(broker.clone(), registry, Codecs::default());
+    let client =
+        Client::new(broker.clone(), registry, Codecs::default()).with_max_args_bytes(limit);
     Parts {
         canvases: Canvases::new(client, backend.clone(), Codecs::default()),
         broker,
@@ -288,4 +294,61 @@ async fn unknown_tasks_are_refused_before_anything_is_stored() {
     assert!(error.to_string().contains("t.missing"), "{error}");
     assert!(parts.canvases.tree("unknown").await.unwrap().is_none());
     assert!(parts.broker.stats("default").await.unwrap().ready == 0);
+}
+
+#[tokio::test]
+async fn results_too_large_together_fail_the_chord_instead_of_its_callback() {
+    let parts = parts_with_limit(200).await;
+    let members: Vec<Node> = (0..10)
+        .map(|_| Node::task("t.echo", json!({"pad": "x".repeat(40)})))
+        .collect();
+    let chord = Node::chord(members, Node::task("t.sum", json!({}))).with_id("big");
+    parts.canvases.submit(chord).await.unwrap();
+    let ran = parts.run_all(false).await;
+    assert_eq!(ran.len(), 10, "no callback: {ran:?}");
+    let status = parts.status("big").await.unwrap();
+    assert_eq!(status.state, TaskState::Failed);
+    assert_eq!(status.error.unwrap().kind, "result_too_large");
+}
+
+#[tokio::test]
+async fn only_the_task_a_node_names_moves_the_canvas() {
+    let parts = parts().await;
+    parts
+        .canvases
+        .submit(Node::chain([add(1), add(2)]).with_id("forged"))
+        .await
+        .unwrap();
+    let options = ConsumeOptions::default();
+    let queues = vec!["default".to_owned()];
+    let delivery = parts
+        .broker
+        .consume(&queues, &options)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let status = TaskStatus {
+        result: Some(Payload::json("1")),
+        ..TaskStatus::new("forged:0", TaskState::Succeeded)
+    };
+    for (id, task) in [
+        ("forged:00", "t.add"),
+        ("forged:0", "t.sum"),
+        ("forged:7", "t.add"),
+    ] {
+        let mut envelope = delivery.envelope.clone();
+        envelope.id = id.to_owned();
+        envelope.task = task.to_owned();
+        let refused = parts.canvases.advance(&envelope, &status).await;
+        assert!(
+            matches!(refused, Err(CanvasError::NotInCanvas(_))),
+            "{id} {task}"
+        );
+    }
+    assert_eq!(parts.broker.stats("default").await.unwrap().ready, 0);
+    assert_eq!(
+        parts.status("forged").await.unwrap().state,
+        TaskState::Pending
+    );
 }

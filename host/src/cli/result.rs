@@ -62,7 +62,9 @@ pub async fn run(command: ResultCommand, connections: &Connections) -> anyhow::R
     let backend = connections.backend().await?;
     match command {
         ResultCommand::Get { id, json } => {
-            if let Some(code) = canvas::show(&connections.canvases().await?, &id, json).await? {
+            if backend.get_canvas(&id).await?.is_some()
+                && let Some(code) = canvas::show(&connections.canvases().await?, &id, json).await?
+            {
                 return Ok(code);
             }
             match backend.get(&id).await? {
@@ -76,6 +78,7 @@ pub async fn run(command: ResultCommand, connections: &Connections) -> anyhow::R
         ResultCommand::Wait { id, timeout, json } => {
             let status = wait(backend.as_ref(), &id, timeout).await?;
             if status.as_ref().is_some_and(|s| s.state.is_terminal())
+                && backend.get_canvas(&id).await?.is_some()
                 && let Some(code) = canvas::show(&connections.canvases().await?, &id, json).await?
             {
                 return Ok(code);

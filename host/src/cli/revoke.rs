@@ -7,7 +7,6 @@ use clap::Args;
 
 use super::Connections;
 use super::units::parse_duration;
-use crate::canvas::CanvasError;
 use crate::stores::revoke::Revocation;
 
 #[derive(Args)]
@@ -29,7 +28,7 @@ pub struct RevokeArgs {
 
 pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let store = connections.revokes().await?;
-    let canvases = connections.canvases().await?;
+    let backend = connections.backend().await?;
     let what = if args.terminate {
         "revoked and terminating"
     } else {
@@ -40,13 +39,11 @@ pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<
             reason: args.reason.clone(),
             ..Revocation::new(id, args.terminate, args.ttl)
         };
-        match canvases.revoke(store.as_ref(), id, &revocation).await {
-            Ok(tasks) => {
-                println!("{id} {what} (a canvas: {tasks} unfinished tasks)");
-                continue;
-            }
-            Err(CanvasError::Unknown(_)) => {}
-            Err(error) => return Err(error.into()),
+        if backend.get_canvas(id).await?.is_some() {
+            let canvases = connections.canvases().await?;
+            let tasks = canvases.revoke(store.as_ref(), id, &revocation).await?;
+            println!("{id} {what} (a canvas: {tasks} unfinished tasks)");
+            continue;
         }
         store.revoke(&revocation).await?;
         println!("{id} {what}");

@@ -74,11 +74,21 @@ async fn advance_canvas(
         (None, Some(before)) => before,
         _ => return (status, settle),
     };
-    if status.is_some()
-        && let Err(error) = shared.backend.set(&ended, None).await
-    {
-        tracing::error!(task.id = envelope.id, %error, "recording the end of a canvas task failed; it comes back");
-        return (None, Settle::Release(WORKER_TROUBLE_DELAY));
+    let mut ended = ended;
+    if status.is_some() {
+        // Another run of this task may have recorded its end first; that one stands.
+        let recorded = match shared.backend.set(&ended, None).await {
+            Ok(true) => Ok(None),
+            Ok(false) => shared.backend.get(&envelope.id).await,
+            Err(error) => Err(error),
+        };
+        match recorded {
+            Ok(first) => ended = first.filter(|s| s.state.is_terminal()).unwrap_or(ended),
+            Err(error) => {
+                tracing::error!(task.id = envelope.id, %error, "recording the end of a canvas task failed; it comes back");
+                return (None, Settle::Release(WORKER_TROUBLE_DELAY));
+            }
+        }
     }
     match shared.canvases.advance(envelope, &ended).await {
         Ok(()) => (status, settle),

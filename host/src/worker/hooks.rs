@@ -15,6 +15,9 @@ use crate::client::{Client, EnqueueError, EnqueueRequest};
 use crate::runtime::{SubTaskRequest, TaskHooks, TaskInfo};
 use crate::time::Timestamp;
 
+/// Largest canvas spec a task may submit.
+pub const MAX_GUEST_SPEC_BYTES: usize = 4 << 20;
+
 /// Progress is written at most this often per run; the terminal status follows anyway.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
@@ -136,8 +139,16 @@ impl TaskHooks for WorkerHooks {
         }
     }
 
-    /// The spec is held to the operator's bound on sub-task arguments.
+    /// The spec is held to the operator's bound on sub-task arguments, and to
+    /// [`MAX_GUEST_SPEC_BYTES`]: a parsed tree takes many times its text's size.
     async fn submit_canvas(&self, parent: &TaskInfo, spec: String) -> Result<String, String> {
+        if spec.len() > MAX_GUEST_SPEC_BYTES {
+            return Err(format!(
+                "the canvas is {} bytes, over the limit of {MAX_GUEST_SPEC_BYTES} bytes for a \
+                 canvas a task submits",
+                spec.len()
+            ));
+        }
         self.client
             .check_args_size("canvas", &spec)
             .map_err(|error| match error {

@@ -298,13 +298,13 @@ impl Worker {
             parts.codecs.clone(),
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes);
-        // What a canvas publishes next carries results, bounded by the result budget, not
-        // arguments a guest wrote: it gets the producer's limit.
+        // What a canvas publishes next (results passed on) is held to the same bound.
         let canvas_client = Client::new(
             parts.broker.clone(),
             parts.registry.clone(),
             parts.codecs.clone(),
-        );
+        )
+        .with_max_args_bytes(config.budgets.subtask_args_bytes);
         let canvases = Arc::new(Canvases::new(
             canvas_client,
             parts.backend.clone(),

@@ -6,9 +6,10 @@
 //! `stem-host worker start` processes instead, as operators run them, draining a queue filled
 //! beforehand; that mode also reports the CPU each task costs the workers and Redis
 //! ([`processes`]). `bench runtime` times the sandbox alone; `bench beat` the scheduler
-//! ([`beat`]).
+//! ([`beat`]); `bench canvas` a big chord ([`canvas`]).
 
 mod beat;
+mod canvas;
 mod processes;
 
 use std::path::PathBuf;
@@ -50,6 +51,9 @@ enum BenchCommand {
     Runtime(RuntimeBench),
     /// Cost of Beat's rounds over many entries, and how late its firings are published.
     Beat(beat::BeatBench),
+    /// A chord of many members run by worker processes: members per second, and the time
+    /// from the last member's end to the callback's.
+    Canvas(canvas::CanvasBench),
 }
 
 /// Enqueue N tasks and run them with in-process workers against the configured broker and
@@ -112,6 +116,7 @@ pub async fn run(args: BenchArgs, connections: &Connections) -> anyhow::Result<E
     match args.command {
         Some(BenchCommand::Runtime(bench)) => runtime_bench(bench, connections).await,
         Some(BenchCommand::Beat(bench)) => beat::run(bench, connections).await,
+        Some(BenchCommand::Canvas(bench)) => canvas::run(bench, connections).await,
         None if args.end_to_end.processes.is_some() => {
             processes::drain(args.end_to_end, connections).await
         }

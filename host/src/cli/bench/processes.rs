@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,6 +24,7 @@ use crate::backend::TaskState;
 use crate::client::{Client, EnqueueRequest};
 use crate::codec::Codecs;
 use crate::components;
+use crate::stores::registry::ComponentRegistry;
 use crate::time::Timestamp;
 
 /// Linux reports process CPU time in ticks of 1/100 s (`USER_HZ`) on every architecture.
@@ -32,33 +35,14 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     if bench.tasks == 0 || processes == 0 || bench.concurrency == 0 {
         bail!("--tasks, --processes and --concurrency must be at least 1");
     }
-    let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let registry = connections.registry().await?;
-    let runtime = connections.sandbox(|_| {})?;
-    let bytes = match &bench.component {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
-        }
-        None => {
-            let version = registry
-                .task(&bench.task)
-                .await?
-                .with_context(|| format!("unknown task `{}`: pass --component", bench.task))?;
-            registry
-                .component(&version.digest)
-                .await?
-                .context("the task's component is missing from the registry")?
-        }
-    };
-    // The workers run in the benchmark's namespace, registry included.
-    let bench_registry = crate::config::open_registry(
-        &connections.url(crate::config::Role::Registry)?,
-        Some(&namespace),
+    let namespace = bench_namespace();
+    let bench_registry = upload_for_bench(
+        connections,
+        &namespace,
+        bench.component.as_deref(),
+        &bench.task,
     )
     .await?;
-    components::upload(bench_registry.as_ref(), &runtime, bytes)
-        .await
-        .context("cannot upload the component")?;
     let broker_url = connections.url(crate::config::Role::Broker)?;
     let backend_url = connections.url(crate::config::Role::Backend)?;
     let broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
@@ -223,12 +207,53 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     Ok(exit_code(failed))
 }
 
+/// A namespace of the benchmark's own, so that it sees no one else's tasks.
+pub(super) fn bench_namespace() -> String {
+    format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Copies the component of `task` (or the one at `component`) into the registry of
+/// `namespace`, where the benchmark's workers run; returns that registry.
+pub(super) async fn upload_for_bench(
+    connections: &Connections,
+    namespace: &str,
+    component: Option<&Path>,
+    task: &str,
+) -> anyhow::Result<Arc<dyn ComponentRegistry>> {
+    let runtime = connections.sandbox(|_| {})?;
+    let bytes = match component {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        None => {
+            let registry = connections.registry().await?;
+            let version = registry
+                .task(task)
+                .await?
+                .with_context(|| format!("unknown task `{task}`: pass --component"))?;
+            registry
+                .component(&version.digest)
+                .await?
+                .context("the task's component is missing from the registry")?
+        }
+    };
+    let registry = crate::config::open_registry(
+        &connections.url(crate::config::Role::Registry)?,
+        Some(namespace),
+    )
+    .await?;
+    components::upload(registry.as_ref(), &runtime, bytes)
+        .await
+        .context("cannot upload the component")?;
+    Ok(registry)
+}
+
 /// One `stem-host worker start` child; killed if still running when dropped.
-struct WorkerChild {
+pub(super) struct WorkerChild {
     child: Child,
 }
 
-fn start_worker(
+pub(super) fn start_worker(
     connections: &Connections,
     namespace: &str,
     queue: &str,
@@ -253,7 +278,7 @@ impl WorkerChild {
     }
 
     /// Waits for the worker's `ready` line, then lets its stderr drain in the background.
-    fn ready(&mut self) -> anyhow::Result<()> {
+    pub(super) fn ready(&mut self) -> anyhow::Result<()> {
         let stderr = self
             .child
             .stderr
@@ -271,7 +296,7 @@ impl WorkerChild {
         bail!("a worker process exited before it was ready")
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
