@@ -75,6 +75,14 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX stem_canvases_expiry ON stem_canvases (expires_at);
 ",
+    // A group's count kept beside its members: counting them on every report made a group of
+    // N members cost N² over its life.
+    "
+    ALTER TABLE stem_groups ADD COLUMN finished INTEGER NOT NULL DEFAULT 0;
+    UPDATE stem_groups SET finished = (
+        SELECT COUNT(*) FROM stem_group_members m
+        WHERE m.namespace = stem_groups.namespace AND m.group_id = stem_groups.id);
+",
 ];
 
 /// Tuning for [`SqliteBackend::open`].
@@ -420,6 +428,16 @@ impl ResultBackend for SqliteBackend {
                 .execute(&mut *tx)
                 .await?;
             }
+            sqlx::query(
+                "UPDATE stem_groups SET finished = (
+                     SELECT COUNT(*) FROM stem_group_members m
+                     WHERE m.namespace = stem_groups.namespace AND m.group_id = stem_groups.id)
+                 WHERE namespace = ? AND id = ?",
+            )
+            .bind(self.namespace())
+            .bind(&group.id)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(created)
@@ -463,7 +481,7 @@ impl ResultBackend for SqliteBackend {
         // The insert comes first so the transaction takes the write lock at once: a read
         // first would have to upgrade its lock, which SQLite refuses when another writer won.
         let mut tx = self.pool().begin().await?;
-        sqlx::query(
+        let added = sqlx::query(
             "INSERT OR IGNORE INTO stem_group_members (namespace, group_id, task_id)
              SELECT namespace, id, ? FROM stem_groups
              WHERE namespace = ? AND id = ? AND expires_at > ?",
@@ -473,12 +491,14 @@ impl ResultBackend for SqliteBackend {
         .bind(group_id)
         .bind(now.as_sql())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
         let row = sqlx::query(
-            "SELECT size, (SELECT COUNT(*) FROM stem_group_members m
-                           WHERE m.namespace = g.namespace AND m.group_id = g.id) AS finished
-             FROM stem_groups g WHERE namespace = ? AND id = ? AND expires_at > ?",
+            "UPDATE stem_groups SET finished = finished + ?
+             WHERE namespace = ? AND id = ? AND expires_at > ?
+             RETURNING size, finished",
         )
+        .bind(i64::try_from(added).unwrap_or(0))
         .bind(self.namespace())
         .bind(group_id)
         .bind(now.as_sql())

@@ -134,11 +134,12 @@ fn draw(node: &TreeNode, lead: &str, indent: &str, lines: &mut Vec<String>) {
         Some(task) => format!("{} {task}", node.id),
         None => format!("{} {}", node.kind, node.id),
     };
-    let error = node
-        .error
-        .as_ref()
-        .map(|e| format!(": {}: {}", e.kind, e.message))
-        .unwrap_or_default();
+    // The kind only when it says more than the state (`time_limit`, `enqueue_failed`, ...).
+    let error = match &node.error {
+        Some(e) if e.kind == node.state.as_str() => format!(": {}", e.message),
+        Some(e) => format!(": {}: {}", e.kind, e.message),
+        None => String::new(),
+    };
     lines.push(format!("{lead}{name}  {}{error}", node.state));
     let shown = if node.children.len() > SHOWN_MEMBERS + 1 {
         &node.children[..SHOWN_MEMBERS]
