@@ -1,8 +1,9 @@
 //! The producer side: turning "run task X with these arguments" into a published envelope.
 //!
 //! The client refuses what a worker could never run (unknown task names, arguments that are
-//! not JSON, out-of-range priorities) before anything reaches the broker, fills in the task's
-//! declared defaults (queue, priority) and encodes the arguments with the task's encoder.
+//! not JSON, out-of-range priorities) before anything reaches the broker, picks the queue and
+//! priority (the request's, the routing file's, the task's declared defaults: see
+//! [`crate::routing`]) and encodes the arguments with the task's encoder.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,8 @@ use std::time::Instant;
 use crate::broker::Broker;
 use crate::codec::{CodecError, Codecs};
 use crate::components::VERSION_CACHE_TTL;
-use crate::envelope::{DEFAULT_QUEUE, Envelope, EnvelopeError};
+use crate::envelope::{Envelope, EnvelopeError};
+use crate::routing::{RouteRequest, Routing, Target};
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
 use crate::task::TaskDefinition;
@@ -66,6 +68,11 @@ pub enum EnqueueError {
         size: usize,
         limit: usize,
     },
+    #[error(
+        "`{task}` is routed to broadcast `{broadcast}`, and broadcast delivery is not built yet: \
+         route it to a queue"
+    )]
+    Broadcast { task: String, broadcast: String },
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
@@ -82,6 +89,7 @@ pub struct Client {
     registry: Arc<dyn ComponentRegistry>,
     codecs: Codecs,
     max_args_bytes: usize,
+    routing: Arc<Routing>,
     definitions: Arc<Mutex<HashMap<String, (TaskDefinition, Instant)>>>,
 }
 
@@ -99,8 +107,19 @@ impl Client {
             registry,
             codecs,
             max_args_bytes: DEFAULT_MAX_ARGS_BYTES,
+            routing: Arc::default(),
             definitions: Arc::default(),
         }
+    }
+
+    /// Routes every task through the operator's routing file.
+    pub fn with_routing(mut self, routing: Arc<Routing>) -> Client {
+        self.routing = routing;
+        self
+    }
+
+    pub fn routing(&self) -> &Arc<Routing> {
+        &self.routing
     }
 
     /// Refuses arguments over `bytes` (of JSON text).
@@ -144,15 +163,29 @@ impl Client {
         let args = self
             .codecs
             .encode_args(options.args_encoder.as_deref(), &request.args)?;
+        let decision = self.routing.decide(&RouteRequest {
+            task: &request.task,
+            headers: Some(&request.headers),
+            queue: request.queue.as_deref(),
+            priority: request.priority,
+            declared_queue: options.queue.as_deref(),
+            declared_priority: options.priority,
+        });
+        let queue = match decision.target {
+            Target::Queue(queue) => queue,
+            Target::Broadcast(broadcast) => {
+                return Err(EnqueueError::Broadcast {
+                    task: request.task,
+                    broadcast,
+                });
+            }
+        };
         let mut envelope = Envelope::new(request.task, args);
         if let Some(id) = request.task_id {
             envelope.id = id;
         }
-        envelope.queue = request
-            .queue
-            .or_else(|| options.queue.clone())
-            .unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
-        envelope.priority = request.priority.or(options.priority).unwrap_or(0);
+        envelope.queue = queue;
+        envelope.priority = decision.priority;
         envelope.not_before = request.not_before;
         envelope.max_retries = request.max_retries;
         envelope.time_limit_ms = request.time_limit_ms;

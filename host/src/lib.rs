@@ -21,6 +21,7 @@
 //!   under ids derived from them, recording each firing once; the schedule file.
 //! - [`canvas`]: chains, groups and chords, stored once and advanced by the workers that run
 //!   their tasks, every child under an id derived from its position.
+//! - [`routing`]: the operator's routing file: which queue and priority each task gets.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
@@ -47,6 +48,7 @@ pub mod digest;
 pub mod envelope;
 mod postgres;
 mod redis;
+pub mod routing;
 pub mod runtime;
 pub mod schedule;
 pub mod settlement;

@@ -111,8 +111,7 @@ async fn enqueue_one(
     let envelope = client.enqueue(request(args, args.args.clone())).await?;
     let Some(backend) = backend else {
         if args.json {
-            let report =
-                json!({ "task_id": envelope.id, "task": envelope.task, "queue": envelope.queue });
+            let report = json!({ "task_id": envelope.id, "task": envelope.task, "queue": envelope.queue, "priority": envelope.priority });
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
             println!("{}", envelope.id);

@@ -10,6 +10,7 @@ mod progress;
 mod queue;
 mod result;
 mod revoke;
+mod routing;
 mod schedule;
 mod task;
 pub mod units;
@@ -28,6 +29,7 @@ use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
+use crate::routing::Routing;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::settlement::SettlementStore;
 use crate::stores::lock::LockStore;
@@ -115,6 +117,10 @@ struct ConnectionArgs {
         value_name = "SIZE"
     )]
     max_args_size: u64,
+    /// Routing file (YAML or JSON): which queue and priority each task gets (see the README's
+    /// Routing section). Applied by every producer, workers' sub-tasks included.
+    #[arg(long, global = true, env = "STEM_ROUTING_CONFIG", value_name = "FILE")]
+    routing_config: Option<PathBuf>,
     /// Directory of compiled components [default: ~/.cache/stem/components].
     #[arg(
         long,
@@ -149,6 +155,9 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Revoke a task: it will not run, and with --terminate a running one is stopped.
     Revoke(revoke::RevokeArgs),
+    /// Show the routing file's rules, and which one picks a task's queue and priority.
+    #[command(subcommand)]
+    Routing(routing::RoutingCommand),
     /// Apply, list, edit, fire and preview Beat's schedule entries.
     #[command(subcommand)]
     Schedule(schedule::ScheduleCommand),
@@ -193,6 +202,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queue(command) => queue::run_queue(command, &connections).await,
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
         Command::Revoke(args) => revoke::run(args, &connections).await,
+        Command::Routing(command) => routing::run(command, &connections).await,
         Command::Schedule(command) => schedule::run(command, &connections).await,
         Command::Beat(command) => beat::run(command, &connections).await,
         Command::Bench(args) => bench::run(args, &connections).await,
@@ -284,6 +294,9 @@ impl Connections {
                 forwarded.push((role.url_variable(), value.clone()));
             }
         }
+        if let Some(path) = &args.routing_config {
+            forwarded.push(("STEM_ROUTING_CONFIG", path.display().to_string()));
+        }
         if let Some(dir) = &args.cache_dir {
             forwarded.push(("STEM_COMPONENT_CACHE_DIR", dir.display().to_string()));
         }
@@ -309,7 +322,16 @@ impl Connections {
             self.registry().await?,
             Codecs::default(),
         )
-        .with_max_args_bytes(self.max_args_bytes()))
+        .with_max_args_bytes(self.max_args_bytes())
+        .with_routing(self.routing()?))
+    }
+
+    /// The routing file's rules, or none (each task's own queue, else `default`).
+    fn routing(&self) -> anyhow::Result<Arc<Routing>> {
+        match &self.args.routing_config {
+            Some(path) if !path.as_os_str().is_empty() => Ok(Arc::new(Routing::load(path)?)),
+            _ => Ok(Arc::default()),
+        }
     }
 
     /// Submits, advances and reads canvases through the configured broker and backend.

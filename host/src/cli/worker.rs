@@ -214,10 +214,11 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
             config.memory_total_bytes = budgets.memory_total;
         })?,
         codecs: Codecs::default(),
+        routing: connections.routing()?,
     };
     let config = WorkerConfig {
         worker_id: args.worker_id.unwrap_or_else(default_worker_id),
-        queues: args.queues,
+        queues: parts.routing.worker_queues(&args.queues),
         concurrency,
         prefetch_multiplier: args.prefetch_multiplier as usize,
         lease: args.lease,

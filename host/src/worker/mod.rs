@@ -50,6 +50,7 @@ use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
+use crate::routing::Routing;
 use crate::runtime::{RunHandle, Runtime};
 use crate::settlement::SettlementStore;
 use crate::storage::StorageError;
@@ -148,6 +149,8 @@ pub struct WorkerParts {
     pub registry: Arc<dyn ComponentRegistry>,
     pub runtime: Arc<Runtime>,
     pub codecs: Codecs,
+    /// Applied to the sub-tasks and canvas steps the worker publishes.
+    pub routing: Arc<Routing>,
 }
 
 /// What a worker did, reported when it stops.
@@ -297,14 +300,16 @@ impl Worker {
             parts.registry.clone(),
             parts.codecs.clone(),
         )
-        .with_max_args_bytes(config.budgets.subtask_args_bytes);
+        .with_max_args_bytes(config.budgets.subtask_args_bytes)
+        .with_routing(parts.routing.clone());
         // What a canvas publishes next (results passed on) is held to the same bound.
         let canvas_client = Client::new(
             parts.broker.clone(),
             parts.registry.clone(),
             parts.codecs.clone(),
         )
-        .with_max_args_bytes(config.budgets.subtask_args_bytes);
+        .with_max_args_bytes(config.budgets.subtask_args_bytes)
+        .with_routing(parts.routing);
         let canvases = Arc::new(Canvases::new(
             canvas_client,
             parts.backend.clone(),

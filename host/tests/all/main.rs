@@ -15,6 +15,7 @@ mod postgres_tls;
 mod redis_recovery;
 mod redis_server;
 mod redis_tls;
+mod routing;
 mod sandbox;
 mod sqlite_crash;
 mod support;

@@ -226,6 +226,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             registry: registry.clone(),
             runtime: runtime.clone(),
             codecs: Codecs::default(),
+            routing: Arc::default(),
         };
         let config = WorkerConfig {
             worker_id: format!("{namespace}-{}", workers.len() + 1),
