@@ -550,11 +550,7 @@ impl ResultBackend for SqliteBackend {
             .bind(&canvas.id)
             .fetch_one(&mut *tx)
             .await?;
-            Some(CanvasRecord {
-                id: canvas.id.clone(),
-                tree: row.get("tree"),
-                created_at: Timestamp::from_sql(row.get("created_at")),
-            })
+            Some(canvas_record(&canvas.id, &row))
         };
         tx.commit().await?;
         Ok(stored)
@@ -570,11 +566,7 @@ impl ResultBackend for SqliteBackend {
         .bind(Timestamp::now().as_sql())
         .fetch_optional(self.pool())
         .await?;
-        Ok(row.map(|row| CanvasRecord {
-            id: id.to_owned(),
-            tree: row.get("tree"),
-            created_at: Timestamp::from_sql(row.get("created_at")),
-        }))
+        Ok(row.map(|row| canvas_record(id, &row)))
     }
 
     async fn heartbeat(
@@ -616,5 +608,14 @@ impl ResultBackend for SqliteBackend {
                 })
             })
             .collect()
+    }
+}
+
+/// A canvas from a row of `stem_canvases` (`tree`, `created_at`).
+fn canvas_record(id: &str, row: &sqlx::sqlite::SqliteRow) -> CanvasRecord {
+    CanvasRecord {
+        id: id.to_owned(),
+        tree: row.get("tree"),
+        created_at: Timestamp::from_sql(row.get("created_at")),
     }
 }

@@ -21,7 +21,7 @@ use crate::stores::revoke::{Revocation, RevokeStore};
 use crate::time::Timestamp;
 
 /// How long a published task id is remembered, so that advancing a canvas again publishes
-/// nothing twice: as long as the canvas itself is kept.
+/// nothing twice: a day, the default group TTL (a raised TTL does not lengthen it).
 const DEDUPE_WINDOW: Duration = DEFAULT_GROUP_TTL;
 
 /// Envelopes per publish, and statuses per read.
@@ -107,6 +107,15 @@ struct Canvas {
 }
 
 impl Canvas {
+    /// The root task id its tasks record: the submitting task's root, else the canvas.
+    fn root_id(&self) -> String {
+        self.tree
+            .origin
+            .root_id
+            .clone()
+            .unwrap_or_else(|| self.id.clone())
+    }
+
     fn node(&self, path: &[Step]) -> Result<&Node, CanvasError> {
         self.tree
             .root
@@ -167,6 +176,14 @@ impl Outcome {
             },
             succeeded => succeeded,
         }
+    }
+}
+
+/// Why a canvas stopped for good, as recorded at its root.
+fn canvas_error(error: &CanvasError) -> TaskFailure {
+    TaskFailure {
+        kind: "canvas_error".to_owned(),
+        message: error.to_string(),
     }
 }
 
@@ -283,11 +300,11 @@ impl Canvases {
         let tasks = spec::validate(&root, &id)?;
         root.id = None;
         self.check_tasks(&root).await?;
-        let tree = Tree { root, origin };
-        let text = serde_json::to_string(&tree).expect("a canvas tree always serialises");
+        let text =
+            serde_json::to_string(&Tree { root, origin }).expect("a canvas tree always serialises");
         // Every worker reads the tree back: refuse one it could not (nested past the parser's
-        // depth limit) before any of it is stored.
-        serde_json::from_str::<Tree>(&text)
+        // depth limit) before any of it is stored, and keep the copy read back.
+        let tree: Tree = serde_json::from_str(&text)
             .map_err(|error| SpecError::Syntax(format!("the canvas nests too deeply: {error}")))?;
         let record = CanvasRecord {
             id: id.clone(),
@@ -304,7 +321,7 @@ impl Canvases {
         self.cache().insert(canvas.clone(), size);
         let kind = canvas.tree.root.kind();
         if !matches!(kind, Kind::Task(_)) {
-            let pending = self.composite_status(&canvas, &[], TaskState::Pending);
+            let pending = self.node_status(&canvas, &[], TaskState::Pending);
             self.backend.set(&pending, None).await?;
         }
         let published = self
@@ -349,10 +366,7 @@ impl Canvases {
                 "the task's canvas is gone (expired?); nothing follows it"
             );
             let status = TaskStatus {
-                error: Some(TaskFailure {
-                    kind: "canvas_error".to_owned(),
-                    message: CanvasError::Unknown(canvas_id.clone()).to_string(),
-                }),
+                error: Some(canvas_error(&CanvasError::Unknown(canvas_id.clone()))),
                 ..TaskStatus::new(canvas_id.clone(), TaskState::Failed)
             };
             self.backend.set(&status, None).await?;
@@ -387,11 +401,8 @@ impl Canvases {
     /// waits for it learns why instead of waiting forever.
     async fn fail_canvas(&self, canvas: &Canvas, error: &CanvasError) {
         let status = TaskStatus {
-            error: Some(TaskFailure {
-                kind: "canvas_error".to_owned(),
-                message: error.to_string(),
-            }),
-            ..self.composite_status(canvas, &[], TaskState::Failed)
+            error: Some(canvas_error(error)),
+            ..self.node_status(canvas, &[], TaskState::Failed)
         };
         if let Err(error) = self.backend.set(&status, None).await {
             tracing::warn!(canvas = canvas.id, %error, "recording the canvas as failed failed");
@@ -418,15 +429,11 @@ impl Canvases {
             let (count, refused) = self.publish(canvas, std::mem::take(&mut starts)).await?;
             published += count;
             for (path, error) in refused {
-                let status = TaskStatus {
-                    error: Some(error.clone()),
-                    ..self.task_status(canvas, &path, TaskState::Failed)?
-                };
                 let failed = Outcome::Ended {
                     state: TaskState::Failed,
                     error,
                 };
-                let outcome = self.record(status, failed).await?;
+                let outcome = self.record_node(canvas, &path, failed).await?;
                 finished.push((path, outcome));
             }
         }
@@ -504,26 +511,18 @@ impl Canvases {
                         continue;
                     }
                     let members = parent.members().len();
-                    let results = match self.results(canvas, &parent_path, members).await? {
-                        Ok(results) => Value::Array(results),
-                        Err(error) => {
-                            let failed = Outcome::Ended {
-                                state: TaskState::Failed,
-                                error,
-                            };
-                            outcome = self.record_node(canvas, &parent_path, failed).await?;
-                            path = parent_path;
-                            continue;
+                    match self.results(canvas, &parent_path, members).await? {
+                        Ok(results) if matches!(parent.kind(), Kind::Chord(_)) => {
+                            let callback = child(&parent_path, Step::Callback);
+                            starts.push((callback, Some((INPUT_KEY, Value::Array(results)))));
+                            return Ok(());
                         }
-                    };
-                    if let Kind::Chord(_) = parent.kind() {
-                        starts.push((
-                            child(&parent_path, Step::Callback),
-                            Some((INPUT_KEY, results)),
-                        ));
-                        return Ok(());
+                        Ok(results) => Outcome::Succeeded(Value::Array(results)),
+                        Err(error) => Outcome::Ended {
+                            state: TaskState::Failed,
+                            error,
+                        },
                     }
-                    Outcome::Succeeded(results)
                 }
                 (Kind::Chord(_), Step::Callback) => outcome.passed_up(&format!("callback {who}")),
                 _ => return Err(CanvasError::NotInCanvas(node_id(&canvas.id, &path))),
@@ -541,7 +540,7 @@ impl Canvases {
         Ok(self.recorded(&status.id).await?.unwrap_or(outcome))
     }
 
-    /// Records how the composite node at `path` ended; returns the outcome that stands.
+    /// Records how the node at `path` ended; returns the outcome that stands.
     async fn record_node(
         &self,
         canvas: &Canvas,
@@ -551,11 +550,11 @@ impl Canvases {
         let status = match &outcome {
             Outcome::Succeeded(result) => TaskStatus {
                 result: Some(Payload::json(result.to_string())),
-                ..self.composite_status(canvas, path, TaskState::Succeeded)
+                ..self.node_status(canvas, path, TaskState::Succeeded)
             },
             Outcome::Ended { state, error } => TaskStatus {
                 error: Some(error.clone()),
-                ..self.composite_status(canvas, path, *state)
+                ..self.node_status(canvas, path, *state)
             },
         };
         self.record(status, outcome).await
@@ -587,24 +586,22 @@ impl Canvases {
         for chunk in ids.chunks(RESULTS_BATCH) {
             let statuses = self.backend.get_many(chunk).await?;
             for (id, status) in chunk.iter().zip(statuses) {
-                match status {
-                    Some(status) if status.state == TaskState::Succeeded => {
-                        bytes += status.result.as_ref().map_or(0, |r| r.data.len());
-                        if bytes > limit {
-                            return Ok(Err(TaskFailure {
-                                kind: "result_too_large".to_owned(),
-                                message: format!(
-                                    "the results of its members are over {limit} bytes \
-                                     together, the most a task may receive (STEM_MAX_ARGS_SIZE)"
-                                ),
-                            }));
-                        }
-                        results.push(match &status.result {
-                            Some(payload) => decode(&self.codecs, payload)?,
-                            None => Value::Null,
-                        });
-                    }
-                    _ => return Err(CanvasError::MissingResult(id.clone())),
+                let Some(status) = status else {
+                    return Err(CanvasError::MissingResult(id.clone()));
+                };
+                bytes += status.result.as_ref().map_or(0, |r| r.data.len());
+                if bytes > limit {
+                    return Ok(Err(TaskFailure {
+                        kind: "result_too_large".to_owned(),
+                        message: format!(
+                            "the results of its members are over {limit} bytes together, the \
+                             most a task may receive (STEM_MAX_ARGS_SIZE)"
+                        ),
+                    }));
+                }
+                match Outcome::of(&status, &self.codecs)? {
+                    Outcome::Succeeded(result) => results.push(result),
+                    Outcome::Ended { .. } => return Err(CanvasError::MissingResult(id.clone())),
                 }
             }
         }
@@ -713,42 +710,27 @@ impl Canvases {
             task_id: Some(node_id(&canvas.id, path)),
             headers: BTreeMap::from([(CANVAS_HEADER.to_owned(), canvas.id.clone())]),
             parent_id: origin.parent_id.clone(),
-            root_id: Some(origin.root_id.clone().unwrap_or_else(|| canvas.id.clone())),
+            root_id: Some(canvas.root_id()),
             depth: origin.depth,
             ..EnqueueRequest::new(name, Value::Object(args).to_string())
         }
     }
 
-    fn composite_status(&self, canvas: &Canvas, path: &[Step], state: TaskState) -> TaskStatus {
-        let label = canvas
-            .tree
-            .root
-            .at(path)
-            .map_or("canvas", |n| n.kind().label());
+    /// A status of the node at `path`, named by its task, or by its kind for a composite.
+    fn node_status(&self, canvas: &Canvas, path: &[Step], state: TaskState) -> TaskStatus {
+        let node = canvas.tree.root.at(path);
+        let task = match node {
+            Some(node) => node
+                .task
+                .clone()
+                .unwrap_or_else(|| node.kind().label().to_owned()),
+            None => "canvas".to_owned(),
+        };
         TaskStatus {
-            task: Some(label.to_owned()),
-            ..self.base_status(canvas, path, state)
-        }
-    }
-
-    fn task_status(
-        &self,
-        canvas: &Canvas,
-        path: &[Step],
-        state: TaskState,
-    ) -> Result<TaskStatus, CanvasError> {
-        Ok(TaskStatus {
-            task: canvas.node(path)?.task.clone(),
-            ..self.base_status(canvas, path, state)
-        })
-    }
-
-    fn base_status(&self, canvas: &Canvas, path: &[Step], state: TaskState) -> TaskStatus {
-        let origin = &canvas.tree.origin;
-        TaskStatus {
+            task: Some(task),
             group_id: group_of(canvas, path),
-            parent_id: origin.parent_id.clone(),
-            root_id: Some(origin.root_id.clone().unwrap_or_else(|| canvas.id.clone())),
+            parent_id: canvas.tree.origin.parent_id.clone(),
+            root_id: Some(canvas.root_id()),
             ..TaskStatus::new(node_id(&canvas.id, path), state)
         }
     }
@@ -799,7 +781,7 @@ impl Canvases {
                     kind: "revoked".to_owned(),
                     message,
                 }),
-                ..self.composite_status(&canvas, &[], TaskState::Revoked)
+                ..self.node_status(&canvas, &[], TaskState::Revoked)
             };
             self.backend.set(&status, None).await?;
         }

@@ -51,6 +51,36 @@ pub(super) struct Progress {
 }
 
 impl WorkerHooks {
+    /// The depth of what the run enqueues, or why it may not (`cannot {what}: ... {subject}
+    /// would be at depth N`).
+    fn sub_task_depth(&self, what: &str, subject: &str) -> Result<u32, String> {
+        let depth = self.depth + 1;
+        if depth > self.max_depth {
+            return Err(format!(
+                "cannot {what}: sub-tasks may nest {} deep below the task a producer enqueued, \
+                 and {subject} would be at depth {depth}",
+                self.max_depth
+            ));
+        }
+        Ok(depth)
+    }
+
+    /// Takes `count` from the run's sub-task budget; when it has too little left, takes
+    /// nothing and returns how much was used before.
+    fn reserve_subtasks(&self, count: u32) -> Result<(), u32> {
+        let before = self.subtasks.fetch_add(count, Ordering::Relaxed);
+        if before.saturating_add(count) > self.max_subtasks {
+            self.subtasks.fetch_sub(count, Ordering::Relaxed);
+            return Err(before);
+        }
+        Ok(())
+    }
+
+    /// Gives back what an enqueue that failed had taken.
+    fn release_subtasks(&self, count: u32) {
+        self.subtasks.fetch_sub(count, Ordering::Relaxed);
+    }
+
     /// Records the `started` status with the last progress, at most every [`PROGRESS_EVERY`];
     /// `report` replaces the progress first.
     fn record(&self, task: &TaskInfo, report: Option<TaskProgress>) {
@@ -103,22 +133,14 @@ impl TaskHooks for WorkerHooks {
     }
 
     async fn enqueue(&self, parent: &TaskInfo, request: SubTaskRequest) -> Result<String, String> {
-        let depth = self.depth + 1;
-        if depth > self.max_depth {
-            return Err(format!(
-                "cannot enqueue `{}`: sub-tasks may nest {} deep below the task a producer \
-                 enqueued, and this one would be at depth {depth}",
-                request.name, self.max_depth
-            ));
-        }
-        let enqueued = self.subtasks.fetch_add(1, Ordering::Relaxed);
-        if enqueued >= self.max_subtasks {
-            self.subtasks.fetch_sub(1, Ordering::Relaxed);
-            return Err(format!(
-                "cannot enqueue `{}`: a run may enqueue at most {} sub-tasks",
-                request.name, self.max_subtasks
-            ));
-        }
+        let what = format!("enqueue `{}`", request.name);
+        let depth = self.sub_task_depth(&what, "this one")?;
+        self.reserve_subtasks(1).map_err(|_| {
+            format!(
+                "cannot {what}: a run may enqueue at most {} sub-tasks",
+                self.max_subtasks
+            )
+        })?;
         let sub_task = EnqueueRequest {
             queue: request.queue,
             priority: request.priority,
@@ -133,7 +155,7 @@ impl TaskHooks for WorkerHooks {
         match self.client.enqueue(sub_task).await {
             Ok(envelope) => Ok(envelope.id),
             Err(error) => {
-                self.subtasks.fetch_sub(1, Ordering::Relaxed);
+                self.release_subtasks(1);
                 Err(error.to_string())
             }
         }
@@ -158,14 +180,7 @@ impl TaskHooks for WorkerHooks {
                 ),
                 other => other.to_string(),
             })?;
-        let depth = self.depth + 1;
-        if depth > self.max_depth {
-            return Err(format!(
-                "cannot submit a canvas: sub-tasks may nest {} deep below the task a producer \
-                 enqueued, and its tasks would be at depth {depth}",
-                self.max_depth
-            ));
-        }
+        let depth = self.sub_task_depth("submit a canvas", "its tasks")?;
         let root: Node = serde_json::from_str(&spec)
             .map_err(|error| format!("the canvas spec is not valid: {error}"))?;
         if root.id.is_some() {
@@ -178,15 +193,13 @@ impl TaskHooks for WorkerHooks {
         let id = format!("{}~{number}", parent.id);
         let tasks = spec::validate(&root, &id).map_err(|error| error.to_string())?;
         let tasks = u32::try_from(tasks).unwrap_or(u32::MAX);
-        let before = self.subtasks.fetch_add(tasks, Ordering::Relaxed);
-        if before.saturating_add(tasks) > self.max_subtasks {
-            self.subtasks.fetch_sub(tasks, Ordering::Relaxed);
-            return Err(format!(
+        self.reserve_subtasks(tasks).map_err(|before| {
+            format!(
                 "cannot submit a canvas of {tasks} tasks: a run may enqueue at most {} sub-tasks \
                  ({before} so far)",
                 self.max_subtasks
-            ));
-        }
+            )
+        })?;
         let origin = Origin {
             parent_id: Some(parent.id.clone()),
             root_id: Some(self.root_id.clone()),
@@ -195,7 +208,7 @@ impl TaskHooks for WorkerHooks {
         match self.canvas_service.submit_as(id, root, origin).await {
             Ok(submitted) => Ok(submitted.id),
             Err(error) => {
-                self.subtasks.fetch_sub(tasks, Ordering::Relaxed);
+                self.release_subtasks(tasks);
                 Err(error.to_string())
             }
         }

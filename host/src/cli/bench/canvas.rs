@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 use super::super::Connections;
 use super::super::progress::Progress;
 use super::super::units::human_duration;
-use super::processes::{WorkerChild, bench_namespace, start_worker, upload_for_bench};
+use super::processes::{BenchSpace, WorkerChild, start_worker};
 use crate::backend::TaskState;
 use crate::canvas::{Canvases, Node};
-use crate::client::{Client, EnqueueRequest};
+use crate::client::EnqueueRequest;
 use crate::codec::Codecs;
 use crate::time::Timestamp;
 
@@ -57,19 +57,14 @@ pub(super) async fn run(bench: CanvasBench, connections: &Connections) -> anyhow
         bail!("--members, --processes and --concurrency must be at least 1");
     }
     let args: Value = serde_json::from_str(&bench.args)?;
-    let namespace = bench_namespace();
-    let registry = upload_for_bench(
-        connections,
-        &namespace,
-        bench.component.as_deref(),
-        &bench.task,
-    )
-    .await?;
-    let broker_url = connections.url(crate::config::Role::Broker)?;
-    let backend_url = connections.url(crate::config::Role::Backend)?;
-    let broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
-    let backend = crate::config::open_backend(&backend_url, Some(&namespace)).await?;
-    let client = Client::new(broker, registry, Codecs::default());
+    let BenchSpace {
+        namespace,
+        broker_url,
+        backend_url,
+        backend,
+        client,
+        ..
+    } = BenchSpace::open(connections, bench.component.as_deref(), &bench.task).await?;
     let mut queues = Vec::new();
     for task in [&bench.task, &bench.callback] {
         let queue = client.prepare(EnqueueRequest::new(task, "{}")).await?.queue;

@@ -20,11 +20,12 @@ use super::super::Connections;
 use super::super::progress::Progress;
 use super::super::units::human_duration;
 use super::{EndToEnd, exit_code, idle_latencies, print_idle, report_idle_json};
-use crate::backend::TaskState;
+use crate::backend::{ResultBackend, TaskState};
+use crate::broker::Broker;
 use crate::client::{Client, EnqueueRequest};
 use crate::codec::Codecs;
 use crate::components;
-use crate::stores::registry::ComponentRegistry;
+use crate::config::{self, AdapterUrl, Role};
 use crate::time::Timestamp;
 
 /// Linux reports process CPU time in ticks of 1/100 s (`USER_HZ`) on every architecture.
@@ -35,19 +36,14 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     if bench.tasks == 0 || processes == 0 || bench.concurrency == 0 {
         bail!("--tasks, --processes and --concurrency must be at least 1");
     }
-    let namespace = bench_namespace();
-    let bench_registry = upload_for_bench(
-        connections,
-        &namespace,
-        bench.component.as_deref(),
-        &bench.task,
-    )
-    .await?;
-    let broker_url = connections.url(crate::config::Role::Broker)?;
-    let backend_url = connections.url(crate::config::Role::Backend)?;
-    let broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
-    let backend = crate::config::open_backend(&backend_url, Some(&namespace)).await?;
-    let client = Client::new(broker.clone(), bench_registry, Codecs::default());
+    let BenchSpace {
+        namespace,
+        broker_url,
+        backend_url,
+        broker,
+        backend,
+        client,
+    } = BenchSpace::open(connections, bench.component.as_deref(), &bench.task).await?;
     let queue = client
         .prepare(EnqueueRequest::new(&bench.task, bench.args.clone()))
         .await?
@@ -207,45 +203,62 @@ pub(super) async fn drain(bench: EndToEnd, connections: &Connections) -> anyhow:
     Ok(exit_code(failed))
 }
 
-/// A namespace of the benchmark's own, so that it sees no one else's tasks.
-pub(super) fn bench_namespace() -> String {
-    format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+/// A namespace of the benchmark's own (so it sees no one else's tasks), holding a copy of the
+/// component, with the configured broker and backend opened in it.
+pub(super) struct BenchSpace {
+    pub namespace: String,
+    pub broker_url: AdapterUrl,
+    pub backend_url: AdapterUrl,
+    pub broker: Arc<dyn Broker>,
+    pub backend: Arc<dyn ResultBackend>,
+    /// Publishes into the namespace, with its registry.
+    pub client: Client,
 }
 
-/// Copies the component of `task` (or the one at `component`) into the registry of
-/// `namespace`, where the benchmark's workers run; returns that registry.
-pub(super) async fn upload_for_bench(
-    connections: &Connections,
-    namespace: &str,
-    component: Option<&Path>,
-    task: &str,
-) -> anyhow::Result<Arc<dyn ComponentRegistry>> {
-    let runtime = connections.sandbox(|_| {})?;
-    let bytes = match component {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
-        }
-        None => {
-            let registry = connections.registry().await?;
-            let version = registry
-                .task(task)
-                .await?
-                .with_context(|| format!("unknown task `{task}`: pass --component"))?;
-            registry
-                .component(&version.digest)
-                .await?
-                .context("the task's component is missing from the registry")?
-        }
-    };
-    let registry = crate::config::open_registry(
-        &connections.url(crate::config::Role::Registry)?,
-        Some(namespace),
-    )
-    .await?;
-    components::upload(registry.as_ref(), &runtime, bytes)
-        .await
-        .context("cannot upload the component")?;
-    Ok(registry)
+impl BenchSpace {
+    /// Copies the component of `task` (or the one at `component`) into a fresh namespace.
+    pub(super) async fn open(
+        connections: &Connections,
+        component: Option<&Path>,
+        task: &str,
+    ) -> anyhow::Result<BenchSpace> {
+        let namespace = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let runtime = connections.sandbox(|_| {})?;
+        let bytes = match component {
+            Some(path) => {
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+            }
+            None => {
+                let registry = connections.registry().await?;
+                let version = registry
+                    .task(task)
+                    .await?
+                    .with_context(|| format!("unknown task `{task}`: pass --component"))?;
+                registry
+                    .component(&version.digest)
+                    .await?
+                    .context("the task's component is missing from the registry")?
+            }
+        };
+        let registry =
+            config::open_registry(&connections.url(Role::Registry)?, Some(&namespace)).await?;
+        components::upload(registry.as_ref(), &runtime, bytes)
+            .await
+            .context("cannot upload the component")?;
+        let broker_url = connections.url(Role::Broker)?;
+        let backend_url = connections.url(Role::Backend)?;
+        let broker = config::open_broker(&broker_url, Some(&namespace)).await?;
+        let backend = config::open_backend(&backend_url, Some(&namespace)).await?;
+        let client = Client::new(broker.clone(), registry, Codecs::default());
+        Ok(BenchSpace {
+            namespace,
+            broker_url,
+            backend_url,
+            broker,
+            backend,
+            client,
+        })
+    }
 }
 
 /// One `stem-host worker start` child; killed if still running when dropped.
