@@ -3,17 +3,21 @@
 //! The client refuses what a worker could never run (unknown task names, arguments that are
 //! not JSON, out-of-range priorities) before anything reaches the broker, picks the queue and
 //! priority (the request's, the routing file's, the task's declared defaults: see
-//! [`crate::routing`]) and encodes the arguments with the task's encoder.
+//! [`crate::routing`]) and encodes the arguments with the task's encoder. A task routed to a
+//! broadcast goes out as one copy per subscribed worker ([`crate::broadcast`]); every publish
+//! sends `taskSent` events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::backend::ResultBackend;
 use crate::broker::Broker;
 use crate::codec::{CodecError, Codecs};
 use crate::components::VERSION_CACHE_TTL;
+use crate::control::events::{Event, EventKind, EventPublisher};
 use crate::envelope::{Envelope, EnvelopeError};
-use crate::routing::{RouteRequest, Routing, Target};
+use crate::routing::{Delivery, RouteRequest, Routing, Target};
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
 use crate::task::TaskDefinition;
@@ -41,6 +45,10 @@ pub struct EnqueueRequest {
     pub root_id: Option<String>,
     /// Sub-task depth below the root (0 for a task a producer enqueues).
     pub depth: u32,
+    /// A unique task (the seeds' `unique` / `uniqueFor`): an identical enqueue (same task,
+    /// same arguments) within this long after the first returns the first one's id instead of
+    /// publishing again. Honoured by [`Client::send`].
+    pub unique_for: Option<Duration>,
 }
 
 impl EnqueueRequest {
@@ -69,10 +77,15 @@ pub enum EnqueueError {
         limit: usize,
     },
     #[error(
-        "`{task}` is routed to broadcast `{broadcast}`, and broadcast delivery is not built yet: \
-         route it to a queue"
+        "`{task}` is routed to broadcast `{broadcast}`, and this producer cannot broadcast \
+         (tasks running in the sandbox and canvas steps publish to queues only)"
     )]
     Broadcast { task: String, broadcast: String },
+    #[error(
+        "no live worker subscribes to broadcast `{0}` (start one with `worker start \
+         --broadcasts {0}`); nothing was published"
+    )]
+    NoSubscribers(String),
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
     #[error(transparent)]
@@ -90,7 +103,37 @@ pub struct Client {
     codecs: Codecs,
     max_args_bytes: usize,
     routing: Arc<Routing>,
+    /// Where broadcasts find their subscribers (worker heartbeats); none refuses broadcasts.
+    workers: Option<Arc<dyn ResultBackend>>,
+    events: EventPublisher,
     definitions: Arc<Mutex<HashMap<String, (TaskDefinition, Instant)>>>,
+}
+
+/// What a send published.
+#[derive(Clone, Debug)]
+pub enum Sent {
+    Task(Box<Envelope>),
+    /// An identical unique task was enqueued within its window: its id.
+    Existing {
+        task: String,
+        task_id: String,
+    },
+    /// One copy per subscribed worker.
+    Broadcast {
+        name: String,
+        copies: Vec<Envelope>,
+    },
+}
+
+impl Sent {
+    /// The task's name.
+    pub fn task(&self) -> &str {
+        match self {
+            Sent::Task(envelope) => &envelope.task,
+            Sent::Existing { task, .. } => task,
+            Sent::Broadcast { copies, .. } => copies.first().map_or("", |copy| &copy.task),
+        }
+    }
 }
 
 /// Largest arguments a client publishes unless told otherwise.
@@ -108,8 +151,22 @@ impl Client {
             codecs,
             max_args_bytes: DEFAULT_MAX_ARGS_BYTES,
             routing: Arc::default(),
+            workers: None,
+            events: EventPublisher::Off,
             definitions: Arc::default(),
         }
+    }
+
+    /// Lets the client broadcast, to the workers whose heartbeats `backend` holds.
+    pub fn with_workers(mut self, backend: Arc<dyn ResultBackend>) -> Client {
+        self.workers = Some(backend);
+        self
+    }
+
+    /// Sends a `taskSent` event for every task published.
+    pub fn with_events(mut self, events: EventPublisher) -> Client {
+        self.events = events;
+        self
     }
 
     /// Routes every task through the operator's routing file.
@@ -149,8 +206,25 @@ impl Client {
         &self.broker
     }
 
-    /// Checks, fills in and encodes one request, without publishing it.
+    /// Checks, fills in and encodes one request, without publishing it. A task routed to a
+    /// broadcast is refused: [`Client::send`] publishes those.
     pub async fn prepare(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
+        match self.route(request, None).await? {
+            (envelope, None) => Ok(envelope),
+            (envelope, Some(broadcast)) => Err(EnqueueError::Broadcast {
+                task: envelope.task,
+                broadcast,
+            }),
+        }
+    }
+
+    /// The envelope for `request` and the broadcast it goes to, if it does: `broadcast` when
+    /// given, else the routing decides. A broadcast's envelope is checked per copy.
+    async fn route(
+        &self,
+        request: EnqueueRequest,
+        broadcast: Option<String>,
+    ) -> Result<(Envelope, Option<String>), EnqueueError> {
         self.check_args_size(&request.task, &request.args)?;
         if let Err(error) = serde_json::from_str::<serde::de::IgnoredAny>(&request.args) {
             return Err(EnqueueError::InvalidArgs {
@@ -171,21 +245,21 @@ impl Client {
             declared_queue: options.queue.as_deref(),
             declared_priority: options.priority,
         });
-        let queue = match decision.target {
-            Target::Queue(queue) => queue,
-            Target::Broadcast(broadcast) => {
-                return Err(EnqueueError::Broadcast {
-                    task: request.task,
-                    broadcast,
-                });
-            }
+        let (queue, broadcast, priority) = match (broadcast, decision.target) {
+            (Some(name), _) => (
+                String::new(),
+                Some(name),
+                request.priority.or(options.priority).unwrap_or(0),
+            ),
+            (None, Target::Queue(queue)) => (queue, None, decision.priority),
+            (None, Target::Broadcast(name)) => (String::new(), Some(name), decision.priority),
         };
         let mut envelope = Envelope::new(request.task, args);
         if let Some(id) = request.task_id {
             envelope.id = id;
         }
         envelope.queue = queue;
-        envelope.priority = decision.priority;
+        envelope.priority = priority;
         envelope.not_before = request.not_before;
         envelope.max_retries = request.max_retries;
         envelope.time_limit_ms = request.time_limit_ms;
@@ -195,15 +269,84 @@ impl Client {
         envelope.parent_id = request.parent_id;
         envelope.root_id = request.root_id;
         envelope.depth = request.depth;
-        envelope.validate()?;
-        Ok(envelope)
+        if broadcast.is_none() {
+            envelope.validate()?;
+        }
+        Ok((envelope, broadcast))
     }
 
-    /// Publishes one task and returns its envelope.
+    /// Publishes one task and returns its envelope; a task routed to a broadcast is refused.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
         let envelope = self.prepare(request).await?;
         self.broker.publish(&envelope).await?;
+        self.sent(std::slice::from_ref(&envelope)).await;
         Ok(envelope)
+    }
+
+    /// Publishes one task where the routing sends it: a queue, or a broadcast; a unique
+    /// task only if no identical one was enqueued within its window.
+    pub async fn send(&self, request: EnqueueRequest) -> Result<Sent, EnqueueError> {
+        let unique = request
+            .unique_for
+            .map(|window| (unique_key(&request.task, &request.args), window));
+        match self.route(request, None).await? {
+            (envelope, None) => {
+                match unique {
+                    Some((key, window)) => {
+                        let holder = self.broker.publish_by_key(&key, &envelope, window).await?;
+                        if let Some(task_id) = holder {
+                            return Ok(Sent::Existing {
+                                task: envelope.task,
+                                task_id,
+                            });
+                        }
+                    }
+                    None => self.broker.publish(&envelope).await?,
+                }
+                self.sent(std::slice::from_ref(&envelope)).await;
+                Ok(Sent::Task(Box::new(envelope)))
+            }
+            (envelope, Some(name)) => self.fan_out(envelope, name).await,
+        }
+    }
+
+    /// Publishes one task to every worker subscribed to the broadcast `name`.
+    pub async fn broadcast(
+        &self,
+        request: EnqueueRequest,
+        name: &str,
+    ) -> Result<Sent, EnqueueError> {
+        let (envelope, _) = self.route(request, Some(name.to_owned())).await?;
+        self.fan_out(envelope, name.to_owned()).await
+    }
+
+    async fn fan_out(&self, envelope: Envelope, name: String) -> Result<Sent, EnqueueError> {
+        let Some(backend) = &self.workers else {
+            return Err(EnqueueError::Broadcast {
+                task: envelope.task,
+                broadcast: name,
+            });
+        };
+        let workers = backend.workers().await?;
+        let subscribers: Vec<_> = workers
+            .iter()
+            .filter(|worker| worker.broadcasts.contains(&name))
+            .collect();
+        if subscribers.is_empty() {
+            return Err(EnqueueError::NoSubscribers(name));
+        }
+        let delivery = self
+            .routing
+            .broadcasts
+            .get(&name)
+            .map_or(Delivery::Fanout, |rule| rule.delivery);
+        let copies = crate::broadcast::copies(&envelope, &name, delivery, &subscribers);
+        for copy in &copies {
+            copy.validate()?;
+        }
+        self.broker.publish_batch(&copies).await?;
+        self.sent(&copies).await;
+        Ok(Sent::Broadcast { name, copies })
     }
 
     /// Publishes many tasks in one batch: all of them, or none if one is refused.
@@ -216,7 +359,20 @@ impl Client {
             envelopes.push(self.prepare(request).await?);
         }
         self.broker.publish_batch(&envelopes).await?;
+        self.sent(&envelopes).await;
         Ok(envelopes)
+    }
+
+    /// Sends `taskSent` for what was just published.
+    pub(crate) async fn sent(&self, envelopes: &[Envelope]) {
+        if self.events.is_off() {
+            return;
+        }
+        let events = envelopes
+            .iter()
+            .map(|envelope| Event::task(EventKind::TaskSent, envelope))
+            .collect();
+        self.events.send(events).await;
     }
 
     /// The task's definition from the registry (cached), or [`EnqueueError::UnknownTask`].
@@ -244,5 +400,68 @@ impl Client {
                 (version.definition.clone(), Instant::now()),
             );
         Ok(version.definition)
+    }
+}
+
+/// What makes two enqueues of a unique task identical: the task name and its arguments, with
+/// object keys sorted (so `{"a":1,"b":2}` and `{"b":2,"a":1}` are the same), hashed.
+pub fn unique_key(task: &str, args: &str) -> String {
+    fn canonical(value: &serde_json::Value, out: &mut String) {
+        match value {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (n, key) in keys.into_iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                    out.push(':');
+                    canonical(&map[key], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (n, item) in items.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    canonical(item, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = format!("{task}\0");
+    match serde_json::from_str::<serde_json::Value>(args) {
+        Ok(value) => canonical(&value, &mut text),
+        Err(_) => text.push_str(args),
+    }
+    format!("{}:{}", task, crate::digest::sha256_hex(text.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unique_key;
+
+    #[test]
+    fn unique_keys_ignore_key_order_and_whitespace_but_not_values() {
+        let key = unique_key("reports.generate", r#"{"a":1,"b":[1,{"y":2,"x":1}]}"#);
+        assert_eq!(
+            key,
+            unique_key("reports.generate", r#"{ "b": [1, {"x":1,"y":2}], "a": 1 }"#)
+        );
+        assert_ne!(
+            key,
+            unique_key("reports.generate", r#"{"a":2,"b":[1,{"y":2,"x":1}]}"#)
+        );
+        assert_ne!(
+            key,
+            unique_key("reports.other", r#"{"a":1,"b":[1,{"y":2,"x":1}]}"#)
+        );
+        assert!(key.starts_with("reports.generate:"));
     }
 }

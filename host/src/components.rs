@@ -100,6 +100,19 @@ impl ComponentSource {
         }
     }
 
+    pub fn registry(&self) -> &Arc<dyn ComponentRegistry> {
+        &self.registry
+    }
+
+    /// The digests of the components loaded so far.
+    pub fn loaded(&self) -> std::collections::HashSet<String> {
+        lock(&self.loaded)
+            .iter()
+            .filter(|(_, cell)| cell.initialized())
+            .map(|(digest, _)| digest.clone())
+            .collect()
+    }
+
     /// The current version of `name` and its loaded component.
     pub async fn resolve(
         &self,

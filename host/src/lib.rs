@@ -21,7 +21,10 @@
 //!   under ids derived from them, recording each firing once; the schedule file.
 //! - [`canvas`]: chains, groups and chords, stored once and advanced by the workers that run
 //!   their tasks, every child under an id derived from its position.
-//! - [`routing`]: the operator's routing file: which queue and priority each task gets.
+//! - [`routing`]: the operator's routing file: which queue and priority each task gets;
+//!   [`broadcast`]: tasks run once on every subscribed worker.
+//! - [`control`]: commands to running workers (ping, stats, inspect, pause, shutdown,
+//!   revoke) and the event stream, over the broker's broadcast channels.
 //! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
@@ -37,6 +40,7 @@
 
 pub mod backend;
 pub mod beat;
+pub mod broadcast;
 pub mod broker;
 pub mod canvas;
 pub mod cli;
@@ -44,6 +48,7 @@ pub mod client;
 pub mod codec;
 pub mod components;
 pub mod config;
+pub mod control;
 pub mod digest;
 pub mod envelope;
 mod postgres;

@@ -126,3 +126,29 @@ pub struct FailArgs {
 pub fn fail(args: FailArgs) -> Result<(), TaskError> {
     Err(TaskError::fail(args.message))
 }
+
+#[derive(Deserialize, Serialize)]
+pub struct MaintenanceArgs {
+    action: String,
+}
+
+#[derive(Serialize)]
+pub struct MaintenanceReport {
+    action: String,
+    /// The task id of this worker's copy (`ID@WORKER`).
+    copy: String,
+}
+
+/// The seed's broadcast task: `enqueue broadcast://maintenance --args '{"action":"restart"}'`
+/// runs it once on every worker started with `--broadcasts maintenance`.
+#[stem_guest::task(name = "maintenance")]
+pub fn maintenance(
+    ctx: &TaskContext,
+    args: MaintenanceArgs,
+) -> Result<MaintenanceReport, TaskError> {
+    ctx.info(&format!("maintenance: {}", args.action));
+    Ok(MaintenanceReport {
+        action: args.action,
+        copy: ctx.id().to_owned(),
+    })
+}

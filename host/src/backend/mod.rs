@@ -313,6 +313,10 @@ pub struct WorkerHeartbeat {
     pub hostname: String,
     pub pid: u32,
     pub queues: Vec<String>,
+    /// Broadcasts whose tasks the worker runs.
+    #[serde(default)]
+    pub broadcasts: Vec<String>,
+    /// Run slots now (they change when the worker autoscales).
     pub concurrency: u32,
     /// Tasks running now.
     pub in_flight: u32,

@@ -423,10 +423,18 @@ impl Beat {
         if !pending.is_empty() {
             self.backend.set_many(&pending, None).await?;
         }
-        self.client
+        let stored = self
+            .client
             .broker()
             .publish_unique(&envelopes, DUPLICATE_WINDOW)
             .await?;
+        let sent: Vec<Envelope> = envelopes
+            .iter()
+            .zip(stored)
+            .filter(|(_, stored)| *stored)
+            .map(|(envelope, _)| envelope.clone())
+            .collect();
+        self.client.sent(&sent).await;
         round.fired = envelopes.len();
         for envelope in &envelopes {
             tracing::debug!(task.id = envelope.id, task = envelope.task, "fired");
@@ -521,6 +529,7 @@ pub async fn run_now(
         backend.set(&pending_status(&envelope), None).await?;
     }
     client.broker().publish(&envelope).await?;
+    client.sent(std::slice::from_ref(&envelope)).await;
     // Counted on whatever revision is current: a Beat recording a slot meanwhile wins.
     let mut current = Some(entry);
     for _ in 0..10 {

@@ -44,6 +44,8 @@ struct State {
     dead: Vec<(String, DeadLetter)>,
     /// Task ids published through `publish_unique`, by namespace, until they are forgotten.
     unique: HashSet<IdKey>,
+    /// Keys claimed through `publish_by_key`: the task id and when the key is forgotten.
+    claimed: HashMap<IdKey, (String, Timestamp)>,
     /// The same ids by when they are forgotten, so pruning looks only at the expired ones.
     unique_expiry: BTreeSet<(Timestamp, IdKey)>,
 }
@@ -337,6 +339,29 @@ impl Broker for MemoryBroker {
             self.shared.changed.notify_waiters();
         }
         Ok(stored)
+    }
+
+    async fn publish_by_key(
+        &self,
+        key: &str,
+        envelope: &Envelope,
+        window: Duration,
+    ) -> Result<Option<String>, StorageError> {
+        envelope.validate()?;
+        let now = Timestamp::now();
+        let mut state = self.lock();
+        state.claimed.retain(|_, (_, until)| *until > now);
+        let key = (self.namespace.clone(), key.to_owned());
+        if let Some((holder, _)) = state.claimed.get(&key) {
+            return Ok(Some(holder.clone()));
+        }
+        state
+            .claimed
+            .insert(key, (envelope.id.clone(), now.saturating_add(window)));
+        state.store(&self.namespace, envelope, now);
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(None)
     }
 
     async fn consume(

@@ -269,6 +269,18 @@ pub trait Broker: Send + Sync {
         window: Duration,
     ) -> Result<Vec<bool>, StorageError>;
 
+    /// Publishes `envelope` unless `key` was claimed through `publish_by_key` within `window`:
+    /// `None` when it was stored (and the key claimed for its task id), else the id of the task
+    /// that holds the key. Claiming and storing happen together, as for
+    /// [`Broker::publish_unique`]. Unique tasks ([`crate::client::EnqueueRequest::unique_for`])
+    /// use it, with a key made of the task name and its arguments.
+    async fn publish_by_key(
+        &self,
+        key: &str,
+        envelope: &Envelope,
+        window: Duration,
+    ) -> Result<Option<String>, StorageError>;
+
     /// Leases up to `options.max` ready entries from `queues`, highest priority first, then
     /// oldest first. Waits up to `options.wait` for one when none is ready. Entries that cannot
     /// be decoded are dead-lettered on the way and not returned.

@@ -3,19 +3,19 @@
 //! Limits, as for every SQLite adapter: one host only (the file must be on local disk);
 //! consumers poll, so an idle queue answers within [`SqliteBrokerOptions::poll_interval`]
 //! (publishes from the same process wake consumers at once); SQLite allows one writer at a
-//! time, so keep the broker and the result backend in separate files; broadcast reaches
-//! subscribers in the same process only.
+//! time, so keep the broker and the result backend in separate files. Broadcast messages are
+//! rows every subscriber polls for (as often as consumers do), kept for
+//! [`BROADCAST_RETENTION`]: they reach every process that has the file open.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
-use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
     DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
@@ -65,10 +65,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX stem_unique_ids_expiry ON stem_unique_ids (expires_at);
 ",
+    "
+    CREATE TABLE stem_broadcasts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        namespace TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        message TEXT NOT NULL,
+        sent_at INTEGER NOT NULL
+    );
+    CREATE INDEX stem_broadcasts_channel ON stem_broadcasts (namespace, channel, id);
+    CREATE INDEX stem_broadcasts_age ON stem_broadcasts (sent_at);
+",
+    "
+    CREATE TABLE stem_unique_keys (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        claim TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE INDEX stem_unique_keys_expiry ON stem_unique_keys (expires_at);
+",
 ];
 
-/// Broadcast subscribers of every SQLite broker in this process, by file and namespace.
-static CHANNELS: LazyLock<LocalChannels> = LazyLock::new(LocalChannels::default);
+/// How long broadcast messages are kept for subscribers to read: far longer than any poll.
+pub const BROADCAST_RETENTION: Duration = Duration::from_secs(60);
+
+/// Broadcast messages a subscriber reads per poll.
+const BROADCAST_BATCH: i64 = 256;
 
 /// Tuning for [`SqliteBroker::open`].
 #[derive(Clone, Debug)]
@@ -110,8 +135,6 @@ struct Inner {
     options: SqliteBrokerOptions,
     /// Wakes consumers of this broker when it publishes.
     published: Notify,
-    /// Prefix of this file and namespace's broadcast channels.
-    channel_prefix: String,
     _sweeper: Periodic,
 }
 
@@ -124,7 +147,6 @@ impl SqliteBroker {
         let path = path.as_ref();
         let pool = sqlite::open(path, options.max_connections).await?;
         sqlite::migrate(&pool, "broker", MIGRATIONS).await?;
-        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
         let sweeper = {
             let pool = pool.clone();
             let namespace = options.namespace.clone();
@@ -135,7 +157,6 @@ impl SqliteBroker {
         };
         Ok(SqliteBroker {
             inner: Arc::new(Inner {
-                channel_prefix: format!("{}\0{}\0", canonical.display(), options.namespace),
                 pool,
                 options,
                 published: Notify::new(),
@@ -306,12 +327,63 @@ async fn sweep(pool: SqlitePool, namespace: String, retention: Option<Duration>)
             tracing::warn!(%error, "sweeping expired dead letters failed");
         }
     }
-    let swept = sqlx::query("DELETE FROM stem_unique_ids WHERE expires_at <= ?")
-        .bind(now.as_sql())
+    let old = now
+        .as_millis()
+        .saturating_sub(BROADCAST_RETENTION.as_millis() as u64);
+    let swept = sqlx::query("DELETE FROM stem_broadcasts WHERE sent_at < ?")
+        .bind(Timestamp::from_millis(old).as_sql())
         .execute(&pool)
         .await;
     if let Err(error) = swept {
-        tracing::warn!(%error, "sweeping forgotten unique ids failed");
+        tracing::warn!(%error, "sweeping old broadcast messages failed");
+    }
+    for table in ["stem_unique_ids", "stem_unique_keys"] {
+        let swept = sqlx::query(&format!("DELETE FROM {table} WHERE expires_at <= ?"))
+            .bind(now.as_sql())
+            .execute(&pool)
+            .await;
+        if let Err(error) = swept {
+            tracing::warn!(%error, table, "sweeping forgotten unique ids failed");
+        }
+    }
+}
+
+/// Polls for the channel's messages after `last` and hands them to the subscriber, until the
+/// subscription is dropped.
+async fn feed_subscriber(
+    broker: SqliteBroker,
+    channel: String,
+    mut last: i64,
+    sender: mpsc::UnboundedSender<String>,
+) {
+    let mut ticks = tokio::time::interval(broker.inner.options.poll_interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let rows = sqlx::query(
+            "SELECT id, message FROM stem_broadcasts
+             WHERE namespace = ? AND channel = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(broker.namespace())
+        .bind(&channel)
+        .bind(last)
+        .bind(BROADCAST_BATCH)
+        .fetch_all(broker.pool())
+        .await;
+        match rows {
+            Ok(rows) => {
+                for row in rows {
+                    last = row.get("id");
+                    if sender.send(row.get("message")).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading broadcast messages failed"),
+        }
+        if sender.is_closed() {
+            return;
+        }
     }
 }
 
@@ -428,6 +500,46 @@ impl Broker for SqliteBroker {
             self.inner.published.notify_waiters();
         }
         Ok(stored)
+    }
+
+    async fn publish_by_key(
+        &self,
+        key: &str,
+        envelope: &Envelope,
+        window: Duration,
+    ) -> Result<Option<String>, StorageError> {
+        envelope.validate()?;
+        let now = Timestamp::now();
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        // The first statement writes, so the transaction takes SQLite's write lock at once. It
+        // claims the key when it is free or forgotten, and returns who holds it either way.
+        let mut tx = self.pool().begin().await?;
+        let (holder, held_by): (String, String) = sqlx::query_as(
+            "INSERT INTO stem_unique_keys (namespace, key, task_id, claim, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (namespace, key) DO UPDATE SET
+                 task_id = CASE WHEN expires_at <= ?6 THEN excluded.task_id ELSE task_id END,
+                 claim = CASE WHEN expires_at <= ?6 THEN excluded.claim ELSE claim END,
+                 expires_at = CASE WHEN expires_at <= ?6 THEN excluded.expires_at
+                     ELSE expires_at END
+             RETURNING task_id, claim",
+        )
+        .bind(self.namespace())
+        .bind(key)
+        .bind(&envelope.id)
+        .bind(&claim)
+        .bind(now.saturating_add(window).as_sql())
+        .bind(now.as_sql())
+        .fetch_one(&mut *tx)
+        .await?;
+        if held_by != claim {
+            tx.rollback().await?;
+            return Ok(Some(holder));
+        }
+        insert_entry(&mut tx, self.namespace(), envelope, now).await?;
+        tx.commit().await?;
+        self.inner.published.notify_waiters();
+        Ok(None)
     }
 
     async fn consume(
@@ -647,11 +759,32 @@ impl Broker for SqliteBroker {
     }
 
     async fn broadcast(&self, channel: &str, message: &str) -> Result<(), StorageError> {
-        CHANNELS.send(&format!("{}{channel}", self.inner.channel_prefix), message);
+        sqlx::query(
+            "INSERT INTO stem_broadcasts (namespace, channel, message, sent_at)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(self.namespace())
+        .bind(channel)
+        .bind(message)
+        .bind(Timestamp::now().as_sql())
+        .execute(self.pool())
+        .await?;
         Ok(())
     }
 
     async fn subscribe(&self, channel: &str) -> Result<Subscription, StorageError> {
-        Ok(CHANNELS.subscribe(&format!("{}{channel}", self.inner.channel_prefix)))
+        // Ids only grow (AUTOINCREMENT, one writer at a time): what comes after the largest
+        // now is what is sent from now on.
+        let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM stem_broadcasts")
+            .fetch_one(self.pool())
+            .await?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let feeder = tokio::spawn(feed_subscriber(
+            self.clone(),
+            channel.to_owned(),
+            last,
+            sender,
+        ));
+        Ok(Subscription::fed_by(receiver, feeder))
     }
 }

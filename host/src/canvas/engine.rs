@@ -670,6 +670,13 @@ impl Canvases {
                 .broker()
                 .publish_unique(chunk, DEDUPE_WINDOW)
                 .await?;
+            let sent: Vec<Envelope> = chunk
+                .iter()
+                .zip(&stored)
+                .filter(|(_, stored)| **stored)
+                .map(|(envelope, _)| envelope.clone())
+                .collect();
+            self.client.sent(&sent).await;
             for ((envelope, stored), callback) in chunk.iter().zip(stored).zip(callbacks) {
                 if !stored {
                     continue;
@@ -736,13 +743,13 @@ impl Canvases {
     }
 
     /// Revokes every task of the canvas that has not finished (published or not), and
-    /// records the canvas as revoked. Returns how many tasks were revoked.
+    /// records the canvas as revoked. Returns the ids of the tasks revoked.
     pub async fn revoke(
         &self,
         revokes: &dyn RevokeStore,
         id: &str,
         template: &Revocation,
-    ) -> Result<usize, CanvasError> {
+    ) -> Result<Vec<String>, CanvasError> {
         let canvas = self
             .load(id)
             .await?
@@ -756,7 +763,7 @@ impl Canvases {
                 tasks.push(node_id(&canvas.id, path));
             }
         });
-        let mut revoked = 0;
+        let mut revoked = Vec::new();
         for chunk in tasks.chunks(BATCH) {
             let statuses = self.backend.get_many(chunk).await?;
             for (task, status) in chunk.iter().zip(statuses) {
@@ -768,7 +775,7 @@ impl Canvases {
                     ..template.clone()
                 };
                 revokes.revoke(&revocation).await?;
-                revoked += 1;
+                revoked.push(revocation.task_id);
             }
         }
         if !matches!(canvas.tree.root.kind(), Kind::Task(_)) {

@@ -268,7 +268,11 @@ async fn revoking_a_canvas_revokes_what_has_not_run() {
         .revoke(parts.revokes.as_ref(), "revoked", &template)
         .await
         .unwrap();
-    assert_eq!(revoked, 4, "every task, published or not");
+    assert_eq!(
+        revoked.len(),
+        4,
+        "every task, published or not: {revoked:?}"
+    );
     let ran = parts.run_all(false).await;
     assert_eq!(
         ran,

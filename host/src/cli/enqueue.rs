@@ -12,7 +12,7 @@ use super::Connections;
 use super::progress::Progress;
 use super::result;
 use super::units::parse_duration;
-use crate::client::{Client, EnqueueRequest};
+use crate::client::{Client, EnqueueRequest, Sent};
 use crate::time::Timestamp;
 
 /// Tasks published per batch from an arguments file, and the arguments' bytes per batch: a
@@ -22,8 +22,13 @@ const BATCH_BYTES: usize = 4 << 20;
 
 #[derive(Args)]
 pub struct EnqueueArgs {
-    /// The task name, e.g. reports.generate. It must be registered (`stem-host task list`).
+    /// The task name, e.g. reports.generate, registered with `stem-host task upload`; or
+    /// `broadcast://NAME` to run a task once on every live worker subscribed to the broadcast
+    /// NAME (the task named NAME, or --task).
     name: String,
+    /// The task a `broadcast://NAME` enqueue runs [default: NAME].
+    #[arg(long, value_name = "TASK")]
+    task: Option<String>,
     /// JSON arguments.
     #[arg(long, default_value = "{}", conflicts_with = "args_file")]
     args: String,
@@ -54,6 +59,13 @@ pub struct EnqueueArgs {
     /// Revoke the task if it has not started this long after enqueueing.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     expires: Option<Duration>,
+    /// A unique task: an identical enqueue (same task and arguments) within this long returns
+    /// the first one's id instead of publishing again (the seeds' `uniqueFor`).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION", conflicts_with = "args_file")]
+    unique_for: Option<Duration>,
+    /// `--unique-for 1h`.
+    #[arg(long, conflicts_with_all = ["unique_for", "args_file"])]
+    unique: bool,
     /// Use this task id instead of a fresh UUID. A task id that already succeeded is not run again.
     #[arg(long, conflicts_with = "args_file")]
     task_id: Option<String>,
@@ -74,12 +86,80 @@ fn parse_eta(text: &str) -> Result<Timestamp, String> {
         .map_err(|e| format!("{e}: expected RFC 3339, e.g. 2026-11-23T18:00:00Z"))
 }
 
+/// The window of `--unique`.
+const DEFAULT_UNIQUE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// How a task name names a broadcast.
+const BROADCAST_SCHEME: &str = "broadcast://";
+
 pub async fn run(args: EnqueueArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let client = connections.client().await?;
+    if let Some(broadcast) = args.name.strip_prefix(BROADCAST_SCHEME) {
+        if args.args_file.is_some() || args.wait {
+            bail!("a broadcast is enqueued one at a time, without --args-file or --wait");
+        }
+        return enqueue_broadcast(&args, broadcast, &client).await;
+    }
+    if args.task.is_some() {
+        bail!("--task names the task of a broadcast://NAME enqueue only");
+    }
     match &args.args_file {
         Some(path) => enqueue_file(&args, path, &client).await,
         None => enqueue_one(&args, &client, connections).await,
     }
+}
+
+async fn enqueue_broadcast(
+    args: &EnqueueArgs,
+    broadcast: &str,
+    client: &Client,
+) -> anyhow::Result<ExitCode> {
+    let task = args.task.as_deref().unwrap_or(broadcast);
+    let request = EnqueueRequest {
+        task: task.to_owned(),
+        ..request(args, args.args.clone())
+    };
+    let sent = client.broadcast(request, broadcast).await?;
+    print_sent(&sent, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what a send published: a task id, or a broadcast's copies.
+fn print_sent(sent: &Sent, json: bool) -> anyhow::Result<()> {
+    match sent {
+        Sent::Task(envelope) if json => {
+            let report = json!({ "task_id": envelope.id, "task": envelope.task, "queue": envelope.queue, "priority": envelope.priority });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Sent::Task(envelope) => println!("{}", envelope.id),
+        Sent::Existing { task, task_id } if json => {
+            let report = json!({ "task_id": task_id, "task": task, "existing": true });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Sent::Existing { task, task_id } => {
+            println!("{task_id}");
+            eprintln!("an identical {task} was enqueued within its unique window: {task_id}");
+        }
+        Sent::Broadcast { name, copies } if json => {
+            let copies: Vec<_> = copies
+                .iter()
+                .map(|copy| json!({ "task_id": copy.id, "queue": copy.queue }))
+                .collect();
+            let report = json!({ "broadcast": name, "task": sent.task(), "copies": copies });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Sent::Broadcast { name, copies } => {
+            for copy in copies {
+                println!("{}", copy.id);
+            }
+            eprintln!(
+                "broadcast {name}: {} sent to {} workers",
+                sent.task(),
+                copies.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn request(args: &EnqueueArgs, json_args: String) -> EnqueueRequest {
@@ -94,6 +174,9 @@ fn request(args: &EnqueueArgs, json_args: String) -> EnqueueRequest {
         soft_time_limit_ms: args.soft_time_limit.map(|d| d.as_millis() as u64),
         expires_at: args.expires.map(from_now),
         task_id: args.task_id.clone(),
+        unique_for: args
+            .unique_for
+            .or(args.unique.then_some(DEFAULT_UNIQUE_WINDOW)),
         ..EnqueueRequest::new(&args.name, json_args)
     }
 }
@@ -108,24 +191,34 @@ async fn enqueue_one(
         true => Some(connections.backend().await?),
         false => None,
     };
-    let envelope = client.enqueue(request(args, args.args.clone())).await?;
+    let sent = client.send(request(args, args.args.clone())).await?;
     let Some(backend) = backend else {
-        if args.json {
-            let report = json!({ "task_id": envelope.id, "task": envelope.task, "queue": envelope.queue, "priority": envelope.priority });
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            println!("{}", envelope.id);
-        }
+        print_sent(&sent, args.json)?;
         return Ok(ExitCode::SUCCESS);
     };
-    if !args.json {
-        eprintln!(
-            "enqueued {} as {} on queue {}",
-            envelope.task, envelope.id, envelope.queue
-        );
-    }
-    let status = result::wait(backend.as_ref(), &envelope.id, args.timeout).await?;
-    result::finish_wait(&envelope.id, status, args.timeout, args.json)
+    let id = match &sent {
+        Sent::Task(envelope) => {
+            if !args.json {
+                eprintln!(
+                    "enqueued {} as {} on queue {}",
+                    envelope.task, envelope.id, envelope.queue
+                );
+            }
+            envelope.id.clone()
+        }
+        Sent::Existing { task, task_id } => {
+            if !args.json {
+                eprintln!("an identical {task} is already enqueued as {task_id}; waiting for it");
+            }
+            task_id.clone()
+        }
+        Sent::Broadcast { .. } => {
+            print_sent(&sent, args.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let status = result::wait(backend.as_ref(), &id, args.timeout).await?;
+    result::finish_wait(&id, status, args.timeout, args.json)
 }
 
 async fn enqueue_file(

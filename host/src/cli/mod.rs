@@ -6,6 +6,7 @@ mod beat;
 mod bench;
 mod canvas;
 mod enqueue;
+mod events;
 mod progress;
 mod queue;
 mod result;
@@ -29,6 +30,8 @@ use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::config::{self, AdapterUrl, Role};
+use crate::control::Channels;
+use crate::control::events::{EventChannel, EventPublisher};
 use crate::routing::Routing;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::settlement::SettlementStore;
@@ -121,6 +124,15 @@ struct ConnectionArgs {
     /// Routing section). Applied by every producer, workers' sub-tasks included.
     #[arg(long, global = true, env = "STEM_ROUTING_CONFIG", value_name = "FILE")]
     routing_config: Option<PathBuf>,
+    /// Prefix of the broadcast channels for worker control and events, inside the namespace.
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_CONTROL_NAMESPACE",
+        default_value = crate::control::DEFAULT_CONTROL_NAMESPACE,
+        value_name = "NAME"
+    )]
+    control_namespace: String,
     /// Directory of compiled components [default: ~/.cache/stem/components].
     #[arg(
         long,
@@ -155,6 +167,8 @@ enum Command {
     Dlq(queue::DlqCommand),
     /// Revoke a task: it will not run, and with --terminate a running one is stopped.
     Revoke(revoke::RevokeArgs),
+    /// Tail the event stream: every task state and worker lifecycle step, live.
+    Events(events::EventsArgs),
     /// Show the routing file's rules, and which one picks a task's queue and priority.
     #[command(subcommand)]
     Routing(routing::RoutingCommand),
@@ -202,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queue(command) => queue::run_queue(command, &connections).await,
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
         Command::Revoke(args) => revoke::run(args, &connections).await,
+        Command::Events(args) => events::run(args, &connections).await,
         Command::Routing(command) => routing::run(command, &connections).await,
         Command::Schedule(command) => schedule::run(command, &connections).await,
         Command::Beat(command) => beat::run(command, &connections).await,
@@ -297,6 +312,7 @@ impl Connections {
         if let Some(path) = &args.routing_config {
             forwarded.push(("STEM_ROUTING_CONFIG", path.display().to_string()));
         }
+        forwarded.push(("STEM_CONTROL_NAMESPACE", args.control_namespace.clone()));
         if let Some(dir) = &args.cache_dir {
             forwarded.push(("STEM_COMPONENT_CACHE_DIR", dir.display().to_string()));
         }
@@ -315,15 +331,23 @@ impl Connections {
         usize::try_from(self.args.max_args_size).unwrap_or(usize::MAX)
     }
 
-    /// A producer with the configured argument size limit.
+    /// A producer with the configured argument size limit, routing and events; it
+    /// broadcasts to the workers of the configured backend.
     async fn client(&self) -> anyhow::Result<Client> {
-        Ok(Client::new(
-            self.broker().await?,
-            self.registry().await?,
-            Codecs::default(),
+        let broker = self.broker().await?;
+        let events = EventChannel::new(broker.clone(), self.channels().events());
+        Ok(
+            Client::new(broker, self.registry().await?, Codecs::default())
+                .with_max_args_bytes(self.max_args_bytes())
+                .with_routing(self.routing()?)
+                .with_workers(self.backend().await?)
+                .with_events(EventPublisher::Direct(events)),
         )
-        .with_max_args_bytes(self.max_args_bytes())
-        .with_routing(self.routing()?))
+    }
+
+    /// The control namespace's channels.
+    fn channels(&self) -> Channels {
+        Channels::new(&self.args.control_namespace)
     }
 
     /// The routing file's rules, or none (each task's own queue, else `default`).

@@ -7,7 +7,11 @@ use clap::Args;
 
 use super::Connections;
 use super::units::parse_duration;
+use crate::control::{self, Command, Request};
 use crate::stores::revoke::Revocation;
+
+/// Task ids per pushed revocation message.
+const PUSH_BATCH: usize = 1_000;
 
 #[derive(Args)]
 pub struct RevokeArgs {
@@ -34,6 +38,7 @@ pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<
     } else {
         "revoked"
     };
+    let mut revoked = Vec::new();
     for id in &args.ids {
         let revocation = Revocation {
             reason: args.reason.clone(),
@@ -42,11 +47,33 @@ pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<
         if backend.get_canvas(id).await?.is_some() {
             let canvases = connections.canvases().await?;
             let tasks = canvases.revoke(store.as_ref(), id, &revocation).await?;
-            println!("{id} {what} (a canvas: {tasks} unfinished tasks)");
+            println!("{id} {what} (a canvas: {} unfinished tasks)", tasks.len());
+            revoked.extend(tasks);
             continue;
         }
         store.revoke(&revocation).await?;
         println!("{id} {what}");
+        revoked.push(id.clone());
+    }
+    // Stored first, then pushed: a worker that misses the push finds it by polling.
+    let broker = connections.broker().await?;
+    for chunk in revoked.chunks(PUSH_BATCH) {
+        let push = Request::new(
+            Command::Revoke {
+                task_ids: chunk.to_vec(),
+                terminate: args.terminate,
+            },
+            Vec::new(),
+        );
+        let channels = connections.channels();
+        if let Err(error) = control::request(&broker, &channels, &push, None, Duration::ZERO).await
+        {
+            eprintln!(
+                "warning: telling the workers at once failed ({error}); they find the \
+                 revocation in the revoke store within a second"
+            );
+            break;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,10 +9,12 @@ use super::hooks::WorkerHooks;
 use super::retry::RetryPolicy;
 use super::{Recorded, RunSlot, Shared};
 use crate::backend::{TaskFailure, TaskState, TaskStatus};
+use crate::broadcast::AT_MOST_ONCE_HEADER;
 use crate::broker::{Delivery, Settle};
 use crate::canvas::CANVAS_HEADER;
 use crate::codec::Payload;
 use crate::components::ComponentError;
+use crate::control::events::EventKind;
 use crate::envelope::Envelope;
 use crate::runtime::{RunError, TaskComponent};
 use crate::settlement::Settlement;
@@ -132,6 +134,11 @@ async fn finish(
     }
     let returned = matches!(settle, Settle::Release(delay) if delay.is_zero());
     let done = matches!(settle, Settle::Ack | Settle::DeadLetter(_));
+    let event = outcome_event(status.as_ref(), &settle);
+    let error = status
+        .as_ref()
+        .and_then(|status| status.error.as_ref())
+        .map(|error| format!("{}: {}", error.kind, error.message));
     let settlement = Settlement {
         receipt: delivery.receipt.clone(),
         status,
@@ -143,6 +150,29 @@ async fn finish(
         } else if returned {
             shared.returned.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(kind) = event {
+            let mut event = shared.task_event(kind, &delivery.envelope);
+            event.runtime_ms = slot
+                .runtime()
+                .map(|runtime| u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX));
+            if kind != EventKind::TaskSucceeded {
+                event.error = error;
+            }
+            shared.events.emit(event);
+        }
+    }
+}
+
+/// The event a settled outcome sends, if it changed the task's state.
+fn outcome_event(status: Option<&TaskStatus>, settle: &Settle) -> Option<EventKind> {
+    if matches!(settle, Settle::Retry { .. }) {
+        return Some(EventKind::TaskRetried);
+    }
+    match status?.state {
+        TaskState::Succeeded => Some(EventKind::TaskSucceeded),
+        TaskState::Failed => Some(EventKind::TaskFailed),
+        TaskState::Revoked => Some(EventKind::TaskRevoked),
+        _ => None,
     }
 }
 
@@ -169,6 +199,17 @@ impl Execution<'_> {
                 "already finished; a repeated delivery is settled without running"
             );
             return Ok((None, settle_recorded(&status)));
+        }
+        if envelope.headers.contains_key(AT_MOST_ONCE_HEADER) && self.delivery.deliveries > 1 {
+            let cause = failure(
+                "at_most_once",
+                "an at-most-once broadcast is not delivered again after a delivery that did \
+                 not finish",
+            );
+            return Ok((
+                Some(self.status(TaskState::Revoked, Some(cause))),
+                Settle::Ack,
+            ));
         }
         let max_deliveries = shared.config.budgets.max_deliveries;
         if self.delivery.deliveries > max_deliveries {
@@ -277,6 +318,10 @@ impl Execution<'_> {
             canvases: AtomicU32::new(0),
             progress: Mutex::default(),
         });
+        self.slot.started();
+        shared
+            .events
+            .emit(shared.task_event(EventKind::TaskStarted, envelope));
         let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));
         tokio::select! {
             outcome = &mut run => return outcome,

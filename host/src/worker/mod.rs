@@ -19,29 +19,42 @@
 //!    entry, so nothing is lost if the settle is.
 //!
 //! `started` is recorded only for runs that last longer than
-//! [`WorkerConfig::started_after`]; the terminal status always. Revocations are polled and
-//! reach running tasks within [`WorkerConfig::revoke_poll_interval`].
+//! [`WorkerConfig::started_after`]; the terminal status always. Revocations are pushed over
+//! the control channel and reach running tasks at once; the revoke store is also polled every
+//! [`WorkerConfig::revoke_poll_interval`], for a push that was missed.
 //!
-//! On shutdown the worker stops fetching (a fetch under way is finished and what it took is
-//! given back), gives back the deliveries still waiting for a slot, gives running tasks [`WorkerConfig::shutdown_grace`] to finish, then stops the
-//! rest and gives them back. Nothing is lost: an entry leaves the broker only once its outcome
-//! is recorded, and anything unsettled comes back when its lease runs out.
+//! Prefetch never holds tasks hostage: a delivery that waited [`PREFETCH_PATIENCE`] for a
+//! slot (every slot busy with long runs) is given back for an idle worker to take, and the
+//! worker fetches only for free slots for a while. With [`WorkerConfig::autoscale`], the
+//! number of slots follows the backlog (`autoscale.rs`). Control commands (`control.rs`)
+//! answer pings, report stats, pause and resume queues and shut the worker down; events
+//! (`crate::control::events`) report every state a delivery goes through.
+//!
+//! On shutdown ([`ShutdownMode`]) the worker stops fetching (a fetch under way is finished and
+//! what it took is given back) and gives back the deliveries still waiting for a slot. Then,
+//! warm: running tasks finish; soft: they get [`WorkerConfig::shutdown_grace`]; hard: they are
+//! stopped at once; stopped runs are given back. A gentler shutdown can be made harder while
+//! it drains. Nothing is lost: an entry leaves the broker only once its outcome is recorded,
+//! and anything unsettled comes back when its lease runs out.
 
+mod autoscale;
 mod budget;
+mod control;
 mod execute;
 mod hooks;
 pub mod retry;
 mod settle;
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
+pub use crate::control::ShutdownMode;
+pub use autoscale::Autoscale;
 pub use budget::Budgets;
 
 use crate::backend::{ResultBackend, TaskStatus, WorkerHeartbeat};
@@ -50,6 +63,10 @@ use crate::canvas::Canvases;
 use crate::client::Client;
 use crate::codec::Codecs;
 use crate::components::ComponentSource;
+use crate::control::Channels;
+use crate::control::events::{
+    Event, EventChannel, EventFlusher, EventKind, EventPublisher, EventSink,
+};
 use crate::routing::Routing;
 use crate::runtime::{RunHandle, Runtime};
 use crate::settlement::SettlementStore;
@@ -60,14 +77,49 @@ use crate::stores::revoke::{Revocation, RevokeStore};
 use crate::time::Timestamp;
 use settle::Settler;
 
+/// How long a fetched delivery waits for a run slot before it is given back for another
+/// worker (see the module documentation).
+pub const PREFETCH_PATIENCE: Duration = Duration::from_secs(1);
+
+/// How long after giving back a waiting delivery the worker fetches only for free slots.
+const FAIR_FETCH_FOR: Duration = Duration::from_secs(3);
+
+/// Revocations remembered for `inspect --revoked`.
+const RECENT_REVOCATIONS: usize = 1_000;
+
+/// The queue of the broadcast copies for one worker: `worker.` and its id, with every
+/// character a queue name cannot hold replaced by `-`.
+pub fn direct_queue(worker_id: &str) -> String {
+    let name: String = format!("worker.{worker_id}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(crate::envelope::MAX_QUEUE_NAME_LEN)
+        .collect();
+    name
+}
+
 /// How a worker runs.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Unique per worker process; shows in heartbeats and task statuses.
     pub worker_id: String,
     pub queues: Vec<String>,
-    /// Tasks run at once.
+    /// Tasks run at once; where autoscaling starts.
     pub concurrency: usize,
+    /// Bounds for growing and shrinking `concurrency` with the backlog; `None` keeps it.
+    pub autoscale: Option<Autoscale>,
+    /// Broadcasts whose tasks this worker runs (each copy arrives on its [`direct_queue`]).
+    pub broadcasts: Vec<String>,
+    /// Where control commands arrive and events are sent.
+    pub control: Channels,
+    /// Whether to send events.
+    pub events: bool,
     /// Deliveries held at once, running or waiting for a free slot, as a multiple of
     /// `concurrency`; 1 fetches only for free slots.
     pub prefetch_multiplier: usize,
@@ -91,11 +143,15 @@ impl Default for WorkerConfig {
             worker_id: default_worker_id(),
             queues: vec![crate::envelope::DEFAULT_QUEUE.to_owned()],
             concurrency: 8,
+            autoscale: None,
+            broadcasts: Vec::new(),
+            control: Channels::default(),
+            events: true,
             prefetch_multiplier: DEFAULT_PREFETCH_MULTIPLIER,
             lease: crate::broker::DEFAULT_VISIBILITY_TIMEOUT,
             fetch_wait: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(5),
-            revoke_poll_interval: Duration::from_millis(250),
+            revoke_poll_interval: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
             started_after: Duration::from_millis(200),
             budgets: Budgets::default(),
@@ -107,19 +163,35 @@ impl Default for WorkerConfig {
 pub const DEFAULT_PREFETCH_MULTIPLIER: usize = 2;
 
 impl WorkerConfig {
-    /// Deliveries held at once: running, or fetched and waiting for a slot.
-    fn held_capacity(&self) -> usize {
-        self.concurrency.max(1) * self.prefetch_multiplier.max(1)
+    /// Deliveries held at once at `concurrency`: running, or fetched and waiting for a slot.
+    fn held_capacity(&self, concurrency: usize) -> usize {
+        concurrency.max(1) * self.prefetch_multiplier.max(1)
     }
 
     /// Free room that makes the fetch loop fetch again: half the concurrency, so a fetch
     /// brings a batch, but never more than the prefetch allows (without prefetch, one free slot
     /// is enough).
-    fn fetch_threshold(&self) -> usize {
-        let concurrency = self.concurrency.max(1);
+    fn fetch_threshold(&self, concurrency: usize) -> usize {
+        let concurrency = concurrency.max(1);
         (concurrency / 2)
-            .min(self.held_capacity() - concurrency)
+            .min(self.held_capacity(concurrency) - concurrency)
             .max(1)
+    }
+
+    /// The most tasks this worker ever runs at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.autoscale
+            .map_or(self.concurrency, |autoscale| autoscale.max)
+            .max(1)
+    }
+
+    /// The queues fetched from: the configured ones, and the direct queue for broadcasts.
+    fn fetched_queues(&self) -> Vec<String> {
+        let mut queues = self.queues.clone();
+        if !self.broadcasts.is_empty() {
+            queues.push(direct_queue(&self.worker_id));
+        }
+        queues
     }
 }
 
@@ -164,6 +236,27 @@ pub struct WorkerSummary {
 
 pub struct Worker {
     shared: Arc<Shared>,
+    /// Sends the events the worker emits; closed when the worker stops.
+    flusher: Mutex<Option<EventFlusher>>,
+}
+
+/// Asks a running worker to stop; see [`ShutdownMode`]. A harder mode than one asked for
+/// before takes over; a gentler one changes nothing.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    requested: watch::Sender<Option<ShutdownMode>>,
+}
+
+impl ShutdownHandle {
+    pub fn request(&self, mode: ShutdownMode) {
+        self.requested.send_if_modified(|requested| {
+            if requested.is_some_and(|current| current >= mode) {
+                return false;
+            }
+            *requested = Some(mode);
+            true
+        });
+    }
 }
 
 /// What every delivery's processing needs.
@@ -179,30 +272,61 @@ struct Shared {
     canvases: Arc<Canvases>,
     codecs: Codecs,
     settler: Settler,
+    events: EventSink,
     /// Deliveries taken and not yet settled, by a key of their own (two deliveries of one
     /// task id can be here at once), so leases, revocations and shutdown reach each.
     running: Mutex<HashMap<u64, Running>>,
     next_run: AtomicU64,
-    /// The run slots: a delivery runs once it holds one.
+    /// The run slots: a delivery runs once it holds one. As many as `concurrency`.
     slots: Arc<Semaphore>,
+    /// One permit per delivery held, running or waiting for a slot.
+    held: Arc<Semaphore>,
+    /// Run slots now (changed by autoscaling).
+    concurrency: AtomicUsize,
+    /// Runs holding a slot now.
+    busy: AtomicUsize,
+    /// When a delivery was last given back for waiting too long (fetch only for free slots
+    /// for a while after).
+    gave_back_waiting: Mutex<Option<Instant>>,
+    /// Queues not fetched from until resumed.
+    paused: watch::Sender<BTreeSet<String>>,
+    shutdown: ShutdownHandle,
+    /// Revocations applied recently, newest last.
+    recent_revocations: Mutex<VecDeque<AppliedRevocation>>,
     /// Set when shutdown begins: deliveries still waiting for a slot go back to the queue.
     draining: watch::Sender<bool>,
-    /// Set when the shutdown grace ran out: stopped runs go back to the queue.
+    /// Set when running tasks are being stopped for shutdown: stopped runs go back to the
+    /// queue.
     stopping: AtomicBool,
     processed: AtomicU64,
     returned: AtomicU64,
     started_at: Timestamp,
 }
 
+/// A revocation as `inspect --revoked` reports it.
+#[derive(Clone, Debug, serde::Serialize)]
+struct AppliedRevocation {
+    task_id: String,
+    terminate: bool,
+    at: Timestamp,
+}
+
 /// One delivery between being taken and being settled.
 struct Running {
     task_id: String,
+    task: String,
+    queue: String,
+    attempt: u32,
     receipt: Receipt,
     handle: RunHandle,
     /// Set when the lease was lost: the run is stopped and nothing of it is settled.
     lost: Arc<AtomicBool>,
     /// When the lease was last taken or extended.
     leased_at: Instant,
+    /// When the delivery was taken.
+    taken_at: Timestamp,
+    /// When its run began, once it did.
+    started: Option<(Timestamp, Instant)>,
 }
 
 /// A delivery's place in [`Shared::running`]; removes it when dropped.
@@ -251,6 +375,22 @@ impl RunSlot {
             Err(_) => true,
         }
     }
+
+    /// Marks the run as begun.
+    fn started(&self) {
+        if let Some(running) = self.shared.running().get_mut(&self.key) {
+            running.started = Some((Timestamp::now(), Instant::now()));
+        }
+    }
+
+    /// How long the run has been going, if it began.
+    fn runtime(&self) -> Option<Duration> {
+        self.shared
+            .running()
+            .get(&self.key)
+            .and_then(|running| running.started)
+            .map(|(_, at)| at.elapsed())
+    }
 }
 
 impl Drop for RunSlot {
@@ -261,9 +401,7 @@ impl Drop for RunSlot {
 
 impl Shared {
     fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
-        self.running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.running)
     }
 
     /// Registers a delivery as running from now on.
@@ -274,16 +412,24 @@ impl Shared {
         if self.stopping.load(Ordering::SeqCst) {
             handle.terminate();
         }
+        let envelope = &delivery.envelope;
         self.running().insert(
             key,
             Running {
-                task_id: delivery.envelope.id.clone(),
+                task_id: envelope.id.clone(),
+                task: envelope.task.clone(),
+                queue: envelope.queue.clone(),
+                attempt: envelope.attempt,
                 receipt: delivery.receipt.clone(),
                 handle: handle.clone(),
                 lost: lost.clone(),
                 leased_at: Instant::now(),
+                taken_at: Timestamp::now(),
+                started: None,
             },
         );
+        self.events
+            .emit(self.task_event(EventKind::TaskReceived, envelope));
         RunSlot {
             shared: self.clone(),
             key,
@@ -291,17 +437,106 @@ impl Shared {
             lost,
         }
     }
+
+    /// An event about a task this worker holds.
+    fn task_event(&self, kind: EventKind, envelope: &crate::envelope::Envelope) -> Event {
+        Event {
+            worker: Some(self.config.worker_id.clone()),
+            ..Event::task(kind, envelope)
+        }
+    }
+
+    /// An event about this worker, with its counters.
+    fn worker_event(&self, kind: EventKind) -> Event {
+        Event {
+            in_flight: Some(u32::try_from(self.running().len()).unwrap_or(u32::MAX)),
+            processed: Some(self.processed.load(Ordering::Relaxed)),
+            ..Event::worker(kind, &self.config.worker_id)
+        }
+    }
+
+    /// Stops or flags the runs of revoked tasks, and remembers the revocations.
+    fn apply_revocation(&self, task_id: &str, terminate: bool) {
+        for run in self.running().values().filter(|r| r.task_id == task_id) {
+            if terminate {
+                run.handle.terminate();
+            } else {
+                run.handle.revoke();
+            }
+        }
+        let mut recent = lock(&self.recent_revocations);
+        if recent
+            .iter()
+            .any(|r| r.task_id == task_id && r.terminate == terminate)
+        {
+            return;
+        }
+        if recent.len() == RECENT_REVOCATIONS {
+            recent.pop_front();
+        }
+        recent.push_back(AppliedRevocation {
+            task_id: task_id.to_owned(),
+            terminate,
+            at: Timestamp::now(),
+        });
+    }
+
+    /// Changes the number of run slots (and the deliveries held with them). Slots taken away
+    /// leave as their runs finish.
+    fn set_concurrency(&self, new: usize) {
+        let new = new.max(1);
+        let old = self.concurrency.swap(new, Ordering::SeqCst);
+        let multiplier = self.config.prefetch_multiplier.max(1);
+        if new > old {
+            self.slots.add_permits(new - old);
+            self.held.add_permits((new - old) * multiplier);
+        } else if new < old {
+            for (semaphore, count) in [
+                (self.slots.clone(), old - new),
+                (self.held.clone(), (old - new) * multiplier),
+            ] {
+                let count = u32::try_from(count).unwrap_or(u32::MAX);
+                tokio::spawn(async move {
+                    if let Ok(permits) = semaphore.acquire_many_owned(count).await {
+                        permits.forget();
+                    }
+                });
+            }
+        }
+        if new != old {
+            tracing::info!(from = old, to = new, "concurrency changed");
+        }
+    }
+
+    /// Whether prefetching is paused because a delivery waited too long for a slot.
+    fn fair_fetch(&self) -> bool {
+        lock(&self.gave_back_waiting).is_some_and(|at| at.elapsed() < FAIR_FETCH_FOR)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Worker {
     pub fn new(parts: WorkerParts, config: WorkerConfig) -> Worker {
+        let (events, flusher) = if config.events {
+            let channel = EventChannel::new(parts.broker.clone(), config.control.events());
+            let (sink, flusher) = EventSink::start(channel);
+            (sink, Some(flusher))
+        } else {
+            (EventSink::disabled(), None)
+        };
         let client = Client::new(
             parts.broker.clone(),
             parts.registry.clone(),
             parts.codecs.clone(),
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes)
-        .with_routing(parts.routing.clone());
+        .with_routing(parts.routing.clone())
+        .with_events(EventPublisher::Batched(events.clone()));
         // What a canvas publishes next (results passed on) is held to the same bound.
         let canvas_client = Client::new(
             parts.broker.clone(),
@@ -309,12 +544,14 @@ impl Worker {
             parts.codecs.clone(),
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes)
-        .with_routing(parts.routing);
+        .with_routing(parts.routing)
+        .with_events(EventPublisher::Batched(events.clone()));
         let canvases = Arc::new(Canvases::new(
             canvas_client,
             parts.backend.clone(),
             parts.codecs.clone(),
         ));
+        let concurrency = config.concurrency.max(1);
         Worker {
             shared: Arc::new(Shared {
                 components: ComponentSource::new(parts.registry, parts.runtime),
@@ -326,9 +563,19 @@ impl Worker {
                 codecs: parts.codecs,
                 client,
                 canvases,
+                events,
                 running: Mutex::default(),
                 next_run: AtomicU64::new(0),
-                slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+                slots: Arc::new(Semaphore::new(concurrency)),
+                held: Arc::new(Semaphore::new(config.held_capacity(concurrency))),
+                concurrency: AtomicUsize::new(concurrency),
+                busy: AtomicUsize::new(0),
+                gave_back_waiting: Mutex::default(),
+                paused: watch::Sender::new(BTreeSet::new()),
+                shutdown: ShutdownHandle {
+                    requested: watch::Sender::new(None),
+                },
+                recent_revocations: Mutex::default(),
                 draining: watch::Sender::new(false),
                 stopping: AtomicBool::new(false),
                 config,
@@ -336,44 +583,89 @@ impl Worker {
                 returned: AtomicU64::new(0),
                 started_at: Timestamp::now(),
             }),
+            flusher: Mutex::new(flusher),
         }
     }
 
-    /// Runs until `shutdown` completes, then drains as described in the module documentation.
-    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> WorkerSummary {
+    /// Stops the worker when asked; control commands use it too.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shared.shutdown.clone()
+    }
+
+    /// Runs until a shutdown is requested through [`Worker::shutdown_handle`] (or a control
+    /// command), then drains as described in the module documentation.
+    pub async fn run(&self) -> WorkerSummary {
         let shared = &self.shared;
         let config = &shared.config;
+        // Subscribed before the first fetch, so no command sent after the worker is ready is
+        // missed.
+        let commands = control::subscribe(shared).await;
+        shared
+            .events
+            .emit(shared.worker_event(EventKind::WorkerReady));
         let background = [
             tokio::spawn(heartbeats(shared.clone())),
             tokio::spawn(revocations(shared.clone())),
             tokio::spawn(keep_leases(shared.clone())),
+            tokio::spawn(control::serve(shared.clone(), commands)),
+            tokio::spawn(autoscale::run(shared.clone())),
         ];
-        // One permit per delivery held, running or waiting for a slot.
-        let held = Arc::new(Semaphore::new(config.held_capacity()));
-        let threshold = u32::try_from(config.fetch_threshold()).unwrap_or(u32::MAX);
         let mut batches = JoinSet::new();
-        let mut queues = config.queues.clone();
+        let mut queues = config.fetched_queues();
+        let mut requested = shared.shutdown.requested.subscribe();
+        let mut paused = shared.paused.subscribe();
+        let shutdown = async move {
+            let _ = requested.wait_for(Option::is_some).await;
+        };
         tokio::pin!(shutdown);
-        tracing::info!(worker = config.worker_id, queues = ?config.queues, concurrency = config.concurrency, prefetch = config.held_capacity(), "worker started");
+        tracing::info!(worker = config.worker_id, queues = ?queues, concurrency = config.concurrency, autoscale = ?config.autoscale, prefetch = config.prefetch_multiplier, "worker started");
         loop {
+            let concurrency = shared.concurrency.load(Ordering::SeqCst);
+            let threshold = u32::try_from(config.fetch_threshold(concurrency)).unwrap_or(u32::MAX);
             let mut room = tokio::select! {
-                permits = held.clone().acquire_many_owned(threshold) => permits.expect("the semaphore is never closed"),
+                permits = shared.held.clone().acquire_many_owned(threshold) => permits.expect("the semaphore is never closed"),
                 () = &mut shutdown => break,
             };
-            if let Ok(more) = held
-                .clone()
-                .try_acquire_many_owned(u32::try_from(held.available_permits()).unwrap_or(u32::MAX))
-            {
+            if let Ok(more) = shared.held.clone().try_acquire_many_owned(
+                u32::try_from(shared.held.available_permits()).unwrap_or(u32::MAX),
+            ) {
                 room.merge(more);
+            }
+            if shared.fair_fetch() {
+                // Fetch only for a slot that is free, so nothing waits behind a long run.
+                let free = tokio::select! {
+                    permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = &mut shutdown => break,
+                };
+                let slots = shared.slots.available_permits() + 1;
+                drop(free);
+                if room.num_permits() > slots {
+                    room = room.split(slots).expect("fewer than the room holds");
+                }
+            }
+            // Queues of one priority take turns being read first.
+            queues.rotate_left(1);
+            let fetched_from: Vec<String> = {
+                let paused = paused.borrow_and_update();
+                queues
+                    .iter()
+                    .filter(|queue| !paused.contains(*queue))
+                    .cloned()
+                    .collect()
+            };
+            if fetched_from.is_empty() {
+                drop(room);
+                tokio::select! {
+                    _ = paused.changed() => continue,
+                    () = &mut shutdown => break,
+                }
             }
             let options = ConsumeOptions {
                 max: room.num_permits(),
                 lease: Some(config.lease),
                 wait: config.fetch_wait,
             };
-            // Queues of one priority take turns being read first.
-            queues.rotate_left(1);
-            let consume = shared.broker.consume(&queues, &options);
+            let consume = shared.broker.consume(&fetched_from, &options);
             tokio::pin!(consume);
             // A fetch under way when shutdown begins is finished, and what it took given back.
             let (fetched, stop) = tokio::select! {
@@ -396,6 +688,14 @@ impl Worker {
                 give_back(shared, &deliveries).await;
                 break;
             }
+            // A queue paused while the fetch waited: what came from it goes back untouched.
+            let (deliveries, paused_meanwhile): (Vec<Delivery>, Vec<Delivery>) = {
+                let paused = shared.paused.borrow();
+                deliveries
+                    .into_iter()
+                    .partition(|delivery| !paused.contains(&delivery.receipt.queue))
+            };
+            release(shared, &paused_meanwhile, Duration::ZERO).await;
             let taken: Vec<Taken> = deliveries
                 .into_iter()
                 .map(|delivery| Taken {
@@ -416,28 +716,59 @@ impl Worker {
             in_flight = shared.running().len(),
             "shutting down: no more fetching"
         );
-        let drained = tokio::time::timeout(config.shutdown_grace, async {
-            while let Some(finished) = batches.join_next().await {
-                log_panic(finished);
-            }
-        })
-        .await;
-        if drained.is_err() {
-            shared.stopping.store(true, Ordering::SeqCst);
-            for running in shared.running().values() {
-                running.handle.terminate();
-            }
-            while let Some(finished) = batches.join_next().await {
-                log_panic(finished);
-            }
-        }
+        drain(shared, &mut batches).await;
         for task in background {
             task.abort();
+        }
+        shared
+            .events
+            .emit(shared.worker_event(EventKind::WorkerShutdown));
+        let flusher = lock(&self.flusher).take();
+        if let Some(flusher) = flusher {
+            flusher.close(Duration::from_secs(2)).await;
         }
         WorkerSummary {
             processed: shared.processed.load(Ordering::SeqCst),
             returned: shared.returned.load(Ordering::SeqCst),
         }
+    }
+}
+
+/// Waits for the running tasks as the shutdown mode says, stopping them when it is hard or
+/// the soft grace runs out.
+async fn drain(shared: &Shared, batches: &mut JoinSet<()>) {
+    let mut requested = shared.shutdown.requested.subscribe();
+    let mut grace_ends: Option<tokio::time::Instant> = None;
+    loop {
+        let mode = (*requested.borrow_and_update()).unwrap_or(ShutdownMode::Soft);
+        match mode {
+            ShutdownMode::Hard => break,
+            ShutdownMode::Soft if grace_ends.is_none() => {
+                grace_ends = Some(tokio::time::Instant::now() + shared.config.shutdown_grace);
+            }
+            _ => {}
+        }
+        let grace = async {
+            match grace_ends {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            finished = batches.join_next() => match finished {
+                Some(finished) => log_panic(finished),
+                None => return,
+            },
+            _ = requested.changed() => {}
+            () = grace => break,
+        }
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    for running in shared.running().values() {
+        running.handle.terminate();
+    }
+    while let Some(finished) = batches.join_next().await {
+        log_panic(finished);
     }
 }
 
@@ -518,8 +849,9 @@ async fn start_batch(shared: Arc<Shared>, taken: Vec<Taken>) {
     }
 }
 
-/// Waits for a run slot, then processes the delivery; a delivery still waiting when shutdown
-/// begins goes back to the queue untouched.
+/// Waits for a run slot, then processes the delivery. A delivery still waiting when shutdown
+/// begins goes back to the queue untouched, and so does one that waited
+/// [`PREFETCH_PATIENCE`] while the worker holds more than it runs: an idle worker may take it.
 async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
     let Taken {
         slot,
@@ -531,10 +863,17 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
         biased;
         _ = draining.wait_for(|draining| *draining) => None,
         permit = shared.slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+        () = tokio::time::sleep(PREFETCH_PATIENCE) => {
+            *lock(&shared.gave_back_waiting) = Some(Instant::now());
+            tracing::debug!(task.id = delivery.envelope.id, "waited too long for a slot; given back for another worker");
+            None
+        }
     };
     match running {
         Some(permit) => {
+            shared.busy.fetch_add(1, Ordering::SeqCst);
             execute::process(&shared, slot, delivery, recorded).await;
+            shared.busy.fetch_sub(1, Ordering::SeqCst);
             drop(permit);
         }
         None => execute::give_back(&shared, slot, delivery).await,
@@ -597,7 +936,9 @@ async fn heartbeats(shared: Arc<Shared>) {
             hostname: hostname(),
             pid: std::process::id(),
             queues: config.queues.clone(),
-            concurrency: u32::try_from(config.concurrency).unwrap_or(u32::MAX),
+            broadcasts: config.broadcasts.clone(),
+            concurrency: u32::try_from(shared.concurrency.load(Ordering::Relaxed))
+                .unwrap_or(u32::MAX),
             in_flight: u32::try_from(shared.running().len()).unwrap_or(u32::MAX),
             processed: shared.processed.load(Ordering::Relaxed),
             started_at: shared.started_at,
@@ -607,10 +948,13 @@ async fn heartbeats(shared: Arc<Shared>) {
         if let Err(error) = shared.backend.heartbeat(&heartbeat, Some(ttl)).await {
             tracing::warn!(%error, "recording the worker heartbeat failed");
         }
+        shared
+            .events
+            .emit(shared.worker_event(EventKind::WorkerHeartbeat));
     }
 }
 
-/// Passes new revocations on to the runs they name.
+/// Passes new revocations on to the runs they name, for any push that did not arrive.
 async fn revocations(shared: Arc<Shared>) {
     // Looks back a little further than one interval, so a revocation written just before the
     // previous poll, or by a host whose clock is slightly behind, is not missed.
@@ -628,15 +972,8 @@ async fn revocations(shared: Arc<Shared>) {
         );
         match shared.revokes.list_since(since).await {
             Ok(revocations) => {
-                let running = shared.running();
                 for revocation in revocations {
-                    for run in running.values().filter(|r| r.task_id == revocation.task_id) {
-                        if revocation.terminate {
-                            run.handle.terminate();
-                        } else {
-                            run.handle.revoke();
-                        }
-                    }
+                    shared.apply_revocation(&revocation.task_id, revocation.terminate);
                 }
             }
             Err(error) => tracing::warn!(%error, "polling the revoke store failed"),

@@ -20,7 +20,7 @@ macro_rules! e2e_suite {
             e2e_suite!(@cases $make;
                 two_workers_run_a_thousand_tasks, a_killed_worker_loses_nothing,
                 retries_dead_letters_and_replay, bad_input_is_refused_and_loses_nothing,
-                revoke_terminate_stops_a_running_task, sigterm_returns_unfinished_tasks,
+                revoke_terminate_stops_a_running_task, sigint_returns_unfinished_tasks,
                 prefetched_tasks_wait_for_a_slot_and_go_back_at_shutdown, new_versions_reach_running_workers, long_tasks_keep_their_lease,
                 sub_tasks_record_their_parent);
         }
@@ -261,7 +261,7 @@ async fn bad_input_is_refused_and_loses_nothing(platform: &Platform) {
     let tasks: Value = serde_json::from_str(&platform.run_ok(&["task", "list", "--json"])).unwrap();
     assert_eq!(
         tasks.as_array().unwrap().len(),
-        6,
+        7,
         "the bad upload registered nothing"
     );
 
@@ -323,7 +323,6 @@ async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
     let _worker = platform.worker(&[]);
     let id = start_a_long_task(platform).await;
     let backend = platform.backend().await;
-    let revoked_at = Timestamp::now();
     platform.run_ok(&["revoke", &id, "--terminate"]);
     let status = wait_all(
         backend.as_ref(),
@@ -333,9 +332,11 @@ async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
     .await
     .remove(0);
     assert_eq!(status.state, TaskState::Revoked);
-    let took = status.updated_at.saturating_since(revoked_at);
+    // The revocation is pushed to the worker, not found by its next poll of the store.
+    let revocation = platform.revokes().await.get(&id).await.unwrap().unwrap();
+    let took = status.updated_at.saturating_since(revocation.revoked_at);
     assert!(
-        took < Duration::from_secs(1),
+        took < Duration::from_millis(100),
         "stopped {took:?} after the revoke"
     );
     let output = platform.run(&["result", "get", &id]);
@@ -350,7 +351,7 @@ async fn revoke_terminate_stops_a_running_task(platform: &Platform) {
     assert_eq!(report["error"]["message"], "not needed");
 }
 
-async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
+async fn sigint_returns_unfinished_tasks(platform: &Platform) {
     platform.upload("hello");
     let mut worker = platform.worker(&["--shutdown-grace", "300ms"]);
     let quick = platform
@@ -360,7 +361,7 @@ async fn sigterm_returns_unfinished_tasks(platform: &Platform) {
     let slow = start_a_long_task(platform).await;
     let backend = platform.backend().await;
     let started = Instant::now();
-    let log = worker.terminate(Duration::from_secs(10));
+    let log = worker.stop("INT", Duration::from_secs(10));
     assert!(started.elapsed() < Duration::from_secs(5), "{log}");
     assert!(log.contains("1 returned to the queue"), "{log}");
     assert_eq!(
@@ -403,7 +404,7 @@ async fn prefetched_tasks_wait_for_a_slot_and_go_back_at_shutdown(platform: &Pla
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stats = broker.stats("default").await.unwrap();
     assert_eq!((stats.ready, stats.in_flight), (1, 1), "{stats:?}");
-    let log = fair.terminate(Duration::from_secs(10));
+    let log = fair.stop("INT", Duration::from_secs(10));
     assert!(log.contains("1 returned to the queue"), "{log}");
     assert_eq!(broker.purge("default").await.unwrap(), 2);
 
@@ -428,7 +429,7 @@ async fn prefetched_tasks_wait_for_a_slot_and_go_back_at_shutdown(platform: &Pla
         },
     )
     .await;
-    let log = worker.terminate(Duration::from_secs(10));
+    let log = worker.stop("INT", Duration::from_secs(10));
     assert!(log.contains("2 returned to the queue"), "{log}");
     let status = backend.get(&prefetched).await.unwrap();
     assert!(
@@ -701,4 +702,59 @@ async fn postgres_processes_migrate_a_fresh_schema_at_once() {
     platform.upload("hello");
     let id = platform.run_ok(&["enqueue", "hello.add", "--args", r#"{"a":1,"b":2}"#]);
     assert!(!id.trim().is_empty());
+}
+
+/// The seeds' `unique` / `uniqueFor`: an identical enqueue inside the window returns the id
+/// of the first, which runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_tasks_return_the_first_id_within_their_window() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let unique = |args: &str, window: &str| -> (String, String) {
+        let output = platform.run(&[
+            "enqueue",
+            "hello.add",
+            "--args",
+            args,
+            "--unique-for",
+            window,
+        ]);
+        assert!(output.status.success(), "{output:?}");
+        let id = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        (id, String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (first, _) = unique(r#"{"a":1,"b":2}"#, "1h");
+    let (again, said) = unique(r#"{ "b": 2, "a": 1 }"#, "1h");
+    assert_eq!(again, first, "the same task and arguments: the first id");
+    assert!(said.contains("identical"), "{said}");
+    let (other, _) = unique(r#"{"a":1,"b":3}"#, "1h");
+    assert_ne!(other, first, "other arguments are another task");
+    let (short, _) = unique(r#"{"a":5,"b":5}"#, "300ms");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (after, _) = unique(r#"{"a":5,"b":5}"#, "300ms");
+    assert_ne!(after, short, "after the window the task is enqueued again");
+
+    let _worker = platform.worker(&[]);
+    let (succeeded, report) =
+        platform.enqueue_and_wait("hello.add", r#"{"a":1,"b":2}"#, &["--unique"]);
+    assert!(succeeded, "{report}");
+    assert_eq!(
+        report["task_id"],
+        first.as_str(),
+        "--wait waits for the first"
+    );
+    let ids = [first, other, short, after];
+    wait_all(
+        platform.backend().await.as_ref(),
+        &ids,
+        Duration::from_secs(30),
+    )
+    .await;
+    let stats = platform.broker().await.stats("default").await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.in_flight),
+        (0, 0),
+        "each ran once: {stats:?}"
+    );
 }

@@ -7,6 +7,7 @@ mod beat;
 mod canvas;
 mod cli;
 mod conformance;
+mod control;
 mod e2e;
 mod hardening;
 mod platform;

@@ -16,6 +16,7 @@ use serde_json::Value;
 use stem_host::backend::{ResultBackend, TaskStatus};
 use stem_host::broker::Broker;
 use stem_host::config::{self, AdapterUrl, Role};
+use stem_host::stores::revoke::RevokeStore;
 use stem_host::stores::schedule::ScheduleStore;
 use tempfile::TempDir;
 
@@ -210,15 +211,23 @@ impl Platform {
     }
 
     /// Starts a long-running `stem-host` command and waits for `ready` on its stderr.
-    fn spawn(&self, args: &[&str], env: &[(&str, &str)], ready: &'static str) -> WorkerProcess {
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)], ready: &'static str) -> WorkerProcess {
         let mut command = self.command(args);
         command.envs(env.iter().copied());
         let mut child = command
             .stderr(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("stem-host starts");
         let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = stdout.clone();
+        let out = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -239,7 +248,7 @@ impl Platform {
             args.join(" "),
             log.lock().unwrap()
         );
-        WorkerProcess { child, log }
+        WorkerProcess { child, log, stdout }
     }
 
     /// The URL `role` uses when the platform shares `url` between the roles.
@@ -273,6 +282,13 @@ impl Platform {
         config::open_schedule_store(&url, namespace)
             .await
             .expect("open schedule store")
+    }
+
+    pub async fn revokes(&self) -> Arc<dyn RevokeStore> {
+        let (url, namespace) = self.url(Role::Revoke, "stem_revoke.sqlite");
+        config::open_revoke_store(&url, namespace)
+            .await
+            .expect("open revoke store")
     }
 
     pub async fn broker(&self) -> Arc<dyn Broker> {
@@ -331,33 +347,53 @@ impl Platform {
 pub struct WorkerProcess {
     child: Child,
     log: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl WorkerProcess {
-    pub fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the worker");
-        self.child.wait().expect("reap the worker");
-    }
-
-    /// Sends SIGTERM and waits for the worker to exit; returns its log.
-    pub fn terminate(&mut self, within: Duration) -> String {
-        let pid = self.child.id().to_string();
+    /// Sends a signal (`TERM`, `INT`, `QUIT`, `STOP`, `CONT`) without waiting.
+    pub fn signal(&self, name: &str) {
         let sent = Command::new("kill")
-            .args(["-TERM", &pid])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(sent.success());
+    }
+
+    /// Waits for the process to exit by itself; panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> String {
         let started = Instant::now();
-        while self.child.try_wait().expect("worker status").is_none() {
+        while self.child.try_wait().expect("process status").is_none() {
             assert!(
                 started.elapsed() < within,
-                "the worker did not stop within {within:?}:\n{}",
+                "the process did not stop within {within:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(50));
         self.log()
+    }
+
+    /// The lines it printed on stdout so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the worker");
+        self.child.wait().expect("reap the worker");
+    }
+
+    /// Sends SIGTERM (a warm shutdown) and waits for the worker to exit; returns its log.
+    pub fn terminate(&mut self, within: Duration) -> String {
+        self.stop("TERM", within)
+    }
+
+    /// Sends the signal and waits for the process to exit; returns its log.
+    pub fn stop(&mut self, signal: &str, within: Duration) -> String {
+        self.signal(signal);
+        self.wait_exit(within)
     }
 
     pub fn log(&self) -> String {

@@ -75,7 +75,8 @@ async fn examples_declare_their_tasks_and_options() {
             "hello.echo",
             "hello.fail",
             "hello.flaky",
-            "hello.throttled"
+            "hello.throttled",
+            "maintenance",
         ]
     );
 

@@ -92,6 +92,17 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX stem_unique_ids_expiry ON stem_unique_ids (expires_at);
 ",
+    "
+    CREATE TABLE stem_unique_keys (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        claim TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (namespace, key)
+    );
+    CREATE INDEX stem_unique_keys_expiry ON stem_unique_keys (expires_at);
+",
 ];
 
 /// The channel publishes and releases notify, with the namespace as payload.
@@ -493,13 +504,13 @@ async fn sweep(pool: PgPool, namespace: String, retention: Option<Duration>) {
     if let Err(error) = swept {
         tracing::warn!(%error, "sweeping stored broadcast messages failed");
     }
-    let swept = sqlx::query(&format!(
-        "DELETE FROM stem_unique_ids WHERE expires_at <= {NOW_MS}"
-    ))
-    .execute(&pool)
-    .await;
-    if let Err(error) = swept {
-        tracing::warn!(%error, "sweeping forgotten unique ids failed");
+    for table in ["stem_unique_ids", "stem_unique_keys"] {
+        let swept = sqlx::query(&format!("DELETE FROM {table} WHERE expires_at <= {NOW_MS}"))
+            .execute(&pool)
+            .await;
+        if let Err(error) = swept {
+            tracing::warn!(%error, table, "sweeping forgotten unique ids failed");
+        }
     }
 }
 
@@ -863,6 +874,49 @@ impl Broker for PostgresBroker {
         .collect();
         // The first envelope of each remembered id was stored; a later one of the batch was not.
         Ok(ids.iter().map(|id| remembered.remove(*id)).collect())
+    }
+
+    async fn publish_by_key(
+        &self,
+        key: &str,
+        envelope: &Envelope,
+        window: Duration,
+    ) -> Result<Option<String>, StorageError> {
+        envelope.validate()?;
+        let claim = uuid::Uuid::new_v4().simple().to_string();
+        let mut tx = self.pool().begin().await?;
+        // Claims the key when it is free or forgotten; else leaves the row as it is. Either way
+        // the row comes back, locked: its claim says who holds the key.
+        let (holder, held_by): (String, String) = sqlx::query_as(&format!(
+            "INSERT INTO stem_unique_keys AS k (namespace, key, task_id, claim, expires_at)
+             VALUES ($1, $2, $3, $4, {NOW_MS} + $5)
+             ON CONFLICT (namespace, key) DO UPDATE SET
+                 task_id = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.task_id ELSE k.task_id END,
+                 claim = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.claim ELSE k.claim END,
+                 expires_at = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.expires_at
+                     ELSE k.expires_at END
+             RETURNING task_id, claim"
+        ))
+        .bind(self.namespace())
+        .bind(key)
+        .bind(&envelope.id)
+        .bind(&claim)
+        .bind(millis(window))
+        .fetch_one(&mut *tx)
+        .await?;
+        if held_by != claim {
+            tx.rollback().await?;
+            return Ok(Some(holder));
+        }
+        store_entries(
+            &mut tx,
+            "stem_queue_entries",
+            self.namespace(),
+            std::slice::from_ref(envelope),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(None)
     }
 
     async fn consume(

@@ -19,7 +19,8 @@
 //! - `dead`, `dead:data`, `dead:seq`: dead letters in order; `dead:count`: per queue;
 //!   `queues`: known queue names (pruned when a queue is empty).
 //! - `unique:ID`: a task id published through [`Broker::publish_unique`], expiring after its
-//!   window.
+//!   window; `unique-key:KEY`: the task id that claimed a key through
+//!   [`Broker::publish_by_key`], expiring likewise.
 //! - Pub/sub: `wake` (a publish wakes waiting consumers at once) and `broadcast:CHANNEL`.
 //!
 //! A consume is one script (due delayed entries, expired leases, which lanes hold unread
@@ -103,6 +104,7 @@ pub struct RedisBroker {
 
 struct Scripts {
     publish_unique: redis::Script,
+    publish_keyed: redis::Script,
     consume: redis::Script,
     settle: redis::Script,
     extend: redis::Script,
@@ -117,6 +119,7 @@ impl Scripts {
         let script = |body: &str| redis::Script::new(&format!("{CLOCK}{PRELUDE}\n{body}"));
         Scripts {
             publish_unique: script(include_str!("publish_unique.lua")),
+            publish_keyed: script(include_str!("publish_keyed.lua")),
             consume: script(include_str!("consume.lua")),
             settle: settle_script(),
             extend: script(include_str!("extend.lua")),
@@ -523,6 +526,43 @@ impl Broker for RedisBroker {
         }
         let stored: Vec<i64> = invocation.invoke_async(&mut self.conn()).await?;
         Ok(stored.into_iter().map(|done| done == 1).collect())
+    }
+
+    async fn publish_by_key(
+        &self,
+        key: &str,
+        envelope: &Envelope,
+        window: Duration,
+    ) -> Result<Option<String>, StorageError> {
+        envelope.validate()?;
+        let now = Timestamp::now();
+        let ready_at = envelope.ready_at(now);
+        let (due, delayed_id) = if ready_at > now {
+            (
+                ready_at.as_millis(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            )
+        } else {
+            (0, String::new())
+        };
+        let holder: Option<String> = self
+            .inner
+            .scripts
+            .publish_keyed
+            .prepare_invoke()
+            .arg(self.namespace())
+            .arg(GROUP)
+            .arg(millis(window).max(1))
+            .arg(key)
+            .arg(&envelope.id)
+            .arg(&envelope.queue)
+            .arg(envelope.priority)
+            .arg(due)
+            .arg(delayed_id)
+            .arg(envelope.to_json())
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(holder)
     }
 
     async fn consume(

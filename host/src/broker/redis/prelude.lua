@@ -4,6 +4,21 @@ local ns, group = ARGV[1], ARGV[2]
 
 local function stream(q, p) return ns .. ':q:' .. q .. ':' .. p end
 
+-- Stores a new entry: on its delayed set when due later (due > 0), else on its stream. Returns
+-- whether it is ready now (consumers are to be woken).
+local function store_entry(q, p, due, delayed_id, payload)
+  if due > 0 then
+    local delayed = ns .. ':delayed:' .. q
+    redis.call('HSET', delayed .. ':data', delayed_id, p .. '|0|' .. payload)
+    redis.call('ZADD', delayed, due, delayed_id)
+  else
+    redis.call('XADD', stream(q, p), '*', 'd', 0, 'e', payload)
+    redis.call('HINCRBY', ns .. ':ready:' .. q, p, 1)
+  end
+  redis.call('SADD', ns .. ':queues', q)
+  return due <= 0
+end
+
 -- The value of `name` in a flat {name, value, ...} reply.
 local function field(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end

@@ -8,18 +8,7 @@ local out, wake = {}, false
 for i = 4, #ARGV, 6 do
   local q, p, due, payload = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]), ARGV[i + 5]
   local fresh = redis.call('SET', ns .. ':unique:' .. ARGV[i], '1', 'PX', window, 'NX')
-  if fresh then
-    if due > 0 then
-      local delayed = ns .. ':delayed:' .. q
-      redis.call('HSET', delayed .. ':data', ARGV[i + 4], p .. '|0|' .. payload)
-      redis.call('ZADD', delayed, due, ARGV[i + 4])
-    else
-      redis.call('XADD', stream(q, p), '*', 'd', 0, 'e', payload)
-      redis.call('HINCRBY', ns .. ':ready:' .. q, p, 1)
-      wake = true
-    end
-    redis.call('SADD', ns .. ':queues', q)
-  end
+  if fresh and store_entry(q, p, due, ARGV[i + 4], payload) then wake = true end
   out[#out + 1] = fresh and 1 or 0
 end
 if wake then redis.call('PUBLISH', ns .. ':wake', 'published') end

@@ -32,7 +32,7 @@ use crate::components;
 use crate::runtime::{DetachedHooks, RunHandle, RunLimits};
 use crate::task::Invocation;
 use crate::time::Timestamp;
-use crate::worker::{Worker, WorkerConfig, WorkerParts};
+use crate::worker::{ShutdownMode, Worker, WorkerConfig, WorkerParts};
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -235,13 +235,13 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             ..WorkerConfig::default()
         };
         let mut stopped = stopped.clone();
-        workers.push(tokio::spawn(async move {
-            Worker::new(parts, config)
-                .run(async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                })
-                .await
-        }));
+        let worker = Worker::new(parts, config);
+        let handle = worker.shutdown_handle();
+        tokio::spawn(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+            handle.request(ShutdownMode::Soft);
+        });
+        workers.push(tokio::spawn(async move { worker.run().await }));
     }
 
     let mut progress = Progress::new();

@@ -449,6 +449,7 @@ fn heartbeat(worker_id: &str) -> WorkerHeartbeat {
         hostname: "node-1".into(),
         pid: 42,
         queues: vec!["default".into()],
+        broadcasts: vec!["maintenance".into()],
         concurrency: 4,
         in_flight: 1,
         processed: 10,

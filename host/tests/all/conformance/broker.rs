@@ -9,6 +9,7 @@ use stem_host::broker::{Broker, ConsumeOptions, DeadLetterQuery, Delivery, Settl
 use stem_host::codec::Payload;
 use stem_host::envelope::Envelope;
 use stem_host::storage::StorageError;
+use stem_host::time::Timestamp;
 
 use super::{Connect, PATIENCE, SHORT, adapters};
 
@@ -39,7 +40,10 @@ macro_rules! broker_suite {
                 settle_many_applies_each_while_its_lease_holds,
                 publish_unique_stores_each_id_once, publish_unique_refuses_a_whole_invalid_batch,
                 publish_unique_forgets_an_id_after_its_window,
-                publish_unique_ignores_plain_publishes, publish_unique_ids_are_per_namespace);
+                publish_unique_ignores_plain_publishes, publish_unique_ids_are_per_namespace,
+                publish_by_key_stores_once_per_key_and_names_the_holder,
+                publish_by_key_forgets_a_key_after_its_window,
+                publish_by_key_is_atomic_under_concurrency);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1020,6 +1024,118 @@ async fn publish_unique_ids_are_per_namespace(harness: &impl BrokerHarness) {
             .unwrap();
         assert_eq!(ids(&got), vec![sent.id.clone()]);
     }
+}
+
+async fn publish_by_key_stores_once_per_key_and_names_the_holder(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let other_namespace = harness.connect("ns-keyed").await;
+    let first = envelope("t.keyed");
+    let second = envelope("t.keyed");
+    let mut later = envelope("t.keyed");
+    later.not_before = Some(Timestamp::now().saturating_add(Duration::from_secs(60)));
+    assert_eq!(
+        broker.publish_by_key("k1", &first, PATIENCE).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        broker
+            .publish_by_key("k1", &second, PATIENCE)
+            .await
+            .unwrap(),
+        Some(first.id.clone()),
+        "a claimed key names the task holding it"
+    );
+    assert_eq!(
+        broker.publish_by_key("k2", &later, PATIENCE).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        other_namespace
+            .publish_by_key("k1", &second, PATIENCE)
+            .await
+            .unwrap(),
+        None,
+        "keys are per namespace"
+    );
+    let mut invalid = envelope("t.keyed");
+    invalid.queue = "bad queue".into();
+    assert!(
+        broker
+            .publish_by_key("k3", &invalid, PATIENCE)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        broker
+            .publish_by_key("k3", &second, PATIENCE)
+            .await
+            .unwrap(),
+        None,
+        "a refused envelope claims no key"
+    );
+    assert_eq!(
+        broker.stats("default").await.unwrap(),
+        stats_of("default", 2, 1, 0, 0)
+    );
+    let got = broker
+        .consume(&queues(&["default"]), &take(10, PATIENCE))
+        .await
+        .unwrap();
+    assert_eq!(ids(&got), [first.id, second.id]);
+}
+
+async fn publish_by_key_forgets_a_key_after_its_window(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let window = Duration::from_millis(300);
+    let first = envelope("t.keyed");
+    let second = envelope("t.keyed");
+    assert_eq!(
+        broker.publish_by_key("k", &first, window).await.unwrap(),
+        None
+    );
+    tokio::time::sleep(window + Duration::from_millis(200)).await;
+    assert_eq!(
+        broker.publish_by_key("k", &second, window).await.unwrap(),
+        None,
+        "after the window the key is free"
+    );
+    assert_eq!(
+        broker.publish_by_key("k", &first, window).await.unwrap(),
+        Some(second.id.clone())
+    );
+}
+
+async fn publish_by_key_is_atomic_under_concurrency(harness: &impl BrokerHarness) {
+    let brokers = [harness.connect(NS).await, harness.connect(NS).await];
+    let mut publishes = Vec::new();
+    for n in 0..20 {
+        let broker = brokers[n % 2].clone();
+        publishes.push(tokio::spawn(async move {
+            let sent = envelope("t.keyed");
+            let holder = broker
+                .publish_by_key("race", &sent, PATIENCE)
+                .await
+                .unwrap();
+            (sent.id, holder)
+        }));
+    }
+    let mut stored = Vec::new();
+    let mut holders = HashSet::new();
+    for publish in publishes {
+        let (id, holder) = publish.await.unwrap();
+        match holder {
+            None => stored.push(id),
+            Some(holder) => {
+                holders.insert(holder);
+            }
+        }
+    }
+    assert_eq!(stored.len(), 1, "exactly one publish claims the key");
+    assert!(
+        holders.iter().all(|holder| *holder == stored[0]),
+        "{holders:?}"
+    );
+    assert_eq!(brokers[0].stats("default").await.unwrap().ready, 1);
 }
 
 fn stats_of(

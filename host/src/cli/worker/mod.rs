@@ -1,4 +1,5 @@
-//! `stem-host worker start`: run tasks from the broker until SIGTERM or Ctrl-C.
+//! `stem-host worker`: run a worker (`start`), list workers, and control running ones over
+//! the broker (`ping`, `stats`, `inspect`, `shutdown`, `pause`, `resume`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,22 +12,39 @@ use super::units::{parse_duration, parse_size};
 use crate::codec::Codecs;
 use crate::envelope::{MAX_QUEUE_NAME_LEN, is_valid_queue_name};
 use crate::worker::{
-    Budgets, DEFAULT_PREFETCH_MULTIPLIER, Worker, WorkerConfig, WorkerParts, default_worker_id,
+    Autoscale, Budgets, DEFAULT_PREFETCH_MULTIPLIER, ShutdownHandle, ShutdownMode, Worker,
+    WorkerConfig, WorkerParts, default_worker_id,
 };
+
+mod control;
 
 #[derive(Subcommand)]
 pub enum WorkerCommand {
     /// Start a worker in the foreground.
     ///
-    /// On SIGTERM or Ctrl-C the worker stops fetching, lets running tasks finish within the
-    /// shutdown grace, and returns the rest to the queue. A second signal skips the grace.
-    Start(StartArgs),
+    /// Signals stop it as the shutdown modes say: SIGTERM warm (running tasks finish),
+    /// SIGINT / Ctrl-C soft (they get --shutdown-grace), SIGQUIT hard (they are stopped at
+    /// once). Every mode stops fetching first and returns what was not run to the queue; a
+    /// second SIGTERM or SIGINT makes the shutdown hard.
+    Start(Box<StartArgs>),
     /// List the workers alive now, from their heartbeats in the result backend.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Ask running workers to answer, and show how long each took.
+    Ping(control::Target),
+    /// Each worker's counters: concurrency, running, processed, paused queues, uptime.
+    Stats(control::Target),
+    /// What workers hold: running tasks, the tasks they can run, recent revocations.
+    Inspect(control::InspectArgs),
+    /// Stop workers: warm (running tasks finish), soft (within their grace) or hard.
+    Shutdown(control::ShutdownArgs),
+    /// Stop fetching from a queue (running tasks go on) until resumed.
+    Pause(control::QueueArgs),
+    /// Fetch from a paused queue again.
+    Resume(control::QueueArgs),
 }
 
 #[derive(Args)]
@@ -35,13 +53,34 @@ pub struct StartArgs {
     #[arg(long, value_delimiter = ',', default_value = "default")]
     queues: Vec<String>,
     /// Tasks run at once.
-    #[arg(long, short = 'c', default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, short = 'c', default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024), conflicts_with = "autoscale")]
     concurrency: u32,
+    /// Grow and shrink the tasks run at once between MIN and MAX (at most 1024) with the
+    /// backlog, starting at MIN.
+    #[arg(long, value_parser = parse_autoscale, value_name = "MIN:MAX")]
+    autoscale: Option<Autoscale>,
+    /// Least time between two steps up when autoscaling.
+    #[arg(long, value_parser = parse_duration, default_value = "1s", value_name = "DURATION", requires = "autoscale")]
+    autoscale_cooldown: Duration,
+    /// How long run slots stay unused before autoscaling takes them away.
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION", requires = "autoscale")]
+    autoscale_idle: Duration,
     /// Deliveries held per run slot: the worker fetches up to concurrency × this, so the next
-    /// tasks are at hand when a slot frees. 1 fetches only for free slots (fairer when tasks
-    /// are long and many workers share a queue).
-    #[arg(long, env = "STEM_WORKER_PREFETCH_MULTIPLIER", default_value_t = DEFAULT_PREFETCH_MULTIPLIER as u32, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    /// tasks are at hand when a slot frees. A delivery that waits over a second for a slot is
+    /// given back for an idle worker, so a long task never holds short ones hostage.
+    #[arg(long, env = "STEM_PREFETCH_MULTIPLIER", default_value_t = DEFAULT_PREFETCH_MULTIPLIER as u32, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
     prefetch_multiplier: u32,
+    /// Broadcasts whose tasks this worker runs (`enqueue broadcast://NAME`), comma-separated.
+    #[arg(
+        long,
+        env = "STEM_WORKER_BROADCASTS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    broadcasts: Vec<String>,
+    /// Send task and worker events (`stem-host events`).
+    #[arg(long, env = "STEM_WORKER_EVENTS", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    events: bool,
     /// This worker's name in heartbeats and statuses [default: HOSTNAME:PID].
     #[arg(long)]
     worker_id: Option<String>,
@@ -49,7 +88,7 @@ pub struct StartArgs {
     /// a crash takes this long.
     #[arg(long, value_parser = parse_lease, default_value = "30s", value_name = "DURATION")]
     lease: Duration,
-    /// How long running tasks may take to finish after a shutdown signal.
+    /// How long running tasks may take to finish in a soft shutdown (SIGINT).
     #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
     shutdown_grace: Duration,
     /// Record `started` for runs still going after this long; 0s records every start (extra
@@ -144,6 +183,14 @@ impl BudgetArgs {
     }
 }
 
+fn parse_autoscale(text: &str) -> Result<Autoscale, String> {
+    let autoscale = Autoscale::parse(text)?;
+    if autoscale.max > 1024 {
+        return Err(format!("autoscale `{text}`: MAX is at most 1024"));
+    }
+    Ok(autoscale)
+}
+
 fn parse_lease(text: &str) -> Result<Duration, String> {
     let lease = parse_duration(text)?;
     if lease < Duration::from_millis(100) {
@@ -156,8 +203,14 @@ fn parse_lease(text: &str) -> Result<Duration, String> {
 
 pub async fn run(command: WorkerCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
     match command {
-        WorkerCommand::Start(args) => start(args, connections).await,
+        WorkerCommand::Start(args) => start(*args, connections).await,
         WorkerCommand::List { json } => list(json, connections).await,
+        WorkerCommand::Ping(target) => control::ping(target, connections).await,
+        WorkerCommand::Stats(target) => control::stats(target, connections).await,
+        WorkerCommand::Inspect(args) => control::inspect(args, connections).await,
+        WorkerCommand::Shutdown(args) => control::shutdown(args, connections).await,
+        WorkerCommand::Pause(args) => control::pause(args, true, connections).await,
+        WorkerCommand::Resume(args) => control::pause(args, false, connections).await,
     }
 }
 
@@ -189,7 +242,18 @@ async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode>
 }
 
 async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let concurrency = args.concurrency as usize;
+    let autoscale = args.autoscale.map(|autoscale| Autoscale {
+        up_cooldown: args.autoscale_cooldown,
+        idle: args.autoscale_idle,
+        ..autoscale
+    });
+    let concurrency = autoscale.map_or(args.concurrency as usize, |autoscale| autoscale.min);
+    let max_concurrency = autoscale.map_or(concurrency, |autoscale| autoscale.max);
+    for broadcast in &args.broadcasts {
+        if broadcast.is_empty() || broadcast.contains(char::is_whitespace) {
+            bail!("invalid broadcast name `{broadcast}`");
+        }
+    }
     for queue in &args.queues {
         if !is_valid_queue_name(queue) {
             bail!(
@@ -209,7 +273,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         rate_limiter: connections.rate_limiter().await?,
         registry: connections.registry().await?,
         runtime: connections.sandbox(|config| {
-            config.max_instances = args.concurrency + 1;
+            config.max_instances = u32::try_from(max_concurrency + 1).unwrap_or(u32::MAX);
             config.max_memory_bytes = budgets.memory_per_run;
             config.memory_total_bytes = budgets.memory_total;
         })?,
@@ -220,6 +284,10 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         worker_id: args.worker_id.unwrap_or_else(default_worker_id),
         queues: parts.routing.worker_queues(&args.queues),
         concurrency,
+        autoscale,
+        broadcasts: args.broadcasts,
+        control: connections.channels(),
+        events: args.events,
         prefetch_multiplier: args.prefetch_multiplier as usize,
         lease: args.lease,
         shutdown_grace: args.shutdown_grace,
@@ -227,17 +295,23 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         budgets,
         ..WorkerConfig::default()
     };
+    let scale = match autoscale {
+        Some(autoscale) => format!("autoscale {}:{}", autoscale.min, autoscale.max),
+        None => format!("concurrency {concurrency}"),
+    };
     eprintln!(
-        "worker {} ready: queues {}, concurrency {concurrency}",
+        "worker {} ready: queues {}, {scale}",
         config.worker_id,
         config.queues.join(",")
     );
     let worker = Worker::new(parts, config);
+    let signals = tokio::spawn(shutdown_on_signals(worker.shutdown_handle()));
     // On a runtime thread rather than the main thread's `block_on`: a fetch woken by a
     // publish or a reply then runs on the thread that woke it, without waking another.
-    let summary = tokio::spawn(async move { worker.run(shutdown_signal()).await })
+    let summary = tokio::spawn(async move { worker.run().await })
         .await
         .context("the worker panicked")?;
+    signals.abort();
     eprintln!(
         "worker stopped: {} tasks processed, {} returned to the queue",
         summary.processed, summary.returned
@@ -245,19 +319,35 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    super::terminate_or_interrupt().await;
-    eprintln!("shutting down: finishing running tasks (signal again to stop at once)");
-    tokio::spawn(async {
-        let _ = tokio::signal::ctrl_c().await;
-        std::process::exit(130);
-    });
-    if let Ok(mut again) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        tokio::spawn(async move {
-            again.recv().await;
-            std::process::exit(143);
-        });
+/// Turns signals into shutdown requests: SIGTERM warm, SIGINT soft, SIGQUIT hard; a second
+/// SIGTERM or SIGINT hard.
+async fn shutdown_on_signals(handle: ShutdownHandle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut quit)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::quit()),
+    ) else {
+        tracing::error!("cannot listen for signals; stop the worker with `worker shutdown`");
+        return;
+    };
+    let mut asked = false;
+    loop {
+        let (mode, name) = tokio::select! {
+            _ = terminate.recv() => (ShutdownMode::Warm, "SIGTERM"),
+            _ = interrupt.recv() => (ShutdownMode::Soft, "SIGINT"),
+            _ = quit.recv() => (ShutdownMode::Hard, "SIGQUIT"),
+        };
+        let mode = if asked { ShutdownMode::Hard } else { mode };
+        asked = true;
+        let what = match mode {
+            ShutdownMode::Warm => "warm: running tasks finish (signal again to stop them)",
+            ShutdownMode::Soft => {
+                "soft: running tasks get the shutdown grace (signal again to stop them)"
+            }
+            ShutdownMode::Hard => "hard: running tasks are stopped and returned to the queue",
+        };
+        eprintln!("{name}: shutting down, {what}");
+        handle.request(mode);
     }
 }
