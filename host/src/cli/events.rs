@@ -7,7 +7,11 @@ use clap::Args;
 
 use super::Connections;
 use super::units::parse_duration;
+use crate::control::Command;
 use crate::control::events::{Event, EventChannel};
+
+/// How long `events` waits for the workers to say they send events.
+const ENABLE_TIMEOUT: Duration = Duration::from_secs(1);
 use crate::routing::glob_matches;
 
 #[derive(Args)]
@@ -28,6 +32,10 @@ pub struct EventsArgs {
     /// Stop after this many events.
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    /// Do not ask the running workers to send events (by default they are asked, as
+    /// `worker enable-events` does; workers started later send them with `--events`).
+    #[arg(long)]
+    no_enable: bool,
 }
 
 impl EventsArgs {
@@ -51,8 +59,18 @@ impl EventsArgs {
 pub async fn run(args: EventsArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
     let channel = EventChannel::new(connections.broker().await?, connections.channels().events());
     let mut stream = channel.subscribe().await?;
+    let asked = if args.no_enable {
+        String::new()
+    } else {
+        let enable = Command::Events { enabled: true };
+        let workers = Vec::from_iter(args.worker.clone());
+        match super::worker::control::ask(enable, &workers, ENABLE_TIMEOUT, connections).await {
+            Ok(replies) => format!("; {} workers send them", replies.replies.len()),
+            Err(error) => format!("; asking the workers to send them failed: {error}"),
+        }
+    };
     // Said on stderr once subscribed, so a script can start producing after this line.
-    eprintln!("listening for events (Ctrl-C to stop)");
+    eprintln!("listening for events{asked} (Ctrl-C to stop)");
     let stop = async {
         match args.duration {
             Some(duration) => tokio::time::sleep(duration).await,

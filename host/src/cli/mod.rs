@@ -133,6 +133,10 @@ struct ConnectionArgs {
         value_name = "NAME"
     )]
     control_namespace: String,
+    /// Send a `taskSent` event for every task published (off by default, as Celery's
+    /// `task_send_sent_event`).
+    #[arg(long, global = true, env = "STEM_TASK_SENT_EVENT")]
+    task_sent_event: bool,
     /// Directory of compiled components [default: ~/.cache/stem/components].
     #[arg(
         long,
@@ -331,17 +335,22 @@ impl Connections {
         usize::try_from(self.args.max_args_size).unwrap_or(usize::MAX)
     }
 
-    /// A producer with the configured argument size limit, routing and events; it
-    /// broadcasts to the workers of the configured backend.
+    /// A producer with the configured argument size limit and routing, sending `taskSent`
+    /// events if asked to; it broadcasts to the workers of the configured backend.
     async fn client(&self) -> anyhow::Result<Client> {
         let broker = self.broker().await?;
-        let events = EventChannel::new(broker.clone(), self.channels().events());
+        let events = match self.args.task_sent_event {
+            true => {
+                EventPublisher::Direct(EventChannel::new(broker.clone(), self.channels().events()))
+            }
+            false => EventPublisher::Off,
+        };
         Ok(
             Client::new(broker, self.registry().await?, Codecs::default())
                 .with_max_args_bytes(self.max_args_bytes())
                 .with_routing(self.routing()?)
                 .with_workers(self.backend().await?)
-                .with_events(EventPublisher::Direct(events)),
+                .with_events(events),
         )
     }
 

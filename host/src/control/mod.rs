@@ -110,6 +110,10 @@ pub enum Command {
     Resume {
         queues: Vec<String>,
     },
+    /// Start or stop sending events (Celery's `enable_events` / `disable_events`).
+    Events {
+        enabled: bool,
+    },
     /// Revoked tasks (already in the revoke store); no reply.
     Revoke {
         task_ids: Vec<String>,

@@ -107,6 +107,10 @@ async fn answer(shared: &Arc<Shared>, command: &Command) -> (bool, Value) {
             });
             (true, json!({ "paused": *shared.paused.borrow() }))
         }
+        Command::Events { enabled } => {
+            let changed = shared.events.set_enabled(*enabled);
+            (changed, json!({ "events": shared.events.is_enabled() }))
+        }
         Command::Revoke {
             task_ids,
             terminate,
@@ -136,6 +140,7 @@ fn stats(shared: &Shared) -> Value {
         "waiting": held.saturating_sub(busy),
         "processed": shared.processed.load(Ordering::Relaxed),
         "returned": shared.returned.load(Ordering::Relaxed),
+        "events": shared.events.is_enabled(),
         "events_dropped": shared.events.dropped(),
         "started_at": shared.started_at,
         "uptime_ms": Timestamp::now().saturating_since(shared.started_at).as_millis() as u64,

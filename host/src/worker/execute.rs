@@ -138,6 +138,7 @@ async fn finish(
     let error = status
         .as_ref()
         .and_then(|status| status.error.as_ref())
+        .filter(|_| shared.events.is_enabled())
         .map(|error| format!("{}: {}", error.kind, error.message));
     let settlement = Settlement {
         receipt: delivery.receipt.clone(),
@@ -151,14 +152,16 @@ async fn finish(
             shared.returned.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(kind) = event {
-            let mut event = shared.task_event(kind, &delivery.envelope);
-            event.runtime_ms = slot
-                .runtime()
-                .map(|runtime| u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX));
-            if kind != EventKind::TaskSucceeded {
-                event.error = error;
-            }
-            shared.events.emit(event);
+            shared.events.emit(|| {
+                let mut event = shared.task_event(kind, &delivery.envelope);
+                event.runtime_ms = slot
+                    .runtime()
+                    .map(|runtime| u64::try_from(runtime.as_millis()).unwrap_or(u64::MAX));
+                if kind != EventKind::TaskSucceeded {
+                    event.error = error;
+                }
+                event
+            });
         }
     }
 }
@@ -321,7 +324,7 @@ impl Execution<'_> {
         self.slot.started();
         shared
             .events
-            .emit(shared.task_event(EventKind::TaskStarted, envelope));
+            .emit(|| shared.task_event(EventKind::TaskStarted, envelope));
         let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));
         tokio::select! {
             outcome = &mut run => return outcome,

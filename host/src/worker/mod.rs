@@ -118,7 +118,7 @@ pub struct WorkerConfig {
     pub broadcasts: Vec<String>,
     /// Where control commands arrive and events are sent.
     pub control: Channels,
-    /// Whether to send events.
+    /// Whether to send events from the start (`worker enable-events` turns them on later).
     pub events: bool,
     /// Deliveries held at once, running or waiting for a free slot, as a multiple of
     /// `concurrency`; 1 fetches only for free slots.
@@ -146,7 +146,7 @@ impl Default for WorkerConfig {
             autoscale: None,
             broadcasts: Vec::new(),
             control: Channels::default(),
-            events: true,
+            events: false,
             prefetch_multiplier: DEFAULT_PREFETCH_MULTIPLIER,
             lease: crate::broker::DEFAULT_VISIBILITY_TIMEOUT,
             fetch_wait: Duration::from_secs(1),
@@ -429,7 +429,7 @@ impl Shared {
             },
         );
         self.events
-            .emit(self.task_event(EventKind::TaskReceived, envelope));
+            .emit(|| self.task_event(EventKind::TaskReceived, envelope));
         RunSlot {
             shared: self.clone(),
             key,
@@ -522,13 +522,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Worker {
     pub fn new(parts: WorkerParts, config: WorkerConfig) -> Worker {
-        let (events, flusher) = if config.events {
-            let channel = EventChannel::new(parts.broker.clone(), config.control.events());
-            let (sink, flusher) = EventSink::start(channel);
-            (sink, Some(flusher))
-        } else {
-            (EventSink::disabled(), None)
-        };
+        let channel = EventChannel::new(parts.broker.clone(), config.control.events());
+        let (events, flusher) = EventSink::start(channel, config.events);
         let client = Client::new(
             parts.broker.clone(),
             parts.registry.clone(),
@@ -583,7 +578,7 @@ impl Worker {
                 returned: AtomicU64::new(0),
                 started_at: Timestamp::now(),
             }),
-            flusher: Mutex::new(flusher),
+            flusher: Mutex::new(Some(flusher)),
         }
     }
 
@@ -602,7 +597,7 @@ impl Worker {
         let commands = control::subscribe(shared).await;
         shared
             .events
-            .emit(shared.worker_event(EventKind::WorkerReady));
+            .emit(|| shared.worker_event(EventKind::WorkerReady));
         let background = [
             tokio::spawn(heartbeats(shared.clone())),
             tokio::spawn(revocations(shared.clone())),
@@ -722,7 +717,7 @@ impl Worker {
         }
         shared
             .events
-            .emit(shared.worker_event(EventKind::WorkerShutdown));
+            .emit(|| shared.worker_event(EventKind::WorkerShutdown));
         let flusher = lock(&self.flusher).take();
         if let Some(flusher) = flusher {
             flusher.close(Duration::from_secs(2)).await;
@@ -859,15 +854,23 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
         held,
     } = taken;
     let mut draining = shared.draining.subscribe();
-    let running = tokio::select! {
-        biased;
-        _ = draining.wait_for(|draining| *draining) => None,
-        permit = shared.slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
-        () = tokio::time::sleep(PREFETCH_PATIENCE) => {
-            *lock(&shared.gave_back_waiting) = Some(Instant::now());
-            tracing::debug!(task.id = delivery.envelope.id, "waited too long for a slot; given back for another worker");
-            None
-        }
+    let free = match *draining.borrow_and_update() {
+        true => None,
+        false => shared.slots.clone().try_acquire_owned().ok(),
+    };
+    // Only a delivery that has to wait arms the patience timer.
+    let running = match free {
+        Some(permit) => Some(permit),
+        None => tokio::select! {
+            biased;
+            _ = draining.wait_for(|draining| *draining) => None,
+            permit = shared.slots.clone().acquire_owned() => Some(permit.expect("the semaphore is never closed")),
+            () = tokio::time::sleep(PREFETCH_PATIENCE) => {
+                *lock(&shared.gave_back_waiting) = Some(Instant::now());
+                tracing::debug!(task.id = delivery.envelope.id, "waited too long for a slot; given back for another worker");
+                None
+            }
+        },
     };
     match running {
         Some(permit) => {
@@ -950,7 +953,7 @@ async fn heartbeats(shared: Arc<Shared>) {
         }
         shared
             .events
-            .emit(shared.worker_event(EventKind::WorkerHeartbeat));
+            .emit(|| shared.worker_event(EventKind::WorkerHeartbeat));
     }
 }
 

@@ -168,21 +168,49 @@ pub async fn pause(
     })
 }
 
+pub async fn events(
+    target: Target,
+    enabled: bool,
+    connections: &Connections,
+) -> anyhow::Result<ExitCode> {
+    let replies = send(&target, Command::Events { enabled }, connections).await?;
+    report(&target, &replies, |reply| {
+        format!(
+            "events {}",
+            if reply.body["events"] == Value::Bool(true) {
+                "on"
+            } else {
+                "off"
+            }
+        )
+    })
+}
+
 /// Sends `command` to the target workers and collects their replies.
 async fn send(
     target: &Target,
     command: Command,
     connections: &Connections,
 ) -> anyhow::Result<Replies> {
+    ask(command, &target.worker, target.timeout, connections).await
+}
+
+/// Sends `command` to `workers` (ids or globs; empty for all) and collects their replies.
+pub(in crate::cli) async fn ask(
+    command: Command,
+    workers: &[String],
+    timeout: Duration,
+    connections: &Connections,
+) -> anyhow::Result<Replies> {
     let broker = connections.broker().await?;
-    let expected = expected_workers(target, connections).await;
-    let request = Request::new(command, target.worker.clone());
+    let expected = expected_workers(workers, connections).await;
+    let request = Request::new(command, workers.to_vec());
     Ok(control::request(
         &broker,
         &connections.channels(),
         &request,
         expected,
-        target.timeout,
+        timeout,
     )
     .await?)
 }
@@ -190,10 +218,13 @@ async fn send(
 /// The workers that should answer: those named exactly, else those alive by their heartbeats
 /// that the filter selects; `None` (wait for the whole timeout) if the heartbeats cannot be
 /// read.
-async fn expected_workers(target: &Target, connections: &Connections) -> Option<BTreeSet<String>> {
+async fn expected_workers(
+    patterns: &[String],
+    connections: &Connections,
+) -> Option<BTreeSet<String>> {
     let is_glob = |pattern: &String| pattern.contains(['*', '?', '[']);
-    if !target.worker.is_empty() && !target.worker.iter().any(is_glob) {
-        return Some(target.worker.iter().cloned().collect());
+    if !patterns.is_empty() && !patterns.iter().any(is_glob) {
+        return Some(patterns.iter().cloned().collect());
     }
     let backend = connections.backend().await.ok()?;
     let workers = backend.workers().await.ok()?;
@@ -202,11 +233,7 @@ async fn expected_workers(target: &Target, connections: &Connections) -> Option<
             .into_iter()
             .map(|worker| worker.worker_id)
             .filter(|id| {
-                target.worker.is_empty()
-                    || target
-                        .worker
-                        .iter()
-                        .any(|pattern| glob_matches(pattern, id))
+                patterns.is_empty() || patterns.iter().any(|pattern| glob_matches(pattern, id))
             })
             .collect(),
     )
