@@ -11,8 +11,10 @@
 //! Delivery, from the routing file's `broadcasts` (fanout when the name is not declared):
 //!
 //! - `fanout`: at least once per worker; a copy whose run was interrupted is delivered again.
-//! - `at_most_once`: a copy is delivered once; if that delivery ends without finishing (the
-//!   worker died), it is recorded as revoked instead of running again.
+//! - `at_most_once`: a copy's run begins at most once. Its `started` status is recorded before
+//!   the run; a copy delivered again after its run began (the worker died, or stopped it at
+//!   shutdown) is recorded as revoked instead, and a failing copy is not retried. A copy that
+//!   never began (given back before it ran) still runs.
 //!
 //! Workers that start after the broadcast was sent do not get it, as with Celery's broadcast
 //! queues. Tasks running in the sandbox cannot broadcast: a fan-out to every worker is the
@@ -55,6 +57,7 @@ pub fn copies(
             if delivery == Delivery::AtMostOnce {
                 copy.headers
                     .insert(AT_MOST_ONCE_HEADER.to_owned(), "1".to_owned());
+                copy.max_retries = Some(0);
             }
             copy
         })
@@ -90,13 +93,18 @@ mod tests {
         let copies = copies(&envelope, "maintenance", Delivery::AtMostOnce, &[&a, &b]);
         assert_eq!(copies.len(), 2);
         assert_eq!(copies[0].id, format!("{}@node-a:1", envelope.id));
-        assert_eq!(copies[0].queue, "worker.node-a-1");
-        assert_eq!(copies[1].queue, "worker.node-b-2");
+        assert_eq!(copies[0].queue, crate::worker::direct_queue("node-a:1"));
+        assert_ne!(copies[0].queue, copies[1].queue);
         for copy in &copies {
             copy.validate().unwrap();
             assert_eq!(copy.headers[BROADCAST_HEADER], "maintenance");
             assert!(copy.headers.contains_key(AT_MOST_ONCE_HEADER));
             assert!(copy.expires_at.is_some());
+            assert_eq!(
+                copy.max_retries,
+                Some(0),
+                "an at-most-once copy is not retried"
+            );
         }
         let fanout = super::copies(&envelope, "maintenance", Delivery::Fanout, &[&a]);
         assert!(!fanout[0].headers.contains_key(AT_MOST_ONCE_HEADER));

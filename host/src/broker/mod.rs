@@ -202,9 +202,14 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+/// Messages a subscription holds before its reader takes them. Past it, a feeder from a
+/// server connection waits (the server then buffers, and drops a reader that falls too far
+/// behind); in-process fan-out drops the message.
+pub(crate) const SUBSCRIPTION_BUFFER: usize = 1024;
+
 /// Messages of one broadcast channel, from the moment of subscribing.
 pub struct Subscription {
-    receiver: mpsc::UnboundedReceiver<String>,
+    receiver: mpsc::Receiver<String>,
     /// The task that feeds `receiver` from a server connection, stopped with the subscription.
     feeder: Option<tokio::task::JoinHandle<()>>,
 }
@@ -218,7 +223,7 @@ impl Drop for Subscription {
 }
 
 impl Subscription {
-    pub(crate) fn new(receiver: mpsc::UnboundedReceiver<String>) -> Subscription {
+    pub(crate) fn new(receiver: mpsc::Receiver<String>) -> Subscription {
         Subscription {
             receiver,
             feeder: None,
@@ -227,7 +232,7 @@ impl Subscription {
 
     /// A subscription fed by `feeder`, which is aborted when the subscription is dropped.
     pub(crate) fn fed_by(
-        receiver: mpsc::UnboundedReceiver<String>,
+        receiver: mpsc::Receiver<String>,
         feeder: tokio::task::JoinHandle<()>,
     ) -> Subscription {
         Subscription {

@@ -18,8 +18,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
-    new_lease_token, validate_all, validate_settles,
+    DeadLetterQuery, Delivery, QueueStats, Receipt, SUBSCRIPTION_BUFFER, Settle, Subscription,
+    decode_entry, new_lease_token, validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::sqlite::{self, placeholders};
@@ -354,7 +354,7 @@ async fn feed_subscriber(
     broker: SqliteBroker,
     channel: String,
     mut last: i64,
-    sender: mpsc::UnboundedSender<String>,
+    sender: mpsc::Sender<String>,
 ) {
     let mut ticks = tokio::time::interval(broker.inner.options.poll_interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -374,7 +374,7 @@ async fn feed_subscriber(
             Ok(rows) => {
                 for row in rows {
                     last = row.get("id");
-                    if sender.send(row.get("message")).is_err() {
+                    if sender.send(row.get("message")).await.is_err() {
                         return;
                     }
                 }
@@ -778,7 +778,7 @@ impl Broker for SqliteBroker {
         let last: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM stem_broadcasts")
             .fetch_one(self.pool())
             .await?;
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let feeder = tokio::spawn(feed_subscriber(
             self.clone(),
             channel.to_owned(),

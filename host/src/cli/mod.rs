@@ -345,13 +345,19 @@ impl Connections {
             }
             false => EventPublisher::Off,
         };
-        Ok(
-            Client::new(broker, self.registry().await?, Codecs::default())
-                .with_max_args_bytes(self.max_args_bytes())
-                .with_routing(self.routing()?)
-                .with_workers(self.backend().await?)
-                .with_events(events),
-        )
+        let client = Client::new(broker, self.registry().await?, Codecs::default())
+            .with_max_args_bytes(self.max_args_bytes())
+            .with_routing(self.routing()?)
+            .with_events(events);
+        // Only broadcasts need the backend (to find their subscribers): an enqueue to a queue
+        // works while the backend is down.
+        Ok(match self.backend().await {
+            Ok(backend) => client.with_workers(backend),
+            Err(error) => {
+                tracing::warn!(%error, "the result backend is unreachable; broadcasts are refused");
+                client
+            }
+        })
     }
 
     /// The control namespace's channels.

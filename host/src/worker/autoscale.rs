@@ -97,7 +97,16 @@ pub(super) async fn run(shared: Arc<Shared>) {
 /// Whether the worker's queues have entries ready (when nothing waits in the worker itself,
 /// as without prefetch).
 async fn backlog(shared: &Shared) -> bool {
-    for queue in &shared.config.queues {
+    let queues: Vec<String> = {
+        let paused = shared.paused.borrow();
+        shared
+            .config
+            .fetched_queues()
+            .into_iter()
+            .filter(|queue| !paused.contains(queue))
+            .collect()
+    };
+    for queue in &queues {
         match shared.broker.stats(queue).await {
             Ok(stats) if stats.ready > 0 => return true,
             Ok(_) => {}

@@ -15,6 +15,9 @@ use crate::time::Timestamp;
 /// subscription.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
+/// Larger control messages are ignored unread (the CLI sends revocations 1,000 ids at a time).
+const MAX_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Subscribes to the control channel; `None` if the broker refused (the serving loop tries
 /// again).
 pub(super) async fn subscribe(shared: &Shared) -> Option<Subscription> {
@@ -46,6 +49,13 @@ pub(super) async fn serve(shared: Arc<Shared>, mut subscription: Option<Subscrip
 }
 
 async fn handle(shared: &Arc<Shared>, message: &str) {
+    if message.len() > MAX_MESSAGE_BYTES {
+        tracing::warn!(
+            bytes = message.len(),
+            "ignoring a control message too large to be one"
+        );
+        return;
+    }
     let request: Request = match serde_json::from_str(message) {
         Ok(request) => request,
         Err(error) => {
@@ -115,9 +125,7 @@ async fn answer(shared: &Arc<Shared>, command: &Command) -> (bool, Value) {
             task_ids,
             terminate,
         } => {
-            for id in task_ids {
-                shared.apply_revocation(id, *terminate);
-            }
+            shared.apply_revocations(task_ids.iter().map(String::as_str), *terminate);
             (true, Value::Null)
         }
     }

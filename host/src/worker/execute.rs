@@ -117,6 +117,22 @@ pub(super) async fn give_back(shared: &Arc<Shared>, slot: RunSlot, delivery: Del
     .await;
 }
 
+/// Gives back a delivery that waited too long for a slot, for another worker to take. Not
+/// counted as returned: the worker is not stopping.
+pub(super) async fn hand_over(shared: &Arc<Shared>, slot: RunSlot, delivery: Delivery) {
+    if slot.still_leased(&delivery.receipt).await {
+        let settlement = Settlement {
+            receipt: delivery.receipt.clone(),
+            status: None,
+            settle: Settle::Release(Duration::ZERO),
+        };
+        shared.settler.settle(settlement).await;
+    }
+}
+
+/// The longest error an event carries; the status keeps the whole (cut) message.
+const EVENT_ERROR_BYTES: usize = 256;
+
 /// Hands the outcome to the settle stage, unless the lease was lost, and counts it.
 async fn finish(
     shared: &Arc<Shared>,
@@ -139,7 +155,18 @@ async fn finish(
         .as_ref()
         .and_then(|status| status.error.as_ref())
         .filter(|_| shared.events.is_enabled())
-        .map(|error| format!("{}: {}", error.kind, error.message));
+        .map(|error| {
+            let mut text = format!("{}: {}", error.kind, error.message);
+            if text.len() > EVENT_ERROR_BYTES {
+                let cut = (0..=EVENT_ERROR_BYTES)
+                    .rev()
+                    .find(|at| text.is_char_boundary(*at))
+                    .unwrap_or(0);
+                text.truncate(cut);
+                text.push('…');
+            }
+            text
+        });
     let settlement = Settlement {
         receipt: delivery.receipt.clone(),
         status,
@@ -195,6 +222,11 @@ impl Execution<'_> {
     async fn decide(mut self, recorded: Recorded) -> Result<Outcome, StorageError> {
         let shared = self.shared;
         let envelope = &self.delivery.envelope;
+        let at_most_once = envelope.headers.contains_key(AT_MOST_ONCE_HEADER);
+        let began_before = recorded
+            .status
+            .as_ref()
+            .is_some_and(|status| status.state == TaskState::Started);
         if let Some(status) = recorded.status.filter(|s| s.state.is_terminal()) {
             tracing::debug!(
                 task.id = envelope.id,
@@ -202,17 +234,6 @@ impl Execution<'_> {
                 "already finished; a repeated delivery is settled without running"
             );
             return Ok((None, settle_recorded(&status)));
-        }
-        if envelope.headers.contains_key(AT_MOST_ONCE_HEADER) && self.delivery.deliveries > 1 {
-            let cause = failure(
-                "at_most_once",
-                "an at-most-once broadcast is not delivered again after a delivery that did \
-                 not finish",
-            );
-            return Ok((
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ));
         }
         let max_deliveries = shared.config.budgets.max_deliveries;
         if self.delivery.deliveries > max_deliveries {
@@ -281,6 +302,24 @@ impl Execution<'_> {
                 return Ok(self.dead(failure("undecodable_arguments", &message), message));
             }
         };
+        if at_most_once {
+            // Its run began before and did not finish: it is not run again.
+            if began_before {
+                let cause = failure(
+                    "at_most_once",
+                    "an at-most-once broadcast whose run was interrupted is not run again",
+                );
+                return Ok((
+                    Some(self.status(TaskState::Revoked, Some(cause))),
+                    Settle::Ack,
+                ));
+            }
+            // Recorded before the run, so a redelivery knows it began.
+            shared
+                .backend
+                .set(&self.status(TaskState::Started, None), None)
+                .await?;
+        }
         let outcome = self.run(&version, &component, args).await;
         Ok(self.conclude(&version, outcome))
     }
@@ -373,6 +412,19 @@ impl Execution<'_> {
         };
         let cause = failure(error.kind(), &budgets.cut_error(&error.to_string()));
         match error {
+            RunError::Revoked
+                if shared.stopping.load(Ordering::SeqCst)
+                    && envelope.headers.contains_key(AT_MOST_ONCE_HEADER) =>
+            {
+                let cause = failure(
+                    "at_most_once",
+                    "the worker stopped an at-most-once broadcast; it is not run again",
+                );
+                (
+                    Some(self.status(TaskState::Revoked, Some(cause))),
+                    Settle::Ack,
+                )
+            }
             RunError::Revoked if shared.stopping.load(Ordering::SeqCst) => self.returned(),
             RunError::Revoked => (
                 Some(self.status(TaskState::Revoked, Some(cause))),

@@ -87,10 +87,11 @@ const FAIR_FETCH_FOR: Duration = Duration::from_secs(3);
 /// Revocations remembered for `inspect --revoked`.
 const RECENT_REVOCATIONS: usize = 1_000;
 
-/// The queue of the broadcast copies for one worker: `worker.` and its id, with every
-/// character a queue name cannot hold replaced by `-`.
+/// The queue of the broadcast copies for one worker: `worker.`, its id with every character
+/// a queue name cannot hold replaced by `-` (cut to fit), and a digest of the whole id, so two
+/// ids never share one.
 pub fn direct_queue(worker_id: &str) -> String {
-    let name: String = format!("worker.{worker_id}")
+    let readable: String = worker_id
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -99,10 +100,14 @@ pub fn direct_queue(worker_id: &str) -> String {
                 '-'
             }
         })
-        .take(crate::envelope::MAX_QUEUE_NAME_LEN)
+        .take(96)
         .collect();
-    name
+    let digest = crate::digest::sha256_hex(worker_id.as_bytes());
+    format!("{DIRECT_QUEUE_PREFIX}{readable}-{}", &digest[..12])
 }
+
+/// What every worker's direct queue is named with first.
+pub const DIRECT_QUEUE_PREFIX: &str = "worker.";
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -456,8 +461,13 @@ impl Shared {
     }
 
     /// Stops or flags the runs of revoked tasks, and remembers the revocations.
-    fn apply_revocation(&self, task_id: &str, terminate: bool) {
-        for run in self.running().values().filter(|r| r.task_id == task_id) {
+    fn apply_revocations<'a>(&self, task_ids: impl IntoIterator<Item = &'a str>, terminate: bool) {
+        let task_ids: std::collections::HashSet<&str> = task_ids.into_iter().collect();
+        for run in self
+            .running()
+            .values()
+            .filter(|run| task_ids.contains(run.task_id.as_str()))
+        {
             if terminate {
                 run.handle.terminate();
             } else {
@@ -465,20 +475,22 @@ impl Shared {
             }
         }
         let mut recent = lock(&self.recent_revocations);
-        if recent
-            .iter()
-            .any(|r| r.task_id == task_id && r.terminate == terminate)
-        {
-            return;
+        for task_id in task_ids {
+            if recent
+                .iter()
+                .any(|r| r.task_id == task_id && r.terminate == terminate)
+            {
+                continue;
+            }
+            if recent.len() == RECENT_REVOCATIONS {
+                recent.pop_front();
+            }
+            recent.push_back(AppliedRevocation {
+                task_id: task_id.to_owned(),
+                terminate,
+                at: Timestamp::now(),
+            });
         }
-        if recent.len() == RECENT_REVOCATIONS {
-            recent.pop_front();
-        }
-        recent.push_back(AppliedRevocation {
-            task_id: task_id.to_owned(),
-            terminate,
-            at: Timestamp::now(),
-        });
     }
 
     /// Changes the number of run slots (and the deliveries held with them). Slots taken away
@@ -604,6 +616,7 @@ impl Worker {
             tokio::spawn(keep_leases(shared.clone())),
             tokio::spawn(control::serve(shared.clone(), commands)),
             tokio::spawn(autoscale::run(shared.clone())),
+            tokio::spawn(sweep_direct_queues(shared.clone())),
         ];
         let mut batches = JoinSet::new();
         let mut queues = config.fetched_queues();
@@ -711,6 +724,9 @@ impl Worker {
             in_flight = shared.running().len(),
             "shutting down: no more fetching"
         );
+        if !config.broadcasts.is_empty() {
+            beat(shared).await;
+        }
         drain(shared, &mut batches).await;
         for task in background {
             task.abort();
@@ -874,14 +890,31 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
     };
     match running {
         Some(permit) => {
-            shared.busy.fetch_add(1, Ordering::SeqCst);
+            let busy = Busy::new(&shared);
             execute::process(&shared, slot, delivery, recorded).await;
-            shared.busy.fetch_sub(1, Ordering::SeqCst);
+            drop(busy);
             drop(permit);
         }
-        None => execute::give_back(&shared, slot, delivery).await,
+        None if *draining.borrow() => execute::give_back(&shared, slot, delivery).await,
+        None => execute::hand_over(&shared, slot, delivery).await,
     }
     drop(held);
+}
+
+/// Counts a run in [`Shared::busy`] while it lives, however the run ends.
+struct Busy<'a>(&'a Shared);
+
+impl<'a> Busy<'a> {
+    fn new(shared: &'a Shared) -> Busy<'a> {
+        shared.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(shared)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn log_panic(finished: Result<(), tokio::task::JoinError>) {
@@ -930,30 +963,73 @@ async fn keep_leases(shared: Arc<Shared>) {
 
 /// Tells the result backend every few seconds that this worker is alive.
 async fn heartbeats(shared: Arc<Shared>) {
-    let config = &shared.config;
-    let mut ticks = tokio::time::interval(config.heartbeat_interval);
+    let mut ticks = tokio::time::interval(shared.config.heartbeat_interval);
     loop {
         ticks.tick().await;
-        let heartbeat = WorkerHeartbeat {
-            worker_id: config.worker_id.clone(),
-            hostname: hostname(),
-            pid: std::process::id(),
-            queues: config.queues.clone(),
-            broadcasts: config.broadcasts.clone(),
-            concurrency: u32::try_from(shared.concurrency.load(Ordering::Relaxed))
-                .unwrap_or(u32::MAX),
-            in_flight: u32::try_from(shared.running().len()).unwrap_or(u32::MAX),
-            processed: shared.processed.load(Ordering::Relaxed),
-            started_at: shared.started_at,
-            last_seen: Timestamp::now(),
-        };
-        let ttl = config.heartbeat_interval * 3;
-        if let Err(error) = shared.backend.heartbeat(&heartbeat, Some(ttl)).await {
-            tracing::warn!(%error, "recording the worker heartbeat failed");
-        }
+        beat(&shared).await;
         shared
             .events
             .emit(|| shared.worker_event(EventKind::WorkerHeartbeat));
+    }
+}
+
+/// Records one heartbeat. A draining worker lists no broadcasts, so no copy is sent to a
+/// direct queue it no longer reads.
+async fn beat(shared: &Shared) {
+    let config = &shared.config;
+    let broadcasts = match *shared.draining.borrow() {
+        true => Vec::new(),
+        false => config.broadcasts.clone(),
+    };
+    let heartbeat = WorkerHeartbeat {
+        worker_id: config.worker_id.clone(),
+        hostname: hostname(),
+        pid: std::process::id(),
+        queues: config.queues.clone(),
+        broadcasts,
+        concurrency: u32::try_from(shared.concurrency.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+        in_flight: u32::try_from(shared.running().len()).unwrap_or(u32::MAX),
+        processed: shared.processed.load(Ordering::Relaxed),
+        started_at: shared.started_at,
+        last_seen: Timestamp::now(),
+    };
+    let ttl = config.heartbeat_interval * 3;
+    if let Err(error) = shared.backend.heartbeat(&heartbeat, Some(ttl)).await {
+        tracing::warn!(%error, "recording the worker heartbeat failed");
+    }
+}
+
+/// Purges the direct queues of workers that have no heartbeat: copies of broadcasts sent to a
+/// worker that is gone (a worker that restarts gets a new id unless `--worker-id` is fixed).
+async fn sweep_direct_queues(shared: Arc<Shared>) {
+    let (queues, workers) = match tokio::try_join!(shared.broker.queues(), shared.backend.workers())
+    {
+        Ok(found) => found,
+        Err(error) => {
+            tracing::warn!(%error, "looking for the direct queues of gone workers failed");
+            return;
+        }
+    };
+    let mine = direct_queue(&shared.config.worker_id);
+    let alive: std::collections::HashSet<String> = workers
+        .iter()
+        .map(|worker| direct_queue(&worker.worker_id))
+        .collect();
+    for queue in queues {
+        if !queue.starts_with(DIRECT_QUEUE_PREFIX) || queue == mine || alive.contains(&queue) {
+            continue;
+        }
+        match shared.broker.purge(&queue).await {
+            Ok(0) => {}
+            Ok(purged) => {
+                tracing::info!(
+                    queue,
+                    purged,
+                    "purged broadcast copies of a worker that is gone"
+                )
+            }
+            Err(error) => tracing::warn!(queue, %error, "purging a gone worker's queue failed"),
+        }
     }
 }
 
@@ -975,8 +1051,12 @@ async fn revocations(shared: Arc<Shared>) {
         );
         match shared.revokes.list_since(since).await {
             Ok(revocations) => {
-                for revocation in revocations {
-                    shared.apply_revocation(&revocation.task_id, revocation.terminate);
+                for terminate in [false, true] {
+                    let ids = revocations
+                        .iter()
+                        .filter(|revocation| revocation.terminate == terminate)
+                        .map(|revocation| revocation.task_id.as_str());
+                    shared.apply_revocations(ids, terminate);
                 }
             }
             Err(error) => tracing::warn!(%error, "polling the revoke store failed"),

@@ -454,3 +454,69 @@ async fn events_show_every_state_in_order() {
         assert!(filtered.is_empty(), "{filtered}");
     }
 }
+
+/// An at-most-once broadcast copy stopped while it runs is recorded as revoked, never run
+/// again; a fanout copy goes back to its worker's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_at_most_once_copy_is_not_run_again() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let file = platform.dir().join("routing.yaml");
+    std::fs::write(
+        &file,
+        "broadcasts:\n  once: {delivery: at_most_once}\n  every: {delivery: fanout}\n",
+    )
+    .unwrap();
+    let routing = file.to_str().unwrap();
+    let start = || {
+        let args = [
+            "--routing-config",
+            routing,
+            "--worker-id",
+            "solo",
+            "--broadcasts",
+        ];
+        let mut args = args.to_vec();
+        args.extend(["once,every", "--started-after", "0s"]);
+        platform.worker(&args)
+    };
+    let mut worker = start();
+    let backend = platform.backend().await;
+    eventually(Duration::from_secs(10), "a heartbeat", || async {
+        !backend.workers().await.unwrap().is_empty()
+    })
+    .await;
+    let send = |broadcast: &str| -> String {
+        let stdout = platform.run_ok(&[
+            "--routing-config",
+            routing,
+            "enqueue",
+            &format!("broadcast://{broadcast}"),
+            "--task",
+            "hello.busy",
+            "--args",
+            r#"{"ms":60000,"cooperative":false}"#,
+        ]);
+        stdout.trim().to_owned()
+    };
+    let once = send("once");
+    let every = send("every");
+    reaches(&platform, &once, TaskState::Started).await;
+    reaches(&platform, &every, TaskState::Started).await;
+    worker.stop("QUIT", Duration::from_secs(20));
+    let stopped = status(&platform, &once).await.unwrap();
+    assert_eq!(stopped.state, TaskState::Revoked, "{stopped:?}");
+    assert_eq!(stopped.error.unwrap().kind, "at_most_once");
+    assert_eq!(
+        status(&platform, &every).await.unwrap().state,
+        TaskState::Pending,
+        "a fanout copy goes back to be run again"
+    );
+    let _again = start();
+    reaches(&platform, &every, TaskState::Started).await;
+    assert_eq!(
+        status(&platform, &once).await.unwrap().state,
+        TaskState::Revoked
+    );
+}

@@ -454,7 +454,8 @@ async fn receive(
                 let Ok(note) = serde_json::from_str::<BroadcastNote>(notification.payload()) else {
                     continue;
                 };
-                if note.scope != scope {
+                // Stored messages are read only where someone listens on their channel.
+                if note.scope != scope || !channels.has_subscribers(&note.channel) {
                     continue;
                 }
                 let message = match (note.message, note.stored) {
@@ -886,15 +887,18 @@ impl Broker for PostgresBroker {
         let claim = uuid::Uuid::new_v4().simple().to_string();
         let mut tx = self.pool().begin().await?;
         // Claims the key when it is free or forgotten; else leaves the row as it is. Either way
-        // the row comes back, locked: its claim says who holds the key.
+        // the row comes back, locked: its claim says who holds the key. The clock is read once
+        // (`excluded.expires_at - $5` is that reading).
         let (holder, held_by): (String, String) = sqlx::query_as(&format!(
             "INSERT INTO stem_unique_keys AS k (namespace, key, task_id, claim, expires_at)
              VALUES ($1, $2, $3, $4, {NOW_MS} + $5)
              ON CONFLICT (namespace, key) DO UPDATE SET
-                 task_id = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.task_id ELSE k.task_id END,
-                 claim = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.claim ELSE k.claim END,
-                 expires_at = CASE WHEN k.expires_at <= {NOW_MS} THEN excluded.expires_at
-                     ELSE k.expires_at END
+                 task_id = CASE WHEN k.expires_at <= excluded.expires_at - $5
+                     THEN excluded.task_id ELSE k.task_id END,
+                 claim = CASE WHEN k.expires_at <= excluded.expires_at - $5
+                     THEN excluded.claim ELSE k.claim END,
+                 expires_at = CASE WHEN k.expires_at <= excluded.expires_at - $5
+                     THEN excluded.expires_at ELSE k.expires_at END
              RETURNING task_id, claim"
         ))
         .bind(self.namespace())

@@ -722,14 +722,14 @@ impl Broker for RedisBroker {
         pubsub
             .subscribe(self.key(&format!("broadcast:{channel}")))
             .await?;
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(super::SUBSCRIPTION_BUFFER);
         let feeder = tokio::spawn(async move {
             let mut messages = pubsub.into_on_message();
             while let Some(message) = messages.next().await {
                 let Ok(text) = message.get_payload::<String>() else {
                     continue;
                 };
-                if sender.send(text).is_err() {
+                if sender.send(text).await.is_err() {
                     return;
                 }
             }

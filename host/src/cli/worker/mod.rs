@@ -257,6 +257,12 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
     });
     let concurrency = autoscale.map_or(args.concurrency as usize, |autoscale| autoscale.min);
     let max_concurrency = autoscale.map_or(concurrency, |autoscale| autoscale.max);
+    let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+    if worker_id.is_empty() || worker_id.len() > 200 || worker_id.chars().any(char::is_control) {
+        bail!(
+            "invalid worker id `{worker_id}`: use 1 to 200 characters, none of them control characters"
+        );
+    }
     for broadcast in &args.broadcasts {
         if broadcast.is_empty() || broadcast.contains(char::is_whitespace) {
             bail!("invalid broadcast name `{broadcast}`");
@@ -289,7 +295,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         routing: connections.routing()?,
     };
     let config = WorkerConfig {
-        worker_id: args.worker_id.unwrap_or_else(default_worker_id),
+        worker_id,
         queues: parts.routing.worker_queues(&args.queues),
         concurrency,
         autoscale,
