@@ -7,7 +7,7 @@
 //! worker whose buffer is full drops (and counts) them rather than slow its tasks down. Also
 //! like Celery's, they are off unless asked for (`worker start --events`, or `worker
 //! enable-events` at run time; producers with `STEM_TASK_SENT_EVENT`): three events per task
-//! cost a busy Redis worker about a fifth of its throughput.
+//! cost a busy Redis worker about an eighth of its throughput.
 //!
 //! | event | Celery | sent by | when |
 //! | --- | --- | --- | --- |

@@ -84,7 +84,7 @@ pub struct StartArgs {
     broadcasts: Vec<String>,
     /// Send task and worker events from the start (`stem-host events` shows them; `worker
     /// enable-events` turns them on later). Off by default, as in Celery: they cost a busy
-    /// worker about a fifth of its throughput.
+    /// worker about an eighth of its throughput.
     #[arg(long, short = 'E', env = "STEM_WORKER_EVENTS")]
     events: bool,
     /// This worker's name in heartbeats and statuses [default: HOSTNAME:PID].
