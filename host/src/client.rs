@@ -82,6 +82,11 @@ pub enum EnqueueError {
     )]
     Broadcast { task: String, broadcast: String },
     #[error(
+        "queue `{0}` is reserved: queues named `worker.…` hold the broadcast copies of one \
+         worker each"
+    )]
+    ReservedQueue(String),
+    #[error(
         "no live worker subscribes to broadcast `{0}` (start one with `worker start \
          --broadcasts {0}`); nothing was published"
     )]
@@ -271,6 +276,9 @@ impl Client {
         envelope.depth = request.depth;
         if broadcast.is_none() {
             envelope.validate()?;
+            if crate::worker::is_direct_queue(&envelope.queue) {
+                return Err(EnqueueError::ReservedQueue(envelope.queue));
+            }
         }
         Ok((envelope, broadcast))
     }

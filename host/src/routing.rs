@@ -417,7 +417,12 @@ impl RouteMatch {
 }
 
 fn check_queue(at: &str, name: &str) -> Result<(), RoutingError> {
-    if is_valid_queue_name(name) {
+    if crate::worker::is_direct_queue(name) {
+        Err(invalid(
+            at,
+            format!("queue `{name}` is reserved for the broadcast copies of one worker"),
+        ))
+    } else if is_valid_queue_name(name) {
         Ok(())
     } else {
         Err(invalid(

@@ -235,6 +235,17 @@ impl Execution<'_> {
             );
             return Ok((None, settle_recorded(&status)));
         }
+        // Before any exit that records a status, which would hide that its run began.
+        if at_most_once && began_before {
+            let cause = failure(
+                "at_most_once",
+                "an at-most-once broadcast whose run was interrupted is not run again",
+            );
+            return Ok((
+                Some(self.status(TaskState::Revoked, Some(cause))),
+                Settle::Ack,
+            ));
+        }
         let max_deliveries = shared.config.budgets.max_deliveries;
         if self.delivery.deliveries > max_deliveries {
             let reason = format!(
@@ -303,24 +314,29 @@ impl Execution<'_> {
             }
         };
         if at_most_once {
-            // Its run began before and did not finish: it is not run again.
-            if began_before {
-                let cause = failure(
-                    "at_most_once",
-                    "an at-most-once broadcast whose run was interrupted is not run again",
-                );
-                return Ok((
-                    Some(self.status(TaskState::Revoked, Some(cause))),
-                    Settle::Ack,
-                ));
+            // Only while this delivery still holds the lease (a stalled one may have lost it
+            // to a redelivery), and recorded before the run, so a redelivery knows it began.
+            if !self.slot.confirm_lease(&self.delivery.receipt).await {
+                return Ok(self.returned());
             }
-            // Recorded before the run, so a redelivery knows it began.
             shared
                 .backend
                 .set(&self.status(TaskState::Started, None), None)
                 .await?;
+            if self.slot.handle.is_terminated() {
+                return Ok(self.returned());
+            }
         }
         let outcome = self.run(&version, &component, args).await;
+        if at_most_once
+            && matches!(
+                outcome,
+                Err(RunError::Instantiate(_) | RunError::MemoryBudgetExhausted { .. })
+            )
+        {
+            // The guest never started: the copy may still run, later.
+            return Ok(self.not_begun());
+        }
         Ok(self.conclude(&version, outcome))
     }
 
@@ -470,6 +486,16 @@ impl Execution<'_> {
         (
             Some(self.status(TaskState::Failed, Some(cause))),
             Settle::DeadLetter(reason),
+        )
+    }
+
+    /// An at-most-once copy whose run did not begin after all: recorded as `pending` again
+    /// (its next delivery may run it) and given back after the worker-trouble delay.
+    fn not_begun(&self) -> Outcome {
+        let cause = failure("not_begun", "the run could not begin; the copy waits");
+        (
+            Some(self.status(TaskState::Pending, Some(cause))),
+            Settle::Release(WORKER_TROUBLE_DELAY),
         )
     }
 

@@ -106,8 +106,25 @@ pub fn direct_queue(worker_id: &str) -> String {
     format!("{DIRECT_QUEUE_PREFIX}{readable}-{}", &digest[..12])
 }
 
-/// What every worker's direct queue is named with first.
+/// What every worker's direct queue is named with first; reserved: producers refuse queues
+/// named so.
 pub const DIRECT_QUEUE_PREFIX: &str = "worker.";
+
+/// Whether `queue` is in the reserved space of direct queues.
+pub fn is_direct_queue(queue: &str) -> bool {
+    queue.starts_with(DIRECT_QUEUE_PREFIX)
+}
+
+/// Whether `queue` has the exact shape [`direct_queue`] gives: the only queues the sweep of
+/// gone workers' queues touches.
+fn has_direct_queue_shape(queue: &str) -> bool {
+    queue
+        .strip_prefix(DIRECT_QUEUE_PREFIX)
+        .and_then(|rest| rest.rsplit_once('-'))
+        .is_some_and(|(_, digest)| {
+            digest.len() == 12 && digest.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}
 
 /// How a worker runs.
 #[derive(Clone, Debug)]
@@ -295,6 +312,8 @@ struct Shared {
     gave_back_waiting: Mutex<Option<Instant>>,
     /// Queues not fetched from until resumed.
     paused: watch::Sender<BTreeSet<String>>,
+    /// Held while a heartbeat is written, so the one written when draining begins is last.
+    beating: tokio::sync::Mutex<()>,
     shutdown: ShutdownHandle,
     /// Revocations applied recently, newest last.
     recent_revocations: Mutex<VecDeque<AppliedRevocation>>,
@@ -364,8 +383,22 @@ impl RunSlot {
         if !self.lease_may_have_lapsed() {
             return true;
         }
-        let lease = self.shared.config.lease;
-        match self.shared.broker.extend_lease(receipt, lease).await {
+        // When the broker cannot say, the outcome is recorded: its settle checks the lease.
+        self.confirm_lease(receipt).await || !self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Extends the lease now: `false` when it was lost (another delivery of the entry may be
+    /// running), or the broker could not say.
+    async fn confirm_lease(&self, receipt: &Receipt) -> bool {
+        if self.lost.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self
+            .shared
+            .broker
+            .extend_lease(receipt, self.shared.config.lease)
+            .await
+        {
             Ok(_) => {
                 if let Some(running) = self.shared.running().get_mut(&self.key) {
                     running.leased_at = Instant::now();
@@ -376,8 +409,7 @@ impl RunSlot {
                 self.lost.store(true, Ordering::SeqCst);
                 false
             }
-            // The broker cannot say: record the outcome; its settle checks the lease again.
-            Err(_) => true,
+            Err(_) => false,
         }
     }
 
@@ -579,6 +611,7 @@ impl Worker {
                 busy: AtomicUsize::new(0),
                 gave_back_waiting: Mutex::default(),
                 paused: watch::Sender::new(BTreeSet::new()),
+                beating: tokio::sync::Mutex::new(()),
                 shutdown: ShutdownHandle {
                     requested: watch::Sender::new(None),
                 },
@@ -725,7 +758,9 @@ impl Worker {
             "shutting down: no more fetching"
         );
         if !config.broadcasts.is_empty() {
-            beat(shared).await;
+            // Beside the drain: a slow backend must not hold up a hard shutdown.
+            let shared = shared.clone();
+            tokio::spawn(async move { beat(&shared).await });
         }
         drain(shared, &mut batches).await;
         for task in background {
@@ -976,6 +1011,7 @@ async fn heartbeats(shared: Arc<Shared>) {
 /// Records one heartbeat. A draining worker lists no broadcasts, so no copy is sent to a
 /// direct queue it no longer reads.
 async fn beat(shared: &Shared) {
+    let _beating = shared.beating.lock().await;
     let config = &shared.config;
     let broadcasts = match *shared.draining.borrow() {
         true => Vec::new(),
@@ -1002,6 +1038,8 @@ async fn beat(shared: &Shared) {
 /// Purges the direct queues of workers that have no heartbeat: copies of broadcasts sent to a
 /// worker that is gone (a worker that restarts gets a new id unless `--worker-id` is fixed).
 async fn sweep_direct_queues(shared: Arc<Shared>) {
+    // After a heartbeat's lifetime, so peers restarting together have announced themselves.
+    tokio::time::sleep(shared.config.heartbeat_interval * 3).await;
     let (queues, workers) = match tokio::try_join!(shared.broker.queues(), shared.backend.workers())
     {
         Ok(found) => found,
@@ -1016,7 +1054,7 @@ async fn sweep_direct_queues(shared: Arc<Shared>) {
         .map(|worker| direct_queue(&worker.worker_id))
         .collect();
     for queue in queues {
-        if !queue.starts_with(DIRECT_QUEUE_PREFIX) || queue == mine || alive.contains(&queue) {
+        if !has_direct_queue_shape(&queue) || queue == mine || alive.contains(&queue) {
             continue;
         }
         match shared.broker.purge(&queue).await {
@@ -1061,5 +1099,25 @@ async fn revocations(shared: Arc<Shared>) {
             }
             Err(error) => tracing::warn!(%error, "polling the revoke store failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_queues_are_distinct_valid_and_recognised() {
+        let a = direct_queue("host:1");
+        let b = direct_queue("host-1");
+        assert_ne!(a, b, "ids that read alike still get their own queue");
+        let long = direct_queue(&"x".repeat(200));
+        for queue in [&a, &b, &long] {
+            assert!(crate::envelope::is_valid_queue_name(queue), "{queue}");
+            assert!(has_direct_queue_shape(queue), "{queue}");
+            assert!(is_direct_queue(queue));
+        }
+        assert!(!has_direct_queue_shape("worker.emails"), "a user's queue");
+        assert!(!has_direct_queue_shape("worker.node-a-1"), "no digest");
     }
 }

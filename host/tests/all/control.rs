@@ -357,6 +357,9 @@ async fn a_broadcast_runs_once_on_every_subscribed_worker() {
     ran_on.sort();
     assert_eq!(ran_on, ["node-a", "node-b"]);
 
+    let reserved = platform.run(&["enqueue", "maintenance", "--queue", "worker.node-a"]);
+    assert!(!reserved.status.success(), "direct queues are reserved");
+    assert!(String::from_utf8_lossy(&reserved.stderr).contains("reserved"));
     let nobody = platform.run(&[
         "enqueue",
         "broadcast://nobody-listens",

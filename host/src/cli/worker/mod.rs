@@ -269,6 +269,9 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         }
     }
     for queue in &args.queues {
+        if crate::worker::is_direct_queue(queue) {
+            bail!("queue `{queue}` is reserved: each worker reads its own direct queue");
+        }
         if !is_valid_queue_name(queue) {
             bail!(
                 "invalid queue name `{queue}`: use 1 to {MAX_QUEUE_NAME_LEN} letters, digits, \
