@@ -18,6 +18,7 @@ use crate::components::VERSION_CACHE_TTL;
 use crate::control::events::{Event, EventKind, EventPublisher};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::routing::{Delivery, RouteRequest, Routing, Target};
+use crate::signing::Keys;
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
 use crate::task::TaskDefinition;
@@ -82,6 +83,11 @@ pub enum EnqueueError {
     )]
     Broadcast { task: String, broadcast: String },
     #[error(
+        "this producer holds verification keys only (STEM_SIGNING_PUBLIC_KEYS): it cannot sign \
+         `{0}`, and workers that verify would refuse it unsigned"
+    )]
+    CannotSign(String),
+    #[error(
         "queue `{0}` is reserved: queues named `worker.…` hold the broadcast copies of one \
          worker each"
     )]
@@ -111,6 +117,8 @@ pub struct Client {
     /// Where broadcasts find their subscribers (worker heartbeats); none refuses broadcasts.
     workers: Option<Arc<dyn ResultBackend>>,
     events: EventPublisher,
+    /// Signs everything published, when configured.
+    signing: Option<Arc<Keys>>,
     definitions: Arc<Mutex<HashMap<String, (TaskDefinition, Instant)>>>,
 }
 
@@ -158,6 +166,7 @@ impl Client {
             routing: Arc::default(),
             workers: None,
             events: EventPublisher::Off,
+            signing: None,
             definitions: Arc::default(),
         }
     }
@@ -166,6 +175,62 @@ impl Client {
     pub fn with_workers(mut self, backend: Arc<dyn ResultBackend>) -> Client {
         self.workers = Some(backend);
         self
+    }
+
+    /// Signs every envelope it publishes with the active key; with verification keys only,
+    /// it refuses to publish.
+    pub fn with_signing(mut self, keys: Option<Arc<Keys>>) -> Client {
+        self.signing = keys;
+        self
+    }
+
+    /// Signs `envelopes` for publishing, or refuses when this producer cannot sign.
+    fn seal(&self, envelopes: &mut [Envelope]) -> Result<(), EnqueueError> {
+        let Some(keys) = &self.signing else {
+            return Ok(());
+        };
+        if !keys.can_sign() {
+            let task = envelopes
+                .first()
+                .map(|e| e.task.clone())
+                .unwrap_or_default();
+            return Err(EnqueueError::CannotSign(task));
+        }
+        for envelope in envelopes {
+            keys.sign(envelope);
+        }
+        Ok(())
+    }
+
+    /// Publishes an envelope [prepared](Client::prepare) earlier (and sends `taskSent`).
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
+        self.broker.publish(envelope).await?;
+        self.sent(std::slice::from_ref(envelope)).await;
+        Ok(())
+    }
+
+    /// Publishes envelopes [prepared](Client::prepare) earlier through
+    /// [`Broker::publish_unique`], signed again (a canvas sets their group after preparing
+    /// them), and sends `taskSent` for those stored: per envelope, whether it was stored.
+    pub async fn publish_unique(
+        &self,
+        mut envelopes: Vec<Envelope>,
+        window: Duration,
+    ) -> Result<Vec<bool>, StorageError> {
+        if let Some(keys) = self.signing.as_ref().filter(|keys| keys.can_sign()) {
+            for envelope in &mut envelopes {
+                keys.sign(envelope);
+            }
+        }
+        let stored = self.broker.publish_unique(&envelopes, window).await?;
+        let sent: Vec<Envelope> = envelopes
+            .into_iter()
+            .zip(&stored)
+            .filter(|(_, stored)| **stored)
+            .map(|(envelope, _)| envelope)
+            .collect();
+        self.sent(&sent).await;
+        Ok(stored)
     }
 
     /// Sends a `taskSent` event for every task published.
@@ -211,8 +276,8 @@ impl Client {
         &self.broker
     }
 
-    /// Checks, fills in and encodes one request, without publishing it. A task routed to a
-    /// broadcast is refused: [`Client::send`] publishes those.
+    /// Checks, fills in, encodes and signs one request, without publishing it. A task routed
+    /// to a broadcast is refused: [`Client::send`] publishes those.
     pub async fn prepare(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
         match self.route(request, None).await? {
             (envelope, None) => Ok(envelope),
@@ -279,6 +344,7 @@ impl Client {
             if crate::worker::is_direct_queue(&envelope.queue) {
                 return Err(EnqueueError::ReservedQueue(envelope.queue));
             }
+            self.seal(std::slice::from_mut(&mut envelope))?;
         }
         Ok((envelope, broadcast))
     }
@@ -286,8 +352,7 @@ impl Client {
     /// Publishes one task and returns its envelope; a task routed to a broadcast is refused.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
         let envelope = self.prepare(request).await?;
-        self.broker.publish(&envelope).await?;
-        self.sent(std::slice::from_ref(&envelope)).await;
+        self.publish(&envelope).await?;
         Ok(envelope)
     }
 
@@ -348,10 +413,11 @@ impl Client {
             .broadcasts
             .get(&name)
             .map_or(Delivery::Fanout, |rule| rule.delivery);
-        let copies = crate::broadcast::copies(&envelope, &name, delivery, &subscribers);
+        let mut copies = crate::broadcast::copies(&envelope, &name, delivery, &subscribers);
         for copy in &copies {
             copy.validate()?;
         }
+        self.seal(&mut copies)?;
         self.broker.publish_batch(&copies).await?;
         self.sent(&copies).await;
         Ok(Sent::Broadcast { name, copies })
@@ -372,7 +438,7 @@ impl Client {
     }
 
     /// Sends `taskSent` for what was just published.
-    pub(crate) async fn sent(&self, envelopes: &[Envelope]) {
+    async fn sent(&self, envelopes: &[Envelope]) {
         if self.events.is_off() {
             return;
         }

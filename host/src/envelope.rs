@@ -61,6 +61,9 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
     pub created_at: Timestamp,
+    /// `KEY-ID:BASE64`, when the producer signs ([`crate::signing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 fn is_zero(depth: &u32) -> bool {
@@ -128,6 +131,7 @@ impl Envelope {
             depth: 0,
             group_id: None,
             created_at: Timestamp::now(),
+            signature: None,
         }
     }
 

@@ -25,7 +25,8 @@
 //!   [`broadcast`]: tasks run once on every subscribed worker.
 //! - [`control`]: commands to running workers (ping, stats, inspect, pause, shutdown,
 //!   revoke) and the event stream, over the broker's broadcast channels.
-//! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it.
+//! - [`client`]: enqueueing: checks a request, fills in the task's defaults, publishes it;
+//!   [`signing`]: producers sign envelopes, workers verify them.
 //! - [`components`]: uploading components to the registry and fetching them for workers.
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
 //!   `postgres://`).
@@ -57,6 +58,7 @@ pub mod routing;
 pub mod runtime;
 pub mod schedule;
 pub mod settlement;
+pub mod signing;
 mod sqlite;
 pub mod storage;
 pub mod stores;

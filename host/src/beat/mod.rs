@@ -423,18 +423,9 @@ impl Beat {
         if !pending.is_empty() {
             self.backend.set_many(&pending, None).await?;
         }
-        let stored = self
-            .client
-            .broker()
-            .publish_unique(&envelopes, DUPLICATE_WINDOW)
+        self.client
+            .publish_unique(envelopes.clone(), DUPLICATE_WINDOW)
             .await?;
-        let sent: Vec<Envelope> = envelopes
-            .iter()
-            .zip(stored)
-            .filter(|(_, stored)| *stored)
-            .map(|(envelope, _)| envelope.clone())
-            .collect();
-        self.client.sent(&sent).await;
         round.fired = envelopes.len();
         for envelope in &envelopes {
             tracing::debug!(task.id = envelope.id, task = envelope.task, "fired");
@@ -528,8 +519,7 @@ pub async fn run_now(
     if entry.definition.overlap == Overlap::Skip {
         backend.set(&pending_status(&envelope), None).await?;
     }
-    client.broker().publish(&envelope).await?;
-    client.sent(std::slice::from_ref(&envelope)).await;
+    client.publish(&envelope).await?;
     // Counted on whatever revision is current: a Beat recording a slot meanwhile wins.
     let mut current = Some(entry);
     for _ in 0..10 {

@@ -667,16 +667,8 @@ impl Canvases {
         for (chunk, callbacks) in envelopes.chunks(BATCH).zip(callbacks.chunks(BATCH)) {
             let stored = self
                 .client
-                .broker()
-                .publish_unique(chunk, DEDUPE_WINDOW)
+                .publish_unique(chunk.to_vec(), DEDUPE_WINDOW)
                 .await?;
-            let sent: Vec<Envelope> = chunk
-                .iter()
-                .zip(&stored)
-                .filter(|(_, stored)| **stored)
-                .map(|(envelope, _)| envelope.clone())
-                .collect();
-            self.client.sent(&sent).await;
             for ((envelope, stored), callback) in chunk.iter().zip(stored).zip(callbacks) {
                 if !stored {
                     continue;

@@ -13,6 +13,7 @@ mod result;
 mod revoke;
 mod routing;
 mod schedule;
+mod signing;
 mod task;
 pub mod units;
 mod worker;
@@ -35,6 +36,7 @@ use crate::control::events::{EventChannel, EventPublisher};
 use crate::routing::Routing;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::settlement::SettlementStore;
+use crate::signing::Keys;
 use crate::stores::lock::LockStore;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
@@ -173,6 +175,9 @@ enum Command {
     Revoke(revoke::RevokeArgs),
     /// Tail the event stream: every task state and worker lifecycle step, live.
     Events(events::EventsArgs),
+    /// Generate signing keys (see the README's Signing section).
+    #[command(subcommand)]
+    Signing(signing::SigningCommand),
     /// Show the routing file's rules, and which one picks a task's queue and priority.
     #[command(subcommand)]
     Routing(routing::RoutingCommand),
@@ -221,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(command) => queue::run_dlq(command, &connections).await,
         Command::Revoke(args) => revoke::run(args, &connections).await,
         Command::Events(args) => events::run(args, &connections).await,
+        Command::Signing(command) => signing::run(command),
         Command::Routing(command) => routing::run(command, &connections).await,
         Command::Schedule(command) => schedule::run(command, &connections).await,
         Command::Beat(command) => beat::run(command, &connections).await,
@@ -348,7 +354,8 @@ impl Connections {
         let client = Client::new(broker, self.registry().await?, Codecs::default())
             .with_max_args_bytes(self.max_args_bytes())
             .with_routing(self.routing()?)
-            .with_events(events);
+            .with_events(events)
+            .with_signing(self.signing()?);
         // Only broadcasts need the backend (to find their subscribers): an enqueue to a queue
         // works while the backend is down.
         Ok(match self.backend().await {
@@ -358,6 +365,13 @@ impl Connections {
                 client
             }
         })
+    }
+
+    /// The `STEM_SIGNING_*` keys, if any are set.
+    fn signing(&self) -> anyhow::Result<Option<Arc<Keys>>> {
+        Ok(Keys::from_env()
+            .context("the signing configuration is invalid")?
+            .map(Arc::new))
     }
 
     /// The control namespace's channels.

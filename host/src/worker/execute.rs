@@ -18,6 +18,7 @@ use crate::control::events::EventKind;
 use crate::envelope::Envelope;
 use crate::runtime::{RunError, TaskComponent};
 use crate::settlement::Settlement;
+use crate::signing::SIGNATURE_INVALID;
 use crate::storage::StorageError;
 use crate::stores::rate_limit::Permit;
 use crate::stores::registry::TaskVersion;
@@ -222,6 +223,15 @@ impl Execution<'_> {
     async fn decide(mut self, recorded: Recorded) -> Result<Outcome, StorageError> {
         let shared = self.shared;
         let envelope = &self.delivery.envelope;
+        // Nothing of an envelope that fails its signature is trusted, its task id included:
+        // no status is written for it.
+        if let Some(keys) = &shared.verifier
+            && let Err(why) = keys.verify(envelope)
+        {
+            tracing::warn!(task.id = envelope.id, %why, "refusing an envelope whose signature fails");
+            let reason = format!("{SIGNATURE_INVALID}: {why}");
+            return Ok((None, Settle::DeadLetter(reason)));
+        }
         let at_most_once = envelope.headers.contains_key(AT_MOST_ONCE_HEADER);
         let began_before = recorded
             .status

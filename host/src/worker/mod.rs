@@ -70,6 +70,7 @@ use crate::control::events::{
 use crate::routing::Routing;
 use crate::runtime::{RunHandle, Runtime};
 use crate::settlement::SettlementStore;
+use crate::signing::Keys;
 use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
@@ -245,6 +246,9 @@ pub struct WorkerParts {
     pub codecs: Codecs,
     /// Applied to the sub-tasks and canvas steps the worker publishes.
     pub routing: Arc<Routing>,
+    /// Signing keys: deliveries must be signed by one of them, and the worker signs what it
+    /// publishes when it holds a secret or private key. `None` verifies nothing.
+    pub signing: Option<Arc<Keys>>,
 }
 
 /// What a worker did, reported when it stops.
@@ -295,6 +299,8 @@ struct Shared {
     codecs: Codecs,
     settler: Settler,
     events: EventSink,
+    /// Deliveries must carry a signature these keys verify.
+    verifier: Option<Arc<Keys>>,
     /// Deliveries taken and not yet settled, by a key of their own (two deliveries of one
     /// task id can be here at once), so leases, revocations and shutdown reach each.
     running: Mutex<HashMap<u64, Running>>,
@@ -575,7 +581,8 @@ impl Worker {
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes)
         .with_routing(parts.routing.clone())
-        .with_events(EventPublisher::Batched(events.clone()));
+        .with_events(EventPublisher::Batched(events.clone()))
+        .with_signing(parts.signing.clone());
         // What a canvas publishes next (results passed on) is held to the same bound.
         let canvas_client = Client::new(
             parts.broker.clone(),
@@ -584,7 +591,8 @@ impl Worker {
         )
         .with_max_args_bytes(config.budgets.subtask_args_bytes)
         .with_routing(parts.routing)
-        .with_events(EventPublisher::Batched(events.clone()));
+        .with_events(EventPublisher::Batched(events.clone()))
+        .with_signing(parts.signing.clone());
         let canvases = Arc::new(Canvases::new(
             canvas_client,
             parts.backend.clone(),
@@ -603,6 +611,7 @@ impl Worker {
                 client,
                 canvases,
                 events,
+                verifier: parts.signing,
                 running: Mutex::default(),
                 next_run: AtomicU64::new(0),
                 slots: Arc::new(Semaphore::new(concurrency)),

@@ -18,5 +18,6 @@ mod redis_server;
 mod redis_tls;
 mod routing;
 mod sandbox;
+mod signing;
 mod sqlite_crash;
 mod support;

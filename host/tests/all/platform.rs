@@ -39,6 +39,16 @@ const ADAPTER_VARIABLES: &[&str] = &[
     "STEM_RATE_LIMITER_URL",
     "STEM_ROUTING_CONFIG",
     "STEM_LOG",
+    "STEM_CONTROL_NAMESPACE",
+    "STEM_WORKER_EVENTS",
+    "STEM_WORKER_BROADCASTS",
+    "STEM_TASK_SENT_EVENT",
+    "STEM_PREFETCH_MULTIPLIER",
+    "STEM_SIGNING_ALGORITHM",
+    "STEM_SIGNING_KEYS",
+    "STEM_SIGNING_ACTIVE_KEY",
+    "STEM_SIGNING_PUBLIC_KEYS",
+    "STEM_SIGNING_PRIVATE_KEYS",
 ];
 
 /// End-to-end tests start worker processes; one at a time keeps them from starving each other

@@ -227,6 +227,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             runtime: runtime.clone(),
             codecs: Codecs::default(),
             routing: Arc::default(),
+            signing: connections.signing()?,
         };
         let config = WorkerConfig {
             worker_id: format!("{namespace}-{}", workers.len() + 1),

@@ -296,6 +296,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         })?,
         codecs: Codecs::default(),
         routing: connections.routing()?,
+        signing: connections.signing()?,
     };
     let config = WorkerConfig {
         worker_id,

@@ -1,0 +1,421 @@
+//! Payload signing, as the seeds' `STEM_SIGNING_*` variables describe it: producers sign every
+//! envelope they publish; a worker that holds verification keys runs only envelopes signed by
+//! one of them, and sends the rest to the dead-letter queue with the reason
+//! `signature-invalid: …`, without running them.
+//!
+//! - `STEM_SIGNING_ALGORITHM`: `hmac-sha256` (the default) or `ed25519`.
+//! - `STEM_SIGNING_KEYS`: HMAC secrets, `ID:BASE64,ID:BASE64` (both sides hold them).
+//! - `STEM_SIGNING_PRIVATE_KEYS` / `STEM_SIGNING_PUBLIC_KEYS`: Ed25519 seeds (32 bytes) and
+//!   public keys, `ID:BASE64,…`. Workers need the public keys only; a worker also signs the
+//!   sub-tasks it enqueues when it holds a private key (or the HMAC secrets).
+//! - `STEM_SIGNING_ACTIVE_KEY`: the key new signatures use [default: the first listed]. Every
+//!   listed key verifies, so keys rotate by adding the new one, making it active, and dropping
+//!   the old one once nothing signed with it is queued.
+//!
+//! What is signed is what a task means and no retry changes: id, task, arguments, queue,
+//! priority, limits, expiry, headers, lineage and creation time. The attempt and the
+//! not-before time are not: retries and releases change them on the worker, which may hold no
+//! private key. The signature travels in [`Envelope::signature`] as `KEY-ID:BASE64`.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use ring::{hmac, rand};
+use serde::Serialize;
+
+use crate::codec::Payload;
+use crate::envelope::Envelope;
+use crate::time::Timestamp;
+
+/// The reason (prefix) a worker dead-letters an envelope with when its signature fails.
+pub const SIGNATURE_INVALID: &str = "signature-invalid";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SigningError {
+    #[error("STEM_SIGNING_ALGORITHM `{0}` is not one of hmac-sha256, ed25519")]
+    Algorithm(String),
+    #[error("{variable}: `{entry}` is not ID:BASE64")]
+    Entry {
+        variable: &'static str,
+        entry: String,
+    },
+    #[error("{variable}: key `{id}`: {reason}")]
+    Key {
+        variable: &'static str,
+        id: String,
+        reason: String,
+    },
+    #[error("STEM_SIGNING_ACTIVE_KEY `{0}` is not among the signing keys")]
+    ActiveKey(String),
+}
+
+/// Why an envelope's signature was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SignatureError {
+    #[error("the envelope is not signed")]
+    Missing,
+    #[error("the signature is not KEY-ID:BASE64")]
+    Malformed,
+    #[error("key `{0}` is not one this worker knows")]
+    UnknownKey(String),
+    #[error("the signature does not match the envelope (signed by `{0}`): it was changed")]
+    Mismatch(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    HmacSha256,
+    Ed25519,
+}
+
+/// Keys for signing, verifying, or both.
+pub struct Keys {
+    algorithm: Algorithm,
+    /// The key new signatures use, if this side can sign.
+    active: Option<String>,
+    hmac: BTreeMap<String, hmac::Key>,
+    private: BTreeMap<String, Ed25519KeyPair>,
+    public: BTreeMap<String, Vec<u8>>,
+}
+
+impl Keys {
+    /// The keys the `STEM_SIGNING_*` variables name; `None` when none is set (nothing is
+    /// signed or verified).
+    pub fn from_env() -> Result<Option<Keys>, SigningError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        Keys::parse(
+            var("STEM_SIGNING_ALGORITHM").as_deref(),
+            var("STEM_SIGNING_KEYS").as_deref(),
+            var("STEM_SIGNING_PRIVATE_KEYS").as_deref(),
+            var("STEM_SIGNING_PUBLIC_KEYS").as_deref(),
+            var("STEM_SIGNING_ACTIVE_KEY").as_deref(),
+        )
+    }
+
+    /// [`Keys::from_env`] from the variables' values.
+    pub fn parse(
+        algorithm: Option<&str>,
+        hmac_keys: Option<&str>,
+        private_keys: Option<&str>,
+        public_keys: Option<&str>,
+        active: Option<&str>,
+    ) -> Result<Option<Keys>, SigningError> {
+        let algorithm = match algorithm.map(str::trim) {
+            None | Some("hmac-sha256") => Algorithm::HmacSha256,
+            Some("ed25519") => Algorithm::Ed25519,
+            Some(other) => return Err(SigningError::Algorithm(other.to_owned())),
+        };
+        let mut keys = Keys {
+            algorithm,
+            active: None,
+            hmac: BTreeMap::new(),
+            private: BTreeMap::new(),
+            public: BTreeMap::new(),
+        };
+        let mut signing_ids = Vec::new();
+        match algorithm {
+            Algorithm::HmacSha256 => {
+                for (id, secret) in entries("STEM_SIGNING_KEYS", hmac_keys)? {
+                    keys.hmac
+                        .insert(id.clone(), hmac::Key::new(hmac::HMAC_SHA256, &secret));
+                    signing_ids.push(id);
+                }
+            }
+            Algorithm::Ed25519 => {
+                const PRIVATE: &str = "STEM_SIGNING_PRIVATE_KEYS";
+                for (id, seed) in entries(PRIVATE, private_keys)? {
+                    let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| {
+                        SigningError::Key {
+                            variable: PRIVATE,
+                            id: id.clone(),
+                            reason: "an Ed25519 private key is a 32-byte seed".into(),
+                        }
+                    })?;
+                    keys.public
+                        .insert(id.clone(), pair.public_key().as_ref().to_vec());
+                    keys.private.insert(id.clone(), pair);
+                    signing_ids.push(id);
+                }
+                const PUBLIC: &str = "STEM_SIGNING_PUBLIC_KEYS";
+                for (id, public) in entries(PUBLIC, public_keys)? {
+                    if public.len() != 32 {
+                        return Err(SigningError::Key {
+                            variable: PUBLIC,
+                            id,
+                            reason: "an Ed25519 public key is 32 bytes".into(),
+                        });
+                    }
+                    keys.public.insert(id, public);
+                }
+            }
+        }
+        if keys.hmac.is_empty() && keys.public.is_empty() {
+            return Ok(None);
+        }
+        keys.active = match active.map(str::trim) {
+            Some(id) if signing_ids.iter().any(|known| known == id) => Some(id.to_owned()),
+            Some(id) => return Err(SigningError::ActiveKey(id.to_owned())),
+            None => signing_ids.first().cloned(),
+        };
+        Ok(Some(keys))
+    }
+
+    /// Whether this side can sign (it holds a secret or a private key).
+    pub fn can_sign(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Signs `envelope` with the active key; does nothing on a side that cannot sign.
+    pub fn sign(&self, envelope: &mut Envelope) {
+        let Some(id) = &self.active else {
+            return;
+        };
+        let message = signed_bytes(envelope);
+        let signature = match self.algorithm {
+            Algorithm::HmacSha256 => hmac::sign(&self.hmac[id], &message).as_ref().to_vec(),
+            Algorithm::Ed25519 => self.private[id].sign(&message).as_ref().to_vec(),
+        };
+        envelope.signature = Some(format!("{id}:{}", BASE64.encode(signature)));
+    }
+
+    /// Checks `envelope`'s signature against every key this side knows.
+    pub fn verify(&self, envelope: &Envelope) -> Result<(), SignatureError> {
+        let signature = envelope
+            .signature
+            .as_deref()
+            .ok_or(SignatureError::Missing)?;
+        let (id, encoded) = signature
+            .rsplit_once(':')
+            .ok_or(SignatureError::Malformed)?;
+        let bytes = BASE64
+            .decode(encoded)
+            .map_err(|_| SignatureError::Malformed)?;
+        let message = signed_bytes(envelope);
+        let valid = match self.algorithm {
+            Algorithm::HmacSha256 => {
+                let key = self
+                    .hmac
+                    .get(id)
+                    .ok_or_else(|| SignatureError::UnknownKey(id.to_owned()))?;
+                hmac::verify(key, &message, &bytes).is_ok()
+            }
+            Algorithm::Ed25519 => {
+                let key = self
+                    .public
+                    .get(id)
+                    .ok_or_else(|| SignatureError::UnknownKey(id.to_owned()))?;
+                UnparsedPublicKey::new(&ED25519, key)
+                    .verify(&message, &bytes)
+                    .is_ok()
+            }
+        };
+        match valid {
+            true => Ok(()),
+            false => Err(SignatureError::Mismatch(id.to_owned())),
+        }
+    }
+}
+
+/// A fresh key for `algorithm`: the secret (HMAC) or private seed (Ed25519), base64, and for
+/// Ed25519 the public key, base64.
+pub fn generate(algorithm: Algorithm) -> (String, Option<String>) {
+    let mut secret = [0u8; 32];
+    rand::SecureRandom::fill(&rand::SystemRandom::new(), &mut secret)
+        .expect("the system has randomness");
+    let public = match algorithm {
+        Algorithm::HmacSha256 => None,
+        Algorithm::Ed25519 => {
+            let pair =
+                Ed25519KeyPair::from_seed_unchecked(&secret).expect("any 32 bytes are a seed");
+            Some(BASE64.encode(pair.public_key().as_ref()))
+        }
+    };
+    (BASE64.encode(secret), public)
+}
+
+/// `ID:BASE64,ID:BASE64` decoded, in order.
+fn entries(
+    variable: &'static str,
+    text: Option<&str>,
+) -> Result<Vec<(String, Vec<u8>)>, SigningError> {
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            // Only the id is shown: the rest may be a secret.
+            let malformed = || SigningError::Entry {
+                variable,
+                entry: match entry.split_once(':') {
+                    Some((id, _)) => format!("{id}:…"),
+                    None => "(an entry without `:`)".to_owned(),
+                },
+            };
+            let (id, encoded) = entry.split_once(':').ok_or_else(malformed)?;
+            if id.is_empty() || id.contains(char::is_whitespace) {
+                return Err(malformed());
+            }
+            let bytes = BASE64.decode(encoded.trim()).map_err(|_| malformed())?;
+            if bytes.is_empty() {
+                return Err(malformed());
+            }
+            Ok((id.to_owned(), bytes))
+        })
+        .collect()
+}
+
+/// The fields a signature covers, in a fixed order.
+#[derive(Serialize)]
+struct Signed<'a> {
+    id: &'a str,
+    task: &'a str,
+    args: &'a Payload,
+    queue: &'a str,
+    priority: u8,
+    max_retries: Option<u32>,
+    soft_time_limit_ms: Option<u64>,
+    time_limit_ms: Option<u64>,
+    expires_at: Option<Timestamp>,
+    result_encoder: Option<&'a str>,
+    headers: &'a BTreeMap<String, String>,
+    parent_id: Option<&'a str>,
+    root_id: Option<&'a str>,
+    depth: u32,
+    group_id: Option<&'a str>,
+    created_at: Timestamp,
+}
+
+fn signed_bytes(envelope: &Envelope) -> Vec<u8> {
+    let signed = Signed {
+        id: &envelope.id,
+        task: &envelope.task,
+        args: &envelope.args,
+        queue: &envelope.queue,
+        priority: envelope.priority,
+        max_retries: envelope.max_retries,
+        soft_time_limit_ms: envelope.soft_time_limit_ms,
+        time_limit_ms: envelope.time_limit_ms,
+        expires_at: envelope.expires_at,
+        result_encoder: envelope.result_encoder.as_deref(),
+        headers: &envelope.headers,
+        parent_id: envelope.parent_id.as_deref(),
+        root_id: envelope.root_id.as_deref(),
+        depth: envelope.depth,
+        group_id: envelope.group_id.as_deref(),
+        created_at: envelope.created_at,
+    };
+    serde_json::to_vec(&signed).expect("signed fields always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> Envelope {
+        Envelope::new("reports.generate", Payload::json(r#"{"customerId":42}"#))
+    }
+
+    fn hmac_keys(keys: &str, active: Option<&str>) -> Keys {
+        Keys::parse(None, Some(keys), None, None, active)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn hmac_signatures_verify_and_catch_tampering() {
+        let keys = hmac_keys("k1:c2VjcmV0LW9uZQ==", None);
+        let mut signed = envelope();
+        keys.sign(&mut signed);
+        assert!(signed.signature.as_deref().unwrap().starts_with("k1:"));
+        keys.verify(&signed).unwrap();
+
+        let mut retried = signed.clone();
+        retried.attempt = 3;
+        retried.not_before = Some(Timestamp::now());
+        keys.verify(&retried)
+            .expect("a retry keeps the signature valid");
+
+        let mut tampered = signed.clone();
+        tampered.args = Payload::json(r#"{"customerId":43}"#);
+        assert_eq!(
+            keys.verify(&tampered),
+            Err(SignatureError::Mismatch("k1".into()))
+        );
+        assert_eq!(keys.verify(&envelope()), Err(SignatureError::Missing));
+        let other = hmac_keys("k9:b3RoZXI=", None);
+        let mut foreign = envelope();
+        other.sign(&mut foreign);
+        assert_eq!(
+            keys.verify(&foreign),
+            Err(SignatureError::UnknownKey("k9".into()))
+        );
+    }
+
+    #[test]
+    fn two_keys_rotate() {
+        let old = hmac_keys("k1:c2VjcmV0LW9uZQ==", None);
+        let both = hmac_keys("k1:c2VjcmV0LW9uZQ==,k2:c2VjcmV0LXR3bw==", Some("k2"));
+        let mut before = envelope();
+        old.sign(&mut before);
+        let mut after = envelope();
+        both.sign(&mut after);
+        assert!(after.signature.as_deref().unwrap().starts_with("k2:"));
+        both.verify(&before).unwrap();
+        both.verify(&after).unwrap();
+        assert!(Keys::parse(None, Some("k1:c2VjcmV0"), None, None, Some("k3")).is_err());
+    }
+
+    #[test]
+    fn ed25519_verifies_with_public_keys_only() {
+        let (seed, public) = generate(Algorithm::Ed25519);
+        let producer = Keys::parse(
+            Some("ed25519"),
+            None,
+            Some(&format!("p1:{seed}")),
+            None,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        let worker = Keys::parse(
+            Some("ed25519"),
+            None,
+            None,
+            Some(&format!("p1:{}", public.unwrap())),
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!worker.can_sign(), "public keys only");
+        let mut signed = envelope();
+        producer.sign(&mut signed);
+        worker.verify(&signed).unwrap();
+        let mut tampered = signed.clone();
+        tampered.task = "reports.other".into();
+        assert!(worker.verify(&tampered).is_err());
+        let mut unsigned = envelope();
+        worker.sign(&mut unsigned);
+        assert_eq!(unsigned.signature, None);
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_clearly() {
+        assert_eq!(
+            Keys::parse(Some("rsa"), None, None, None, None).err(),
+            Some(SigningError::Algorithm("rsa".into()))
+        );
+        let error = Keys::parse(None, Some("nocolon"), None, None, None)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("is not ID:BASE64"), "{error}");
+        assert!(
+            !error.to_string().contains("nocolon:"),
+            "the secret is not echoed"
+        );
+        assert!(Keys::parse(None, None, None, None, None).unwrap().is_none());
+    }
+}
