@@ -203,10 +203,22 @@ impl Client {
     }
 
     /// Publishes an envelope [prepared](Client::prepare) earlier (and sends `taskSent`).
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
+    /// It is signed again, in case it changed since.
+    pub async fn publish(&self, envelope: &mut Envelope) -> Result<(), StorageError> {
+        self.resign(std::slice::from_mut(envelope));
         self.broker.publish(envelope).await?;
         self.sent(std::slice::from_ref(envelope)).await;
         Ok(())
+    }
+
+    /// Signs envelopes that were sealed when prepared (a producer that cannot sign refused
+    /// them then) again, after a change.
+    fn resign(&self, envelopes: &mut [Envelope]) {
+        if let Some(keys) = self.signing.as_ref().filter(|keys| keys.can_sign()) {
+            for envelope in envelopes {
+                keys.sign(envelope);
+            }
+        }
     }
 
     /// Publishes envelopes [prepared](Client::prepare) earlier through
@@ -217,11 +229,7 @@ impl Client {
         mut envelopes: Vec<Envelope>,
         window: Duration,
     ) -> Result<Vec<bool>, StorageError> {
-        if let Some(keys) = self.signing.as_ref().filter(|keys| keys.can_sign()) {
-            for envelope in &mut envelopes {
-                keys.sign(envelope);
-            }
-        }
+        self.resign(&mut envelopes);
         let stored = self.broker.publish_unique(&envelopes, window).await?;
         let sent: Vec<Envelope> = envelopes
             .into_iter()
@@ -351,8 +359,8 @@ impl Client {
 
     /// Publishes one task and returns its envelope; a task routed to a broadcast is refused.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
-        let envelope = self.prepare(request).await?;
-        self.publish(&envelope).await?;
+        let mut envelope = self.prepare(request).await?;
+        self.publish(&mut envelope).await?;
         Ok(envelope)
     }
 

@@ -15,7 +15,11 @@
 //! What is signed is what a task means and no retry changes: id, task, arguments, queue,
 //! priority, limits, expiry, headers, lineage and creation time. The attempt and the
 //! not-before time are not: retries and releases change them on the worker, which may hold no
-//! private key. The signature travels in [`Envelope::signature`] as `KEY-ID:BASE64`.
+//! private key. The signature travels in [`Envelope::signature`] as `KEY-ID:BASE64`. A worker
+//! also refuses an entry found on another queue than the one it was signed for.
+//!
+//! Signing gives integrity, not replay protection: a signed envelope published again runs
+//! again unless its task id's recorded end says it finished (for as long as results are kept).
 
 use std::collections::BTreeMap;
 
@@ -49,6 +53,15 @@ pub enum SigningError {
     },
     #[error("STEM_SIGNING_ACTIVE_KEY `{0}` is not among the signing keys")]
     ActiveKey(String),
+    #[error("{variable} is set, but the algorithm is {algorithm}: it would be ignored")]
+    OtherAlgorithm {
+        variable: &'static str,
+        algorithm: &'static str,
+    },
+    #[error("STEM_SIGNING_ALGORITHM is set, but no key is: nothing would be signed or verified")]
+    NoKeys,
+    #[error("{variable}: key `{id}` is listed twice")]
+    Duplicate { variable: &'static str, id: String },
 }
 
 /// Why an envelope's signature was refused.
@@ -102,6 +115,7 @@ impl Keys {
         public_keys: Option<&str>,
         active: Option<&str>,
     ) -> Result<Option<Keys>, SigningError> {
+        let algorithm_named = algorithm.is_some();
         let algorithm = match algorithm.map(str::trim) {
             None | Some("hmac-sha256") => Algorithm::HmacSha256,
             Some("ed25519") => Algorithm::Ed25519,
@@ -115,9 +129,36 @@ impl Keys {
             public: BTreeMap::new(),
         };
         let mut signing_ids = Vec::new();
+        let stray = match algorithm {
+            Algorithm::HmacSha256 => [
+                ("STEM_SIGNING_PRIVATE_KEYS", private_keys),
+                ("STEM_SIGNING_PUBLIC_KEYS", public_keys),
+            ]
+            .into_iter()
+            .find(|(_, value)| value.is_some()),
+            Algorithm::Ed25519 => hmac_keys.map(|_| ("STEM_SIGNING_KEYS", hmac_keys)),
+        };
+        if let Some((variable, _)) = stray {
+            let algorithm = match algorithm {
+                Algorithm::HmacSha256 => "hmac-sha256",
+                Algorithm::Ed25519 => "ed25519",
+            };
+            return Err(SigningError::OtherAlgorithm {
+                variable,
+                algorithm,
+            });
+        }
         match algorithm {
             Algorithm::HmacSha256 => {
-                for (id, secret) in entries("STEM_SIGNING_KEYS", hmac_keys)? {
+                const SECRETS: &str = "STEM_SIGNING_KEYS";
+                for (id, secret) in entries(SECRETS, hmac_keys)? {
+                    if secret.len() < MIN_SECRET_BYTES {
+                        return Err(SigningError::Key {
+                            variable: SECRETS,
+                            id,
+                            reason: format!("an HMAC secret is at least {MIN_SECRET_BYTES} bytes"),
+                        });
+                    }
                     keys.hmac
                         .insert(id.clone(), hmac::Key::new(hmac::HMAC_SHA256, &secret));
                     signing_ids.push(id);
@@ -152,14 +193,32 @@ impl Keys {
             }
         }
         if keys.hmac.is_empty() && keys.public.is_empty() {
+            if algorithm_named {
+                return Err(SigningError::NoKeys);
+            }
             return Ok(None);
         }
+        // A side with public keys only signs nothing, whatever key a shared file names active.
         keys.active = match active.map(str::trim) {
+            _ if signing_ids.is_empty() => None,
             Some(id) if signing_ids.iter().any(|known| known == id) => Some(id.to_owned()),
             Some(id) => return Err(SigningError::ActiveKey(id.to_owned())),
             None => signing_ids.first().cloned(),
         };
         Ok(Some(keys))
+    }
+
+    /// The algorithm and the key ids, for logs.
+    pub fn describe(&self) -> String {
+        let algorithm = match self.algorithm {
+            Algorithm::HmacSha256 => "hmac-sha256",
+            Algorithm::Ed25519 => "ed25519",
+        };
+        let ids: Vec<&str> = match self.algorithm {
+            Algorithm::HmacSha256 => self.hmac.keys().map(String::as_str).collect(),
+            Algorithm::Ed25519 => self.public.keys().map(String::as_str).collect(),
+        };
+        format!("{algorithm}, keys {}", ids.join(","))
     }
 
     /// Whether this side can sign (it holds a secret or a private key).
@@ -189,6 +248,11 @@ impl Keys {
         let (id, encoded) = signature
             .rsplit_once(':')
             .ok_or(SignatureError::Malformed)?;
+        // Shown in dead-letter reasons and logs: whoever published it chose it.
+        let shown = || -> String {
+            let printable: String = id.chars().filter(|c| !c.is_control()).take(64).collect();
+            printable
+        };
         let bytes = BASE64
             .decode(encoded)
             .map_err(|_| SignatureError::Malformed)?;
@@ -198,14 +262,14 @@ impl Keys {
                 let key = self
                     .hmac
                     .get(id)
-                    .ok_or_else(|| SignatureError::UnknownKey(id.to_owned()))?;
+                    .ok_or_else(|| SignatureError::UnknownKey(shown()))?;
                 hmac::verify(key, &message, &bytes).is_ok()
             }
             Algorithm::Ed25519 => {
                 let key = self
                     .public
                     .get(id)
-                    .ok_or_else(|| SignatureError::UnknownKey(id.to_owned()))?;
+                    .ok_or_else(|| SignatureError::UnknownKey(shown()))?;
                 UnparsedPublicKey::new(&ED25519, key)
                     .verify(&message, &bytes)
                     .is_ok()
@@ -213,7 +277,7 @@ impl Keys {
         };
         match valid {
             true => Ok(()),
-            false => Err(SignatureError::Mismatch(id.to_owned())),
+            false => Err(SignatureError::Mismatch(shown())),
         }
     }
 }
@@ -235,7 +299,10 @@ pub fn generate(algorithm: Algorithm) -> (String, Option<String>) {
     (BASE64.encode(secret), public)
 }
 
-/// `ID:BASE64,ID:BASE64` decoded, in order.
+/// The shortest HMAC secret accepted.
+const MIN_SECRET_BYTES: usize = 16;
+
+/// `ID:BASE64,ID:BASE64` decoded, in order; an id listed twice is refused.
 fn entries(
     variable: &'static str,
     text: Option<&str>,
@@ -243,6 +310,7 @@ fn entries(
     let Some(text) = text else {
         return Ok(Vec::new());
     };
+    let mut seen = std::collections::HashSet::new();
     text.split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
@@ -262,6 +330,12 @@ fn entries(
             let bytes = BASE64.decode(encoded.trim()).map_err(|_| malformed())?;
             if bytes.is_empty() {
                 return Err(malformed());
+            }
+            if !seen.insert(id.to_owned()) {
+                return Err(SigningError::Duplicate {
+                    variable,
+                    id: id.to_owned(),
+                });
             }
             Ok((id.to_owned(), bytes))
         })
@@ -327,7 +401,7 @@ mod tests {
 
     #[test]
     fn hmac_signatures_verify_and_catch_tampering() {
-        let keys = hmac_keys("k1:c2VjcmV0LW9uZQ==", None);
+        let keys = hmac_keys("k1:c2VjcmV0LW9uZS1mb3ItdGVzdHM=", None);
         let mut signed = envelope();
         keys.sign(&mut signed);
         assert!(signed.signature.as_deref().unwrap().starts_with("k1:"));
@@ -346,7 +420,7 @@ mod tests {
             Err(SignatureError::Mismatch("k1".into()))
         );
         assert_eq!(keys.verify(&envelope()), Err(SignatureError::Missing));
-        let other = hmac_keys("k9:b3RoZXI=", None);
+        let other = hmac_keys("k9:b3RoZXItc2VjcmV0LWtleS1ub2JvZHk=", None);
         let mut foreign = envelope();
         other.sign(&mut foreign);
         assert_eq!(
@@ -357,8 +431,11 @@ mod tests {
 
     #[test]
     fn two_keys_rotate() {
-        let old = hmac_keys("k1:c2VjcmV0LW9uZQ==", None);
-        let both = hmac_keys("k1:c2VjcmV0LW9uZQ==,k2:c2VjcmV0LXR3bw==", Some("k2"));
+        let old = hmac_keys("k1:c2VjcmV0LW9uZS1mb3ItdGVzdHM=", None);
+        let both = hmac_keys(
+            "k1:c2VjcmV0LW9uZS1mb3ItdGVzdHM=,k2:c2VjcmV0LXR3by1mb3ItdGVzdHM=",
+            Some("k2"),
+        );
         let mut before = envelope();
         old.sign(&mut before);
         let mut after = envelope();
@@ -366,7 +443,8 @@ mod tests {
         assert!(after.signature.as_deref().unwrap().starts_with("k2:"));
         both.verify(&before).unwrap();
         both.verify(&after).unwrap();
-        assert!(Keys::parse(None, Some("k1:c2VjcmV0"), None, None, Some("k3")).is_err());
+        let k1 = "k1:c2VjcmV0LW9uZS1mb3ItdGVzdHM=";
+        assert!(Keys::parse(None, Some(k1), None, None, Some("k3")).is_err());
     }
 
     #[test]
@@ -417,5 +495,24 @@ mod tests {
             "the secret is not echoed"
         );
         assert!(Keys::parse(None, None, None, None, None).unwrap().is_none());
+        let short = Keys::parse(None, Some("k1:c2hvcnQ="), None, None, None);
+        assert!(
+            matches!(short, Err(SigningError::Key { .. })),
+            "a short secret"
+        );
+        let public_only = Keys::parse(None, None, None, Some("p1:AAAA"), None);
+        assert!(
+            matches!(public_only, Err(SigningError::OtherAlgorithm { .. })),
+            "public keys without STEM_SIGNING_ALGORITHM=ed25519 would verify nothing"
+        );
+        assert_eq!(
+            Keys::parse(Some("ed25519"), None, None, None, None).err(),
+            Some(SigningError::NoKeys)
+        );
+        let twice = "k1:c2VjcmV0LW9uZS1mb3ItdGVzdHM=,k1:c2VjcmV0LXR3by1mb3ItdGVzdHM=";
+        assert!(matches!(
+            Keys::parse(None, Some(twice), None, None, None),
+            Err(SigningError::Duplicate { .. })
+        ));
     }
 }

@@ -9,6 +9,7 @@ use serde_json::json;
 use super::Connections;
 use crate::backend::{TaskState, TaskStatus};
 use crate::broker::DeadLetterQuery;
+use crate::signing::SIGNATURE_INVALID;
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
@@ -46,7 +47,7 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Publish dead letters again as first attempts, and remove them from the dead-letter queue.
-    Replay(Selection),
+    Replay(ReplaySelection),
     /// Delete dead letters.
     Purge(Selection),
 }
@@ -65,6 +66,16 @@ pub struct Selection {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct ReplaySelection {
+    #[command(flatten)]
+    selection: Selection,
+    /// Also replay letters refused as `signature-invalid` (whoever published them, not a
+    /// signing producer, chose their task ids).
+    #[arg(long)]
+    include_invalid: bool,
 }
 
 impl Selection {
@@ -183,13 +194,21 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
                 println!("  entry:   {}", letter.payload);
             }
         }
-        DlqCommand::Replay(selection) => {
+        DlqCommand::Replay(ReplaySelection {
+            selection,
+            include_invalid,
+        }) => {
             // A replay starts a task's history over: its terminal `failed` status is replaced
             // first, or the worker would take the new delivery for a duplicate of a finished
             // task and skip it.
             let backend = connections.backend().await?;
             let mut selected = Vec::new();
+            let mut left_invalid = 0;
             for letter in broker.dead_letters(&selection.query()?).await? {
+                if !include_invalid && letter.reason.starts_with(SIGNATURE_INVALID) {
+                    left_invalid += 1;
+                    continue;
+                }
                 if let Ok(envelope) = letter.replay_envelope()
                     && backend
                         .get(&envelope.id)
@@ -223,6 +242,12 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
                     eprintln!("skipped dead letter {id}: {why}");
                 }
                 eprintln!("replayed {} tasks", report.replayed.len());
+            }
+            if left_invalid > 0 {
+                eprintln!(
+                    "left {left_invalid} dead letters refused as {SIGNATURE_INVALID} \
+                     (--include-invalid replays them)"
+                );
             }
             if report.replayed.is_empty() && !selection.ids.is_empty() {
                 bail!("no dead letter matched {}", selection.ids.join(", "));

@@ -37,6 +37,14 @@ pub(super) async fn process(
     delivery: Delivery,
     recorded: Recorded,
 ) {
+    // Nothing of an envelope that fails its signature is trusted, its task id and canvas
+    // included: it is dead-lettered with no status written and no canvas moved.
+    if let Some(why) = refusal(shared, &delivery) {
+        tracing::warn!(task.id = delivery.envelope.id, %why, "refusing an envelope whose signature fails");
+        let reason = format!("{SIGNATURE_INVALID}: {why}");
+        finish(shared, &slot, &delivery, None, Settle::DeadLetter(reason)).await;
+        return;
+    }
     let execution = Execution {
         shared,
         delivery: &delivery,
@@ -61,6 +69,22 @@ pub(super) async fn process(
         (status, settle)
     };
     finish(shared, &slot, &delivery, status, settle).await;
+}
+
+/// Why a verifying worker refuses the delivery: its signature fails, or its entry sits on
+/// another queue than the one it was signed for (moved by someone with broker access).
+fn refusal(shared: &Shared, delivery: &Delivery) -> Option<String> {
+    let keys = shared.verifier.as_ref()?;
+    let envelope = &delivery.envelope;
+    if let Err(why) = keys.verify(envelope) {
+        return Some(why.to_string());
+    }
+    (envelope.queue != delivery.receipt.queue).then(|| {
+        format!(
+            "the entry is on queue `{}`, signed for `{}`",
+            delivery.receipt.queue, envelope.queue
+        )
+    })
 }
 
 /// A task of a canvas that ended (now, or in a delivery whose settle was lost) records its
@@ -223,15 +247,6 @@ impl Execution<'_> {
     async fn decide(mut self, recorded: Recorded) -> Result<Outcome, StorageError> {
         let shared = self.shared;
         let envelope = &self.delivery.envelope;
-        // Nothing of an envelope that fails its signature is trusted, its task id included:
-        // no status is written for it.
-        if let Some(keys) = &shared.verifier
-            && let Err(why) = keys.verify(envelope)
-        {
-            tracing::warn!(task.id = envelope.id, %why, "refusing an envelope whose signature fails");
-            let reason = format!("{SIGNATURE_INVALID}: {why}");
-            return Ok((None, Settle::DeadLetter(reason)));
-        }
         let at_most_once = envelope.headers.contains_key(AT_MOST_ONCE_HEADER);
         let began_before = recorded
             .status

@@ -48,7 +48,10 @@ async fn hmac_signed_tasks_run_and_the_rest_are_dead_lettered_unrun() {
     let platform = Platform::sqlite();
     platform.upload("hello");
     let both = format!("{K1},{K2}");
-    let _worker = platform.worker_with(&[], &[("STEM_SIGNING_KEYS", &both)]);
+    let _worker = platform.worker_with(
+        &["--queues", "default,other"],
+        &[("STEM_SIGNING_KEYS", &both)],
+    );
     let backend = platform.backend().await;
 
     // Rotation: the old key and the new active one both verify.
@@ -95,6 +98,53 @@ async fn hmac_signed_tasks_run_and_the_rest_are_dead_lettered_unrun() {
         "{reason}"
     );
 
+    // Unsigned, reusing a finished task's id, and claiming to be a step of a canvas `victim`:
+    // refused before the canvas is looked at, so nothing is recorded under either id.
+    let mut forged = Envelope::new("hello.add", Payload::json(r#"{"a":1,"b":1}"#));
+    forged.id = done[0].id.clone();
+    forged
+        .headers
+        .insert("stem-canvas".into(), "victim:0".into());
+    platform.broker().await.publish(&forged).await.unwrap();
+    let broker = platform.broker().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while broker.stats("default").await.unwrap().dead < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forged step was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        backend.get("victim").await.unwrap().is_none(),
+        "no canvas was touched"
+    );
+    assert_eq!(
+        backend.get(&done[0].id).await.unwrap().unwrap().state,
+        TaskState::Succeeded
+    );
+
+    // A signed entry moved to another queue (written into the file by hand).
+    let mut moved = Envelope::new("hello.add", Payload::json(r#"{"a":7,"b":1}"#));
+    keys.sign(&mut moved);
+    let file = platform.dir().join("stem_broker.sqlite");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+         VALUES ('stem', 'other', 0, 0, ?)",
+    )
+    .bind(moved.to_json())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let reason = dead_reason(&platform, &moved.id).await;
+    assert_eq!(
+        reason,
+        "signature-invalid: the entry is on queue `other`, signed for `default`"
+    );
+
     // What the worker publishes itself (a guest's chord, its callback) it signs.
     platform.upload("stem-test-canvas");
     let output = platform
@@ -117,7 +167,14 @@ async fn hmac_signed_tasks_run_and_the_rest_are_dead_lettered_unrun() {
     let tree: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(tree["result"], 3, "{tree}");
 
-    for id in [&unsigned, &unknown, &tampered.id] {
+    let replay = platform.run(&["dlq", "replay", "--all"]);
+    let said = String::from_utf8_lossy(&replay.stderr);
+    assert!(
+        said.contains("left 5 dead letters refused as signature-invalid"),
+        "{said}"
+    );
+
+    for id in [&unsigned, &unknown, &tampered.id, &moved.id] {
         assert!(
             backend.get(id).await.unwrap().is_none(),
             "{id} never ran, and nothing was recorded under its id"

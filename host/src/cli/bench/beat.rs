@@ -112,7 +112,8 @@ pub(super) async fn run(bench: BeatBench, connections: &Connections) -> anyhow::
         broker.clone(),
         connections.registry().await?,
         Codecs::default(),
-    );
+    )
+    .with_signing(connections.signing()?);
     let beat = Beat::new(BeatConfig::default(), store.clone(), locks, client, backend);
 
     // Rounds with nothing due: every tick of a quiet schedule.

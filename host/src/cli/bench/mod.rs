@@ -199,7 +199,8 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
     let backend_url = connections.url(crate::config::Role::Backend)?;
     let broker = crate::config::open_broker(&broker_url, Some(&namespace)).await?;
     let backend = crate::config::open_backend(&backend_url, Some(&namespace)).await?;
-    let client = Client::new(broker.clone(), registry.clone(), Codecs::default());
+    let client = Client::new(broker.clone(), registry.clone(), Codecs::default())
+        .with_signing(connections.signing()?);
     let queue = client
         .prepare(EnqueueRequest::new(&bench.task, bench.args.clone()))
         .await?

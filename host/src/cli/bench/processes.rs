@@ -249,7 +249,8 @@ impl BenchSpace {
         let backend_url = connections.url(Role::Backend)?;
         let broker = config::open_broker(&broker_url, Some(&namespace)).await?;
         let backend = config::open_backend(&backend_url, Some(&namespace)).await?;
-        let client = Client::new(broker.clone(), registry, Codecs::default());
+        let client = Client::new(broker.clone(), registry, Codecs::default())
+            .with_signing(connections.signing()?);
         Ok(BenchSpace {
             namespace,
             broker_url,

@@ -322,6 +322,13 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         config.worker_id,
         config.queues.join(",")
     );
+    if let Some(keys) = &parts.signing {
+        let signs = match keys.can_sign() {
+            true => "and signs what it publishes",
+            false => "and, holding public keys only, refuses to publish sub-tasks and canvas steps",
+        };
+        eprintln!("worker verifies signatures ({}) {signs}", keys.describe());
+    }
     let worker = Worker::new(parts, config);
     let signals = tokio::spawn(shutdown_on_signals(worker.shutdown_handle()));
     // On a runtime thread rather than the main thread's `block_on`: a fetch woken by a
