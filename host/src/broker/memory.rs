@@ -44,8 +44,10 @@ struct State {
     dead: Vec<(String, DeadLetter)>,
     /// Task ids published through `publish_unique`, by namespace, until they are forgotten.
     unique: HashSet<IdKey>,
-    /// Keys claimed through `publish_by_key`: the task id and when the key is forgotten.
-    claimed: HashMap<IdKey, (String, Timestamp)>,
+    /// Keys claimed through `publish_by_key`, with the task id holding each.
+    claimed: HashMap<IdKey, String>,
+    /// The same keys by when they are forgotten.
+    claimed_expiry: BTreeSet<(Timestamp, IdKey)>,
     /// The same ids by when they are forgotten, so pruning looks only at the expired ones.
     unique_expiry: BTreeSet<(Timestamp, IdKey)>,
 }
@@ -244,6 +246,14 @@ impl State {
             let (_, key) = self.unique_expiry.pop_first().expect("just looked at");
             self.unique.remove(&key);
         }
+        while self
+            .claimed_expiry
+            .first()
+            .is_some_and(|(at, _)| *at <= now)
+        {
+            let (_, key) = self.claimed_expiry.pop_first().expect("just looked at");
+            self.claimed.remove(&key);
+        }
     }
 
     fn bury(
@@ -350,14 +360,14 @@ impl Broker for MemoryBroker {
         envelope.validate()?;
         let now = Timestamp::now();
         let mut state = self.lock();
-        state.claimed.retain(|_, (_, until)| *until > now);
+        state.forget_expired(now);
         let key = (self.namespace.clone(), key.to_owned());
-        if let Some((holder, _)) = state.claimed.get(&key) {
+        if let Some(holder) = state.claimed.get(&key) {
             return Ok(Some(holder.clone()));
         }
-        state
-            .claimed
-            .insert(key, (envelope.id.clone(), now.saturating_add(window)));
+        let until = now.saturating_add(window);
+        state.claimed_expiry.insert((until, key.clone()));
+        state.claimed.insert(key, envelope.id.clone());
         state.store(&self.namespace, envelope, now);
         drop(state);
         self.shared.changed.notify_waiters();
