@@ -46,6 +46,8 @@ pub struct EnqueueRequest {
     pub root_id: Option<String>,
     /// Sub-task depth below the root (0 for a task a producer enqueues).
     pub depth: u32,
+    /// The group or chord the task is a member of.
+    pub group_id: Option<String>,
     /// A unique task (the seeds' `unique` / `uniqueFor`): an identical enqueue (same task,
     /// same arguments) within this long after the first returns the first one's id instead of
     /// publishing again. Honoured by [`Client::send`].
@@ -202,34 +204,22 @@ impl Client {
         Ok(())
     }
 
-    /// Publishes an envelope [prepared](Client::prepare) earlier (and sends `taskSent`).
-    /// It is signed again, in case it changed since.
-    pub async fn publish(&self, envelope: &mut Envelope) -> Result<(), StorageError> {
-        self.resign(std::slice::from_mut(envelope));
+    /// Publishes an envelope [prepared](Client::prepare) (and so signed) earlier, unchanged
+    /// since, and sends `taskSent`.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), StorageError> {
         self.broker.publish(envelope).await?;
         self.sent(std::slice::from_ref(envelope)).await;
         Ok(())
     }
 
-    /// Signs envelopes that were sealed when prepared (a producer that cannot sign refused
-    /// them then) again, after a change.
-    fn resign(&self, envelopes: &mut [Envelope]) {
-        if let Some(keys) = self.signing.as_ref().filter(|keys| keys.can_sign()) {
-            for envelope in envelopes {
-                keys.sign(envelope);
-            }
-        }
-    }
-
-    /// Publishes envelopes [prepared](Client::prepare) earlier through
-    /// [`Broker::publish_unique`], signed again (a canvas sets their group after preparing
-    /// them), and sends `taskSent` for those stored: per envelope, whether it was stored.
+    /// Publishes envelopes [prepared](Client::prepare) earlier, unchanged since, through
+    /// [`Broker::publish_unique`], and sends `taskSent` for those stored: per envelope,
+    /// whether it was stored.
     pub async fn publish_unique(
         &self,
-        mut envelopes: Vec<Envelope>,
+        envelopes: Vec<Envelope>,
         window: Duration,
     ) -> Result<Vec<bool>, StorageError> {
-        self.resign(&mut envelopes);
         let stored = self.broker.publish_unique(&envelopes, window).await?;
         let sent: Vec<Envelope> = envelopes
             .into_iter()
@@ -347,6 +337,7 @@ impl Client {
         envelope.parent_id = request.parent_id;
         envelope.root_id = request.root_id;
         envelope.depth = request.depth;
+        envelope.group_id = request.group_id;
         if broadcast.is_none() {
             envelope.validate()?;
             if crate::worker::is_direct_queue(&envelope.queue) {
@@ -359,8 +350,8 @@ impl Client {
 
     /// Publishes one task and returns its envelope; a task routed to a broadcast is refused.
     pub async fn enqueue(&self, request: EnqueueRequest) -> Result<Envelope, EnqueueError> {
-        let mut envelope = self.prepare(request).await?;
-        self.publish(&mut envelope).await?;
+        let envelope = self.prepare(request).await?;
+        self.publish(&envelope).await?;
         Ok(envelope)
     }
 

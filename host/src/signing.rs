@@ -77,10 +77,21 @@ pub enum SignatureError {
     Mismatch(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Algorithm {
+    #[value(name = "hmac-sha256")]
     HmacSha256,
     Ed25519,
+}
+
+impl Algorithm {
+    /// As `STEM_SIGNING_ALGORITHM` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::HmacSha256 => "hmac-sha256",
+            Algorithm::Ed25519 => "ed25519",
+        }
+    }
 }
 
 /// Keys for signing, verifying, or both.
@@ -139,13 +150,9 @@ impl Keys {
             Algorithm::Ed25519 => hmac_keys.map(|_| ("STEM_SIGNING_KEYS", hmac_keys)),
         };
         if let Some((variable, _)) = stray {
-            let algorithm = match algorithm {
-                Algorithm::HmacSha256 => "hmac-sha256",
-                Algorithm::Ed25519 => "ed25519",
-            };
             return Err(SigningError::OtherAlgorithm {
                 variable,
-                algorithm,
+                algorithm: algorithm.name(),
             });
         }
         match algorithm {
@@ -210,10 +217,7 @@ impl Keys {
 
     /// The algorithm and the key ids, for logs.
     pub fn describe(&self) -> String {
-        let algorithm = match self.algorithm {
-            Algorithm::HmacSha256 => "hmac-sha256",
-            Algorithm::Ed25519 => "ed25519",
-        };
+        let algorithm = self.algorithm.name();
         let ids: Vec<&str> = match self.algorithm {
             Algorithm::HmacSha256 => self.hmac.keys().map(String::as_str).collect(),
             Algorithm::Ed25519 => self.public.keys().map(String::as_str).collect(),

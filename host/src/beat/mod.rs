@@ -515,11 +515,11 @@ pub async fn run_now(
     request.task_id = Some(format!("{id}@run-{now}"));
     request.not_before = None;
     request.headers.remove(SLOT_HEADER);
-    let mut envelope = client.prepare(request).await?;
+    let envelope = client.prepare(request).await?;
     if entry.definition.overlap == Overlap::Skip {
         backend.set(&pending_status(&envelope), None).await?;
     }
-    client.publish(&mut envelope).await?;
+    client.publish(&envelope).await?;
     // Counted on whatever revision is current: a Beat recording a slot meanwhile wins.
     let mut current = Some(entry);
     for _ in 0..10 {

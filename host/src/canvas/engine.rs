@@ -631,8 +631,7 @@ impl Canvases {
                         .prepare(self.request(canvas, &path, node, name, feed))
                         .await
                     {
-                        Ok(mut envelope) => {
-                            envelope.group_id = group_of(canvas, &path);
+                        Ok(envelope) => {
                             envelopes.push(envelope);
                             callbacks.push(path.last() == Some(&Step::Callback));
                         }
@@ -711,6 +710,7 @@ impl Canvases {
             parent_id: origin.parent_id.clone(),
             root_id: Some(canvas.root_id()),
             depth: origin.depth,
+            group_id: group_of(canvas, path),
             ..EnqueueRequest::new(name, Value::Object(args).to_string())
         }
     }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 
 use crate::signing::{Algorithm, generate};
 
@@ -12,18 +12,11 @@ pub enum SigningCommand {
     /// workers), for Ed25519 the private key (producers) and the public key (workers).
     Keygen {
         #[arg(long, value_enum, default_value = "hmac-sha256")]
-        algorithm: AlgorithmArg,
+        algorithm: Algorithm,
         /// The key's id, which signatures name (rotate by adding a key with a new id).
         #[arg(long, default_value = "k1")]
         id: String,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum AlgorithmArg {
-    #[value(name = "hmac-sha256")]
-    HmacSha256,
-    Ed25519,
 }
 
 pub fn run(command: SigningCommand) -> anyhow::Result<ExitCode> {
@@ -31,19 +24,17 @@ pub fn run(command: SigningCommand) -> anyhow::Result<ExitCode> {
     if id.is_empty() || id.contains([':', ',']) || id.contains(char::is_whitespace) {
         anyhow::bail!("invalid key id `{id}`: no `:`, `,` or spaces");
     }
-    match algorithm {
-        AlgorithmArg::HmacSha256 => {
-            let (secret, _) = generate(Algorithm::HmacSha256);
+    let (secret, public) = generate(algorithm);
+    match public {
+        None => {
             println!("export STEM_SIGNING_ALGORITHM=hmac-sha256");
             println!("export STEM_SIGNING_KEYS={id}:{secret}");
             println!("export STEM_SIGNING_ACTIVE_KEY={id}");
         }
-        AlgorithmArg::Ed25519 => {
-            let (seed, public) = generate(Algorithm::Ed25519);
-            let public = public.expect("an Ed25519 key has a public half");
+        Some(public) => {
             println!("export STEM_SIGNING_ALGORITHM=ed25519");
             println!("# producers (and Beat): the private key");
-            println!("export STEM_SIGNING_PRIVATE_KEYS={id}:{seed}");
+            println!("export STEM_SIGNING_PRIVATE_KEYS={id}:{secret}");
             println!("export STEM_SIGNING_ACTIVE_KEY={id}");
             println!("# workers: the public key only");
             println!("export STEM_SIGNING_PUBLIC_KEYS={id}:{public}");

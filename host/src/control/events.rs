@@ -224,7 +224,7 @@ const MAX_BATCH: usize = 512;
 /// waits.
 #[derive(Clone)]
 pub struct EventSink {
-    sender: Option<mpsc::Sender<Event>>,
+    sender: mpsc::Sender<Event>,
     enabled: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
 }
@@ -236,22 +236,13 @@ pub struct EventFlusher {
 }
 
 impl EventSink {
-    /// A sink that sends nothing.
-    pub fn disabled() -> EventSink {
-        EventSink {
-            sender: None,
-            enabled: Arc::default(),
-            dropped: Arc::default(),
-        }
-    }
-
     /// A sink sending to `channel` while enabled, and the task that does it.
     pub fn start(channel: EventChannel, enabled: bool) -> (EventSink, EventFlusher) {
         let (sender, receiver) = mpsc::channel(BUFFER);
         let closing = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(flush(channel, receiver, closing.clone()));
         let sink = EventSink {
-            sender: Some(sender),
+            sender,
             enabled: Arc::new(AtomicBool::new(enabled)),
             dropped: Arc::default(),
         };
@@ -264,29 +255,23 @@ impl EventSink {
 
     /// Sends the event `make` builds, if events are enabled (otherwise nothing is built).
     pub fn emit(&self, make: impl FnOnce() -> Event) {
-        let Some(sender) = &self.sender else {
-            return;
-        };
-        if !self.enabled.load(Ordering::Relaxed) {
+        if !self.is_enabled() {
             return;
         }
-        if sender.try_send(make()).is_err() && self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+        if self.sender.try_send(make()).is_err()
+            && self.dropped.fetch_add(1, Ordering::Relaxed) == 0
+        {
             tracing::warn!("the event buffer is full; events are dropped until it drains");
         }
     }
 
-    /// Starts or stops sending (`worker enable-events` / `disable-events`); `false` for a
-    /// disabled sink.
-    pub fn set_enabled(&self, enabled: bool) -> bool {
-        if self.sender.is_none() {
-            return false;
-        }
+    /// Starts or stops sending (`worker enable-events` / `disable-events`).
+    pub fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Relaxed);
-        true
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.sender.is_some() && self.enabled.load(Ordering::Relaxed)
+        self.enabled.load(Ordering::Relaxed)
     }
 
     /// Events dropped because the buffer was full.
@@ -386,7 +371,7 @@ mod tests {
         let (sink, flusher) = EventSink::start(channel, false);
         let envelope = Envelope::new("t", crate::codec::Payload::json("{}"));
         sink.emit(|| Event::task(EventKind::TaskSent, &envelope));
-        assert!(sink.set_enabled(true));
+        sink.set_enabled(true);
         for kind in [EventKind::TaskReceived, EventKind::TaskStarted] {
             sink.emit(|| Event::task(kind, &envelope));
         }

@@ -544,6 +544,18 @@ fn deep_recursion(error: &wasmtime::Error) -> Option<String> {
         })
 }
 
+/// The first bytes of `text`, at most `max`, cut at a character boundary.
+pub(crate) fn head(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn tail(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;

@@ -141,12 +141,5 @@ impl LogBudget {
 }
 
 fn truncate(message: &str) -> &str {
-    if message.len() <= MAX_MESSAGE_BYTES {
-        return message;
-    }
-    let mut end = MAX_MESSAGE_BYTES;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    &message[..end]
+    super::head(message, MAX_MESSAGE_BYTES)
 }

@@ -85,18 +85,11 @@ impl Budgets {
 
     /// `message` cut to the error budget, saying how much was cut.
     pub fn cut_error(&self, message: &str) -> String {
-        if message.len() <= self.error_bytes {
+        let kept = crate::runtime::head(message, self.error_bytes);
+        if kept.len() == message.len() {
             return message.to_owned();
         }
-        let mut end = self.error_bytes;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!(
-            "{} [{} more bytes cut]",
-            &message[..end],
-            message.len() - end
-        )
+        format!("{kept} [{} more bytes cut]", message.len() - kept.len())
     }
 }
 

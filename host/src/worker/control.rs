@@ -118,8 +118,8 @@ async fn answer(shared: &Arc<Shared>, command: &Command) -> (bool, Value) {
             (true, json!({ "paused": *shared.paused.borrow() }))
         }
         Command::Events { enabled } => {
-            let changed = shared.events.set_enabled(*enabled);
-            (changed, json!({ "events": shared.events.is_enabled() }))
+            shared.events.set_enabled(*enabled);
+            (true, json!({ "events": shared.events.is_enabled() }))
         }
         Command::Revoke {
             task_ids,
@@ -165,7 +165,7 @@ async fn inspect(shared: &Shared, what: Inspect) -> (bool, Value) {
                     json!({
                         "task_id": run.task_id,
                         "task": run.task,
-                        "queue": run.queue,
+                        "queue": run.receipt.queue,
                         "attempt": run.attempt,
                         "taken_at": run.taken_at,
                         "started_at": run.started.map(|(at, _)| at),

@@ -181,16 +181,11 @@ async fn finish(
         .and_then(|status| status.error.as_ref())
         .filter(|_| shared.events.is_enabled())
         .map(|error| {
-            let mut text = format!("{}: {}", error.kind, error.message);
-            if text.len() > EVENT_ERROR_BYTES {
-                let cut = (0..=EVENT_ERROR_BYTES)
-                    .rev()
-                    .find(|at| text.is_char_boundary(*at))
-                    .unwrap_or(0);
-                text.truncate(cut);
-                text.push('…');
+            let text = format!("{}: {}", error.kind, error.message);
+            match crate::runtime::head(&text, EVENT_ERROR_BYTES) {
+                kept if kept.len() < text.len() => format!("{kept}…"),
+                _ => text,
             }
-            text
         });
     let settlement = Settlement {
         receipt: delivery.receipt.clone(),
@@ -247,7 +242,7 @@ impl Execution<'_> {
     async fn decide(mut self, recorded: Recorded) -> Result<Outcome, StorageError> {
         let shared = self.shared;
         let envelope = &self.delivery.envelope;
-        let at_most_once = envelope.headers.contains_key(AT_MOST_ONCE_HEADER);
+        let at_most_once = self.at_most_once();
         let began_before = recorded
             .status
             .as_ref()
@@ -266,10 +261,7 @@ impl Execution<'_> {
                 "at_most_once",
                 "an at-most-once broadcast whose run was interrupted is not run again",
             );
-            return Ok((
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ));
+            return Ok(self.revoked(cause));
         }
         let max_deliveries = shared.config.budgets.max_deliveries;
         if self.delivery.deliveries > max_deliveries {
@@ -281,20 +273,14 @@ impl Execution<'_> {
         }
         if envelope.expires_at.is_some_and(|at| at <= Timestamp::now()) {
             let cause = failure("expired", "the task expired before it ran");
-            return Ok((
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ));
+            return Ok(self.revoked(cause));
         }
         if let Some(revocation) = recorded.revocation {
             let message = revocation
                 .reason
                 .unwrap_or_else(|| "revoked before it ran".to_owned());
             let cause = failure("revoked", &message);
-            return Ok((
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ));
+            return Ok(self.revoked(cause));
         }
         if self.slot.handle.is_terminated() {
             return Ok(self.returned());
@@ -302,10 +288,7 @@ impl Execution<'_> {
         // Revoked after it was fetched, while it waited for a run slot.
         if self.slot.handle.is_revoked() {
             let cause = failure("revoked", "revoked before it ran");
-            return Ok((
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ));
+            return Ok(self.revoked(cause));
         }
 
         let (version, component) = match shared.components.resolve(&envelope.task).await {
@@ -453,24 +436,15 @@ impl Execution<'_> {
         };
         let cause = failure(error.kind(), &budgets.cut_error(&error.to_string()));
         match error {
-            RunError::Revoked
-                if shared.stopping.load(Ordering::SeqCst)
-                    && envelope.headers.contains_key(AT_MOST_ONCE_HEADER) =>
-            {
+            RunError::Revoked if shared.stopping.load(Ordering::SeqCst) && self.at_most_once() => {
                 let cause = failure(
                     "at_most_once",
                     "the worker stopped an at-most-once broadcast; it is not run again",
                 );
-                (
-                    Some(self.status(TaskState::Revoked, Some(cause))),
-                    Settle::Ack,
-                )
+                self.revoked(cause)
             }
             RunError::Revoked if shared.stopping.load(Ordering::SeqCst) => self.returned(),
-            RunError::Revoked => (
-                Some(self.status(TaskState::Revoked, Some(cause))),
-                Settle::Ack,
-            ),
+            RunError::Revoked => self.revoked(cause),
             error => {
                 let mut policy = RetryPolicy::new(options, envelope.max_retries);
                 policy.max_retries = policy.max_retries.min(budgets.max_retries);
@@ -503,6 +477,22 @@ impl Execution<'_> {
                 }
             }
         }
+    }
+
+    /// Revoked (or expired, or not to be run again): recorded as `revoked`, the entry acked.
+    fn revoked(&self, cause: TaskFailure) -> Outcome {
+        (
+            Some(self.status(TaskState::Revoked, Some(cause))),
+            Settle::Ack,
+        )
+    }
+
+    /// Whether this is an at-most-once broadcast copy, whose run begins at most once.
+    fn at_most_once(&self) -> bool {
+        self.delivery
+            .envelope
+            .headers
+            .contains_key(AT_MOST_ONCE_HEADER)
     }
 
     /// Failed for good: recorded as `failed`, the entry dead-lettered with `reason`.

@@ -201,6 +201,11 @@ impl WorkerConfig {
             .max(1)
     }
 
+    /// How long a heartbeat counts: three intervals, so one late beat is not a death.
+    fn heartbeat_ttl(&self) -> Duration {
+        self.heartbeat_interval * 3
+    }
+
     /// The most tasks this worker ever runs at once.
     pub fn max_concurrency(&self) -> usize {
         self.autoscale
@@ -345,7 +350,6 @@ struct AppliedRevocation {
 struct Running {
     task_id: String,
     task: String,
-    queue: String,
     attempt: u32,
     receipt: Receipt,
     handle: RunHandle,
@@ -461,7 +465,6 @@ impl Shared {
             Running {
                 task_id: envelope.id.clone(),
                 task: envelope.task.clone(),
-                queue: envelope.queue.clone(),
                 attempt: envelope.attempt,
                 receipt: delivery.receipt.clone(),
                 handle: handle.clone(),
@@ -1038,8 +1041,11 @@ async fn beat(shared: &Shared) {
         started_at: shared.started_at,
         last_seen: Timestamp::now(),
     };
-    let ttl = config.heartbeat_interval * 3;
-    if let Err(error) = shared.backend.heartbeat(&heartbeat, Some(ttl)).await {
+    if let Err(error) = shared
+        .backend
+        .heartbeat(&heartbeat, Some(config.heartbeat_ttl()))
+        .await
+    {
         tracing::warn!(%error, "recording the worker heartbeat failed");
     }
 }
@@ -1048,7 +1054,7 @@ async fn beat(shared: &Shared) {
 /// worker that is gone (a worker that restarts gets a new id unless `--worker-id` is fixed).
 async fn sweep_direct_queues(shared: Arc<Shared>) {
     // After a heartbeat's lifetime, so peers restarting together have announced themselves.
-    tokio::time::sleep(shared.config.heartbeat_interval * 3).await;
+    tokio::time::sleep(shared.config.heartbeat_ttl()).await;
     let (queues, workers) = match tokio::try_join!(shared.broker.queues(), shared.backend.workers())
     {
         Ok(found) => found,
