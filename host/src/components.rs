@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
+use crate::capabilities::{Grant, RunCapabilities};
 use crate::runtime::{LoadError, Runtime, TaskComponent};
+use crate::signing::{ComponentSigner, TrustedKeys};
 use crate::storage::StorageError;
 use crate::stores::registry::{ComponentRegistry, TaskVersion};
 
@@ -32,6 +34,8 @@ pub enum ComponentError {
     DigestMismatch { expected: String, actual: String },
     #[error("component {digest} could not be loaded a moment ago ({reason}); trying again shortly")]
     RecentlyFailed { digest: String, reason: String },
+    #[error("this worker does not trust component {digest}: {reason}")]
+    Untrusted { digest: String, reason: String },
 }
 
 /// How long a component that could not be fetched or loaded is not tried again, so a backlog
@@ -47,26 +51,64 @@ pub struct Upload {
     pub new_component: bool,
     /// The current version of each task the component declares.
     pub tasks: Vec<TaskVersion>,
+    /// The id of the key that signed the digest, with `--sign`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<String>,
 }
 
 /// Validates a component (it must compile, fit the world and describe valid tasks), stores it
 /// and maps its task names to it. Invalid bytes change nothing in the registry.
+///
+/// With a `signer`, the digest's signature is recorded before the tasks point at it, so a
+/// worker that trusts only signed components never sees the new version unsigned.
 pub async fn upload(
     registry: &dyn ComponentRegistry,
     runtime: &Arc<Runtime>,
     bytes: Vec<u8>,
+    signer: Option<&ComponentSigner>,
 ) -> Result<Upload, ComponentError> {
     let component = load(runtime, bytes.clone()).await?;
     let definitions = component.describe().await?.to_vec();
     let digest = component.digest().to_owned();
     let new_component = registry.put_component(&digest, &bytes).await?;
+    let signed_by = match signer {
+        Some(signer) => {
+            let (key_id, signature) = signer.sign(&digest);
+            registry.add_signature(&digest, &key_id, &signature).await?;
+            Some(key_id)
+        }
+        None => None,
+    };
     let tasks = registry.register(&digest, &definitions).await?;
     Ok(Upload {
         digest,
         size: bytes.len(),
         new_component,
         tasks,
+        signed_by,
     })
+}
+
+/// A task's current version and what its runs may do: its declarations intersected with the
+/// grants the registry holds for its name.
+pub struct CurrentTask {
+    pub version: TaskVersion,
+    pub capabilities: RunCapabilities,
+}
+
+/// Parses a task's grants as the registry holds them; an entry that does not parse (written
+/// by hand, or by a newer release) grants nothing and is reported.
+pub fn parse_grants(name: &str, texts: &[String]) -> Vec<Grant> {
+    texts
+        .iter()
+        .filter_map(|text| match text.parse::<Grant>() {
+            Ok(grant) => Some(grant),
+            Err(error) => {
+                tracing::warn!(task.name = name, grant = text, %error, "ignoring a grant that does not parse");
+                None
+            }
+        })
+        .collect()
 }
 
 async fn load(runtime: &Arc<Runtime>, bytes: Vec<u8>) -> Result<Arc<TaskComponent>, LoadError> {
@@ -83,17 +125,24 @@ async fn load(runtime: &Arc<Runtime>, bytes: Vec<u8>) -> Result<Arc<TaskComponen
 pub struct ComponentSource {
     registry: Arc<dyn ComponentRegistry>,
     runtime: Arc<Runtime>,
-    versions: Mutex<HashMap<String, (Arc<TaskVersion>, Instant)>>,
+    /// With keys, only components signed by one of them are loaded.
+    trusted: Option<TrustedKeys>,
+    versions: Mutex<HashMap<String, (Arc<CurrentTask>, Instant)>>,
     loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskComponent>>>>>,
     /// Digests that failed to fetch or load, with why and when.
     failures: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl ComponentSource {
-    pub fn new(registry: Arc<dyn ComponentRegistry>, runtime: Arc<Runtime>) -> ComponentSource {
+    pub fn new(
+        registry: Arc<dyn ComponentRegistry>,
+        runtime: Arc<Runtime>,
+        trusted: Option<TrustedKeys>,
+    ) -> ComponentSource {
         ComponentSource {
             registry,
             runtime,
+            trusted,
             versions: Mutex::default(),
             loaded: Mutex::default(),
             failures: Mutex::default(),
@@ -113,13 +162,13 @@ impl ComponentSource {
             .collect()
     }
 
-    /// The current version of `name` and its loaded component.
+    /// The current version of `name` with its capabilities, and its loaded component.
     pub async fn resolve(
         &self,
         name: &str,
-    ) -> Result<(Arc<TaskVersion>, Arc<TaskComponent>), ComponentError> {
-        let version = self.version(name).await?;
-        let digest = &version.digest;
+    ) -> Result<(Arc<CurrentTask>, Arc<TaskComponent>), ComponentError> {
+        let current = self.current(name).await?;
+        let digest = &current.version.digest;
         if let Some((reason, _)) = lock(&self.failures)
             .get(digest)
             .filter(|(_, at)| at.elapsed() < FAILURE_BACKOFF)
@@ -137,7 +186,8 @@ impl ComponentSource {
             }
         };
         match cell.get_or_try_init(|| self.fetch(digest)).await {
-            Ok(component) => Ok((version.clone(), component.clone())),
+            Ok(component) => Ok((current.clone(), component.clone())),
+            Err(error @ ComponentError::Untrusted { .. }) => Err(error),
             Err(error) => {
                 let mut failures = lock(&self.failures);
                 failures.retain(|_, (_, at)| at.elapsed() < FAILURE_BACKOFF);
@@ -147,23 +197,42 @@ impl ComponentSource {
         }
     }
 
-    async fn version(&self, name: &str) -> Result<Arc<TaskVersion>, ComponentError> {
-        if let Some((version, seen)) = lock(&self.versions).get(name)
+    async fn current(&self, name: &str) -> Result<Arc<CurrentTask>, ComponentError> {
+        if let Some((current, seen)) = lock(&self.versions).get(name)
             && seen.elapsed() < VERSION_CACHE_TTL
         {
-            return Ok(version.clone());
+            return Ok(current.clone());
         }
         let version = self
             .registry
             .task(name)
             .await?
             .ok_or_else(|| ComponentError::UnknownTask(name.to_owned()))?;
-        let version = Arc::new(version);
-        lock(&self.versions).insert(name.to_owned(), (version.clone(), Instant::now()));
-        Ok(version)
+        let grants = parse_grants(name, &self.registry.grants(name).await?);
+        let capabilities = RunCapabilities::intersect(&version.definition.capabilities, &grants);
+        let current = Arc::new(CurrentTask {
+            version,
+            capabilities,
+        });
+        let mut versions = lock(&self.versions);
+        versions.retain(|_, (_, seen)| seen.elapsed() < VERSION_CACHE_TTL);
+        versions.insert(name.to_owned(), (current.clone(), Instant::now()));
+        Ok(current)
     }
 
     async fn fetch(&self, digest: &str) -> Result<Arc<TaskComponent>, ComponentError> {
+        // Before the bytes: an untrusted component costs one small read per delivery.
+        if let Some(trusted) = &self.trusted {
+            let signatures = self.registry.signatures(digest).await?;
+            let key =
+                trusted
+                    .check(digest, &signatures)
+                    .map_err(|reason| ComponentError::Untrusted {
+                        digest: digest.to_owned(),
+                        reason,
+                    })?;
+            tracing::debug!(digest, key, "component signature verified");
+        }
         let bytes = self
             .registry
             .component(digest)
@@ -176,6 +245,7 @@ impl ComponentSource {
                 actual,
             });
         }
+
         Ok(load(&self.runtime, bytes).await?)
     }
 }

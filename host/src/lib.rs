@@ -44,6 +44,7 @@ pub mod beat;
 pub mod broadcast;
 pub mod broker;
 pub mod canvas;
+pub mod capabilities;
 pub mod cli;
 pub mod client;
 pub mod codec;

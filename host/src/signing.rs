@@ -520,3 +520,126 @@ mod tests {
         ));
     }
 }
+
+/// What a component signature covers: this prefix and the component's sha256 in hex.
+const COMPONENT_CONTEXT: &str = "stem-component-v1:";
+
+/// Why a component signing key or a trusted-keys file was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ComponentKeyError {
+    #[error(transparent)]
+    Entry(#[from] SigningError),
+    #[error(
+        "{0}: expected one Ed25519 private key, ID:BASE64 (from `signing keygen --algorithm ed25519 --out DIR`)"
+    )]
+    NotOneKey(&'static str),
+    #[error("{source_name}: key `{id}` is not a 32-byte Ed25519 key")]
+    BadKey {
+        source_name: &'static str,
+        id: String,
+    },
+    #[error("{0}: no key")]
+    Empty(&'static str),
+}
+
+/// Entries of a key file: one `ID:BASE64` per line or comma-separated; `#` starts a comment.
+fn file_entries(
+    source_name: &'static str,
+    text: &str,
+) -> Result<Vec<(String, Vec<u8>)>, ComponentKeyError> {
+    let joined: Vec<&str> = text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+        .collect();
+    Ok(entries(source_name, Some(&joined.join(",")))?)
+}
+
+/// Signs component digests with one Ed25519 private key (`task upload --sign KEY_FILE`).
+pub struct ComponentSigner {
+    id: String,
+    pair: Ed25519KeyPair,
+}
+
+impl ComponentSigner {
+    /// The key in a key file's text: one `ID:BASE64` private seed.
+    pub fn parse(text: &str) -> Result<ComponentSigner, ComponentKeyError> {
+        const SOURCE: &str = "the signing key file";
+        let mut keys = file_entries(SOURCE, text)?;
+        let (Some((id, seed)), true) = (keys.pop(), keys.is_empty()) else {
+            return Err(ComponentKeyError::NotOneKey(SOURCE));
+        };
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| ComponentKeyError::BadKey {
+                source_name: SOURCE,
+                id: id.clone(),
+            })?;
+        Ok(ComponentSigner { id, pair })
+    }
+
+    /// The key id and the base64 signature of `digest`.
+    pub fn sign(&self, digest: &str) -> (String, String) {
+        let message = format!("{COMPONENT_CONTEXT}{digest}");
+        let signature = self.pair.sign(message.as_bytes());
+        (self.id.clone(), BASE64.encode(signature.as_ref()))
+    }
+}
+
+/// The Ed25519 public keys a worker started with `--trusted-keys` accepts components from.
+#[derive(Debug)]
+pub struct TrustedKeys {
+    keys: BTreeMap<String, Vec<u8>>,
+}
+
+impl TrustedKeys {
+    /// Public keys, `ID:BASE64`, one per line or comma-separated.
+    pub fn parse(text: &str) -> Result<TrustedKeys, ComponentKeyError> {
+        const SOURCE: &str = "--trusted-keys";
+        let keys: BTreeMap<String, Vec<u8>> = file_entries(SOURCE, text)?.into_iter().collect();
+        if keys.is_empty() {
+            return Err(ComponentKeyError::Empty(SOURCE));
+        }
+        if let Some((id, _)) = keys.iter().find(|(_, key)| key.len() != 32) {
+            return Err(ComponentKeyError::BadKey {
+                source_name: SOURCE,
+                id: id.clone(),
+            });
+        }
+        Ok(TrustedKeys { keys })
+    }
+
+    /// The id of a trusted key that signed `digest`, or why none did.
+    pub fn check(&self, digest: &str, signatures: &[(String, String)]) -> Result<String, String> {
+        let message = format!("{COMPONENT_CONTEXT}{digest}");
+        let mut untrusted = Vec::new();
+        let mut mismatched = Vec::new();
+        for (id, signature) in signatures {
+            let Some(key) = self.keys.get(id) else {
+                untrusted.push(id.as_str());
+                continue;
+            };
+            let valid = BASE64.decode(signature).is_ok_and(|signature| {
+                UnparsedPublicKey::new(&ED25519, key)
+                    .verify(message.as_bytes(), &signature)
+                    .is_ok()
+            });
+            if valid {
+                return Ok(id.clone());
+            }
+            mismatched.push(id.as_str());
+        }
+        Err(if !mismatched.is_empty() {
+            format!(
+                "its signature by key {} does not match the component",
+                mismatched.join(", ")
+            )
+        } else if untrusted.is_empty() {
+            "it is not signed (upload it with `task upload --sign KEY_FILE`)".to_string()
+        } else {
+            format!(
+                "it is signed only by keys this worker does not trust: {}",
+                untrusted.join(", ")
+            )
+        })
+    }
+}

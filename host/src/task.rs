@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::capabilities::Capabilities;
+
 /// Options a task declares in its component (`describe`); an enqueue may override them.
 /// `None` leaves the choice to the worker's configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +56,9 @@ pub struct TaskDefinition {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub options: TaskOptions,
+    /// What the task needs beyond computing; a run gets only what is also granted.
+    #[serde(default, skip_serializing_if = "Capabilities::is_empty")]
+    pub capabilities: Capabilities,
 }
 
 /// One execution of a task, as the guest receives it.

@@ -18,8 +18,11 @@ use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, MetaNameValue, Token};
 /// Options: `name = "..."` (defaults to the function name), `queue = "..."`, `priority = 0..=9`,
 /// `max_retries = N`, `retry_backoff = "2s"`, `retry_backoff_max = "5m"`, `retry_jitter = bool`,
 /// `soft_time_limit = "10s"`, `time_limit = "30s"`, `rate_limit = "10/s"`,
-/// `memory_limit = "64MiB"`, `args_encoder = "gzip"`, `result_encoder = "base64"`. Durations take `ms`, `s`, `m` or `h`; sizes take `B`, `KiB`,
-/// `MiB` or `GiB`. The function's doc comment becomes the task's description.
+/// `memory_limit = "64MiB"`, `args_encoder = "gzip"`, `result_encoder = "base64"`. Durations
+/// take `ms`, `s`, `m` or `h`; sizes take `B`, `KiB`, `MiB` or `GiB`. Capabilities the task
+/// needs (granted separately by an operator): `outbound = ["https://api.example.com"]`,
+/// `secrets = ["SMTP_PASSWORD"]`, `dirs = ["/data/in:ro"]`. The function's doc comment becomes
+/// the task's description.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     match expand(attr.into(), item.into()) {
@@ -43,6 +46,9 @@ struct Options {
     memory_limit_bytes: Option<u64>,
     args_encoder: Option<String>,
     result_encoder: Option<String>,
+    outbound: Vec<String>,
+    secrets: Vec<String>,
+    dirs: Vec<String>,
 }
 
 fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
@@ -108,6 +114,9 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let soft_time_limit_ms = opt_num(options.soft_time_limit_ms);
     let hard_time_limit_ms = opt_num(options.hard_time_limit_ms);
     let memory_limit_bytes = opt_num(options.memory_limit_bytes);
+    let outbound = &options.outbound;
+    let secrets = &options.secrets;
+    let dirs = &options.dirs;
 
     let register = format_ident!("__stem_register_{}", fn_name);
     let run = format_ident!("__stem_run_{}", fn_name);
@@ -143,6 +152,9 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                         memory_limit_bytes: #memory_limit_bytes,
                         args_encoder: #args_encoder,
                         result_encoder: #result_encoder,
+                        outbound: &[#(#outbound),*],
+                        secrets: &[#(#secrets),*],
+                        dirs: &[#(#dirs),*],
                     },
                     run: #run,
                 });
@@ -201,6 +213,24 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
             "result_encoder" => {
                 options.result_encoder = Some(non_empty(string(&pair.value)?, span)?)
             }
+            "outbound" => {
+                for (pattern, span) in strings(&pair.value)? {
+                    check_outbound(&pattern, span)?;
+                    options.outbound.push(pattern);
+                }
+            }
+            "secrets" => {
+                for (name, span) in strings(&pair.value)? {
+                    check_secret(&name, span)?;
+                    options.secrets.push(name);
+                }
+            }
+            "dirs" => {
+                for (dir, span) in strings(&pair.value)? {
+                    check_dir(&dir, span)?;
+                    options.dirs.push(dir);
+                }
+            }
             other => {
                 return Err(syn::Error::new(
                     pair.path.span(),
@@ -208,7 +238,7 @@ fn parse_options(attr: TokenStream2) -> syn::Result<Options> {
                         "unknown task option `{other}`; expected one of: name, queue, priority, \
                          max_retries, retry_backoff, retry_backoff_max, retry_jitter, \
                          soft_time_limit, time_limit, rate_limit, memory_limit, args_encoder, \
-                         result_encoder"
+                         result_encoder, outbound, secrets, dirs"
                     ),
                 ));
             }
@@ -257,6 +287,82 @@ fn string(value: &Expr) -> syn::Result<String> {
     match literal(value) {
         Some(Lit::Str(text)) => Ok(text.value()),
         _ => Err(syn::Error::new(value.span(), "expected a string literal")),
+    }
+}
+
+/// `["a", "b"]`: each string with its span.
+fn strings(value: &Expr) -> syn::Result<Vec<(String, Span)>> {
+    let Expr::Array(array) = value else {
+        return Err(syn::Error::new(
+            value.span(),
+            "expected a list of string literals, e.g. [\"a\", \"b\"]",
+        ));
+    };
+    array
+        .elems
+        .iter()
+        .map(|element| Ok((string(element)?, element.span())))
+        .collect()
+}
+
+/// The shape the host checks again at upload: `scheme://host[:port]`, no path.
+fn check_outbound(pattern: &str, span: Span) -> syn::Result<()> {
+    let valid = pattern.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https" | "*")
+            && !rest.is_empty()
+            && !rest
+                .trim_end_matches('/')
+                .contains(['/', '?', '#', '@', ' '])
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(syn::Error::new(
+            span,
+            format!(
+                "`{pattern}` is not an outbound pattern; write `scheme://host[:port]`, e.g. \
+                 \"https://api.example.com\", \"http://127.0.0.1:*\" or \"https://*.example.com\""
+            ),
+        ))
+    }
+}
+
+fn check_secret(name: &str, span: Span) -> syn::Result<()> {
+    let mut chars = name.chars();
+    let valid = name.len() <= 128
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(syn::Error::new(
+            span,
+            format!("`{name}` is not a secret name: use letters, digits and `_`"),
+        ))
+    }
+}
+
+fn check_dir(dir: &str, span: Span) -> syn::Result<()> {
+    let valid = dir.rsplit_once(':').is_some_and(|(path, mode)| {
+        path.starts_with('/')
+            && matches!(mode, "ro" | "rw")
+            && !path.contains(':')
+            && (path == "/"
+                || path[1..]
+                    .split('/')
+                    .all(|part| !part.is_empty() && part != "." && part != ".."))
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(syn::Error::new(
+            span,
+            format!(
+                "`{dir}` is not a directory; write an absolute path and a mode, e.g. \"/data/in:ro\""
+            ),
+        ))
     }
 }
 

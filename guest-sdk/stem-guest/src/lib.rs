@@ -54,6 +54,36 @@
 //! }
 //! ```
 
+//!
+//! # Capabilities
+//!
+//! A task computes and nothing else unless it declares what it needs and an operator grants
+//! it (`stem-host task grant`); a run gets what both say. Declare outbound URL patterns,
+//! secret names and directories in the attribute:
+//!
+//! ```no_run
+//! use serde_json::Value;
+//! use stem_guest::{TaskContext, TaskError};
+//!
+//! #[stem_guest::task(
+//!     name = "mail.send",
+//!     outbound = ["https://api.mailer.example"],
+//!     secrets = ["MAILER_TOKEN"],
+//!     dirs = ["/templates:ro"],
+//! )]
+//! fn send(ctx: &TaskContext, message: Value) -> Result<u16, TaskError> {
+//!     let token = ctx.secret("MAILER_TOKEN")?;
+//!     let template = std::fs::read_to_string("/templates/welcome.txt").map_err(TaskError::fail)?;
+//!     let response = stem_guest::http::Request::post("https://api.mailer.example/v1/send")
+//!         .header("authorization", &format!("Bearer {token}"))
+//!         .json(&serde_json::json!({ "message": message, "template": template }))?
+//!         .send()?;
+//!     Ok(response.status)
+//! }
+//! ```
+//!
+//! The host masks secret values the run read in its logs, errors and result.
+
 use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,6 +93,7 @@ use serde::Serialize;
 pub use stem_guest_macros::task;
 
 pub mod canvas;
+pub mod http;
 
 mod bindings {
     wit_bindgen::generate!({
@@ -251,6 +282,13 @@ impl TaskContext {
             .map_err(|e| TaskError::fail(format!("cannot enqueue sub-task `{name}`: {e}")))
     }
 
+    /// The value of a secret this task declares (`#[task(secrets = ["NAME"])]`) and an operator
+    /// granted; an error says which of the two is missing. The host masks the value wherever
+    /// this run would write it (logs, errors, the result).
+    pub fn secret(&self, name: &str) -> Result<String, TaskError> {
+        context::secret(name).map_err(TaskError::fail)
+    }
+
     /// Submits `canvas` as a child of this task and returns its id. See [`canvas`] for how
     /// results flow between its tasks.
     pub fn submit(&self, canvas: &canvas::Node) -> Result<String, TaskError> {
@@ -305,6 +343,9 @@ pub mod __private {
         pub memory_limit_bytes: Option<u64>,
         pub args_encoder: Option<&'static str>,
         pub result_encoder: Option<&'static str>,
+        pub outbound: &'static [&'static str],
+        pub secrets: &'static [&'static str],
+        pub dirs: &'static [&'static str],
     }
 
     pub type RunFn = fn(&TaskContext, &str) -> Result<String, TaskError>;
@@ -346,6 +387,10 @@ pub mod __private {
 
 struct Component;
 
+fn strings(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| v.to_string()).collect()
+}
+
 impl handler::Guest for Component {
     fn describe() -> Vec<types::TaskDefinition> {
         let tasks = __private::TASKS
@@ -371,6 +416,11 @@ impl handler::Guest for Component {
                         memory_limit_bytes: o.memory_limit_bytes,
                         args_encoder: o.args_encoder.map(str::to_string),
                         result_encoder: o.result_encoder.map(str::to_string),
+                    },
+                    capabilities: types::Capabilities {
+                        outbound: strings(o.outbound),
+                        secrets: strings(o.secrets),
+                        dirs: strings(o.dirs),
                     },
                 }
             })

@@ -33,6 +33,7 @@ impl Parts {
             name: "hello.add".into(),
             description: None,
             options: TaskOptions::default(),
+            capabilities: Default::default(),
         };
         registry.register("digest", &[definition]).await.unwrap();
         Parts {

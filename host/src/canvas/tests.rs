@@ -38,6 +38,7 @@ async fn parts_with_limit(limit: usize) -> Parts {
             name: name.into(),
             description: None,
             options: TaskOptions::default(),
+            capabilities: Default::default(),
         })
         .collect();
     registry.register("digest", &definitions).await.unwrap();

@@ -12,10 +12,12 @@ use serde_json::json;
 
 use super::Connections;
 use super::units::{compact_duration, human_duration, parse_duration, parse_size};
+use crate::capabilities::{Capabilities, Grant, RunCapabilities, check_secret_name};
 use crate::components;
 use crate::runtime::{
     RunError, RunHandle, RunLimits, SubTaskRequest, TaskComponent, TaskHooks, TaskInfo,
 };
+use crate::signing::ComponentSigner;
 use crate::stores::registry::TaskVersion;
 use crate::task::{Invocation, LogLevel, TaskDefinition};
 
@@ -28,17 +30,28 @@ pub enum TaskCommand {
     Upload {
         /// The component (.wasm) to upload.
         file: PathBuf,
+        /// Sign the component's digest with this Ed25519 private key file (`ID:BASE64`, from
+        /// `signing keygen --algorithm ed25519 --out DIR`), for workers started with
+        /// `--trusted-keys`.
+        #[arg(long, value_name = "KEY_FILE")]
+        sign: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Grant a task capabilities. A run gets what the task declares and is granted, nothing
+    /// more; grants belong to the task name and carry over to new versions.
+    Grant(GrantArgs),
+    /// Take grants back from a task; runs that start afterwards (within a second) lose them.
+    RevokeGrant(GrantArgs),
     /// List the registered tasks, with their current version and component.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Show one registered task: its options and every version.
+    /// Show one registered task: its options, capabilities (declared, granted, effective),
+    /// signatures and every version. Secret values are never shown, only names.
     Show {
         /// The task name, e.g. hello.add.
         name: String,
@@ -85,14 +98,68 @@ pub struct RunArgs {
     /// The attempt number the guest sees (1 is the first run).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     attempt: u32,
+    /// Grant the run this, as `task grant` would (`outbound URL_PATTERN`, `secret NAME`,
+    /// `dir HOST_PATH:GUEST_PATH:ro|rw`); repeatable. Secrets come from STEM_SECRET_NAME.
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<String>,
     /// Print one JSON object with the outcome instead of the bare result.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Args)]
+pub struct GrantArgs {
+    /// The task name, e.g. mail.send.
+    name: String,
+    /// An outbound URL pattern, `scheme://host[:port]`: `https://api.example.com`,
+    /// `http://127.0.0.1:8080`, `https://*.example.com`, `*://example.com:*`. Private,
+    /// loopback and link-local addresses need a pattern naming the host exactly.
+    #[arg(long, value_name = "URL_PATTERN")]
+    outbound: Vec<String>,
+    /// A secret name; the worker reads its value from STEM_SECRET_NAME or its secrets
+    /// directory.
+    #[arg(long, value_name = "NAME")]
+    secret: Vec<String>,
+    /// A directory: HOST_PATH:GUEST_PATH:ro or :rw (rw only takes effect where the task
+    /// declares rw too).
+    #[arg(long, value_name = "HOST_PATH:GUEST_PATH:MODE")]
+    dir: Vec<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl GrantArgs {
+    fn grants(&self) -> anyhow::Result<Vec<Grant>> {
+        let mut grants = Vec::new();
+        for pattern in &self.outbound {
+            grants.push(Grant::Outbound(
+                pattern
+                    .parse()
+                    .with_context(|| format!("invalid --outbound `{pattern}`"))?,
+            ));
+        }
+        for name in &self.secret {
+            check_secret_name(name).with_context(|| format!("invalid --secret `{name}`"))?;
+            grants.push(Grant::Secret(name.clone()));
+        }
+        for dir in &self.dir {
+            grants.push(Grant::dir(dir).with_context(|| format!("invalid --dir `{dir}`"))?);
+        }
+        if grants.is_empty() {
+            bail!("name at least one --outbound, --secret or --dir");
+        }
+        Ok(grants)
+    }
+}
+
 pub async fn run(command: TaskCommand, connections: &Connections) -> anyhow::Result<ExitCode> {
     match command {
-        TaskCommand::Upload { file, json } => upload(&file, json, connections).await,
+        TaskCommand::Upload { file, sign, json } => {
+            upload(&file, sign.as_deref(), json, connections).await
+        }
+        TaskCommand::Grant(args) => grant(args, true, connections).await,
+        TaskCommand::RevokeGrant(args) => grant(args, false, connections).await,
         TaskCommand::List { json } => list(json, connections).await,
         TaskCommand::Show { name, json } => show(&name, json, connections).await,
         TaskCommand::Inspect { file, json } => inspect(&file, json, connections).await,
@@ -100,11 +167,24 @@ pub async fn run(command: TaskCommand, connections: &Connections) -> anyhow::Res
     }
 }
 
-async fn upload(file: &Path, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+async fn upload(
+    file: &Path,
+    sign: Option<&Path>,
+    json: bool,
+    connections: &Connections,
+) -> anyhow::Result<ExitCode> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let signer = match sign {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+            Some(ComponentSigner::parse(&text)?)
+        }
+        None => None,
+    };
     let runtime = connections.sandbox(|_| {})?;
     let registry = connections.registry().await?;
-    let upload = components::upload(registry.as_ref(), &runtime, bytes)
+    let upload = components::upload(registry.as_ref(), &runtime, bytes, signer.as_ref())
         .await
         .with_context(|| format!("cannot upload {}", file.display()))?;
     if json {
@@ -122,8 +202,103 @@ async fn upload(file: &Path, json: bool, connections: &Connections) -> anyhow::R
         file.display(),
         upload.digest
     );
+    if let Some(key) = &upload.signed_by {
+        println!("signed by key `{key}`");
+    }
     print_versions(&upload.tasks);
+    for task in &upload.tasks {
+        let declared = &task.definition.capabilities;
+        if !declared.is_empty() {
+            println!(
+                "{} declares {}; it gets only what is also granted (`stem-host task show {}`)",
+                task.name,
+                describe_capabilities(declared),
+                task.name
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn grant(args: GrantArgs, add: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
+    let grants = args.grants()?;
+    let registry = connections.registry().await?;
+    let mut changed = Vec::new();
+    for grant in &grants {
+        let text = grant.to_string();
+        let did = if add {
+            registry.grant(&args.name, &text).await?
+        } else {
+            registry.revoke_grant(&args.name, &text).await?
+        };
+        changed.push((text, did));
+    }
+    let current = registry.task(&args.name).await?;
+    let all = components::parse_grants(&args.name, &registry.grants(&args.name).await?);
+    let declared = current
+        .as_ref()
+        .map(|v| v.definition.capabilities.clone())
+        .unwrap_or_default();
+    let effective = RunCapabilities::intersect(&declared, &all);
+    if args.json {
+        let report = json!({
+            "name": args.name,
+            "changed": changed.iter().filter(|(_, did)| *did).map(|(t, _)| t).collect::<Vec<_>>(),
+            "unchanged": changed.iter().filter(|(_, did)| !*did).map(|(t, _)| t).collect::<Vec<_>>(),
+            "grants": all.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "registered": current.is_some(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (text, did) in &changed {
+        let what = match (add, did) {
+            (true, true) => "granted",
+            (true, false) => "already granted",
+            (false, true) => "revoked",
+            (false, false) => "was not granted",
+        };
+        println!("{}: {what}: {text}", args.name);
+    }
+    if current.is_none() {
+        eprintln!(
+            "note: no task named `{}` is registered yet; the grants apply once one is uploaded",
+            args.name
+        );
+    } else if add {
+        for grant in &grants {
+            if !effective_covers(&effective, &declared, grant) {
+                eprintln!(
+                    "note: `{grant}` has no effect until a version of `{}` declares it",
+                    args.name
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a grant opens anything for the task as it declares itself now.
+fn effective_covers(effective: &RunCapabilities, declared: &Capabilities, grant: &Grant) -> bool {
+    match grant {
+        Grant::Secret(name) => effective.secrets.contains(name),
+        Grant::Dir { guest, .. } => effective.dirs.iter().any(|d| &d.guest == guest),
+        Grant::Outbound(_) => !declared.outbound.is_empty() && !effective.outbound.is_empty(),
+    }
+}
+
+fn describe_capabilities(capabilities: &Capabilities) -> String {
+    let mut parts = Vec::new();
+    if !capabilities.outbound.is_empty() {
+        parts.push(format!("outbound {}", capabilities.outbound.join(", ")));
+    }
+    if !capabilities.secrets.is_empty() {
+        parts.push(format!("secrets {}", capabilities.secrets.join(", ")));
+    }
+    if !capabilities.dirs.is_empty() {
+        parts.push(format!("dirs {}", capabilities.dirs.join(", ")));
+    }
+    parts.join("; ")
 }
 
 async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
@@ -139,14 +314,44 @@ async fn list(json: bool, connections: &Connections) -> anyhow::Result<ExitCode>
 }
 
 async fn show(name: &str, json: bool, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let versions = connections.registry().await?.versions(name).await?;
+    let registry = connections.registry().await?;
+    let versions = registry.versions(name).await?;
     let Some(current) = versions.last() else {
         bail!(
             "unknown task `{name}`: no uploaded component declares it (see `stem-host task list`)"
         );
     };
+    let grants = components::parse_grants(name, &registry.grants(name).await?);
+    let declared = &current.definition.capabilities;
+    let effective = RunCapabilities::intersect(declared, &grants);
+    let signatures: Vec<String> = registry
+        .signatures(&current.digest)
+        .await?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    let grant_texts: Vec<String> = grants.iter().map(ToString::to_string).collect();
+    let effective_dirs: Vec<String> = effective
+        .dirs
+        .iter()
+        .map(|d| {
+            let mode = if d.writable { "rw" } else { "ro" };
+            format!("{}:{}:{mode}", d.host.display(), d.guest)
+        })
+        .collect();
     if json {
-        let report = json!({ "name": name, "current": current, "versions": versions });
+        let report = json!({
+            "name": name,
+            "current": current,
+            "versions": versions,
+            "grants": grant_texts,
+            "effective": {
+                "outbound": !effective.outbound.is_empty(),
+                "secrets": effective.secrets,
+                "dirs": effective_dirs,
+            },
+            "signed_by": signatures,
+        });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -158,6 +363,39 @@ async fn show(name: &str, json: bool, connections: &Connections) -> anyhow::Resu
         "  options: {}",
         describe_options(&current.definition).join(" ")
     );
+    let none = || "(none)".to_string();
+    println!(
+        "  declares: {}",
+        Some(describe_capabilities(declared))
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(none)
+    );
+    println!(
+        "  granted: {}",
+        Some(grant_texts.join(", "))
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(none)
+    );
+    let mut effective_parts = Vec::new();
+    if !effective.outbound.is_empty() {
+        effective_parts.push("outbound where a declared and a granted pattern both match".into());
+    }
+    if !effective.secrets.is_empty() {
+        let names: Vec<&str> = effective.secrets.iter().map(String::as_str).collect();
+        effective_parts.push(format!("secrets {}", names.join(", ")));
+    }
+    if !effective_dirs.is_empty() {
+        effective_parts.push(format!("dirs {}", effective_dirs.join(", ")));
+    }
+    println!(
+        "  effective: {}",
+        Some(effective_parts.join("; "))
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "(nothing: runs only compute)".to_string())
+    );
+    if !signatures.is_empty() {
+        println!("  signed by: {}", signatures.join(", "));
+    }
     println!("  versions:");
     for version in versions.iter().rev() {
         println!(
@@ -229,6 +467,10 @@ fn print_definitions(definitions: &[TaskDefinition]) {
     for definition in definitions {
         let options = describe_options(definition);
         println!("{:<width$}  {}", definition.name, options.join(" "));
+        if !definition.capabilities.is_empty() {
+            let declared = describe_capabilities(&definition.capabilities);
+            println!("{:<width$}  declares: {declared}", "");
+        }
         if let Some(description) = &definition.description {
             println!("{:<width$}  {description}", "");
         }
@@ -361,10 +603,23 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
         attempt: args.attempt,
         ..Invocation::new(&args.name, raw_args)
     };
+    let grants = args
+        .grants
+        .iter()
+        .map(|text| text.parse::<Grant>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("invalid --grant")?;
+    let capabilities = RunCapabilities::intersect(&definition.capabilities, &grants);
     let hooks = Arc::new(LocalHooks::default());
     let started = Instant::now();
     let outcome = component
-        .run(&invocation, limits, hooks.clone(), &RunHandle::new())
+        .run(
+            &invocation,
+            limits,
+            &capabilities,
+            hooks.clone(),
+            &RunHandle::new(),
+        )
         .await;
     let elapsed = started.elapsed();
     let subtasks = std::mem::take(&mut *hooks.subtasks.lock().unwrap_or_else(|p| p.into_inner()));

@@ -10,8 +10,11 @@
 //!   dropped if the guest is blocked in a host call;
 //! - a soft time limit the guest observes through `soft-time-limit-exceeded`;
 //! - a [`RunHandle`] to revoke (cooperative) or terminate (forced) that run alone;
-//! - default-deny WASI: no preopened directories, no sockets, no environment variables, no
-//!   arguments, a closed stdin, and stdout/stderr captured in bounded buffers.
+//! - default-deny WASI: no sockets, no environment variables, no arguments, a closed stdin,
+//!   stdout/stderr captured in bounded buffers, and only what the run's
+//!   [`RunCapabilities`] open: the directories preopened for it, outbound HTTP through
+//!   `wasi:http` checked against its policy, and the secrets it may read (masked in everything
+//!   the run writes).
 
 mod bindings;
 mod cache;
@@ -20,6 +23,7 @@ mod error;
 mod hooks;
 mod limits;
 mod output;
+mod secrets;
 mod state;
 
 use std::collections::HashMap;
@@ -34,7 +38,8 @@ use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
-use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 pub use control::RunHandle;
 pub use error::{LoadError, RunError};
@@ -46,8 +51,11 @@ use bindings::{Task, TaskPre};
 use cache::DiskCache;
 use limits::{MemoryBudget, MemoryBudgetHit, MemoryLimitHit, MemoryLimiter};
 use output::CapturedOutput;
+use secrets::{Redactor, SecretAccess};
 use state::{LogBudget, RunState};
 
+use crate::capabilities::outbound::OutboundHooks;
+use crate::capabilities::{Capabilities, OutboundLimits, RunCapabilities, SecretStore};
 use crate::task::{Invocation, TaskDefinition, TaskOptions};
 
 /// Settings of the process-wide runtime.
@@ -65,6 +73,10 @@ pub struct RuntimeConfig {
     pub epoch_tick: Duration,
     /// Bytes of guest stdout and of stderr kept per run.
     pub output_capture_bytes: usize,
+    /// Bounds on the outbound HTTP of one run.
+    pub outbound: OutboundLimits,
+    /// Where granted secrets are read from.
+    pub secrets: SecretStore,
 }
 
 impl Default for RuntimeConfig {
@@ -76,6 +88,8 @@ impl Default for RuntimeConfig {
             memory_total_bytes: DEFAULT_MEMORY_TOTAL_BYTES,
             epoch_tick: Duration::from_millis(5),
             output_capture_bytes: 64 * 1024,
+            outbound: OutboundLimits::default(),
+            secrets: SecretStore::default(),
         }
     }
 }
@@ -120,6 +134,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| EngineError(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| EngineError(format!("{e:#}")))?;
         Task::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| EngineError(format!("{e:#}")))?;
         let ticker = Arc::new(EpochTicker::start(engine.clone(), config.epoch_tick));
@@ -160,14 +176,15 @@ impl Runtime {
         let instance_pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre =
-            TaskPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+            .map_err(wrong_world)?;
+        let pre = TaskPre::new(instance_pre).map_err(wrong_world)?;
         let loaded = Arc::new(TaskComponent {
             digest: digest.clone(),
             pre,
             output_capture_bytes: self.config.output_capture_bytes,
             max_memory_bytes: self.config.max_memory_bytes,
+            outbound: self.config.outbound,
+            secrets: self.config.secrets.clone(),
             memory: self.memory.clone(),
             definitions: OnceCell::new(),
             _ticker: self.ticker.clone(),
@@ -187,6 +204,19 @@ impl Runtime {
     fn lock_components(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TaskComponent>>> {
         self.components.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A component that does not link: built against another version of the WIT package, or
+/// importing what the host does not offer.
+fn wrong_world(error: wasmtime::Error) -> LoadError {
+    let message = format!("{error:#}");
+    if message.contains("stem:task/") && !message.contains("stem:task/context@0.2") {
+        return LoadError::WrongWorld(format!(
+            "{message}; it was built for another version of the stem:task WIT package: \
+             rebuild it against this release's guest SDK"
+        ));
+    }
+    LoadError::WrongWorld(message)
 }
 
 /// Memory of a pooled slot that stays mapped between runs (Rust guests start near 1-2MiB).
@@ -284,6 +314,8 @@ pub struct TaskComponent {
     pre: TaskPre<RunState>,
     output_capture_bytes: usize,
     max_memory_bytes: u64,
+    outbound: OutboundLimits,
+    secrets: SecretStore,
     memory: Arc<MemoryBudget>,
     definitions: OnceCell<Vec<TaskDefinition>>,
     _ticker: Arc<EpochTicker>,
@@ -309,10 +341,11 @@ impl TaskComponent {
                     hard_time_limit: Duration::from_secs(10),
                     ..RunLimits::default()
                 };
-                let (definitions, start_bytes) = self
+                let (definitions, start_bytes, _) = self
                     .call(
                         info,
                         limits,
+                        &RunCapabilities::default(),
                         Arc::new(DetachedHooks),
                         &RunHandle::new(),
                         |task, store| {
@@ -332,11 +365,13 @@ impl TaskComponent {
         Ok(definitions)
     }
 
-    /// Runs one invocation in a fresh instance and returns the JSON result.
+    /// Runs one invocation in a fresh instance with what `capabilities` open, and returns the
+    /// JSON result.
     pub async fn run(
         &self,
         invocation: &Invocation,
         limits: RunLimits,
+        capabilities: &RunCapabilities,
         hooks: Arc<dyn TaskHooks>,
         handle: &RunHandle,
     ) -> Result<String, RunError> {
@@ -352,8 +387,8 @@ impl TaskComponent {
             attempt: invocation.attempt,
             headers: invocation.headers.clone(),
         };
-        let (returned, _) = self
-            .call(info, limits, hooks, handle, |task, store| {
+        let (returned, _, redactor) = self
+            .call(info, limits, capabilities, hooks, handle, |task, store| {
                 Box::pin(async move {
                     task.stem_task_handler()
                         .call_run(store, &wit_invocation)
@@ -361,6 +396,22 @@ impl TaskComponent {
                 })
             })
             .await?;
+        let mask = |text: String| {
+            if redactor.is_empty() {
+                text
+            } else {
+                redactor.mask(&text)
+            }
+        };
+        let returned = match returned {
+            Ok(result) => Ok(mask(result)),
+            Err(wit::TaskError::Fail(message)) => Err(wit::TaskError::Fail(mask(message))),
+            Err(wit::TaskError::Retry(request)) => Err(wit::TaskError::Retry(wit::RetryRequest {
+                message: mask(request.message),
+                ..request
+            })),
+            Err(wit::TaskError::Reject(message)) => Err(wit::TaskError::Reject(mask(message))),
+        };
         match returned {
             Ok(result) => match serde_json::from_str::<serde::de::IgnoredAny>(&result) {
                 Ok(_) => Ok(result),
@@ -378,11 +429,13 @@ impl TaskComponent {
     }
 
     /// Instantiates the component in a fresh, limited store and calls one export; returns what
-    /// it returned and the bytes of memory the instance held when it started.
+    /// it returned, the bytes of memory the instance held when it started, and the secrets the
+    /// run read, to mask them in what it returned.
     async fn call<R>(
         &self,
         task: TaskInfo,
         limits: RunLimits,
+        capabilities: &RunCapabilities,
         hooks: Arc<dyn TaskHooks>,
         handle: &RunHandle,
         export: impl for<'a> FnOnce(
@@ -391,23 +444,53 @@ impl TaskComponent {
         ) -> std::pin::Pin<
             Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>,
         >,
-    ) -> Result<(R, u64), RunError> {
+    ) -> Result<(R, u64, Redactor), RunError> {
         let stdout = CapturedOutput::new(self.output_capture_bytes);
         let stderr = CapturedOutput::new(self.output_capture_bytes);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
+            .allow_ip_name_lookup(false);
+        for dir in &capabilities.dirs {
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            wasi.preopened_dir(&dir.host, &dir.guest, perms)
+                .map_err(|error| {
+                    RunError::Instantiate(format!(
+                        "the directory granted at {} ({}) cannot be opened on this worker: \
+                         {error:#}",
+                        dir.guest,
+                        dir.host.display()
+                    ))
+                })?;
+        }
+        let wasi = wasi.build();
         let started = Instant::now();
         let hard_deadline = started + limits.hard_time_limit;
         let task_id = task.id.clone();
+        let redactor = Redactor::default();
         let mut store = Store::new(
             self.pre.engine(),
             RunState {
                 wasi,
+                http: WasiHttpCtx::new(),
+                outbound: OutboundHooks::new(
+                    Arc::new(capabilities.outbound.clone()),
+                    self.outbound,
+                    hard_deadline,
+                    task.name.clone(),
+                ),
+                secrets: SecretAccess {
+                    granted: capabilities.secrets.clone(),
+                    ungranted: capabilities.ungranted_secrets.clone(),
+                    store: self.secrets.clone(),
+                    revealed: redactor.clone(),
+                },
                 table: ResourceTable::new(),
                 limiter: MemoryLimiter::new(
                     limits.memory_bytes.min(self.max_memory_bytes),
@@ -449,7 +532,7 @@ impl TaskComponent {
                 let start_bytes = store.data().limiter.in_use();
                 let returned = export(&instance, &mut store)
                     .await
-                    .map_err(|error| classify(error, &limits, &stderr))?;
+                    .map_err(|error| classify(error, &limits, &stderr, &redactor))?;
                 Ok((returned, start_bytes))
             };
             tokio::select! {
@@ -461,7 +544,7 @@ impl TaskComponent {
         };
         let dropped = store.data().logs.dropped();
         drop(store);
-        log_guest_output(&task_id, &stdout, &stderr);
+        log_guest_output(&task_id, &stdout, &stderr, &redactor);
         if let Some((lines, bytes)) = dropped {
             tracing::warn!(
                 task.id = task_id,
@@ -470,7 +553,7 @@ impl TaskComponent {
                 "the task logged past its budget; the rest was dropped"
             );
         }
-        outcome
+        outcome.map(|(returned, start_bytes)| (returned, start_bytes, redactor))
     }
 }
 
@@ -488,7 +571,12 @@ fn memory_error(error: &wasmtime::Error) -> Option<RunError> {
 }
 
 /// Maps an error out of wasmtime to what happened, in the guest's terms.
-fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput) -> RunError {
+fn classify(
+    error: wasmtime::Error,
+    limits: &RunLimits,
+    stderr: &CapturedOutput,
+    redactor: &Redactor,
+) -> RunError {
     if let Some(error) = memory_error(&error) {
         return error;
     }
@@ -522,7 +610,9 @@ fn classify(error: wasmtime::Error, limits: &RunLimits, stderr: &CapturedOutput)
         message.push_str("; guest stderr: ");
         message.push_str(tail(&stderr, 2048));
     }
-    RunError::Trapped { message }
+    RunError::Trapped {
+        message: redactor.mask(&message),
+    }
 }
 
 /// Rust guests keep their stack in linear memory, so overflowing it traps as an out-of-bounds
@@ -567,13 +657,20 @@ fn tail(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
-fn log_guest_output(task_id: &str, stdout: &CapturedOutput, stderr: &CapturedOutput) {
+fn log_guest_output(
+    task_id: &str,
+    stdout: &CapturedOutput,
+    stderr: &CapturedOutput,
+    redactor: &Redactor,
+) {
     let stdout = stdout.text();
     if !stdout.is_empty() {
+        let stdout = redactor.mask(&stdout);
         tracing::info!(task.id = task_id, "guest stdout: {stdout}");
     }
     let stderr = stderr.text();
     if !stderr.is_empty() {
+        let stderr = redactor.mask(&stderr);
         tracing::warn!(task.id = task_id, "guest stderr: {stderr}");
     }
 }
@@ -597,6 +694,11 @@ impl From<wit::TaskDefinition> for TaskDefinition {
                 memory_limit_bytes: o.memory_limit_bytes,
                 args_encoder: o.args_encoder,
                 result_encoder: o.result_encoder,
+            },
+            capabilities: Capabilities {
+                outbound: definition.capabilities.outbound,
+                secrets: definition.capabilities.secrets,
+                dirs: definition.capabilities.dirs,
             },
         }
     }
@@ -650,6 +752,10 @@ fn validate_definitions(
                 crate::envelope::MAX_QUEUE_NAME_LEN
             )));
         }
+        definition
+            .capabilities
+            .validate()
+            .map_err(|problem| invalid(format!("an invalid capability: {problem}")))?;
         if let Some(declared) = o.memory_limit_bytes.filter(|m| *m < start_bytes) {
             return Err(LoadError::MemoryBelowStart {
                 name: name.clone(),

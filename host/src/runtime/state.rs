@@ -5,11 +5,14 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::stem::task::{context, types};
 use super::control::RunHandle;
 use super::hooks::{SubTaskRequest, TaskHooks, TaskInfo};
 use super::limits::MemoryLimiter;
+use super::secrets::SecretAccess;
+use crate::capabilities::outbound::OutboundHooks;
 use crate::task::LogLevel;
 
 /// Longest log or progress message kept from a guest; longer ones are cut.
@@ -17,6 +20,9 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024;
 
 pub(crate) struct RunState {
     pub wasi: WasiCtx,
+    pub http: WasiHttpCtx,
+    pub outbound: OutboundHooks,
+    pub secrets: SecretAccess,
     pub table: ResourceTable,
     pub limiter: MemoryLimiter,
     pub logs: LogBudget,
@@ -35,6 +41,16 @@ impl WasiView for RunState {
     }
 }
 
+impl WasiHttpView for RunState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
 impl types::Host for RunState {}
 
 impl context::Host for RunState {
@@ -46,16 +62,16 @@ impl context::Host for RunState {
             types::LogLevel::Warn => LogLevel::Warn,
             types::LogLevel::Error => LogLevel::Error,
         };
-        let message = truncate(&message);
+        let message = self.mask(truncate(&message));
         if self.logs.admit(message.len()) {
-            self.hooks.log(&self.task, level, message);
+            self.hooks.log(&self.task, level, &message);
         }
     }
 
     async fn progress(&mut self, percent: u8, message: String) {
-        let message = truncate(&message);
+        let message = self.mask(truncate(&message));
         if self.logs.admit(message.len()) {
-            self.hooks.progress(&self.task, percent.min(100), message);
+            self.hooks.progress(&self.task, percent.min(100), &message);
         }
     }
 
@@ -99,6 +115,21 @@ impl context::Host for RunState {
             return Err(format!("the canvas is not valid JSON: {error}"));
         }
         self.hooks.submit_canvas(&self.task, spec).await
+    }
+
+    async fn secret(&mut self, name: String) -> Result<String, String> {
+        self.secrets.read(&self.task.name, &name)
+    }
+}
+
+impl RunState {
+    /// A guest message with the secrets this run read masked.
+    fn mask<'a>(&self, message: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.secrets.revealed.is_empty() {
+            std::borrow::Cow::Borrowed(message)
+        } else {
+            std::borrow::Cow::Owned(self.secrets.revealed.mask(message))
+        }
     }
 }
 

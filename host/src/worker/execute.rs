@@ -12,6 +12,7 @@ use crate::backend::{TaskFailure, TaskState, TaskStatus};
 use crate::broadcast::AT_MOST_ONCE_HEADER;
 use crate::broker::{Delivery, Settle};
 use crate::canvas::CANVAS_HEADER;
+use crate::capabilities::RunCapabilities;
 use crate::codec::Payload;
 use crate::components::ComponentError;
 use crate::control::events::EventKind;
@@ -291,11 +292,16 @@ impl Execution<'_> {
             return Ok(self.revoked(cause));
         }
 
-        let (version, component) = match shared.components.resolve(&envelope.task).await {
+        let (current, component) = match shared.components.resolve(&envelope.task).await {
             Ok(found) => found,
             Err(error @ ComponentError::UnknownTask(_)) => {
                 let message = error.to_string();
                 return Ok(self.dead(failure("unknown_task", &message), message));
+            }
+            Err(error @ ComponentError::Untrusted { .. }) => {
+                let message = error.to_string();
+                let reason = format!("component-untrusted: {message}");
+                return Ok(self.dead(failure("component_untrusted", &message), reason));
             }
             Err(error) => {
                 tracing::error!(task.id = envelope.id, task.name = envelope.task, %error, "cannot get the task's component; the task waits");
@@ -304,6 +310,7 @@ impl Execution<'_> {
                 return Ok((Some(status), Settle::Release(WORKER_TROUBLE_DELAY)));
             }
         };
+        let version = &current.version;
         self.component = Some(version.digest.clone());
         let options = &version.definition.options;
         if let Some(limit) = options.rate_limit.as_deref().and_then(RateLimit::parse)
@@ -335,7 +342,9 @@ impl Execution<'_> {
                 return Ok(self.returned());
             }
         }
-        let outcome = self.run(&version, &component, args).await;
+        let outcome = self
+            .run(version, &current.capabilities, &component, args)
+            .await;
         if at_most_once
             && matches!(
                 outcome,
@@ -345,13 +354,14 @@ impl Execution<'_> {
             // The guest never started: the copy may still run, later.
             return Ok(self.not_begun());
         }
-        Ok(self.conclude(&version, outcome))
+        Ok(self.conclude(version, outcome))
     }
 
     /// Runs the task, recording `started` once it has run for a while.
     async fn run(
         &self,
         version: &TaskVersion,
+        capabilities: &RunCapabilities,
         component: &Arc<TaskComponent>,
         args: String,
     ) -> Result<String, RunError> {
@@ -388,7 +398,8 @@ impl Execution<'_> {
         shared
             .events
             .emit(|| shared.task_event(EventKind::TaskStarted, envelope));
-        let mut run = Box::pin(component.run(&invocation, limits, hooks, &self.slot.handle));
+        let mut run =
+            Box::pin(component.run(&invocation, limits, capabilities, hooks, &self.slot.handle));
         tokio::select! {
             outcome = &mut run => return outcome,
             () = tokio::time::sleep(shared.config.started_after) => {}

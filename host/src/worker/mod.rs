@@ -70,7 +70,7 @@ use crate::control::events::{
 use crate::routing::Routing;
 use crate::runtime::{RunHandle, Runtime};
 use crate::settlement::SettlementStore;
-use crate::signing::Keys;
+use crate::signing::{Keys, TrustedKeys};
 use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
@@ -254,6 +254,8 @@ pub struct WorkerParts {
     /// Signing keys: deliveries must be signed by one of them, and the worker signs what it
     /// publishes when it holds a secret or private key. `None` verifies nothing.
     pub signing: Option<Arc<Keys>>,
+    /// With keys, the worker runs only components signed by one of them.
+    pub trusted_keys: Option<TrustedKeys>,
 }
 
 /// What a worker did, reported when it stops.
@@ -604,7 +606,7 @@ impl Worker {
         let concurrency = config.concurrency.max(1);
         Worker {
             shared: Arc::new(Shared {
-                components: ComponentSource::new(parts.registry, parts.runtime),
+                components: ComponentSource::new(parts.registry, parts.runtime, parts.trusted_keys),
                 settler: Settler::start(parts.settlements),
                 broker: parts.broker,
                 backend: parts.backend,

@@ -8,6 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use stem_host::capabilities::RunCapabilities;
 use stem_host::runtime::{
     DetachedHooks, LoadError, RunError, RunHandle, RunLimits, Runtime, RuntimeConfig,
     SubTaskRequest, TaskHooks, TaskInfo,
@@ -33,7 +34,13 @@ async fn run_with(
 ) -> Result<Value, RunError> {
     let invocation = Invocation::new(task, args.to_string());
     component(crate_name)
-        .run(&invocation, limits, Arc::new(DetachedHooks), handle)
+        .run(
+            &invocation,
+            limits,
+            &RunCapabilities::default(),
+            Arc::new(DetachedHooks),
+            handle,
+        )
         .await
         .map(|json| serde_json::from_str(&json).expect("the runtime returns JSON"))
 }
@@ -150,6 +157,7 @@ async fn guest_errors_keep_their_kind() {
         .run(
             &invocation,
             limits(Duration::from_secs(5)),
+            &RunCapabilities::default(),
             Arc::new(DetachedHooks),
             &RunHandle::new(),
         )
@@ -169,6 +177,7 @@ async fn guest_errors_keep_their_kind() {
         .run(
             &third,
             limits(Duration::from_secs(5)),
+            &RunCapabilities::default(),
             Arc::new(DetachedHooks),
             &RunHandle::new(),
         )
@@ -245,6 +254,7 @@ async fn reports_generate_aggregates_reports_progress_and_enqueues_delivery() {
         .run(
             &invocation,
             limits(Duration::from_secs(10)),
+            &RunCapabilities::default(),
             hooks.clone(),
             &RunHandle::new(),
         )
@@ -300,6 +310,7 @@ async fn a_guest_submits_a_canvas_through_its_hooks() {
         .run(
             &invocation,
             limits(Duration::from_secs(10)),
+            &RunCapabilities::default(),
             hooks.clone(),
             &RunHandle::new(),
         )

@@ -26,6 +26,7 @@ use super::Connections;
 use super::progress::Progress;
 use super::units::human_duration;
 use crate::backend::TaskState;
+use crate::capabilities::{Grant, RunCapabilities};
 use crate::client::{Client, EnqueueRequest};
 use crate::codec::Codecs;
 use crate::components;
@@ -107,6 +108,10 @@ struct RuntimeBench {
     /// Measured iterations (after 10% as many warm-up runs).
     #[arg(long, short = 'n', default_value_t = 20_000)]
     iterations: u32,
+    /// Grant the task this (as `task grant` would, e.g. `outbound http://127.0.0.1:8080`) to
+    /// measure runs with capabilities; repeatable. The run gets what the task also declares.
+    #[arg(long = "grant", value_name = "GRANT")]
+    grants: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -189,7 +194,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
     if let Some(path) = &bench.component {
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        components::upload(registry.as_ref(), &runtime, bytes)
+        components::upload(registry.as_ref(), &runtime, bytes, None)
             .await
             .with_context(|| format!("cannot upload {}", path.display()))?;
     }
@@ -229,6 +234,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             codecs: Codecs::default(),
             routing: Arc::default(),
             signing: connections.signing()?,
+            trusted_keys: None,
         };
         let config = WorkerConfig {
             worker_id: format!("{namespace}-{}", workers.len() + 1),
@@ -330,6 +336,7 @@ async fn runtime_bench(
         task,
         args,
         iterations,
+        grants,
         json,
     }: RuntimeBench,
     connections: &Connections,
@@ -340,7 +347,18 @@ async fn runtime_bench(
     let component = tokio::task::spawn_blocking(move || runtime.load_file(&path))
         .await?
         .with_context(|| format!("cannot load {}", component.display()))?;
-    component.describe().await?;
+    let definitions = component.describe().await?;
+    let declared = definitions
+        .iter()
+        .find(|d| d.name == task)
+        .map(|d| d.capabilities.clone())
+        .unwrap_or_default();
+    let grants = grants
+        .iter()
+        .map(|text| text.parse::<Grant>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("invalid --grant")?;
+    let capabilities = Arc::new(RunCapabilities::intersect(&declared, &grants));
     let hooks = Arc::new(DetachedHooks);
     let limits = RunLimits::default();
     let handle = RunHandle::new();
@@ -350,7 +368,12 @@ async fn runtime_bench(
         let component = component.clone();
         let handle = handle.clone();
         let invocation = invocation.clone();
-        async move { component.run(&invocation, limits, hooks, &handle).await }
+        let capabilities = capabilities.clone();
+        async move {
+            component
+                .run(&invocation, limits, &capabilities, hooks, &handle)
+                .await
+        }
     };
     if let Err(error) = once(&invocation).await {
         bail!("{task} does not run: {error}");

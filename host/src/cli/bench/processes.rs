@@ -242,7 +242,7 @@ impl BenchSpace {
         };
         let registry =
             config::open_registry(&connections.url(Role::Registry)?, Some(&namespace)).await?;
-        components::upload(registry.as_ref(), &runtime, bytes)
+        components::upload(registry.as_ref(), &runtime, bytes, None)
             .await
             .context("cannot upload the component")?;
         let broker_url = connections.url(Role::Broker)?;

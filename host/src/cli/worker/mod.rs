@@ -4,7 +4,12 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use anyhow::{Context, bail};
+
+use crate::capabilities::{OutboundLimits, SecretStore};
+use crate::signing::TrustedKeys;
 use clap::{Args, Subcommand};
 
 use super::Connections;
@@ -103,6 +108,29 @@ pub struct StartArgs {
     started_after: Duration,
     #[command(flatten)]
     budgets: BudgetArgs,
+    #[command(flatten)]
+    capabilities: CapabilityArgs,
+}
+
+/// What granted tasks reach, and which components this worker runs at all.
+#[derive(Args)]
+#[command(next_help_heading = "Capabilities (see the README's Capabilities section)")]
+struct CapabilityArgs {
+    /// Where granted secrets are read from: the file NAME in this directory, when
+    /// STEM_SECRET_NAME is not set in the worker's environment.
+    #[arg(long, env = "STEM_SECRETS_DIR", value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Outbound HTTP requests one run may have in flight at once.
+    #[arg(long, env = "STEM_WORKER_MAX_HTTP_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024), value_name = "N")]
+    max_http_concurrency: u32,
+    /// Largest response body one outbound request may receive; a larger one fails the request.
+    #[arg(long, env = "STEM_WORKER_MAX_HTTP_RESPONSE", value_parser = parse_size, default_value = "16MiB", value_name = "SIZE")]
+    max_http_response: u64,
+    /// Run only components signed by one of these Ed25519 public keys (`ID:BASE64` per line;
+    /// `signing keygen --algorithm ed25519 --out DIR` writes them). Others go to the
+    /// dead-letter queue as `component-untrusted`.
+    #[arg(long, env = "STEM_TRUSTED_KEYS", value_name = "FILE")]
+    trusted_keys: Option<PathBuf>,
 }
 
 /// Ceilings a task's declared options may lower but never raise.
@@ -280,6 +308,19 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         }
     }
     let budgets = args.budgets.budgets(connections.max_args_bytes());
+    let trusted_keys = match &args.capabilities.trusted_keys {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --trusted-keys {}", path.display()))?;
+            Some(TrustedKeys::parse(&text).with_context(|| {
+                format!(
+                    "--trusted-keys {} is not a list of public keys",
+                    path.display()
+                )
+            })?)
+        }
+        None => None,
+    };
     let broker = connections.broker().await?;
     let backend = connections.backend().await?;
     let parts = WorkerParts {
@@ -293,10 +334,16 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
             config.max_instances = u32::try_from(max_concurrency + 1).unwrap_or(u32::MAX);
             config.max_memory_bytes = budgets.memory_per_run;
             config.memory_total_bytes = budgets.memory_total;
+            config.outbound = OutboundLimits {
+                max_concurrent: args.capabilities.max_http_concurrency,
+                max_response_bytes: args.capabilities.max_http_response,
+            };
+            config.secrets = SecretStore::new(args.capabilities.secrets_dir.clone());
         })?,
         codecs: Codecs::default(),
         routing: connections.routing()?,
         signing: connections.signing()?,
+        trusted_keys,
     };
     let config = WorkerConfig {
         worker_id,
@@ -322,6 +369,9 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         config.worker_id,
         config.queues.join(",")
     );
+    if parts.trusted_keys.is_some() {
+        eprintln!("worker runs only components signed by a trusted key");
+    }
     if let Some(keys) = &parts.signing {
         let signs = match keys.can_sign() {
             true => "and signs what it publishes",

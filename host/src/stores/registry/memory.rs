@@ -1,6 +1,6 @@
 //! In-memory component registry, for tests and single-process runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -20,6 +20,8 @@ pub struct MemoryRegistry {
 struct State {
     components: HashMap<String, Arc<Vec<u8>>>,
     versions: BTreeMap<String, Vec<TaskVersion>>,
+    grants: HashMap<String, BTreeSet<String>>,
+    signatures: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl MemoryRegistry {
@@ -98,5 +100,58 @@ impl ComponentRegistry for MemoryRegistry {
 
     async fn versions(&self, name: &str) -> Result<Vec<TaskVersion>, StorageError> {
         Ok(self.lock().versions.get(name).cloned().unwrap_or_default())
+    }
+
+    async fn grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        Ok(self
+            .lock()
+            .grants
+            .entry(name.to_owned())
+            .or_default()
+            .insert(grant.to_owned()))
+    }
+
+    async fn revoke_grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let mut state = self.lock();
+        let Some(grants) = state.grants.get_mut(name) else {
+            return Ok(false);
+        };
+        let removed = grants.remove(grant);
+        if grants.is_empty() {
+            state.grants.remove(name);
+        }
+        Ok(removed)
+    }
+
+    async fn grants(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        Ok(self
+            .lock()
+            .grants
+            .get(name)
+            .map(|grants| grants.iter().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn add_signature(
+        &self,
+        digest: &str,
+        key_id: &str,
+        signature: &str,
+    ) -> Result<(), StorageError> {
+        self.lock()
+            .signatures
+            .entry(digest.to_owned())
+            .or_default()
+            .insert(key_id.to_owned(), signature.to_owned());
+        Ok(())
+    }
+
+    async fn signatures(&self, digest: &str) -> Result<Vec<(String, String)>, StorageError> {
+        Ok(self
+            .lock()
+            .signatures
+            .get(digest)
+            .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
     }
 }

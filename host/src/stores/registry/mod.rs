@@ -6,6 +6,10 @@
 //! uploading the same bytes again changes nothing. Workers look the current version up per
 //! delivery (with a short cache), fetch the bytes by digest and verify them, so a new version
 //! reaches running workers without a restart.
+//!
+//! The registry also keeps what every worker must agree on about a task beyond its code: the
+//! operator's grants per task name (the text form of a [`crate::capabilities::Grant`]), which
+//! outlive versions, and signatures of component digests (`task upload --sign`).
 
 pub mod memory;
 pub mod postgres;
@@ -58,4 +62,26 @@ pub trait ComponentRegistry: Send + Sync {
 
     /// Every version of a task, oldest first.
     async fn versions(&self, name: &str) -> Result<Vec<TaskVersion>, StorageError>;
+
+    /// Grants `grant` (a grant's text form) to task `name`, whichever version is current.
+    /// Returns whether it was new.
+    async fn grant(&self, name: &str, grant: &str) -> Result<bool, StorageError>;
+
+    /// Takes a grant back; returns whether the task had it.
+    async fn revoke_grant(&self, name: &str, grant: &str) -> Result<bool, StorageError>;
+
+    /// The grants of task `name`, sorted.
+    async fn grants(&self, name: &str) -> Result<Vec<String>, StorageError>;
+
+    /// Records a signature of component `digest` by the key `key_id`, replacing an earlier one
+    /// by the same key.
+    async fn add_signature(
+        &self,
+        digest: &str,
+        key_id: &str,
+        signature: &str,
+    ) -> Result<(), StorageError>;
+
+    /// The signatures of component `digest`, as (key id, signature), sorted by key id.
+    async fn signatures(&self, digest: &str) -> Result<Vec<(String, String)>, StorageError>;
 }

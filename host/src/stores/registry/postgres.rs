@@ -15,7 +15,8 @@ use crate::storage::StorageError;
 use crate::task::TaskDefinition;
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_components (
         namespace TEXT NOT NULL,
         digest TEXT NOT NULL,
@@ -32,7 +33,23 @@ const MIGRATIONS: &[&str] = &["
         uploaded_at BIGINT NOT NULL,
         PRIMARY KEY (namespace, name, version)
     );
-"];
+",
+    "
+    CREATE TABLE stem_task_grants (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        grant_text TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, grant_text)
+    );
+    CREATE TABLE stem_component_signatures (
+        namespace TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (namespace, digest, key_id)
+    );
+",
+];
 
 /// The current version of each task: the highest-numbered row per name.
 const LATEST: &str = "SELECT DISTINCT ON (name) * FROM stem_task_versions
@@ -170,5 +187,76 @@ impl ComponentRegistry for PostgresRegistry {
         .fetch_all(&*self.pool)
         .await?;
         rows.iter().map(version).collect()
+    }
+
+    async fn grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let added = sqlx::query(
+            "INSERT INTO stem_task_grants (namespace, name, grant_text) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .bind(grant)
+        .execute(&*self.pool)
+        .await?;
+        Ok(added.rows_affected() == 1)
+    }
+
+    async fn revoke_grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let removed = sqlx::query(
+            "DELETE FROM stem_task_grants WHERE namespace = $1 AND name = $2 AND grant_text = $3",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .bind(grant)
+        .execute(&*self.pool)
+        .await?;
+        Ok(removed.rows_affected() == 1)
+    }
+
+    async fn grants(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        Ok(sqlx::query_scalar(
+            "SELECT grant_text FROM stem_task_grants WHERE namespace = $1 AND name = $2
+             ORDER BY grant_text COLLATE \"C\"",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .fetch_all(&*self.pool)
+        .await?)
+    }
+
+    async fn add_signature(
+        &self,
+        digest: &str,
+        key_id: &str,
+        signature: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO stem_component_signatures (namespace, digest, key_id, signature)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (namespace, digest, key_id) DO UPDATE SET signature = excluded.signature",
+        )
+        .bind(&self.namespace)
+        .bind(digest)
+        .bind(key_id)
+        .bind(signature)
+        .execute(&*self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn signatures(&self, digest: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT key_id, signature FROM stem_component_signatures
+             WHERE namespace = $1 AND digest = $2 ORDER BY key_id COLLATE \"C\"",
+        )
+        .bind(&self.namespace)
+        .bind(digest)
+        .fetch_all(&*self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get("key_id"), row.get("signature")))
+            .collect())
     }
 }

@@ -65,6 +65,14 @@ impl RedisRegistry {
     fn names_key(&self) -> String {
         format!("{}:tasks", self.namespace)
     }
+
+    fn grants_key(&self, name: &str) -> String {
+        format!("{}:task:{name}:grants", self.namespace)
+    }
+
+    fn signatures_key(&self, digest: &str) -> String {
+        format!("{}:component:{digest}:signatures", self.namespace)
+    }
 }
 
 fn decode(text: &str) -> Result<TaskVersion, StorageError> {
@@ -155,5 +163,55 @@ impl ComponentRegistry for RedisRegistry {
             .query_async(&mut self.manager.clone())
             .await?;
         texts.iter().map(|text| decode(text)).collect()
+    }
+
+    async fn grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let added: i64 = redis::cmd("SADD")
+            .arg(self.grants_key(name))
+            .arg(grant)
+            .query_async(&mut self.manager.clone())
+            .await?;
+        Ok(added == 1)
+    }
+
+    async fn revoke_grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let removed: i64 = redis::cmd("SREM")
+            .arg(self.grants_key(name))
+            .arg(grant)
+            .query_async(&mut self.manager.clone())
+            .await?;
+        Ok(removed == 1)
+    }
+
+    async fn grants(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        let mut grants: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.grants_key(name))
+            .query_async(&mut self.manager.clone())
+            .await?;
+        grants.sort();
+        Ok(grants)
+    }
+
+    async fn add_signature(
+        &self,
+        digest: &str,
+        key_id: &str,
+        signature: &str,
+    ) -> Result<(), StorageError> {
+        let _: i64 = redis::cmd("HSET")
+            .arg(self.signatures_key(digest))
+            .arg(key_id)
+            .arg(signature)
+            .query_async(&mut self.manager.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn signatures(&self, digest: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let signatures: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.signatures_key(digest))
+            .query_async(&mut self.manager.clone())
+            .await?;
+        Ok(signatures.into_iter().collect())
     }
 }

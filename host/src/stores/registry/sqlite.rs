@@ -13,7 +13,8 @@ use crate::storage::StorageError;
 use crate::task::TaskDefinition;
 use crate::time::Timestamp;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE stem_components (
         namespace TEXT NOT NULL,
         digest TEXT NOT NULL,
@@ -30,7 +31,23 @@ const MIGRATIONS: &[&str] = &["
         uploaded_at INTEGER NOT NULL,
         PRIMARY KEY (namespace, name, version)
     );
-"];
+",
+    "
+    CREATE TABLE stem_task_grants (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        grant_text TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, grant_text)
+    );
+    CREATE TABLE stem_component_signatures (
+        namespace TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        PRIMARY KEY (namespace, digest, key_id)
+    );
+",
+];
 
 /// A component registry in a SQLite file. Clones share the connection pool.
 #[derive(Clone)]
@@ -167,5 +184,76 @@ impl ComponentRegistry for SqliteRegistry {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(version).collect()
+    }
+
+    async fn grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let added = sqlx::query(
+            "INSERT INTO stem_task_grants (namespace, name, grant_text) VALUES (?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .bind(grant)
+        .execute(&self.pool)
+        .await?;
+        Ok(added.rows_affected() == 1)
+    }
+
+    async fn revoke_grant(&self, name: &str, grant: &str) -> Result<bool, StorageError> {
+        let removed = sqlx::query(
+            "DELETE FROM stem_task_grants WHERE namespace = ? AND name = ? AND grant_text = ?",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .bind(grant)
+        .execute(&self.pool)
+        .await?;
+        Ok(removed.rows_affected() == 1)
+    }
+
+    async fn grants(&self, name: &str) -> Result<Vec<String>, StorageError> {
+        Ok(sqlx::query_scalar(
+            "SELECT grant_text FROM stem_task_grants WHERE namespace = ? AND name = ?
+             ORDER BY grant_text",
+        )
+        .bind(&self.namespace)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn add_signature(
+        &self,
+        digest: &str,
+        key_id: &str,
+        signature: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO stem_component_signatures (namespace, digest, key_id, signature)
+             VALUES (?, ?, ?, ?)
+             ON CONFLICT (namespace, digest, key_id) DO UPDATE SET signature = excluded.signature",
+        )
+        .bind(&self.namespace)
+        .bind(digest)
+        .bind(key_id)
+        .bind(signature)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn signatures(&self, digest: &str) -> Result<Vec<(String, String)>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT key_id, signature FROM stem_component_signatures
+             WHERE namespace = ? AND digest = ? ORDER BY key_id",
+        )
+        .bind(&self.namespace)
+        .bind(digest)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get("key_id"), row.get("signature")))
+            .collect())
     }
 }

@@ -482,6 +482,7 @@ mod registry {
                 queue: Some(queue.into()),
                 ..TaskOptions::default()
             },
+            capabilities: Default::default(),
         }
     }
 

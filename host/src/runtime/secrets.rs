@@ -1,0 +1,87 @@
+//! Secrets inside a run: what `context.secret` answers, and the masking of every value the run
+//! read out of what leaves it (log lines, progress, stdout and stderr, errors and results).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use crate::capabilities::SecretStore;
+
+/// The secrets one run may read.
+pub(crate) struct SecretAccess {
+    pub granted: BTreeSet<String>,
+    pub ungranted: BTreeSet<String>,
+    pub store: SecretStore,
+    pub revealed: Redactor,
+}
+
+impl SecretAccess {
+    pub fn read(&self, task: &str, name: &str) -> Result<String, String> {
+        if self.granted.contains(name) {
+            return match self.store.get(name) {
+                Some(value) => {
+                    self.revealed.add(name, &value);
+                    Ok(value)
+                }
+                None => Err(format!(
+                    "secret `{name}` is granted, but this worker has no value for it (set \
+                     STEM_SECRET_{name} or put a file `{name}` in its secrets directory)"
+                )),
+            };
+        }
+        if self.ungranted.contains(name) {
+            return Err(format!(
+                "secret `{name}` is declared but not granted to task `{task}` (stem-host task \
+                 grant {task} --secret {name})"
+            ));
+        }
+        Err(format!(
+            "secret `{name}` is not declared by task `{task}` (#[task(secrets = [\"{name}\"])])"
+        ))
+    }
+}
+
+/// The secret values a run has read; clones share them. Masking replaces each value, and its
+/// JSON-escaped form, with `[secret NAME]`.
+#[derive(Clone, Default)]
+pub(crate) struct Redactor {
+    values: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Redactor {
+    fn add(&self, name: &str, value: &str) {
+        if value.is_empty() {
+            return;
+        }
+        let mut values = self.lock();
+        if !values.iter().any(|(_, v)| v == value) {
+            values.push((name.to_string(), value.to_string()));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+        self.values.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// `text` with every secret value read so far masked.
+    pub fn mask(&self, text: &str) -> String {
+        let values = self.lock();
+        let mut masked = text.to_string();
+        // Longest first, so a value that contains another is masked whole.
+        let mut sorted: Vec<&(String, String)> = values.iter().collect();
+        sorted.sort_by_key(|(_, value)| std::cmp::Reverse(value.len()));
+        for (name, value) in sorted {
+            let mark = format!("[secret {name}]");
+            masked = masked.replace(value.as_str(), &mark);
+            let quoted = serde_json::to_string(value).unwrap_or_default();
+            let escaped = quoted.get(1..quoted.len().saturating_sub(1)).unwrap_or("");
+            if !escaped.is_empty() && escaped != value {
+                masked = masked.replace(escaped, &mark);
+            }
+        }
+        masked
+    }
+}
