@@ -5,6 +5,7 @@
 
 mod beat;
 mod canvas;
+mod capabilities;
 mod cli;
 mod conformance;
 mod control;

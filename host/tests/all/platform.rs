@@ -49,6 +49,10 @@ const ADAPTER_VARIABLES: &[&str] = &[
     "STEM_SIGNING_ACTIVE_KEY",
     "STEM_SIGNING_PUBLIC_KEYS",
     "STEM_SIGNING_PRIVATE_KEYS",
+    "STEM_SECRETS_DIR",
+    "STEM_TRUSTED_KEYS",
+    "STEM_WORKER_MAX_HTTP_CONCURRENCY",
+    "STEM_WORKER_MAX_HTTP_RESPONSE",
 ];
 
 /// End-to-end tests start worker processes; one at a time keeps them from starving each other

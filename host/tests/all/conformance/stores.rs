@@ -55,7 +55,8 @@ macro_rules! registry_suite {
     ($adapter:ident, $make:expr) => {
         store_suite!(registry, $adapter, $make;
             components_are_stored_by_digest, changed_components_make_new_versions,
-            concurrent_uploads_get_distinct_versions, large_components_round_trip);
+            concurrent_uploads_get_distinct_versions, large_components_round_trip,
+            grants_belong_to_a_task_name_across_versions, signatures_are_kept_per_digest_and_key);
     };
 }
 
@@ -574,6 +575,91 @@ mod registry {
         );
         assert_eq!(registry.task("x.unknown").await.unwrap(), None);
         assert!(registry.versions("x.unknown").await.unwrap().is_empty());
+    }
+
+    pub async fn grants_belong_to_a_task_name_across_versions(harness: &Harness) {
+        let registry = harness.connect(NS).await;
+        assert_eq!(
+            registry.grants("x.mail").await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(registry.grant("x.mail", "secret SMTP").await.unwrap());
+        assert!(
+            !registry.grant("x.mail", "secret SMTP").await.unwrap(),
+            "granting twice changes nothing"
+        );
+        assert!(
+            registry
+                .grant("x.mail", "outbound https://api.example.com")
+                .await
+                .unwrap()
+        );
+        assert!(registry.grant("x.other", "secret OTHER").await.unwrap());
+        registry
+            .register("digest-1", &[definition("x.mail", "q")])
+            .await
+            .unwrap();
+        registry
+            .register("digest-2", &[definition("x.mail", "q")])
+            .await
+            .unwrap();
+        let reopened = harness.connect(NS).await;
+        assert_eq!(
+            reopened.grants("x.mail").await.unwrap(),
+            vec!["outbound https://api.example.com", "secret SMTP"],
+            "sorted, and kept across versions"
+        );
+        assert!(
+            reopened
+                .revoke_grant("x.mail", "secret SMTP")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !reopened
+                .revoke_grant("x.mail", "secret SMTP")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            registry.grants("x.mail").await.unwrap(),
+            vec!["outbound https://api.example.com"]
+        );
+        assert_eq!(
+            registry.grants("x.other").await.unwrap(),
+            vec!["secret OTHER"]
+        );
+    }
+
+    pub async fn signatures_are_kept_per_digest_and_key(harness: &Harness) {
+        let registry = harness.connect(NS).await;
+        assert!(registry.signatures("d1").await.unwrap().is_empty());
+        registry
+            .add_signature("d1", "release", "sig-a")
+            .await
+            .unwrap();
+        registry
+            .add_signature("d1", "backup", "sig-b")
+            .await
+            .unwrap();
+        registry
+            .add_signature("d1", "release", "sig-c")
+            .await
+            .unwrap();
+        registry
+            .add_signature("d2", "release", "sig-d")
+            .await
+            .unwrap();
+        let reopened = harness.connect(NS).await;
+        assert_eq!(
+            reopened.signatures("d1").await.unwrap(),
+            vec![
+                ("backup".to_string(), "sig-b".to_string()),
+                ("release".to_string(), "sig-c".to_string()),
+            ],
+            "one per key, the latest, sorted by key"
+        );
+        assert_eq!(reopened.signatures("d2").await.unwrap().len(), 1);
     }
 
     pub async fn concurrent_uploads_get_distinct_versions(harness: &Harness) {
