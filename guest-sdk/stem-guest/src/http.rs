@@ -260,6 +260,18 @@ fn send_once(request: &Request) -> Result<Response, HttpError> {
             .append(name, value)
             .map_err(|e| HttpError::InvalidUrl(format!("header `{name}`: {e:?}")))?;
     }
+    // A known length rather than chunked encoding, which some servers refuse.
+    let has_length = request
+        .headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-length"));
+    if !has_length
+        && (!request.body.is_empty() || matches!(request.method.as_str(), "POST" | "PUT" | "PATCH"))
+    {
+        headers
+            .append("content-length", request.body.len().to_string().as_bytes())
+            .map_err(|e| HttpError::InvalidUrl(format!("header `content-length`: {e:?}")))?;
+    }
     let outgoing = OutgoingRequest::new(headers);
     let method = match request.method.as_str() {
         "GET" => Method::Get,

@@ -17,6 +17,8 @@ enum Reply {
     Redirect(String),
     Big(usize),
     Slow(Duration),
+    /// 503 while the counter is above zero (counting down), then 200 with this body.
+    UnavailableFirst(Arc<std::sync::atomic::AtomicUsize>, &'static str),
 }
 
 /// One request the server received: the request line and the headers, lower-cased names.
@@ -24,6 +26,16 @@ enum Reply {
 struct Seen {
     line: String,
     headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// An HTTP/1.1 server on 127.0.0.1 that records every request it receives.
@@ -81,9 +93,21 @@ fn serve(stream: TcpStream, routes: &[(&'static str, Reply)], log: &Mutex<Vec<Se
             headers.push((name.trim().to_lowercase(), value.trim().to_string()));
         }
     }
+    let length = headers
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, value)| value.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let body = String::from_utf8_lossy(&body).into_owned();
     let line = line.trim().to_string();
     let path = line.split(' ').nth(1).unwrap_or("/").to_string();
-    log.lock().unwrap().push(Seen { line, headers });
+    log.lock().unwrap().push(Seen {
+        line,
+        headers,
+        body,
+    });
     let reply = routes
         .iter()
         .find(|(route, _)| *route == path)
@@ -97,6 +121,17 @@ fn serve(stream: TcpStream, routes: &[(&'static str, Reply)], log: &Mutex<Vec<Se
         Reply::Slow(wait) => {
             std::thread::sleep(wait);
             ("200 OK", String::new(), b"late".to_vec())
+        }
+        Reply::UnavailableFirst(left, body) => {
+            use std::sync::atomic::Ordering;
+            let unavailable = left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if unavailable {
+                ("503 Service Unavailable", String::new(), b"busy".to_vec())
+            } else {
+                ("200 OK", String::new(), body.as_bytes().to_vec())
+            }
         }
     };
     let head = format!(
@@ -547,5 +582,45 @@ async fn a_worker_with_trusted_keys_runs_only_components_they_signed() {
         }
         assert!(std::time::Instant::now() < deadline, "never ran: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_example_delivers_to_a_local_server() {
+    let _serial = serial().await;
+    let once = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let server = TestServer::start(vec![("/hook", Reply::UnavailableFirst(once, "received"))]);
+    let platform = Platform::sqlite();
+    platform.upload("webhooks");
+    platform.run_ok(&[
+        "task",
+        "grant",
+        "webhooks.deliver",
+        "--outbound",
+        &server.origin(),
+        "--secret",
+        "WEBHOOK_TOKEN",
+    ]);
+    let _worker = platform.worker_with(
+        &["--queues", "webhooks"],
+        &[("STEM_SECRET_WEBHOOK_TOKEN", "hook-token-1")],
+    );
+    let args = serde_json::json!({ "url": server.url("/hook"), "event": { "order": 42 } });
+    let (succeeded, report) =
+        platform.enqueue_and_wait("webhooks.deliver", &args.to_string(), &["--timeout", "60s"]);
+    assert!(succeeded, "{report}");
+    assert_eq!(report["result"]["status"], 200);
+    assert_eq!(report["result"]["attempt"], 2, "the 503 was retried");
+    assert_eq!(report["result"]["reply"], "received");
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    let id = report["task_id"].as_str().unwrap();
+    for request in &seen {
+        assert_eq!(request.line, "POST /hook HTTP/1.1");
+        assert_eq!(request.header("authorization"), Some("Bearer hook-token-1"));
+        assert_eq!(request.header("idempotency-key"), Some(id));
+        assert_eq!(request.header("content-type"), Some("application/json"));
+        let body: Value = serde_json::from_str(&request.body).unwrap();
+        assert_eq!(body, serde_json::json!({ "order": 42 }));
     }
 }
