@@ -134,7 +134,7 @@ impl UrlPattern {
             HostPattern::Any => true,
             HostPattern::Subdomains(suffix) => host
                 .strip_suffix(suffix.as_str())
-                .is_some_and(|rest| rest.ends_with('.') && rest.len() > 1),
+                .is_some_and(|rest| !rest.is_empty()),
             HostPattern::Exact(exact) => exact == host,
         };
         let port_ok = match self.port {

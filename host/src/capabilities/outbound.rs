@@ -27,6 +27,7 @@ use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 use super::{Scheme, UrlPattern};
+use crate::runtime::secrets::Redactor;
 
 type HttpError = wasmtime_wasi_http::Error;
 type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
@@ -103,7 +104,7 @@ pub(crate) struct OutboundHooks {
     limits: OutboundLimits,
     in_flight: Arc<Semaphore>,
     deadline: Instant,
-    task: String,
+    refusals: Refusals,
 }
 
 impl OutboundHooks {
@@ -112,22 +113,34 @@ impl OutboundHooks {
         limits: OutboundLimits,
         deadline: Instant,
         task: String,
+        redactor: Redactor,
     ) -> OutboundHooks {
         OutboundHooks {
             policy,
             in_flight: Arc::new(Semaphore::new(limits.max_concurrent as usize)),
             limits,
             deadline,
-            task,
+            refusals: Refusals { task, redactor },
         }
     }
 }
 
-/// A refusal, as the guest sees it: `internal-error` with the reason, since `wasi:http`'s
-/// `http-request-denied` carries no message.
-fn denied(task: &str, reason: String) -> HttpError {
-    tracing::warn!(task.name = task, "outbound request denied: {reason}");
-    HttpError::InternalError(Some(format!("stem: outbound request denied: {reason}")))
+/// Says why a request was refused: to the guest, and in the worker's log with the secrets the
+/// run read masked (a guest could put one in a host name).
+#[derive(Clone)]
+struct Refusals {
+    task: String,
+    redactor: Redactor,
+}
+
+impl Refusals {
+    /// A refusal, as the guest sees it: `internal-error` with the reason, since `wasi:http`'s
+    /// `http-request-denied` carries no message.
+    fn deny(&self, reason: String) -> HttpError {
+        let logged = self.redactor.mask(&reason);
+        tracing::warn!(task.name = self.task, "outbound request denied: {logged}");
+        HttpError::InternalError(Some(format!("stem: outbound request denied: {reason}")))
+    }
 }
 
 impl WasiHttpHooks for OutboundHooks {
@@ -137,23 +150,23 @@ impl WasiHttpHooks for OutboundHooks {
         options: Option<RequestOptions>,
         _fut: IoFuture,
     ) -> SendFuture {
-        let task = self.task.clone();
-        let checked = check(&self.policy, &task, request.uri());
+        let refusals = self.refusals.clone();
+        let checked = check(&self.policy, &refusals, request.uri());
         let permit = self.in_flight.clone().try_acquire_owned();
         let limits = self.limits;
         let deadline = self.deadline;
         Box::new(async move {
             let target = checked?;
             let permit = permit.map_err(|_| {
-                denied(
-                    &task,
-                    format!(
-                        "more than {} requests in flight in one run",
-                        limits.max_concurrent
-                    ),
-                )
+                refusals.deny(format!(
+                    "more than {} requests in flight in one run",
+                    limits.max_concurrent
+                ))
             })?;
-            send(request, target, options, limits, deadline, permit, &task).await
+            send(
+                request, target, options, limits, deadline, permit, &refusals,
+            )
+            .await
         })
     }
 }
@@ -166,14 +179,16 @@ struct Target {
     private_ok: bool,
 }
 
-fn check(policy: &OutboundPolicy, task: &str, uri: &http::Uri) -> Result<Target, HttpError> {
+fn check(
+    policy: &OutboundPolicy,
+    refusals: &Refusals,
+    uri: &http::Uri,
+) -> Result<Target, HttpError> {
+    let task = refusals.task.as_str();
     let scheme = match uri.scheme_str().and_then(Scheme::parse) {
         Some(scheme) => scheme,
         None => {
-            return Err(denied(
-                task,
-                format!("`{uri}`: only http and https are supported"),
-            ));
+            return Err(refusals.deny(format!("`{uri}`: only http and https are supported")));
         }
     };
     let host = uri
@@ -184,21 +199,16 @@ fn check(policy: &OutboundPolicy, task: &str, uri: &http::Uri) -> Result<Target,
                 .to_ascii_lowercase()
         })
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| denied(task, format!("`{uri}` names no host")))?;
+        .ok_or_else(|| refusals.deny(format!("`{uri}` names no host")))?;
     let port = uri.port_u16().unwrap_or(scheme.default_port());
     let origin = format!("{}://{}:{port}", scheme.as_str(), uri.host().unwrap_or(""));
     match policy.decide(scheme, &host, port) {
-        Decision::NotDeclared => Err(denied(
-            task,
-            format!("{origin} is not declared by task `{task}` (#[task(outbound = [..])])"),
-        )),
-        Decision::NotGranted => Err(denied(
-            task,
-            format!(
-                "{origin} is not granted to task `{task}` (stem-host task grant {task} \
-                 --outbound ...)"
-            ),
-        )),
+        Decision::NotDeclared => Err(refusals.deny(format!(
+            "{origin} is not declared by task `{task}` (#[task(outbound = [..])])"
+        ))),
+        Decision::NotGranted => Err(refusals.deny(format!(
+            "{origin} is not granted to task `{task}` (stem-host task grant {task} --outbound ...)"
+        ))),
         Decision::Allowed { private_ok } => Ok(Target {
             scheme,
             host,
@@ -215,7 +225,7 @@ async fn send(
     limits: OutboundLimits,
     deadline: Instant,
     permit: OwnedSemaphorePermit,
-    task: &str,
+    refusals: &Refusals,
 ) -> Result<(http::Response<WasiBody>, IoFuture), HttpError> {
     let left = || deadline.saturating_duration_since(Instant::now());
     let connect_timeout = options
@@ -233,15 +243,12 @@ async fn send(
         .collect();
     if allowed.is_empty() {
         let shown: Vec<String> = addresses.iter().map(|a| a.ip().to_string()).collect();
-        return Err(denied(
-            task,
-            format!(
-                "{} resolves to {} (private, loopback or link-local), which only a grant naming \
-                 the host exactly opens",
-                target.host,
-                shown.join(", ")
-            ),
-        ));
+        return Err(refusals.deny(format!(
+            "{} resolves to {} (private, loopback or link-local), which only a grant naming \
+             the host exactly opens",
+            target.host,
+            shown.join(", ")
+        )));
     }
     let stream = connect(&allowed, connect_timeout).await?;
     let io: Box<dyn Stream> = match target.scheme {
@@ -295,7 +302,11 @@ async fn send(
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|length| *length > limits.max_response_bytes)
     {
-        tracing::warn!(task.name = task, length, "outbound response body too large");
+        tracing::warn!(
+            task.name = refusals.task,
+            length,
+            "outbound response body too large"
+        );
         return Err(HttpError::HttpResponseBodySize(Some(length)));
     }
     let response = response.map(|incoming| {

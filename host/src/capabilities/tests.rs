@@ -181,3 +181,19 @@ fn declarations_are_validated() {
     };
     assert!(bad.validate().is_err());
 }
+
+#[test]
+fn secrets_are_read_from_files_named_after_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("SMTP_PASSWORD"), "hunter2\n").unwrap();
+    let store = SecretStore::new(Some(dir.path().to_path_buf()));
+    assert_eq!(store.get("SMTP_PASSWORD").as_deref(), Some("hunter2"));
+    assert_eq!(store.get("MISSING_SECRET"), None);
+    // A name that is not a secret name never becomes a path.
+    std::fs::write(dir.path().join("x"), "outside").unwrap();
+    assert_eq!(store.get("../x"), None);
+    assert_eq!(
+        SecretStore::default().get("SMTP_PASSWORD_NOT_SET_ANYWHERE"),
+        None
+    );
+}

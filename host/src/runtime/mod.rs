@@ -23,7 +23,7 @@ mod error;
 mod hooks;
 mod limits;
 mod output;
-mod secrets;
+pub(crate) mod secrets;
 mod state;
 
 use std::collections::HashMap;
@@ -484,6 +484,7 @@ impl TaskComponent {
                     self.outbound,
                     hard_deadline,
                     task.name.clone(),
+                    redactor.clone(),
                 ),
                 secrets: SecretAccess {
                     granted: capabilities.secrets.clone(),

@@ -85,3 +85,54 @@ impl Redactor {
         masked
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(granted: &[&str], ungranted: &[&str], dir: &std::path::Path) -> SecretAccess {
+        SecretAccess {
+            granted: granted.iter().map(|s| s.to_string()).collect(),
+            ungranted: ungranted.iter().map(|s| s.to_string()).collect(),
+            store: SecretStore::new(Some(dir.to_path_buf())),
+            revealed: Redactor::default(),
+        }
+    }
+
+    #[test]
+    fn only_granted_secrets_are_read_and_then_masked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("TOKEN"), "a\"quoted\"value").unwrap();
+        std::fs::write(dir.path().join("OTHER"), "other-value").unwrap();
+        let secrets = access(&["TOKEN"], &["OTHER"], dir.path());
+        assert!(secrets.revealed.is_empty());
+        assert_eq!(secrets.read("t", "TOKEN").unwrap(), "a\"quoted\"value");
+        assert!(
+            secrets
+                .read("t", "OTHER")
+                .unwrap_err()
+                .contains("not granted")
+        );
+        assert!(
+            secrets
+                .read("t", "THIRD")
+                .unwrap_err()
+                .contains("not declared")
+        );
+        let masked = secrets
+            .revealed
+            .mask(r#"raw a"quoted"value, json "a\"quoted\"value", other-value"#);
+        assert_eq!(
+            masked, r#"raw [secret TOKEN], json "[secret TOKEN]", other-value"#,
+            "only what the run read is masked"
+        );
+    }
+
+    #[test]
+    fn a_granted_secret_the_worker_lacks_says_where_to_put_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = access(&["ABSENT"], &[], dir.path());
+        let error = secrets.read("t", "ABSENT").unwrap_err();
+        assert!(error.contains("STEM_SECRET_ABSENT"), "{error}");
+    }
+}
