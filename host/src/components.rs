@@ -89,11 +89,21 @@ pub async fn upload(
     })
 }
 
-/// A task's current version and what its runs may do: its declarations intersected with the
-/// grants the registry holds for its name.
+/// A task's current version, the grants the registry holds for its name, and what its runs
+/// may do: the declarations of the component itself (not the registry's copy of them)
+/// intersected with those grants.
 pub struct CurrentTask {
     pub version: TaskVersion,
-    pub capabilities: RunCapabilities,
+    grants: Vec<Grant>,
+    capabilities: std::sync::OnceLock<RunCapabilities>,
+}
+
+impl CurrentTask {
+    /// What runs of this version may do: nothing until [`ComponentSource::resolve`] has read
+    /// the component's declarations.
+    pub fn capabilities(&self) -> &RunCapabilities {
+        self.capabilities.get_or_init(RunCapabilities::default)
+    }
 }
 
 /// Parses a task's grants as the registry holds them; an entry that does not parse (written
@@ -186,7 +196,21 @@ impl ComponentSource {
             }
         };
         match cell.get_or_try_init(|| self.fetch(digest)).await {
-            Ok(component) => Ok((current.clone(), component.clone())),
+            Ok(component) => {
+                if current.capabilities.get().is_none() {
+                    let declared = component
+                        .describe()
+                        .await?
+                        .iter()
+                        .find(|definition| definition.name == name)
+                        .map(|definition| definition.capabilities.clone())
+                        .unwrap_or_default();
+                    let _ = current
+                        .capabilities
+                        .set(RunCapabilities::intersect(&declared, &current.grants));
+                }
+                Ok((current.clone(), component.clone()))
+            }
             Err(error @ ComponentError::Untrusted { .. }) => Err(error),
             Err(error) => {
                 let mut failures = lock(&self.failures);
@@ -209,10 +233,10 @@ impl ComponentSource {
             .await?
             .ok_or_else(|| ComponentError::UnknownTask(name.to_owned()))?;
         let grants = parse_grants(name, &self.registry.grants(name).await?);
-        let capabilities = RunCapabilities::intersect(&version.definition.capabilities, &grants);
         let current = Arc::new(CurrentTask {
             version,
-            capabilities,
+            grants,
+            capabilities: std::sync::OnceLock::new(),
         });
         let mut versions = lock(&self.versions);
         versions.retain(|_, (_, seen)| seen.elapsed() < VERSION_CACHE_TTL);

@@ -524,6 +524,11 @@ mod tests {
 /// What a component signature covers: this prefix and the component's sha256 in hex.
 const COMPONENT_CONTEXT: &str = "stem-component-v1:";
 
+/// The comments `signing keygen --out` writes at the top of each key file, so one is not
+/// taken for the other (any 32 bytes are both a valid seed and a valid public key).
+pub const PRIVATE_KEY_MARK: &str = "stem component signing key (private)";
+pub const PUBLIC_KEY_MARK: &str = "stem component signing key (public)";
+
 /// Why a component signing key or a trusted-keys file was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ComponentKeyError {
@@ -540,6 +545,8 @@ pub enum ComponentKeyError {
     },
     #[error("{0}: no key")]
     Empty(&'static str),
+    #[error("{0}")]
+    WrongFile(&'static str),
 }
 
 /// Entries of a key file: one `ID:BASE64` per line or comma-separated; `#` starts a comment.
@@ -565,6 +572,11 @@ impl ComponentSigner {
     /// The key in a key file's text: one `ID:BASE64` private seed.
     pub fn parse(text: &str) -> Result<ComponentSigner, ComponentKeyError> {
         const SOURCE: &str = "the signing key file";
+        if text.contains(PUBLIC_KEY_MARK) {
+            return Err(ComponentKeyError::WrongFile(
+                "this is a public key file (ID.pub): --sign takes the private one (ID.key)",
+            ));
+        }
         let mut keys = file_entries(SOURCE, text)?;
         let (Some((id, seed)), true) = (keys.pop(), keys.is_empty()) else {
             return Err(ComponentKeyError::NotOneKey(SOURCE));
@@ -595,6 +607,11 @@ impl TrustedKeys {
     /// Public keys, `ID:BASE64`, one per line or comma-separated.
     pub fn parse(text: &str) -> Result<TrustedKeys, ComponentKeyError> {
         const SOURCE: &str = "--trusted-keys";
+        if text.contains(PRIVATE_KEY_MARK) {
+            return Err(ComponentKeyError::WrongFile(
+                "this is a private key file (ID.key): --trusted-keys takes public ones (ID.pub)",
+            ));
+        }
         let keys: BTreeMap<String, Vec<u8>> = file_entries(SOURCE, text)?.into_iter().collect();
         if keys.is_empty() {
             return Err(ComponentKeyError::Empty(SOURCE));

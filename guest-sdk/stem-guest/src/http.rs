@@ -5,7 +5,9 @@
 //! (`stem-host task grant NAME --outbound https://api.example.com`); otherwise the host refuses
 //! it before any connection is made and [`send`] returns [`HttpError::Denied`] with the host's
 //! reason. Redirects (301, 302, 303, 307, 308) are followed up to [`MAX_REDIRECTS`] times, and
-//! each hop is checked by the host like a new request.
+//! each hop is checked by the host like a new request. A redirect to another origin drops the
+//! `Authorization`, `Cookie` and `Proxy-Authorization` headers, and one from https to http is
+//! refused, so a credential meant for one API is never handed to wherever it points.
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), stem_guest::http::HttpError> {
@@ -46,6 +48,8 @@ pub enum HttpError {
     Failed(String),
     /// More than [`MAX_REDIRECTS`] redirects.
     TooManyRedirects(String),
+    /// A redirect from https to plain http.
+    InsecureRedirect(String),
     /// The response body is not valid UTF-8 or JSON.
     Decode(String),
 }
@@ -59,6 +63,9 @@ impl fmt::Display for HttpError {
                 write!(f, "more than {MAX_REDIRECTS} redirects, the last to {url}")
             }
             HttpError::Decode(message) => write!(f, "cannot decode the response: {message}"),
+            HttpError::InsecureRedirect(url) => {
+                write!(f, "refusing a redirect from https to plain http ({url})")
+            }
         }
     }
 }
@@ -177,12 +184,27 @@ impl Request {
             if redirects > MAX_REDIRECTS {
                 return Err(HttpError::TooManyRedirects(next));
             }
+            let (from, to) = (parse(&request.url)?, parse(&next)?);
+            if from.https && !to.https {
+                return Err(HttpError::InsecureRedirect(next));
+            }
+            if !from.authority.eq_ignore_ascii_case(to.authority) {
+                request.headers.retain(|(name, _)| {
+                    !["authorization", "cookie", "proxy-authorization"]
+                        .iter()
+                        .any(|sensitive| name.eq_ignore_ascii_case(sensitive))
+                });
+            }
             // 303, and 301/302 after a POST, become a GET without a body, as browsers do.
             if response.status == 303
                 || (matches!(response.status, 301 | 302) && request.method == "POST")
             {
                 request.method = "GET".to_string();
                 request.body.clear();
+                request.headers.retain(|(name, _)| {
+                    !name.eq_ignore_ascii_case("content-length")
+                        && !name.eq_ignore_ascii_case("content-type")
+                });
             }
             request.url = next;
         }
@@ -235,7 +257,8 @@ fn parse(url: &str) -> Result<Url<'_>, HttpError> {
 
 /// A `Location` against the URL that sent it.
 fn resolve(base: &str, location: &str) -> Result<String, HttpError> {
-    if location.contains("://") {
+    let lower = location.get(..8).unwrap_or(location).to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
         parse(location)?;
         return Ok(location.to_string());
     }

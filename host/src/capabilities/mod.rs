@@ -9,7 +9,7 @@
 //!
 //! - Outbound HTTP ([`outbound`]): `wasi:http` requests whose URL matches a declared and a
 //!   granted [`UrlPattern`]; addresses in private, loopback and link-local ranges only when the
-//!   grant names the host exactly.
+//!   grant names the address (an IP literal, or `localhost` for loopback).
 //! - Secrets ([`SecretStore`]): read by the worker from `STEM_SECRET_<NAME>` or a file in its
 //!   secrets directory; the guest reads them with `context.secret`.
 //! - Directories: a granted host directory preopened at a declared guest path, read-write only
@@ -109,6 +109,16 @@ impl Scheme {
     }
 }
 
+/// What a grant opens beyond public addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PrivateAccess {
+    None,
+    /// Loopback addresses (`localhost`).
+    Loopback,
+    /// The IP literal the pattern names, whatever its range.
+    Named,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum HostPattern {
     Any,
@@ -145,10 +155,17 @@ impl UrlPattern {
         scheme_ok && host_ok && port_ok
     }
 
-    /// Whether the pattern names its host exactly, with no wildcard: only such a grant opens
-    /// private, loopback and link-local addresses.
-    pub fn names_host(&self) -> bool {
-        matches!(self.host, HostPattern::Exact(_))
+    /// Which non-public addresses a grant of this pattern opens: those it names as an IP
+    /// literal, and loopback for `localhost`. A host name, however exact, opens none: whoever
+    /// controls its DNS would choose where it points.
+    pub fn private_access(&self) -> PrivateAccess {
+        match &self.host {
+            HostPattern::Exact(host) if host.parse::<std::net::IpAddr>().is_ok() => {
+                PrivateAccess::Named
+            }
+            HostPattern::Exact(host) if host == "localhost" => PrivateAccess::Loopback,
+            _ => PrivateAccess::None,
+        }
     }
 }
 
@@ -432,8 +449,19 @@ impl SecretStore {
 fn read_secret_file(path: &Path) -> Option<String> {
     use std::io::Read;
     let file = std::fs::File::open(path).ok()?;
-    let mut text = String::new();
-    file.take(MAX_SECRET_BYTES).read_to_string(&mut text).ok()?;
+    let mut bytes = Vec::new();
+    if let Err(error) = file.take(MAX_SECRET_BYTES + 1).read_to_end(&mut bytes) {
+        tracing::warn!(path = %path.display(), %error, "cannot read a secret file");
+        return None;
+    }
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        tracing::warn!(path = %path.display(), "a secret file is over {MAX_SECRET_BYTES} bytes: not used");
+        return None;
+    }
+    let Ok(text) = String::from_utf8(bytes) else {
+        tracing::warn!(path = %path.display(), "a secret file is not UTF-8: not used");
+        return None;
+    };
     let trimmed = text.strip_suffix('\n').unwrap_or(&text);
     let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
     Some(trimmed.to_string())

@@ -5,8 +5,9 @@
 //! granted. The host name is resolved here, every address checked, and the connection made to
 //! an address that passed, so a DNS answer cannot swap in another one between check and
 //! connect. Private, loopback, link-local and other non-public addresses pass only when the
-//! matching grant names the host exactly (`http://127.0.0.1:8080`, `http://db.internal`): a
-//! wildcard grant never reaches a cloud metadata endpoint. Redirects are not followed here; the
+//! matching grant names the address (`http://127.0.0.1:8080`, `http://10.0.0.5`, or
+//! `http://localhost:8080` for loopback): a wildcard or a host name never reaches a cloud
+//! metadata endpoint, whatever its DNS says. Redirects are not followed here; the
 //! guest SDK follows them, and each hop is a new request checked the same way. A run may have
 //! [`OutboundLimits::max_concurrent`] requests in flight, and a response body past
 //! [`OutboundLimits::max_response_bytes`] fails. Time spent waiting counts toward the run's
@@ -26,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::io::TokioIo;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
-use super::{Scheme, UrlPattern};
+use super::{PrivateAccess, Scheme, UrlPattern};
 use crate::runtime::secrets::Redactor;
 
 type HttpError = wasmtime_wasi_http::Error;
@@ -44,9 +45,9 @@ pub struct OutboundPolicy {
 /// What the policy says of one request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed to public addresses; `private_ok` when a grant names the host exactly.
+    /// Allowed to public addresses, and to the non-public ones a grant names.
     Allowed {
-        private_ok: bool,
+        private: PrivateAccess,
     },
     NotDeclared,
     NotGranted,
@@ -75,7 +76,10 @@ impl OutboundPolicy {
             return Decision::NotGranted;
         }
         Decision::Allowed {
-            private_ok: granted.any(UrlPattern::names_host),
+            private: granted
+                .map(UrlPattern::private_access)
+                .max()
+                .unwrap_or(PrivateAccess::None),
         }
     }
 }
@@ -143,7 +147,19 @@ impl Refusals {
     }
 }
 
+/// Bytes of an outgoing body the host buffers per request: with the run's resource table cap,
+/// this bounds the host memory a guest can hold in request bodies it never sends.
+const OUTGOING_BODY_CHUNK_BYTES: usize = 16 * 1024;
+
 impl WasiHttpHooks for OutboundHooks {
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        OUTGOING_BODY_CHUNK_BYTES
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
@@ -176,7 +192,17 @@ struct Target {
     scheme: Scheme,
     host: String,
     port: u16,
-    private_ok: bool,
+    private: PrivateAccess,
+}
+
+impl Target {
+    fn may_reach(&self, ip: IpAddr) -> bool {
+        match self.private {
+            PrivateAccess::Named => true,
+            PrivateAccess::Loopback => ip.is_loopback() || is_public(ip),
+            PrivateAccess::None => is_public(ip),
+        }
+    }
 }
 
 fn check(
@@ -200,6 +226,9 @@ fn check(
         })
         .filter(|h| !h.is_empty())
         .ok_or_else(|| refusals.deny(format!("`{uri}` names no host")))?;
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(refusals.deny(format!("`{uri}`: user information in a URL is not sent")));
+    }
     let port = uri.port_u16().unwrap_or(scheme.default_port());
     let origin = format!("{}://{}:{port}", scheme.as_str(), uri.host().unwrap_or(""));
     match policy.decide(scheme, &host, port) {
@@ -209,11 +238,11 @@ fn check(
         Decision::NotGranted => Err(refusals.deny(format!(
             "{origin} is not granted to task `{task}` (stem-host task grant {task} --outbound ...)"
         ))),
-        Decision::Allowed { private_ok } => Ok(Target {
+        Decision::Allowed { private } => Ok(Target {
             scheme,
             host,
             port,
-            private_ok,
+            private,
         }),
     }
 }
@@ -239,13 +268,13 @@ async fn send(
     let allowed: Vec<SocketAddr> = addresses
         .iter()
         .copied()
-        .filter(|a| target.private_ok || is_public(a.ip()))
+        .filter(|a| target.may_reach(a.ip()))
         .collect();
     if allowed.is_empty() {
         let shown: Vec<String> = addresses.iter().map(|a| a.ip().to_string()).collect();
         return Err(refusals.deny(format!(
             "{} resolves to {} (private, loopback or link-local), which only a grant naming \
-             the host exactly opens",
+             that address opens (e.g. --outbound http://10.0.0.5:8080)",
             target.host,
             shown.join(", ")
         )));
@@ -330,19 +359,33 @@ async fn send(
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}
 
+/// Name lookups in flight in the whole process.
+const MAX_LOOKUPS: usize = 32;
+
 async fn resolve(target: &Target, timeout: Duration) -> Result<Vec<SocketAddr>, HttpError> {
     if let Ok(ip) = target.host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
-    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+    // getaddrinfo blocks a thread and cannot be cancelled: a lookup whose run gave up keeps
+    // its permit until it returns, so slow names cannot pile up blocking threads.
+    static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
+    let lookup = async {
+        let permit = LOOKUPS.acquire().await.map_err(|_| HttpError::DnsTimeout)?;
+        let name = (target.host.clone(), target.port);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            std::net::ToSocketAddrs::to_socket_addrs(&name).map(Iterator::collect::<Vec<_>>)
+        })
+        .await
+        .map_err(|_| HttpError::DnsTimeout)
+    };
     let addresses: Vec<SocketAddr> = tokio::time::timeout(timeout, lookup)
         .await
-        .map_err(|_| HttpError::DnsTimeout)?
+        .map_err(|_| HttpError::DnsTimeout)??
         .map_err(|_| HttpError::DnsError {
             rcode: Some(format!("cannot resolve {}", target.host)),
             info_code: None,
-        })?
-        .collect();
+        })?;
     if addresses.is_empty() {
         return Err(HttpError::DestinationNotFound);
     }
@@ -396,22 +439,33 @@ pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
         IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            let octets = v6.octets();
+            let last_v4 = Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]);
+            // Forms that carry an IPv4 address: mapped (::ffff:a.b.c.d), SIIT
+            // (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96); deprecated IPv4-compatible
+            // (::a.b.c.d) and local-use NAT64 (64:ff9b:1::/48) are refused outright.
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public_v4(v4);
             }
-            let segments = v6.segments();
-            // NAT64 (64:ff9b::/96) carries an IPv4 address in its last 32 bits.
-            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let octets = v6.octets();
-                return is_public_v4(Ipv4Addr::new(
-                    octets[12], octets[13], octets[14], octets[15],
-                ));
+            if segments[..6] == [0, 0, 0, 0, 0xffff, 0]
+                || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+            {
+                return is_public_v4(last_v4);
+            }
+            // 6to4 (2002::/16) carries one in bits 16-48.
+            if segments[0] == 0x2002 {
+                return is_public_v4(Ipv4Addr::new(octets[2], octets[3], octets[4], octets[5]));
             }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || v6.is_unique_local()
                 || v6.is_unicast_link_local()
+                || segments[..6] == [0; 6]
+                || (segments[0] == 0x64 && segments[1] == 0xff9b && segments[2] == 1)
+                || (segments[0] & 0xffc0) == 0xfec0
+                || segments[..4] == [0x100, 0, 0, 0]
                 || segments[0] == 0x2001 && segments[1] == 0x0db8)
         }
     }

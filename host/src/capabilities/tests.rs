@@ -20,11 +20,20 @@ fn url_patterns_match_scheme_host_and_port() {
     assert!(subdomains.matches(Scheme::Https, "a.b.example.com", 9000));
     assert!(!subdomains.matches(Scheme::Https, "example.com", 443));
     assert!(!subdomains.matches(Scheme::Https, "badexample.com", 443));
-    assert!(!subdomains.names_host());
+    assert_eq!(subdomains.private_access(), PrivateAccess::None);
+    assert_eq!(
+        pattern("https://db.internal").private_access(),
+        PrivateAccess::None,
+        "a name opens no private address, whatever its DNS says"
+    );
+    assert_eq!(
+        pattern("http://localhost:8080").private_access(),
+        PrivateAccess::Loopback
+    );
 
     let local = pattern("http://127.0.0.1:*");
     assert!(local.matches(Scheme::Http, "127.0.0.1", 5000));
-    assert!(local.names_host());
+    assert_eq!(local.private_access(), PrivateAccess::Named);
 
     let v6 = pattern("http://[::1]:8080");
     assert!(v6.matches(Scheme::Http, "::1", 8080));
@@ -90,7 +99,9 @@ fn a_run_gets_only_what_is_declared_and_granted() {
     let run = RunCapabilities::intersect(&declared, &grants);
     assert_eq!(
         run.outbound.decide(Scheme::Https, "api.example.com", 443),
-        Decision::Allowed { private_ok: true }
+        Decision::Allowed {
+            private: PrivateAccess::None
+        }
     );
     assert_eq!(
         run.outbound.decide(Scheme::Https, "other.example.com", 443),
@@ -135,13 +146,21 @@ fn a_wildcard_grant_does_not_open_private_addresses() {
     let run = RunCapabilities::intersect(&declared, &[Grant::Outbound(pattern("http://*:*"))]);
     assert_eq!(
         run.outbound.decide(Scheme::Http, "127.0.0.1", 8080),
-        Decision::Allowed { private_ok: false }
+        Decision::Allowed {
+            private: PrivateAccess::None
+        }
     );
 }
 
 #[test]
 fn public_addresses_are_told_from_the_rest() {
-    let public = ["93.184.216.34", "8.8.8.8", "2606:4700::1111"];
+    let public = [
+        "93.184.216.34",
+        "8.8.8.8",
+        "2606:4700::1111",
+        "::ffff:8.8.8.8",
+        "2002:808:808::1",
+    ];
     let private = [
         "127.0.0.1",
         "10.1.2.3",
@@ -159,6 +178,13 @@ fn public_addresses_are_told_from_the_rest() {
         "::ffff:127.0.0.1",
         "::ffff:169.254.169.254",
         "64:ff9b::a9fe:a9fe",
+        "::ffff:0:7f00:1",
+        "::7f00:1",
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "fec0::1",
+        "64:ff9b:1::1",
+        "100::1",
     ];
     for ip in public {
         assert!(is_public(ip.parse::<IpAddr>().unwrap()), "{ip}");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::signing::{Algorithm, generate};
+use crate::signing::{Algorithm, PRIVATE_KEY_MARK, PUBLIC_KEY_MARK, generate};
 
 #[derive(Subcommand)]
 pub enum SigningCommand {
@@ -74,10 +74,14 @@ fn write_key_files(dir: &Path, id: &str, secret: &str, public: &str) -> anyhow::
                 private_path.display()
             )
         })?;
+    writeln!(private, "# {PRIVATE_KEY_MARK}: keep it secret")?;
     writeln!(private, "{id}:{secret}")?;
     let public_path = dir.join(format!("{id}.pub"));
-    std::fs::write(&public_path, format!("{id}:{public}\n"))
-        .with_context(|| format!("cannot write {}", public_path.display()))?;
+    std::fs::write(
+        &public_path,
+        format!("# {PUBLIC_KEY_MARK}\n{id}:{public}\n"),
+    )
+    .with_context(|| format!("cannot write {}", public_path.display()))?;
     println!(
         "private key: {} (for `task upload --sign`)",
         private_path.display()

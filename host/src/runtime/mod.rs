@@ -219,6 +219,15 @@ fn wrong_world(error: wasmtime::Error) -> LoadError {
     LoadError::WrongWorld(message)
 }
 
+/// WASI resources (streams, pollables, files, HTTP requests and headers) one run may hold at
+/// once. Host memory behind them is not linear memory: this cap, with the HTTP bounds below
+/// and in [`crate::capabilities::outbound`], keeps what a guest can pin on the host to a few
+/// tens of MiB.
+const MAX_RESOURCES_PER_RUN: usize = 1024;
+
+/// In-memory size of one set of HTTP headers a guest builds.
+const MAX_HTTP_FIELDS_BYTES: usize = 16 * 1024;
+
 /// Memory of a pooled slot that stays mapped between runs (Rust guests start near 1-2MiB).
 const KEEP_RESIDENT_BYTES: usize = 4 << 20;
 
@@ -404,7 +413,8 @@ impl TaskComponent {
             }
         };
         let returned = match returned {
-            Ok(result) => Ok(mask(result)),
+            Ok(result) if !redactor.is_empty() => Ok(redactor.mask_json(&result)),
+            Ok(result) => Ok(result),
             Err(wit::TaskError::Fail(message)) => Err(wit::TaskError::Fail(mask(message))),
             Err(wit::TaskError::Retry(request)) => Err(wit::TaskError::Retry(wit::RetryRequest {
                 message: mask(request.message),
@@ -461,11 +471,10 @@ impl TaskComponent {
             };
             wasi.preopened_dir(&dir.host, &dir.guest, perms)
                 .map_err(|error| {
+                    tracing::error!(host = %dir.host.display(), guest = dir.guest, "cannot open a granted directory: {error:#}");
                     RunError::Instantiate(format!(
-                        "the directory granted at {} ({}) cannot be opened on this worker: \
-                         {error:#}",
-                        dir.guest,
-                        dir.host.display()
+                        "the directory granted at {} cannot be opened on this worker",
+                        dir.guest
                     ))
                 })?;
         }
@@ -478,7 +487,11 @@ impl TaskComponent {
             self.pre.engine(),
             RunState {
                 wasi,
-                http: WasiHttpCtx::new(),
+                http: {
+                    let mut http = WasiHttpCtx::new();
+                    http.set_field_size_limit(MAX_HTTP_FIELDS_BYTES);
+                    http
+                },
                 outbound: OutboundHooks::new(
                     Arc::new(capabilities.outbound.clone()),
                     self.outbound,
@@ -492,7 +505,11 @@ impl TaskComponent {
                     store: self.secrets.clone(),
                     revealed: redactor.clone(),
                 },
-                table: ResourceTable::new(),
+                table: {
+                    let mut table = ResourceTable::new();
+                    table.set_max_capacity(MAX_RESOURCES_PER_RUN);
+                    table
+                },
                 limiter: MemoryLimiter::new(
                     limits.memory_bytes.min(self.max_memory_bytes),
                     self.memory.clone(),
@@ -606,7 +623,8 @@ fn classify(
             None => error.root_cause().to_string(),
         }
     };
-    let stderr = stderr.text();
+    // Masked whole, then cut: a secret must not straddle the cut.
+    let stderr = redactor.mask(&stderr.text());
     if !stderr.is_empty() {
         message.push_str("; guest stderr: ");
         message.push_str(tail(&stderr, 2048));

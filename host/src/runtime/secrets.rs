@@ -40,6 +40,10 @@ impl SecretAccess {
     }
 }
 
+/// Secret values shorter than this are not masked: replacing every `1` or `a` in a run's output
+/// would garble it and hide nothing.
+pub(crate) const MIN_MASKED_LEN: usize = 4;
+
 /// The secret values a run has read; clones share them. Masking replaces each value, and its
 /// JSON-escaped form, with `[secret NAME]`.
 #[derive(Clone, Default)]
@@ -49,7 +53,7 @@ pub(crate) struct Redactor {
 
 impl Redactor {
     fn add(&self, name: &str, value: &str) {
-        if value.is_empty() {
+        if value.len() < MIN_MASKED_LEN {
             return;
         }
         let mut values = self.lock();
@@ -83,6 +87,32 @@ impl Redactor {
             }
         }
         masked
+    }
+
+    /// A JSON document with the secrets masked inside its strings, so it stays JSON; text that
+    /// is not JSON is returned as it is (the run fails for that anyway).
+    pub fn mask_json(&self, json: &str) -> String {
+        fn walk(value: &mut serde_json::Value, redactor: &Redactor) {
+            match value {
+                serde_json::Value::String(text) => *text = redactor.mask(text),
+                serde_json::Value::Array(items) => items.iter_mut().for_each(|v| walk(v, redactor)),
+                serde_json::Value::Object(fields) => {
+                    let entries = std::mem::take(fields);
+                    for (key, mut item) in entries {
+                        walk(&mut item, redactor);
+                        fields.insert(redactor.mask(&key), item);
+                    }
+                }
+                _ => {}
+            }
+        }
+        match serde_json::from_str::<serde_json::Value>(json) {
+            Ok(mut value) => {
+                walk(&mut value, self);
+                serde_json::to_string(&value).unwrap_or_else(|_| json.to_string())
+            }
+            Err(_) => json.to_string(),
+        }
     }
 }
 
@@ -125,6 +155,23 @@ mod tests {
         assert_eq!(
             masked, r#"raw [secret TOKEN], json "[secret TOKEN]", other-value"#,
             "only what the run read is masked"
+        );
+    }
+
+    #[test]
+    fn results_stay_json_and_short_values_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("TOKEN"), "12345").unwrap();
+        std::fs::write(dir.path().join("PIN"), "42").unwrap();
+        let secrets = access(&["TOKEN", "PIN"], &[], dir.path());
+        secrets.read("t", "TOKEN").unwrap();
+        secrets.read("t", "PIN").unwrap();
+        let masked = secrets
+            .revealed
+            .mask_json(r#"{"n":12345,"s":"x12345y","12345":[42,"42"]}"#);
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&masked).unwrap(),
+            serde_json::json!({"n": 12345, "s": "x[secret TOKEN]y", "[secret TOKEN]": [42, "42"]})
         );
     }
 

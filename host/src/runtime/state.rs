@@ -62,16 +62,18 @@ impl context::Host for RunState {
             types::LogLevel::Warn => LogLevel::Warn,
             types::LogLevel::Error => LogLevel::Error,
         };
-        let message = self.mask(truncate(&message));
+        let masked = self.mask(&message);
+        let message = truncate(&masked);
         if self.logs.admit(message.len()) {
-            self.hooks.log(&self.task, level, &message);
+            self.hooks.log(&self.task, level, message);
         }
     }
 
     async fn progress(&mut self, percent: u8, message: String) {
-        let message = self.mask(truncate(&message));
+        let masked = self.mask(&message);
+        let message = truncate(&masked);
         if self.logs.admit(message.len()) {
-            self.hooks.progress(&self.task, percent.min(100), &message);
+            self.hooks.progress(&self.task, percent.min(100), message);
         }
     }
 

@@ -299,9 +299,12 @@ impl Execution<'_> {
                 return Ok(self.dead(failure("unknown_task", &message), message));
             }
             Err(error @ ComponentError::Untrusted { .. }) => {
-                let message = error.to_string();
-                let reason = format!("component-untrusted: {message}");
-                return Ok(self.dead(failure("component_untrusted", &message), reason));
+                // This worker's trust, not the task's fault: another worker, or this one once
+                // the component is signed, may run it.
+                tracing::warn!(task.id = envelope.id, task.name = envelope.task, %error, "refusing an untrusted component; the task waits");
+                let cause = failure("component_untrusted", &error.to_string());
+                let status = self.status(TaskState::Retrying, Some(cause));
+                return Ok((Some(status), Settle::Release(WORKER_TROUBLE_DELAY)));
             }
             Err(error) => {
                 tracing::error!(task.id = envelope.id, task.name = envelope.task, %error, "cannot get the task's component; the task waits");
@@ -312,6 +315,20 @@ impl Execution<'_> {
         };
         let version = &current.version;
         self.component = Some(version.digest.clone());
+        let capabilities = current.capabilities();
+        if let Some(dir) = capabilities.dirs.iter().find(|dir| !dir.host.is_dir()) {
+            // The worker's setup, not the task's fault: it waits for a worker that has it.
+            tracing::error!(task.id = envelope.id, task.name = envelope.task, host = %dir.host.display(), guest = dir.guest, "a directory granted to the task is missing on this worker; the task waits");
+            let message = format!(
+                "the directory granted at {} is missing on worker {}",
+                dir.guest, shared.config.worker_id
+            );
+            let status = self.status(
+                TaskState::Retrying,
+                Some(failure("capability_unavailable", &message)),
+            );
+            return Ok((Some(status), Settle::Release(WORKER_TROUBLE_DELAY)));
+        }
         let options = &version.definition.options;
         if let Some(limit) = options.rate_limit.as_deref().and_then(RateLimit::parse)
             && let Permit::RetryAfter(wait) =
@@ -342,9 +359,7 @@ impl Execution<'_> {
                 return Ok(self.returned());
             }
         }
-        let outcome = self
-            .run(version, &current.capabilities, &component, args)
-            .await;
+        let outcome = self.run(version, capabilities, &component, args).await;
         if at_most_once
             && matches!(
                 outcome,

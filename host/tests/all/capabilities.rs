@@ -544,22 +544,42 @@ async fn a_worker_with_trusted_keys_runs_only_components_they_signed() {
     assert!(succeeded, "{report}");
     assert_eq!(report["result"], 5);
 
-    let (succeeded, report) = platform.enqueue_and_wait(
-        "capable.fetch-undeclared",
-        r#"{"url":"http://127.0.0.1:1/"}"#,
-        &[],
-    );
-    assert!(!succeeded);
-    assert_eq!(report["error"]["kind"], "component_untrusted", "{report}");
-    let error = error_of(&report);
+    // Signed by a key this worker does not trust: refused, and the task waits.
+    let id = platform
+        .run_ok(&[
+            "enqueue",
+            "capable.fetch-undeclared",
+            "--args",
+            r#"{"url":"http://127.0.0.1:1/"}"#,
+            "--max-retries",
+            "0",
+        ])
+        .trim()
+        .to_string();
+    let status_of = |platform: &Platform| -> Value {
+        let output = platform.run(&["result", "get", &id, "--json"]);
+        serde_json::from_slice(&output.stdout).unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let status = status_of(&platform);
+        if status["error"]["kind"] == "component_untrusted" {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not refused: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(waiting["state"], "retrying", "{waiting}");
+    let error = error_of(&waiting);
     assert!(
         error.contains("signed only by keys this worker does not trust: stranger"),
         "{error}"
     );
-    let dlq = platform.run_ok(&["dlq", "list", "--json"]);
-    assert!(dlq.contains("component-untrusted"), "{dlq}");
 
-    // Signing the same bytes with a trusted key lets the dead letter run when replayed.
+    // Signing the same bytes with a trusted key lets the waiting task run.
     platform.run_ok(&[
         "task",
         "upload",
@@ -567,22 +587,11 @@ async fn a_worker_with_trusted_keys_runs_only_components_they_signed() {
         "--sign",
         release_key.to_str().unwrap(),
     ]);
-    platform.run_ok(&["dlq", "replay", "--all"]);
-    let id = report["task_id"].as_str().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let output = platform.run(&["result", "get", id, "--json"]);
-        let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        // It ran this time: the guest itself refused the undeclared request.
-        if status["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("is not declared"))
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "never ran: {status}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let output = platform.run(&["result", "wait", &id, "--timeout", "30s", "--json"]);
+    let done: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(done["state"], "failed", "{done}");
+    // It ran this time: the guest itself was refused the undeclared request.
+    assert!(error_of(&done).contains("is not declared"), "{done}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

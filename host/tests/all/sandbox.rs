@@ -554,6 +554,19 @@ async fn sockets_are_denied_even_to_a_listening_server() {
 }
 
 #[tokio::test]
+async fn a_guest_cannot_pin_unbounded_host_memory_in_http_objects() {
+    let outcome = run("stem-test-hostile", "hostile.http_hoard", json!({})).await;
+    match &outcome {
+        Err(RunError::Trapped { message }) => {
+            assert!(message.contains("resource table"), "{message}")
+        }
+        Ok(count) => assert!(count.as_u64().unwrap() <= 1024, "{count}"),
+        other => panic!("{other:?}"),
+    }
+    assert_runtime_still_serves().await;
+}
+
+#[tokio::test]
 async fn the_environment_of_the_host_is_invisible() {
     assert!(std::env::var_os("PATH").is_some(), "the host has a PATH");
     let error = run("stem-test-hostile", "hostile.env", json!({"name": "PATH"}))

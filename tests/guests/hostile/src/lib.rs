@@ -238,3 +238,34 @@ pub fn enqueue_to(ctx: &stem_guest::TaskContext, args: QueueArgs) -> Result<Stri
     };
     ctx.enqueue_with("hostile.sleep", &serde_json::json!({"ms": 0}), options)
 }
+
+/// Hoards `wasi:http` objects without ever sending them: headers and request bodies filled
+/// as far as the host lets each grow. Returns how many it got before the host said no.
+#[stem_guest::task(name = "hostile.http_hoard", max_retries = 0)]
+fn http_hoard(_args: serde_json::Value) -> Result<u64, TaskError> {
+    use wasi::http::types::{Fields, OutgoingRequest};
+    let mut hoard = Vec::new();
+    let chunk = vec![b'x'; 4096];
+    for _ in 0..100_000u32 {
+        let headers = Fields::new();
+        for i in 0..16 {
+            if headers.append(&format!("x-{i}"), &chunk[..200]).is_err() {
+                break;
+            }
+        }
+        let request = OutgoingRequest::new(headers);
+        let body = request.body().map_err(|()| TaskError::fail("no body"))?;
+        let stream = body.write().map_err(|()| TaskError::fail("no stream"))?;
+        while let Ok(permit) = stream.check_write() {
+            if permit == 0
+                || stream
+                    .write(&chunk[..(permit as usize).min(chunk.len())])
+                    .is_err()
+            {
+                break;
+            }
+        }
+        hoard.push((request, body, stream));
+    }
+    Ok(hoard.len() as u64)
+}
