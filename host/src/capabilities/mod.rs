@@ -21,6 +21,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -476,13 +477,14 @@ pub struct Preopen {
 }
 
 /// What one run may do: the intersection of what its task declares and what it was granted.
+/// Computed once per task version; each run shares its parts.
 #[derive(Clone, Debug, Default)]
 pub struct RunCapabilities {
-    pub outbound: OutboundPolicy,
+    pub outbound: Arc<OutboundPolicy>,
     /// Secret names both declared and granted.
-    pub secrets: BTreeSet<String>,
+    pub secrets: Arc<BTreeSet<String>>,
     /// Declared secret names that were not granted, to say so when asked.
-    pub ungranted_secrets: BTreeSet<String>,
+    pub ungranted_secrets: Arc<BTreeSet<String>>,
     pub dirs: Vec<Preopen>,
 }
 
@@ -511,7 +513,7 @@ impl RunCapabilities {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect();
-        let (secrets, ungranted_secrets) = declared
+        let (secrets, ungranted_secrets): (BTreeSet<String>, BTreeSet<String>) = declared
             .secrets
             .iter()
             .cloned()
@@ -538,9 +540,9 @@ impl RunCapabilities {
             });
         }
         RunCapabilities {
-            outbound: OutboundPolicy::new(declared_outbound, granted_outbound),
-            secrets,
-            ungranted_secrets,
+            outbound: Arc::new(OutboundPolicy::new(declared_outbound, granted_outbound)),
+            secrets: Arc::new(secrets),
+            ungranted_secrets: Arc::new(ungranted_secrets),
             dirs,
         }
     }

@@ -493,7 +493,7 @@ impl TaskComponent {
                     http
                 },
                 outbound: OutboundHooks::new(
-                    Arc::new(capabilities.outbound.clone()),
+                    capabilities.outbound.clone(),
                     self.outbound,
                     hard_deadline,
                     task.name.clone(),

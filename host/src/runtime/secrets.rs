@@ -8,8 +8,8 @@ use crate::capabilities::SecretStore;
 
 /// The secrets one run may read.
 pub(crate) struct SecretAccess {
-    pub granted: BTreeSet<String>,
-    pub ungranted: BTreeSet<String>,
+    pub granted: Arc<BTreeSet<String>>,
+    pub ungranted: Arc<BTreeSet<String>>,
     pub store: SecretStore,
     pub revealed: Redactor,
 }
@@ -122,8 +122,8 @@ mod tests {
 
     fn access(granted: &[&str], ungranted: &[&str], dir: &std::path::Path) -> SecretAccess {
         SecretAccess {
-            granted: granted.iter().map(|s| s.to_string()).collect(),
-            ungranted: ungranted.iter().map(|s| s.to_string()).collect(),
+            granted: Arc::new(granted.iter().map(|s| s.to_string()).collect()),
+            ungranted: Arc::new(ungranted.iter().map(|s| s.to_string()).collect()),
             store: SecretStore::new(Some(dir.to_path_buf())),
             revealed: Redactor::default(),
         }

@@ -81,3 +81,15 @@ fn files(_args: Value) -> Result<Value, TaskError> {
         "escape_by_dotdot": outcome(std::fs::read("/in/../etc/hostname").map(drop)),
     }))
 }
+
+/// Declares one of each capability and uses none: what a grant costs a run by itself
+/// (`bench runtime --task capable.idle --grant ...`).
+#[stem_guest::task(
+    name = "capable.idle",
+    outbound = ["http://127.0.0.1:*"],
+    secrets = ["API_TOKEN"],
+    dirs = ["/in:ro"]
+)]
+fn idle(_args: Value) -> Result<Value, TaskError> {
+    Ok(json!({}))
+}
