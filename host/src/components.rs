@@ -198,16 +198,24 @@ impl ComponentSource {
         match cell.get_or_try_init(|| self.fetch(digest)).await {
             Ok(component) => {
                 if current.capabilities.get().is_none() {
-                    let declared = component
-                        .describe()
-                        .await?
-                        .iter()
-                        .find(|definition| definition.name == name)
-                        .map(|definition| definition.capabilities.clone())
-                        .unwrap_or_default();
-                    let _ = current
-                        .capabilities
-                        .set(RunCapabilities::intersect(&declared, &current.grants));
+                    // A component that cannot describe itself now (no memory left in the
+                    // worker's budget, say) runs with nothing granted this time, and its run
+                    // fails the way the description did.
+                    match component.describe().await {
+                        Ok(definitions) => {
+                            let declared = definitions
+                                .iter()
+                                .find(|definition| definition.name == name)
+                                .map(|definition| definition.capabilities.clone())
+                                .unwrap_or_default();
+                            let _ = current
+                                .capabilities
+                                .set(RunCapabilities::intersect(&declared, &current.grants));
+                        }
+                        Err(error) => {
+                            tracing::warn!(task.name = name, %error, "cannot read the component's declarations; this run gets no capabilities");
+                        }
+                    }
                 }
                 Ok((current.clone(), component.clone()))
             }
