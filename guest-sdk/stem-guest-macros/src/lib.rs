@@ -305,6 +305,15 @@ fn strings(value: &Expr) -> syn::Result<Vec<(String, Span)>> {
         .collect()
 }
 
+/// `Ok` when `valid`, else an error at `span`.
+fn ensure(valid: bool, span: Span, message: impl FnOnce() -> String) -> syn::Result<()> {
+    if valid {
+        Ok(())
+    } else {
+        Err(syn::Error::new(span, message()))
+    }
+}
+
 /// The shape the host checks again at upload: `scheme://host[:port]`, no path.
 fn check_outbound(pattern: &str, span: Span) -> syn::Result<()> {
     let valid = pattern.split_once("://").is_some_and(|(scheme, rest)| {
@@ -314,17 +323,12 @@ fn check_outbound(pattern: &str, span: Span) -> syn::Result<()> {
                 .trim_end_matches('/')
                 .contains(['/', '?', '#', '@', ' '])
     });
-    if valid {
-        Ok(())
-    } else {
-        Err(syn::Error::new(
-            span,
-            format!(
-                "`{pattern}` is not an outbound pattern; write `scheme://host[:port]`, e.g. \
-                 \"https://api.example.com\", \"http://127.0.0.1:*\" or \"https://*.example.com\""
-            ),
-        ))
-    }
+    ensure(valid, span, || {
+        format!(
+            "`{pattern}` is not an outbound pattern; write `scheme://host[:port]`, e.g. \
+             \"https://api.example.com\", \"http://127.0.0.1:*\" or \"https://*.example.com\""
+        )
+    })
 }
 
 fn check_secret(name: &str, span: Span) -> syn::Result<()> {
@@ -334,14 +338,9 @@ fn check_secret(name: &str, span: Span) -> syn::Result<()> {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(syn::Error::new(
-            span,
-            format!("`{name}` is not a secret name: use letters, digits and `_`"),
-        ))
-    }
+    ensure(valid, span, || {
+        format!("`{name}` is not a secret name: use letters, digits and `_`")
+    })
 }
 
 fn check_dir(dir: &str, span: Span) -> syn::Result<()> {
@@ -354,16 +353,11 @@ fn check_dir(dir: &str, span: Span) -> syn::Result<()> {
                     .split('/')
                     .all(|part| !part.is_empty() && part != "." && part != ".."))
     });
-    if valid {
-        Ok(())
-    } else {
-        Err(syn::Error::new(
-            span,
-            format!(
-                "`{dir}` is not a directory; write an absolute path and a mode, e.g. \"/data/in:ro\""
-            ),
-        ))
-    }
+    ensure(valid, span, || {
+        format!(
+            "`{dir}` is not a directory; write an absolute path and a mode, e.g. \"/data/in:ro\""
+        )
+    })
 }
 
 fn non_empty(value: String, span: Span) -> syn::Result<String> {
@@ -440,12 +434,7 @@ fn check_rate_limit(text: &str, span: Span) -> syn::Result<()> {
     let valid = text.split_once('/').is_some_and(|(count, per)| {
         count.trim().parse::<u32>().is_ok_and(|n| n > 0) && matches!(per.trim(), "s" | "m" | "h")
     });
-    if valid {
-        Ok(())
-    } else {
-        Err(syn::Error::new(
-            span,
-            format!("`{text}` is not a rate limit; write e.g. \"10/s\", \"100/m\" or \"1000/h\""),
-        ))
-    }
+    ensure(valid, span, || {
+        format!("`{text}` is not a rate limit; write e.g. \"10/s\", \"100/m\" or \"1000/h\"")
+    })
 }
