@@ -7,6 +7,7 @@ mod bench;
 mod canvas;
 mod enqueue;
 mod events;
+mod health;
 mod progress;
 mod queue;
 mod result;
@@ -178,6 +179,9 @@ enum Command {
     /// Generate signing keys (see the README's Signing section).
     #[command(subcommand)]
     Signing(signing::SigningCommand),
+    /// Check every configured adapter with one cheap call each; exits 1 naming the roles that
+    /// fail.
+    Health(health::HealthArgs),
     /// Show the routing file's rules, and which one picks a task's queue and priority.
     #[command(subcommand)]
     Routing(routing::RoutingCommand),
@@ -227,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Revoke(args) => revoke::run(args, &connections).await,
         Command::Events(args) => events::run(args, &connections).await,
         Command::Signing(command) => signing::run(command),
+        Command::Health(args) => health::run(args, &connections).await,
         Command::Routing(command) => routing::run(command, &connections).await,
         Command::Schedule(command) => schedule::run(command, &connections).await,
         Command::Beat(command) => beat::run(command, &connections).await,

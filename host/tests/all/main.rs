@@ -11,6 +11,7 @@ mod conformance;
 mod control;
 mod e2e;
 mod hardening;
+mod health;
 mod platform;
 mod postgres_enqueue;
 mod postgres_tls;
