@@ -242,7 +242,12 @@ async fn autoscale_grows_with_the_backlog_and_shrinks_when_idle() {
         "scaler",
     ]);
     let concurrency = || {
-        let stats = control(&platform, &["stats"]);
+        // Addressed by id, the command returns on its reply; the long timeout is for a loaded
+        // machine.
+        let stats = control(
+            &platform,
+            &["stats", "--worker", "scaler", "--timeout", "10s"],
+        );
         stats["replies"][0]["body"]["concurrency"].as_u64().unwrap()
     };
     assert_eq!(concurrency(), 1, "it starts at MIN");
