@@ -102,7 +102,11 @@ impl CurrentTask {
     /// What runs of this version may do: nothing until [`ComponentSource::resolve`] has read
     /// the component's declarations.
     pub fn capabilities(&self) -> &RunCapabilities {
-        self.capabilities.get_or_init(RunCapabilities::default)
+        // Not `get_or_init`: that would fix "nothing" for this version after one failed
+        // describe, where the next delivery should read the declarations again.
+        static NOTHING: std::sync::LazyLock<RunCapabilities> =
+            std::sync::LazyLock::new(RunCapabilities::default);
+        self.capabilities.get().unwrap_or(&NOTHING)
     }
 }
 

@@ -278,6 +278,20 @@ async fn grant(args: GrantArgs, add: bool, connections: &Connections) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a local run (`task run`, `bench runtime`) gets from its `--grant` flags: the task's
+/// declarations intersected with them, as a worker would with the registry's grants.
+pub(super) fn granted_by_flags(
+    declared: &Capabilities,
+    flags: &[String],
+) -> anyhow::Result<RunCapabilities> {
+    let grants = flags
+        .iter()
+        .map(|text| text.parse::<Grant>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("invalid --grant")?;
+    Ok(RunCapabilities::intersect(declared, &grants))
+}
+
 /// Whether a grant opens anything for the task as it declares itself now.
 fn effective_covers(effective: &RunCapabilities, declared: &Capabilities, grant: &Grant) -> bool {
     match grant {
@@ -605,13 +619,7 @@ async fn run_task(args: RunArgs, connections: &Connections) -> anyhow::Result<Ex
         attempt: args.attempt,
         ..Invocation::new(&args.name, raw_args)
     };
-    let grants = args
-        .grants
-        .iter()
-        .map(|text| text.parse::<Grant>())
-        .collect::<Result<Vec<_>, _>>()
-        .context("invalid --grant")?;
-    let capabilities = RunCapabilities::intersect(&definition.capabilities, &grants);
+    let capabilities = granted_by_flags(&definition.capabilities, &args.grants)?;
     let hooks = Arc::new(LocalHooks::default());
     let started = Instant::now();
     let outcome = component

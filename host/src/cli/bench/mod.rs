@@ -26,7 +26,6 @@ use super::Connections;
 use super::progress::Progress;
 use super::units::human_duration;
 use crate::backend::TaskState;
-use crate::capabilities::{Grant, RunCapabilities};
 use crate::client::{Client, EnqueueRequest};
 use crate::codec::Codecs;
 use crate::components;
@@ -353,12 +352,7 @@ async fn runtime_bench(
         .find(|d| d.name == task)
         .map(|d| d.capabilities.clone())
         .unwrap_or_default();
-    let grants = grants
-        .iter()
-        .map(|text| text.parse::<Grant>())
-        .collect::<Result<Vec<_>, _>>()
-        .context("invalid --grant")?;
-    let capabilities = Arc::new(RunCapabilities::intersect(&declared, &grants));
+    let capabilities = Arc::new(super::task::granted_by_flags(&declared, &grants)?);
     let hooks = Arc::new(DetachedHooks);
     let limits = RunLimits::default();
     let handle = RunHandle::new();
