@@ -447,6 +447,7 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
     platform.upload("hello");
     const TASKS: usize = 10_000;
     const CONCURRENCY: usize = 8;
+    const STALL_SECS: u64 = 120;
     let args: Vec<String> = (0..TASKS).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
     let ids = platform.enqueue_each("hello.echo", &args);
     // Every execution logs one line with its task id.
@@ -487,7 +488,10 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
     let admin = ::redis::Client::open(server.url("")).unwrap();
     let mut worker_kills = 0;
     let mut connection_kills = 0;
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // A loaded machine may be slow; a stalled run is a failure: no task finishing for two
+    // minutes while workers keep being replaced, or fifteen minutes in all.
+    let began = Instant::now();
+    let mut progress = (0, Instant::now());
     for round in 0.. {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let statuses = backend.get_many(&ids).await;
@@ -500,7 +504,17 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
         if finished == TASKS {
             break;
         }
-        assert!(Instant::now() < deadline, "only {finished} tasks finished");
+        if finished > progress.0 {
+            progress = (finished, Instant::now());
+        }
+        let idle = progress.1.elapsed();
+        if idle > Duration::from_secs(STALL_SECS) || began.elapsed() > Duration::from_secs(900) {
+            let report = stall_report(&admin, &backend, &ids, live.iter().chain(&dead)).await;
+            panic!(
+                "only {finished} tasks finished, none in the last {}s\n{report}",
+                idle.as_secs()
+            );
+        }
         if round % 2 == 0 {
             let mut victim = live.remove(0);
             victim.kill();
@@ -564,6 +578,93 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
         "chaos: {TASKS} tasks, {worker_kills} worker kills, {connection_kills} connection kills, \
          {extra} extra executions (bound {bound}), {samples} status samples"
     );
+}
+
+/// What a stalled chaos run left behind: the unfinished tasks' statuses and log lines, and the
+/// broker's keys, so a failure explains itself.
+async fn stall_report<'a>(
+    admin: &::redis::Client,
+    backend: &std::sync::Arc<dyn stem_host::backend::ResultBackend>,
+    ids: &[String],
+    workers: impl Iterator<Item = &'a crate::platform::WorkerProcess>,
+) -> String {
+    use std::fmt::Write;
+    let mut report = String::new();
+    let statuses = backend.get_many(ids).await.unwrap_or_default();
+    let unfinished: Vec<(&String, Option<&stem_host::backend::TaskStatus>)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id, statuses.get(i).and_then(Option::as_ref)))
+        .filter(|(_, status)| !status.is_some_and(|s| s.state.is_terminal()))
+        .collect();
+    let logs: Vec<String> = workers.map(|worker| worker.log()).collect();
+    for (id, status) in unfinished.iter().take(5) {
+        let _ = writeln!(report, "unfinished {id}: {status:?}");
+        for line in logs
+            .iter()
+            .flat_map(|log| log.lines())
+            .filter(|l| l.contains(id.as_str()))
+            .take(10)
+        {
+            let _ = writeln!(report, "  log: {line}");
+        }
+    }
+    let mut conn = match admin.get_multiplexed_async_connection().await {
+        Ok(conn) => conn,
+        Err(error) => return format!("{report}the broker is unreachable: {error}"),
+    };
+    if let Ok((seconds, micros)) = ::redis::cmd("TIME")
+        .query_async::<(u64, u64)>(&mut conn)
+        .await
+    {
+        let _ = writeln!(report, "server time: {}ms", seconds * 1000 + micros / 1000);
+    }
+    let keys: Vec<String> = match ::redis::cmd("KEYS").arg("*").query_async(&mut conn).await {
+        Ok(keys) => keys,
+        Err(error) => return format!("{report}KEYS failed: {error}"),
+    };
+    for key in keys {
+        let kind: String = ::redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let detail: ::redis::Value = match kind.as_str() {
+            "stream" => ::redis::pipe()
+                .cmd("XLEN")
+                .arg(&key)
+                .cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&key)
+                .cmd("XPENDING")
+                .arg(&key)
+                .arg("stem")
+                .arg("-")
+                .arg("+")
+                .arg(20)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(::redis::Value::Nil),
+            "zset" => ::redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(20)
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(::redis::Value::Nil),
+            "hash" if !key.contains("status") => ::redis::cmd("HLEN")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(::redis::Value::Nil),
+            _ => ::redis::Value::Nil,
+        };
+        if !matches!(detail, ::redis::Value::Nil) {
+            let _ = writeln!(report, "{kind} {key}: {detail:?}");
+        }
+    }
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
