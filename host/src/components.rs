@@ -167,6 +167,11 @@ impl ComponentSource {
         &self.registry
     }
 
+    /// Whether `name` was resolved to a registered version (the cache of versions holds it).
+    pub fn knows(&self, name: &str) -> bool {
+        lock(&self.versions).contains_key(name)
+    }
+
     /// The digests of the components loaded so far.
     pub fn loaded(&self) -> std::collections::HashSet<String> {
         lock(&self.loaded)

@@ -31,6 +31,7 @@
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
 //!   `postgres://`).
 //! - [`digest`]: content addresses (sha256) of components.
+//! - [`metrics`]: a worker's Prometheus metrics and the `/metrics` endpoint.
 //! - [`cli`]: the `stem-host` command line.
 //!
 //! Each storage contract is a trait in its module, with the in-memory adapter (tests and demos)
@@ -53,6 +54,7 @@ pub mod config;
 pub mod control;
 pub mod digest;
 pub mod envelope;
+pub mod metrics;
 mod postgres;
 mod redis;
 pub mod routing;

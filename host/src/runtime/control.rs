@@ -1,7 +1,9 @@
-//! Revoking or terminating one run from outside, without touching any other.
+//! Revoking or terminating one run from outside, without touching any other, and what the
+//! sandbox measured of it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -16,6 +18,16 @@ pub struct RunHandle {
 struct Inner {
     revoked: AtomicBool,
     terminated: watch::Sender<bool>,
+    measures: Mutex<RunMeasures>,
+}
+
+/// What the sandbox measured of a run, read through [`RunHandle::measures`] once it ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunMeasures {
+    /// Creating the instance; `None` when the run never got as far as one.
+    pub instantiate: Option<Duration>,
+    /// Linear memory the run held at its end: its peak, as wasm memories never shrink.
+    pub memory_bytes: u64,
 }
 
 impl Default for RunHandle {
@@ -24,6 +36,7 @@ impl Default for RunHandle {
             inner: Arc::new(Inner {
                 revoked: AtomicBool::new(false),
                 terminated: watch::Sender::new(false),
+                measures: Mutex::default(),
             }),
         }
     }
@@ -51,6 +64,22 @@ impl RunHandle {
 
     pub fn is_terminated(&self) -> bool {
         *self.inner.terminated.borrow()
+    }
+
+    /// What the sandbox measured of the last run under this handle.
+    pub fn measures(&self) -> RunMeasures {
+        *self.measures_lock()
+    }
+
+    pub(crate) fn record(&self, measures: RunMeasures) {
+        *self.measures_lock() = measures;
+    }
+
+    fn measures_lock(&self) -> std::sync::MutexGuard<'_, RunMeasures> {
+        self.inner
+            .measures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Resolves once `terminate` has been called.

@@ -41,7 +41,7 @@ use wasmtime::{
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use wasmtime_wasi_http::WasiHttpCtx;
 
-pub use control::RunHandle;
+pub use control::{RunHandle, RunMeasures};
 pub use error::{LoadError, RunError};
 pub use hooks::{DetachedHooks, SubTaskRequest, TaskHooks, TaskInfo};
 pub use limits::RunLimits;
@@ -535,11 +535,13 @@ impl TaskComponent {
             }
         });
 
+        let mut instantiated = None;
         let time_limit_exceeded = RunError::TimeLimitExceeded {
             limit: limits.hard_time_limit,
         };
         let outcome = {
             let run = async {
+                let instantiating = Instant::now();
                 let instance =
                     self.pre.instantiate_async(&mut store).await.map_err(
                         |error| match memory_error(&error) {
@@ -547,6 +549,7 @@ impl TaskComponent {
                             None => RunError::Instantiate(format!("{error:#}")),
                         },
                     )?;
+                instantiated = Some(instantiating.elapsed());
                 let start_bytes = store.data().limiter.in_use();
                 let returned = export(&instance, &mut store)
                     .await
@@ -560,6 +563,10 @@ impl TaskComponent {
                 outcome = run => outcome,
             }
         };
+        handle.record(RunMeasures {
+            instantiate: instantiated,
+            memory_bytes: store.data().limiter.in_use(),
+        });
         let dropped = store.data().logs.dropped();
         drop(store);
         log_guest_output(&task_id, &stdout, &stderr, &redactor);

@@ -17,6 +17,7 @@ use crate::codec::Payload;
 use crate::components::ComponentError;
 use crate::control::events::EventKind;
 use crate::envelope::Envelope;
+use crate::metrics;
 use crate::runtime::{RunError, TaskComponent};
 use crate::settlement::Settlement;
 use crate::signing::SIGNATURE_INVALID;
@@ -194,6 +195,10 @@ async fn finish(
         settle,
     };
     if shared.settler.settle(settlement).await {
+        if let (Some(metrics), Some(outcome)) = (&shared.metrics, event.and_then(counted)) {
+            let task = shared.task_label(&delivery.envelope.task);
+            metrics.ended(outcome, task, &delivery.receipt.queue);
+        }
         if done {
             shared.processed.fetch_add(1, Ordering::Relaxed);
         } else if returned {
@@ -223,6 +228,17 @@ fn outcome_event(status: Option<&TaskStatus>, settle: &Settle) -> Option<EventKi
         TaskState::Succeeded => Some(EventKind::TaskSucceeded),
         TaskState::Failed => Some(EventKind::TaskFailed),
         TaskState::Revoked => Some(EventKind::TaskRevoked),
+        _ => None,
+    }
+}
+
+/// The outcome counter an event of a settled delivery adds to.
+fn counted(kind: EventKind) -> Option<metrics::Outcome> {
+    match kind {
+        EventKind::TaskSucceeded => Some(metrics::Outcome::Succeeded),
+        EventKind::TaskFailed => Some(metrics::Outcome::Failed),
+        EventKind::TaskRetried => Some(metrics::Outcome::Retried),
+        EventKind::TaskRevoked => Some(metrics::Outcome::Revoked),
         _ => None,
     }
 }
@@ -360,6 +376,10 @@ impl Execution<'_> {
             }
         }
         let outcome = self.run(version, capabilities, &component, args).await;
+        if let Some(metrics) = &shared.metrics {
+            let took = self.slot.runtime().unwrap_or_default();
+            metrics.ran(&envelope.task, took, &self.slot.handle.measures());
+        }
         if at_most_once
             && matches!(
                 outcome,
@@ -413,6 +433,9 @@ impl Execution<'_> {
         shared
             .events
             .emit(|| shared.task_event(EventKind::TaskStarted, envelope));
+        if let Some(metrics) = &shared.metrics {
+            metrics.started(&envelope.task, &self.delivery.receipt.queue);
+        }
         let mut run =
             Box::pin(component.run(&invocation, limits, capabilities, hooks, &self.slot.handle));
         tokio::select! {

@@ -67,6 +67,7 @@ use crate::control::Channels;
 use crate::control::events::{
     Event, EventChannel, EventFlusher, EventKind, EventPublisher, EventSink,
 };
+use crate::metrics::{Metrics, QUEUE_SAMPLE_EVERY};
 use crate::routing::Routing;
 use crate::runtime::{RunHandle, Runtime};
 use crate::settlement::SettlementStore;
@@ -256,6 +257,8 @@ pub struct WorkerParts {
     pub signing: Option<Arc<Keys>>,
     /// With keys, the worker runs only components signed by one of them.
     pub trusted_keys: Option<TrustedKeys>,
+    /// Where the worker counts what it does, when metrics are on.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// What a worker did, reported when it stops.
@@ -338,6 +341,7 @@ struct Shared {
     processed: AtomicU64,
     returned: AtomicU64,
     started_at: Timestamp,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A revocation as `inspect --revoked` reports it.
@@ -415,6 +419,9 @@ impl RunSlot {
                 if let Some(running) = self.shared.running().get_mut(&self.key) {
                     running.leased_at = Instant::now();
                 }
+                if let Some(metrics) = &self.shared.metrics {
+                    metrics.lease_renewed();
+                }
                 true
             }
             Err(StorageError::LeaseLost(_)) => {
@@ -451,6 +458,25 @@ impl Drop for RunSlot {
 impl Shared {
     fn running(&self) -> MutexGuard<'_, HashMap<u64, Running>> {
         lock(&self.running)
+    }
+
+    /// Brings the slot gauges up to date, when metrics are on.
+    fn count_slots(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.slots(
+                self.concurrency.load(Ordering::SeqCst),
+                self.busy.load(Ordering::SeqCst),
+            );
+        }
+    }
+
+    /// The `task` label of a delivery's metrics: its name once the registry resolved it.
+    fn task_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.components.knows(name) {
+            name
+        } else {
+            crate::metrics::UNKNOWN_TASK
+        }
     }
 
     /// Registers a delivery as running from now on.
@@ -636,6 +662,7 @@ impl Worker {
                 processed: AtomicU64::new(0),
                 returned: AtomicU64::new(0),
                 started_at: Timestamp::now(),
+                metrics: parts.metrics,
             }),
             flusher: Mutex::new(Some(flusher)),
         }
@@ -664,6 +691,7 @@ impl Worker {
             tokio::spawn(control::serve(shared.clone(), commands)),
             tokio::spawn(autoscale::run(shared.clone())),
             tokio::spawn(sweep_direct_queues(shared.clone())),
+            tokio::spawn(sample_queues(shared.clone())),
         ];
         let mut batches = JoinSet::new();
         let mut queues = config.fetched_queues();
@@ -956,6 +984,7 @@ struct Busy<'a>(&'a Shared);
 impl<'a> Busy<'a> {
     fn new(shared: &'a Shared) -> Busy<'a> {
         shared.busy.fetch_add(1, Ordering::SeqCst);
+        shared.count_slots();
         Busy(shared)
     }
 }
@@ -963,6 +992,7 @@ impl<'a> Busy<'a> {
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::SeqCst);
+        self.0.count_slots();
     }
 }
 
@@ -993,7 +1023,12 @@ async fn keep_leases(shared: Arc<Shared>) {
                 continue;
             };
             match extended {
-                Ok(_) => entry.leased_at = Instant::now(),
+                Ok(_) => {
+                    entry.leased_at = Instant::now();
+                    if let Some(metrics) = &shared.metrics {
+                        metrics.lease_renewed();
+                    }
+                }
                 Err(StorageError::LeaseLost(_)) => {
                     tracing::warn!(
                         task.id = entry.task_id,
@@ -1005,6 +1040,26 @@ async fn keep_leases(shared: Arc<Shared>) {
                 Err(error) => {
                     tracing::warn!(task.id = entry.task_id, %error, "extending the lease failed");
                 }
+            }
+        }
+    }
+}
+
+/// With metrics on, reads the depths of the worker's queues from the broker every
+/// [`QUEUE_SAMPLE_EVERY`].
+async fn sample_queues(shared: Arc<Shared>) {
+    let Some(metrics) = shared.metrics.clone() else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(QUEUE_SAMPLE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        shared.count_slots();
+        for queue in shared.config.fetched_queues() {
+            match shared.broker.stats(&queue).await {
+                Ok(stats) => metrics.queue_depth(&stats),
+                Err(error) => tracing::warn!(queue, %error, "sampling a queue's depth failed"),
             }
         }
     }

@@ -12,6 +12,7 @@ mod control;
 mod e2e;
 mod hardening;
 mod health;
+mod metrics;
 mod platform;
 mod postgres_enqueue;
 mod postgres_tls;

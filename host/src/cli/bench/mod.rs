@@ -234,6 +234,7 @@ async fn end_to_end(bench: EndToEnd, connections: &Connections) -> anyhow::Resul
             routing: Arc::default(),
             signing: connections.signing()?,
             trusted_keys: None,
+            metrics: None,
         };
         let config = WorkerConfig {
             worker_id: format!("{namespace}-{}", workers.len() + 1),

@@ -1,7 +1,9 @@
 //! `stem-host worker`: run a worker (`start`), list workers, and control running ones over
 //! the broker (`ping`, `stats`, `inspect`, `shutdown`, `pause`, `resume`).
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::path::PathBuf;
@@ -16,6 +18,7 @@ use super::Connections;
 use super::units::{parse_duration, parse_size};
 use crate::codec::Codecs;
 use crate::envelope::{MAX_QUEUE_NAME_LEN, is_valid_queue_name};
+use crate::metrics::Metrics;
 use crate::worker::{
     Autoscale, Budgets, DEFAULT_PREFETCH_MULTIPLIER, ShutdownHandle, ShutdownMode, Worker,
     WorkerConfig, WorkerParts, default_worker_id,
@@ -106,10 +109,34 @@ pub struct StartArgs {
     /// writes). Terminal states are always recorded.
     #[arg(long, value_parser = parse_duration, default_value = "200ms", value_name = "DURATION")]
     started_after: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (the README lists them); port 0 picks
+    /// a free one, printed at start. STEM_METRIC_EXPORTERS=prometheus serves them at
+    /// 127.0.0.1:9464 unless this says where.
+    #[arg(long, env = "STEM_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     budgets: BudgetArgs,
     #[command(flatten)]
     capabilities: CapabilityArgs,
+}
+
+/// Where Prometheus metrics go: `--metrics-addr`, else the default address when
+/// `STEM_METRIC_EXPORTERS` (a comma-separated list, as in the seeds) names `prometheus`.
+fn metrics_addr(
+    flag: Option<SocketAddr>,
+    exporters: Option<&str>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let mut prometheus = false;
+    for exporter in exporters.unwrap_or_default().split(',').map(str::trim) {
+        match exporter {
+            "" => {}
+            "prometheus" => prometheus = true,
+            other => bail!(
+                "STEM_METRIC_EXPORTERS names `{other}`: the exporters are `prometheus` (OTLP is not built yet)"
+            ),
+        }
+    }
+    Ok(flag.or(prometheus.then(|| SocketAddr::from(([127, 0, 0, 1], 9464)))))
 }
 
 /// What granted tasks reach, and which components this worker runs at all.
@@ -321,6 +348,22 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         }
         None => None,
     };
+    let exporters = std::env::var("STEM_METRIC_EXPORTERS").ok();
+    let metrics = match metrics_addr(args.metrics_addr, exporters.as_deref())? {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            let metrics = Arc::new(Metrics::new());
+            eprintln!(
+                "worker metrics at http://{}/metrics",
+                listener.local_addr()?
+            );
+            crate::metrics::serve(listener, metrics.clone());
+            Some(metrics)
+        }
+        None => None,
+    };
     let broker = connections.broker().await?;
     let backend = connections.backend().await?;
     let parts = WorkerParts {
@@ -344,6 +387,7 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         routing: connections.routing()?,
         signing: connections.signing()?,
         trusted_keys,
+        metrics,
     };
     let config = WorkerConfig {
         worker_id,

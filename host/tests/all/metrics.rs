@@ -1,0 +1,131 @@
+//! A worker's `/metrics` through a real process: counters and histograms count what ran.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::platform::{Platform, eventually, serial};
+
+/// The body of `GET PATH` from `addr`, with the status line.
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = std::net::TcpStream::connect(addr).expect("the metrics port answers");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    (status, body.to_owned())
+}
+
+/// The value of the sample `series` (name and labels as printed), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_runs_outcomes_and_queue_depths() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let worker = platform.worker(&["--metrics-addr", "127.0.0.1:0", "--concurrency", "3"]);
+    let log = worker.log();
+    let addr = log
+        .lines()
+        .find_map(|line| line.split("metrics at http://").nth(1))
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("the worker names its metrics address: {log}"))
+        .to_owned();
+
+    for n in 0..3 {
+        let (succeeded, report) =
+            platform.enqueue_and_wait("hello.add", &format!(r#"{{"a":{n},"b":1}}"#), &[]);
+        assert!(succeeded, "{report}");
+    }
+    // Two retries, then failed for good.
+    let (succeeded, report) = platform.enqueue_and_wait("hello.fail", r#"{"message":"boom"}"#, &[]);
+    assert!(!succeeded, "{report}");
+
+    let (status, text) = get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let add = r#"{task="hello.add",queue="default"}"#;
+    let fail = r#"{task="hello.fail",queue="default"}"#;
+    for (series, expected) in [
+        (format!("stem_tasks_started_total{add}"), 3.0),
+        (format!("stem_tasks_succeeded_total{add}"), 3.0),
+        (format!("stem_tasks_started_total{fail}"), 3.0),
+        (format!("stem_tasks_retried_total{fail}"), 2.0),
+        (format!("stem_tasks_failed_total{fail}"), 1.0),
+        (
+            r#"stem_task_duration_seconds_count{task="hello.add"}"#.to_owned(),
+            3.0,
+        ),
+        (
+            r#"stem_sandbox_instantiate_seconds_count{task="hello.add"}"#.to_owned(),
+            3.0,
+        ),
+        (
+            r#"stem_task_memory_bytes_count{task="hello.fail"}"#.to_owned(),
+            3.0,
+        ),
+        ("stem_worker_concurrency".to_owned(), 3.0),
+    ] {
+        assert_eq!(
+            sample(&text, &series),
+            Some(expected),
+            "{series} in\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, &format!("stem_tasks_succeeded_total{fail}")),
+        None,
+        "{text}"
+    );
+    let memory = sample(&text, r#"stem_task_memory_bytes_sum{task="hello.add"}"#).unwrap();
+    assert!(memory >= 3.0 * 65_536.0, "each run held pages: {memory}");
+    let took = sample(&text, r#"stem_task_duration_seconds_sum{task="hello.add"}"#).unwrap();
+    let instantiating = sample(
+        &text,
+        r#"stem_sandbox_instantiate_seconds_sum{task="hello.add"}"#,
+    )
+    .unwrap();
+    assert!(
+        took > 0.0 && instantiating > 0.0 && instantiating <= took,
+        "instantiation is part of the run: {instantiating} of {took}"
+    );
+
+    // The dead letter of hello.fail shows in the sampled depth.
+    eventually(
+        Duration::from_secs(20),
+        "the dead letter is sampled",
+        || {
+            let addr = addr.clone();
+            async move {
+                let (_, text) = get(&addr, "/metrics");
+                sample(&text, r#"stem_queue_depth{queue="default",state="dead"}"#) == Some(1.0)
+                    && sample(&text, r#"stem_queue_depth{queue="default",state="ready"}"#)
+                        == Some(0.0)
+            }
+        },
+    )
+    .await;
+
+    let (status, _) = get(&addr, "/elsewhere");
+    assert!(status.contains("404"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_metric_exporters_are_refused() {
+    let platform = Platform::sqlite();
+    let mut command = platform.command(&["worker", "start"]);
+    command.env("STEM_METRIC_EXPORTERS", "prometheus,statsd");
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("`statsd`"), "{stderr}");
+}
