@@ -145,6 +145,9 @@ pub struct ComponentSource {
     loaded: Mutex<HashMap<String, Arc<OnceCell<Arc<TaskComponent>>>>>,
     /// Digests that failed to fetch or load, with why and when.
     failures: Mutex<HashMap<String, (String, Instant)>>,
+    /// Every task name resolved so far: registered names only, so it grows with the registry
+    /// and not with what producers send.
+    resolved: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ComponentSource {
@@ -160,6 +163,7 @@ impl ComponentSource {
             versions: Mutex::default(),
             loaded: Mutex::default(),
             failures: Mutex::default(),
+            resolved: Mutex::default(),
         }
     }
 
@@ -167,9 +171,9 @@ impl ComponentSource {
         &self.registry
     }
 
-    /// Whether `name` was resolved to a registered version (the cache of versions holds it).
+    /// Whether `name` was ever resolved to a registered version here.
     pub fn knows(&self, name: &str) -> bool {
-        lock(&self.versions).contains_key(name)
+        lock(&self.resolved).contains(name)
     }
 
     /// The digests of the components loaded so far.
@@ -258,6 +262,11 @@ impl ComponentSource {
         let mut versions = lock(&self.versions);
         versions.retain(|_, (_, seen)| seen.elapsed() < VERSION_CACHE_TTL);
         versions.insert(name.to_owned(), (current.clone(), Instant::now()));
+        drop(versions);
+        let mut resolved = lock(&self.resolved);
+        if !resolved.contains(name) {
+            resolved.insert(name.to_owned());
+        }
         Ok(current)
     }
 

@@ -6,9 +6,9 @@
 //!
 //! | metric | kind | labels | what |
 //! | --- | --- | --- | --- |
-//! | `stem_tasks_started_total` | counter | task, queue | runs begun in the sandbox |
+//! | `stem_tasks_started_total` | counter | task, queue | runs begun (instantiation included) |
 //! | `stem_tasks_succeeded_total` | counter | task, queue | results recorded |
-//! | `stem_tasks_failed_total` | counter | task, queue | failed for good (dead-lettered) |
+//! | `stem_tasks_failed_total` | counter | task, queue | recorded failed for good |
 //! | `stem_tasks_retried_total` | counter | task, queue | next attempts stored |
 //! | `stem_tasks_revoked_total` | counter | task, queue | revoked, expired or stopped |
 //! | `stem_task_duration_seconds` | histogram | task | a run in the sandbox, start to end |
@@ -16,7 +16,7 @@
 //! | `stem_task_memory_bytes` | histogram | task | linear memory a run held at its end (its peak: wasm memories never shrink) |
 //! | `stem_worker_concurrency` | gauge | | run slots |
 //! | `stem_worker_inflight` | gauge | | runs holding a slot |
-//! | `stem_queue_depth` | gauge | queue, state | `ready`, `delayed`, `in_flight`, `dead` entries, sampled from the broker every [`QUEUE_SAMPLE_EVERY`] |
+//! | `stem_queue_depth` | gauge | queue, state | `ready`, `delayed`, `in_flight`, `dead` entries, sampled from the broker every [`QUEUE_SAMPLE_EVERY`] while scraped |
 //! | `stem_lease_renewed_total` | counter | | lease extensions |
 //!
 //! Label values stay few whatever producers send: `queue` is one the worker consumes, and
@@ -44,7 +44,14 @@ use crate::runtime::RunMeasures;
 pub const QUEUE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// How long one connection to `/metrics` may stay open.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections to `/metrics` served at once; more are dropped.
+const MAX_CONNECTIONS: usize = 16;
+
+/// Queue depths are sampled only while someone scraped within this long: an unwatched worker
+/// costs its broker nothing.
+pub const SAMPLE_WHILE_SCRAPED: Duration = Duration::from_secs(60);
 
 /// The `task` label of names the worker did not resolve.
 pub const UNKNOWN_TASK: &str = "unknown";
@@ -102,16 +109,12 @@ pub struct Metrics {
     inflight: Gauge,
     queue_depth: Family<QueueState, Gauge>,
     lease_renewed: Counter,
+    /// When `/metrics` was last read.
+    scraped: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Default for Metrics {
     fn default() -> Metrics {
-        Metrics::new()
-    }
-}
-
-impl Metrics {
-    pub fn new() -> Metrics {
         let mut metrics = Metrics {
             registry: Registry::default(),
             started: Family::default(),
@@ -126,6 +129,7 @@ impl Metrics {
             inflight: Gauge::default(),
             queue_depth: Family::default(),
             lease_renewed: Counter::default(),
+            scraped: std::sync::Mutex::default(),
         };
         let registry = &mut metrics.registry;
         for (name, help, family) in [
@@ -194,7 +198,9 @@ impl Metrics {
         );
         metrics
     }
+}
 
+impl Metrics {
     pub fn started(&self, task: &str, queue: &str) {
         self.started.get_or_create(&task_queue(task, queue)).inc();
     }
@@ -218,14 +224,15 @@ impl Metrics {
         self.duration
             .get_or_create(&name)
             .observe(took.as_secs_f64());
+        // A run that never got an instance held no memory worth counting.
         if let Some(instantiate) = run.instantiate {
             self.instantiate
                 .get_or_create(&name)
                 .observe(instantiate.as_secs_f64());
+            self.memory
+                .get_or_create(&name)
+                .observe(run.memory_bytes as f64);
         }
-        self.memory
-            .get_or_create(&name)
-            .observe(run.memory_bytes as f64);
     }
 
     pub fn slots(&self, concurrency: usize, busy: usize) {
@@ -255,8 +262,21 @@ impl Metrics {
         }
     }
 
-    /// The metrics as OpenMetrics text.
+    /// Whether anyone read the metrics within [`SAMPLE_WHILE_SCRAPED`].
+    pub fn watched(&self) -> bool {
+        self.scraped_at()
+            .is_some_and(|at| at.elapsed() < SAMPLE_WHILE_SCRAPED)
+    }
+
+    fn scraped_at(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.scraped
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The metrics as OpenMetrics text, for a scrape.
     pub fn encode(&self) -> String {
+        *self.scraped_at() = Some(std::time::Instant::now());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -272,7 +292,10 @@ fn task_queue(task: &str, queue: &str) -> TaskQueue {
 }
 
 /// Serves `GET /metrics` on `listener` until the task is aborted; anything else gets 404.
+/// At most [`MAX_CONNECTIONS`] are served at once, each for at most [`CONNECTION_TIMEOUT`]:
+/// whoever can reach the port must not run the worker out of file descriptors.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -283,16 +306,20 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinH
                     continue;
                 }
             };
+            let Ok(slot) = open.clone().try_acquire_owned() else {
+                tracing::debug!("too many metrics connections; one dropped");
+                continue;
+            };
             let metrics = metrics.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let service = hyper::service::service_fn(move |request| {
                     let metrics = metrics.clone();
                     async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &request)) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(8192)
                     .serve_connection(TokioIo::new(stream), service);
-                // A scrape takes milliseconds; a client that holds its connection open is
-                // dropped.
                 match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => tracing::debug!(%error, "a metrics connection ended badly"),

@@ -455,6 +455,8 @@ impl TaskComponent {
             Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>,
         >,
     ) -> Result<(R, u64, Redactor), RunError> {
+        // A run that fails before it is measured must not report the last run's figures.
+        handle.record(RunMeasures::default());
         let stdout = CapturedOutput::new(self.output_capture_bytes);
         let stderr = CapturedOutput::new(self.output_capture_bytes);
         let mut wasi = WasiCtxBuilder::new();

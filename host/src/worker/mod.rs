@@ -460,13 +460,10 @@ impl Shared {
         lock(&self.running)
     }
 
-    /// Brings the slot gauges up to date, when metrics are on.
-    fn count_slots(&self) {
+    /// Brings the slot gauges up to date with `busy` runs, when metrics are on.
+    fn count_slots(&self, busy: usize) {
         if let Some(metrics) = &self.metrics {
-            metrics.slots(
-                self.concurrency.load(Ordering::SeqCst),
-                self.busy.load(Ordering::SeqCst),
-            );
+            metrics.slots(self.concurrency.load(Ordering::SeqCst), busy);
         }
     }
 
@@ -983,16 +980,16 @@ struct Busy<'a>(&'a Shared);
 
 impl<'a> Busy<'a> {
     fn new(shared: &'a Shared) -> Busy<'a> {
-        shared.busy.fetch_add(1, Ordering::SeqCst);
-        shared.count_slots();
+        let busy = shared.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.count_slots(busy);
         Busy(shared)
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::SeqCst);
-        self.0.count_slots();
+        let busy = self.0.busy.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.0.count_slots(busy);
     }
 }
 
@@ -1045,7 +1042,7 @@ async fn keep_leases(shared: Arc<Shared>) {
     }
 }
 
-/// With metrics on, reads the depths of the worker's queues from the broker every
+/// With metrics on and scraped, reads the depths of the worker's queues from the broker every
 /// [`QUEUE_SAMPLE_EVERY`].
 async fn sample_queues(shared: Arc<Shared>) {
     let Some(metrics) = shared.metrics.clone() else {
@@ -1055,7 +1052,10 @@ async fn sample_queues(shared: Arc<Shared>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        shared.count_slots();
+        shared.count_slots(shared.busy.load(Ordering::SeqCst));
+        if !metrics.watched() {
+            continue;
+        }
         for queue in shared.config.fetched_queues() {
             match shared.broker.stats(&queue).await {
                 Ok(stats) => metrics.queue_depth(&stats),

@@ -122,21 +122,20 @@ pub struct StartArgs {
 
 /// Where Prometheus metrics go: `--metrics-addr`, else the default address when
 /// `STEM_METRIC_EXPORTERS` (a comma-separated list, as in the seeds) names `prometheus`.
-fn metrics_addr(
-    flag: Option<SocketAddr>,
-    exporters: Option<&str>,
-) -> anyhow::Result<Option<SocketAddr>> {
+fn metrics_addr(flag: Option<SocketAddr>, exporters: Option<&str>) -> Option<SocketAddr> {
     let mut prometheus = false;
     for exporter in exporters.unwrap_or_default().split(',').map(str::trim) {
         match exporter {
             "" => {}
             "prometheus" => prometheus = true,
-            other => bail!(
-                "STEM_METRIC_EXPORTERS names `{other}`: the exporters are `prometheus` (OTLP is not built yet)"
+            // An environment shared with other Stem tools may name more; they are not a
+            // reason to refuse to start.
+            other => eprintln!(
+                "warning: STEM_METRIC_EXPORTERS names `{other}`, which this worker does not export (only `prometheus`)"
             ),
         }
     }
-    Ok(flag.or(prometheus.then(|| SocketAddr::from(([127, 0, 0, 1], 9464)))))
+    flag.or(prometheus.then(|| SocketAddr::from(([127, 0, 0, 1], 9464))))
 }
 
 /// What granted tasks reach, and which components this worker runs at all.
@@ -349,12 +348,12 @@ async fn start(args: StartArgs, connections: &Connections) -> anyhow::Result<Exi
         None => None,
     };
     let exporters = std::env::var("STEM_METRIC_EXPORTERS").ok();
-    let metrics = match metrics_addr(args.metrics_addr, exporters.as_deref())? {
+    let metrics = match metrics_addr(args.metrics_addr, exporters.as_deref()) {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot serve metrics on {addr}"))?;
-            let metrics = Arc::new(Metrics::new());
+            let metrics = Arc::new(Metrics::default());
             eprintln!(
                 "worker metrics at http://{}/metrics",
                 listener.local_addr()?
