@@ -161,31 +161,35 @@ impl Default for Metrics {
         ] {
             registry.register(name, help, family.clone());
         }
-        registry.register(
-            "stem_task_duration_seconds",
-            "A run in the sandbox, start to end",
-            metrics.duration.clone(),
-        );
-        registry.register(
-            "stem_sandbox_instantiate_seconds",
-            "Creating a run's instance",
-            metrics.instantiate.clone(),
-        );
-        registry.register(
-            "stem_task_memory_bytes",
-            "Linear memory a run held at its end",
-            metrics.memory.clone(),
-        );
-        registry.register(
-            "stem_worker_concurrency",
-            "Run slots",
-            metrics.concurrency.clone(),
-        );
-        registry.register(
-            "stem_worker_inflight",
-            "Runs holding a slot",
-            metrics.inflight.clone(),
-        );
+        for (name, help, family) in [
+            (
+                "stem_task_duration_seconds",
+                "A run in the sandbox, start to end",
+                &metrics.duration,
+            ),
+            (
+                "stem_sandbox_instantiate_seconds",
+                "Creating a run's instance",
+                &metrics.instantiate,
+            ),
+            (
+                "stem_task_memory_bytes",
+                "Linear memory a run held at its end",
+                &metrics.memory,
+            ),
+        ] {
+            registry.register(name, help, family.clone());
+        }
+        for (name, help, gauge) in [
+            ("stem_worker_concurrency", "Run slots", &metrics.concurrency),
+            (
+                "stem_worker_inflight",
+                "Runs holding a slot",
+                &metrics.inflight,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
         registry.register(
             "stem_queue_depth",
             "Entries of a queue by state, sampled from the broker",
