@@ -254,14 +254,27 @@ async fn terminate_or_interrupt() {
     }
 }
 
+/// Logs on stderr, filtered by `STEM_LOG`; `STEM_LOG_FORMAT=json` writes one JSON object per
+/// line, with the spans it happened in (a delivery's task id, name, queue and attempt).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let format = std::env::var("STEM_LOG_FORMAT").unwrap_or_default();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "json" => logs.json().flatten_event(true).init(),
+        "" | "text" => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        other => {
+            logs.with_ansi(false).init();
+            tracing::warn!(
+                "STEM_LOG_FORMAT is `{other}`; the formats are `text` and `json`: writing text"
+            );
+        }
+    }
 }
 
 /// Opens the adapters a command asks for, from the flags and environment.

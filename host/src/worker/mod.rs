@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 pub use crate::control::ShutdownMode;
 pub use autoscale::Autoscale;
@@ -965,7 +966,18 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
     match running {
         Some(permit) => {
             let busy = Busy::new(&shared);
-            execute::process(&shared, slot, delivery, recorded).await;
+            // Every line logged while the delivery is processed names it; at WARN, so the
+            // default filter keeps the span.
+            let span = tracing::warn_span!(
+                "task",
+                task.id = %delivery.envelope.id,
+                task.name = %delivery.envelope.task,
+                queue = %delivery.receipt.queue,
+                attempt = delivery.envelope.attempt,
+            );
+            execute::process(&shared, slot, delivery, recorded)
+                .instrument(span)
+                .await;
             drop(busy);
             drop(permit);
         }

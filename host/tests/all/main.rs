@@ -12,7 +12,7 @@ mod control;
 mod e2e;
 mod hardening;
 mod health;
-mod metrics;
+mod observability;
 mod platform;
 mod postgres_enqueue;
 mod postgres_tls;

@@ -1,4 +1,5 @@
-//! A worker's `/metrics` through a real process: counters and histograms count what ran.
+//! What operators watch, through real worker processes: `/metrics` counts what ran, and JSON
+//! logs name the task of every line logged while it is processed.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -140,4 +141,41 @@ async fn exporters_the_worker_lacks_are_named_and_do_not_stop_it() {
         log.contains("`otlp`") && log.contains("/metrics"),
         "the worker warns and serves metrics: {log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_task_on_every_line_of_its_processing() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("hello");
+    let mut worker =
+        platform.worker_with(&[], &[("STEM_LOG_FORMAT", "json"), ("STEM_LOG", "info")]);
+    let (succeeded, report) = platform.enqueue_and_wait("hello.fail", r#"{"message":"boom"}"#, &[]);
+    assert!(!succeeded, "{report}");
+    let id = report["task_id"]
+        .as_str()
+        .expect("the report names the task")
+        .to_owned();
+    worker.kill();
+    let log = worker.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let retries: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["message"] == "retrying")
+        .collect();
+    assert_eq!(retries.len(), 2, "two retries logged: {log}");
+    assert_ne!(retries[0]["span"]["attempt"], retries[1]["span"]["attempt"]);
+    for line in &retries {
+        let span = &line["span"];
+        assert_eq!(span["name"], "task", "{line}");
+        assert_eq!(span["task.id"], id.as_str(), "{line}");
+        assert_eq!(span["task.name"], "hello.fail", "{line}");
+        assert_eq!(span["queue"], "default", "{line}");
+        assert_eq!(span["attempt"], line["attempt"], "{line}");
+        assert_eq!(line["level"], "INFO", "{line}");
+    }
 }
