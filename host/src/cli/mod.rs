@@ -264,12 +264,13 @@ fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format.as_str() {
-        "json" => logs.json().flatten_event(true).init(),
+        "json" => logs.json().flatten_event(true).with_span_list(false).init(),
         "" | "text" => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
         other => {
-            logs.with_ansi(false).init();
+            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
             tracing::warn!(
                 "STEM_LOG_FORMAT is `{other}`; the formats are `text` and `json`: writing text"
             );

@@ -966,13 +966,14 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
     match running {
         Some(permit) => {
             let busy = Busy::new(&shared);
-            // Every line logged while the delivery is processed names it; at WARN, so the
-            // default filter keeps the span.
-            let span = tracing::warn_span!(
+            // Lines logged while the delivery is processed name it. At ERROR, so that any
+            // level filter keeps the span; the fields as strings, so they are printed quoted
+            // and escaped (they come from producers).
+            let span = tracing::error_span!(
                 "task",
-                task.id = %delivery.envelope.id,
-                task.name = %delivery.envelope.task,
-                queue = %delivery.receipt.queue,
+                task.id = delivery.envelope.id.as_str(),
+                task.name = delivery.envelope.task.as_str(),
+                queue = delivery.receipt.queue.as_str(),
                 attempt = delivery.envelope.attempt,
             );
             execute::process(&shared, slot, delivery, recorded)
