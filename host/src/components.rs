@@ -2,7 +2,7 @@
 //! map task names) and fetching for a worker (by digest, verified, compiled once).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
@@ -12,6 +12,7 @@ use crate::runtime::{LoadError, Runtime, TaskComponent};
 use crate::signing::{ComponentSigner, TrustedKeys};
 use crate::storage::StorageError;
 use crate::stores::registry::{ComponentRegistry, TaskVersion};
+use crate::sync::lock;
 
 /// How long a worker trusts its last lookup of a task's current version. New uploads reach
 /// running workers within this time.
@@ -298,10 +299,4 @@ impl ComponentSource {
 
         Ok(load(&self.runtime, bytes).await?)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

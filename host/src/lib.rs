@@ -65,6 +65,7 @@ pub mod signing;
 mod sqlite;
 pub mod storage;
 pub mod stores;
+mod sync;
 pub mod task;
 pub mod time;
 mod wait;

@@ -39,6 +39,7 @@ use wasmtime_wasi_http::io::TokioIo;
 
 use crate::broker::QueueStats;
 use crate::runtime::RunMeasures;
+use crate::sync::lock;
 
 /// How often the queue depths are read from the broker.
 pub const QUEUE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -268,19 +269,12 @@ impl Metrics {
 
     /// Whether anyone read the metrics within [`SAMPLE_WHILE_SCRAPED`].
     pub fn watched(&self) -> bool {
-        self.scraped_at()
-            .is_some_and(|at| at.elapsed() < SAMPLE_WHILE_SCRAPED)
-    }
-
-    fn scraped_at(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
-        self.scraped
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.scraped).is_some_and(|at| at.elapsed() < SAMPLE_WHILE_SCRAPED)
     }
 
     /// The metrics as OpenMetrics text, for a scrape.
     pub fn encode(&self) -> String {
-        *self.scraped_at() = Some(std::time::Instant::now());
+        *lock(&self.scraped) = Some(std::time::Instant::now());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");

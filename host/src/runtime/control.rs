@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::sync::lock;
+
 /// A handle on one run. `revoke` only raises the flag the guest can poll (`is-revoked`);
 /// `terminate` also stops the guest at the next epoch tick, or at once if it is blocked in a
 /// host call. Clones share the run.
@@ -68,18 +70,11 @@ impl RunHandle {
 
     /// What the sandbox measured of the last run under this handle.
     pub fn measures(&self) -> RunMeasures {
-        *self.measures_lock()
+        *lock(&self.inner.measures)
     }
 
     pub(crate) fn record(&self, measures: RunMeasures) {
-        *self.measures_lock() = measures;
-    }
-
-    fn measures_lock(&self) -> std::sync::MutexGuard<'_, RunMeasures> {
-        self.inner
-            .measures
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *lock(&self.inner.measures) = measures;
     }
 
     /// Resolves once `terminate` has been called.

@@ -77,6 +77,7 @@ use crate::storage::StorageError;
 use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::{Revocation, RevokeStore};
+use crate::sync::lock;
 use crate::time::Timestamp;
 use settle::Settler;
 
@@ -591,12 +592,6 @@ impl Shared {
     fn fair_fetch(&self) -> bool {
         lock(&self.gave_back_waiting).is_some_and(|at| at.elapsed() < FAIR_FETCH_FOR)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Worker {
