@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use wasmtime_wasi_http::io::TokioIo;
 
 use crate::broker::QueueStats;
+use crate::control::events::EventKind;
 use crate::runtime::RunMeasures;
 use crate::sync::lock;
 
@@ -56,15 +57,6 @@ pub const SAMPLE_WHILE_SCRAPED: Duration = Duration::from_secs(60);
 
 /// The `task` label of names the worker did not resolve.
 pub const UNKNOWN_TASK: &str = "unknown";
-
-/// How a delivery ended, as the outcome counters count it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    Succeeded,
-    Failed,
-    Retried,
-    Revoked,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskQueue {
@@ -210,12 +202,14 @@ impl Metrics {
         self.started.get_or_create(&task_queue(task, queue)).inc();
     }
 
-    pub fn ended(&self, outcome: Outcome, task: &str, queue: &str) {
-        let family = match outcome {
-            Outcome::Succeeded => &self.succeeded,
-            Outcome::Failed => &self.failed,
-            Outcome::Retried => &self.retried,
-            Outcome::Revoked => &self.revoked,
+    /// Counts the outcome event of a settled delivery; other events count nothing here.
+    pub fn ended(&self, event: EventKind, task: &str, queue: &str) {
+        let family = match event {
+            EventKind::TaskSucceeded => &self.succeeded,
+            EventKind::TaskFailed => &self.failed,
+            EventKind::TaskRetried => &self.retried,
+            EventKind::TaskRevoked => &self.revoked,
+            _ => return,
         };
         family.get_or_create(&task_queue(task, queue)).inc();
     }

@@ -17,7 +17,6 @@ use crate::codec::Payload;
 use crate::components::ComponentError;
 use crate::control::events::EventKind;
 use crate::envelope::Envelope;
-use crate::metrics;
 use crate::runtime::{RunError, TaskComponent};
 use crate::settlement::Settlement;
 use crate::signing::SIGNATURE_INVALID;
@@ -195,9 +194,9 @@ async fn finish(
         settle,
     };
     if shared.settler.settle(settlement).await {
-        if let (Some(metrics), Some(outcome)) = (&shared.metrics, event.and_then(counted)) {
+        if let (Some(metrics), Some(kind)) = (&shared.metrics, event) {
             let task = shared.task_label(&delivery.envelope.task);
-            metrics.ended(outcome, task, &delivery.receipt.queue);
+            metrics.ended(kind, task, &delivery.receipt.queue);
         }
         if done {
             shared.processed.fetch_add(1, Ordering::Relaxed);
@@ -228,17 +227,6 @@ fn outcome_event(status: Option<&TaskStatus>, settle: &Settle) -> Option<EventKi
         TaskState::Succeeded => Some(EventKind::TaskSucceeded),
         TaskState::Failed => Some(EventKind::TaskFailed),
         TaskState::Revoked => Some(EventKind::TaskRevoked),
-        _ => None,
-    }
-}
-
-/// The outcome counter an event of a settled delivery adds to.
-fn counted(kind: EventKind) -> Option<metrics::Outcome> {
-    match kind {
-        EventKind::TaskSucceeded => Some(metrics::Outcome::Succeeded),
-        EventKind::TaskFailed => Some(metrics::Outcome::Failed),
-        EventKind::TaskRetried => Some(metrics::Outcome::Retried),
-        EventKind::TaskRevoked => Some(metrics::Outcome::Revoked),
         _ => None,
     }
 }
