@@ -263,18 +263,16 @@ fn init_logging() {
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format.as_str() {
-        "json" => logs.json().flatten_event(true).with_span_list(false).init(),
-        "" | "text" => logs
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        other => {
-            logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-            tracing::warn!(
-                "STEM_LOG_FORMAT is `{other}`; the formats are `text` and `json`: writing text"
-            );
-        }
+    if format == "json" {
+        logs.json().flatten_event(true).with_span_list(false).init();
+        return;
+    }
+    logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if !matches!(format.as_str(), "" | "text") {
+        tracing::warn!(
+            "STEM_LOG_FORMAT is `{format}`; the formats are `text` and `json`: writing text"
+        );
     }
 }
 
