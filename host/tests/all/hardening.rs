@@ -492,7 +492,6 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
     // worker had in hand. Kills after the first five minutes (a slow machine) add nothing, so
     // a bug that repeats runs cannot loosen its own bound by slowing the test down.
     let mut repeat_bound = 0;
-    let counts_for_bound = |began: Instant| began.elapsed() < Duration::from_secs(300);
     // A loaded machine may be slow; a stalled run is a failure: no task finishing for two
     // minutes while workers keep being replaced, or fifteen minutes in all.
     let began = Instant::now();
@@ -520,13 +519,14 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
                 idle.as_secs()
             );
         }
+        let bounded = began.elapsed() < Duration::from_secs(300);
         if round % 2 == 0 {
             let mut victim = live.remove(0);
             victim.kill();
             dead.push(victim);
             live.push(start());
             worker_kills += 1;
-            if counts_for_bound(began) {
+            if bounded {
                 repeat_bound += CONCURRENCY;
             }
         } else if let Ok(mut conn) = admin.get_multiplexed_async_connection().await {
@@ -539,7 +539,7 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
                     .await;
             }
             connection_kills += 1;
-            if counts_for_bound(began) {
+            if bounded {
                 repeat_bound += 2 * CONCURRENCY;
             }
         }
@@ -578,14 +578,13 @@ async fn chaos_on_redis_loses_no_task_and_changes_no_result() {
         .count();
     assert_eq!(never, 0, "every task ran");
     let extra: usize = executions.values().map(|n| n - 1).sum();
-    let bound = repeat_bound;
     assert!(
-        extra <= bound,
+        extra <= repeat_bound,
         "{extra} extra executions after {worker_kills} worker and {connection_kills} connection kills"
     );
     eprintln!(
         "chaos: {TASKS} tasks, {worker_kills} worker kills, {connection_kills} connection kills, \
-         {extra} extra executions (bound {bound}), {samples} status samples"
+         {extra} extra executions (bound {repeat_bound}), {samples} status samples"
     );
 }
 
