@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
+
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
 use crate::codec::{CodecError, Codecs};
@@ -22,6 +25,7 @@ use crate::signing::Keys;
 use crate::storage::StorageError;
 use crate::stores::registry::ComponentRegistry;
 use crate::task::TaskDefinition;
+use crate::telemetry::{self, TRACEPARENT, TaskSpan};
 use crate::time::Timestamp;
 
 /// One task to enqueue. Everything but the name and the arguments is optional.
@@ -334,6 +338,23 @@ impl Client {
         envelope.soft_time_limit_ms = request.soft_time_limit_ms;
         envelope.expires_at = request.expires_at;
         envelope.headers = request.headers;
+        // Continues the trace the request names (a sub-task's parent run, a canvas), else
+        // starts one; retries keep the header, so every attempt joins this span.
+        let span = TaskSpan::start(
+            "stem.enqueue",
+            SpanKind::Producer,
+            telemetry::parent(&envelope.headers).as_ref(),
+            || {
+                vec![
+                    KeyValue::new("stem.task.id", envelope.id.clone()),
+                    KeyValue::new("stem.task.name", envelope.task.clone()),
+                    KeyValue::new("messaging.destination.name", envelope.queue.clone()),
+                ]
+            },
+        );
+        envelope
+            .headers
+            .insert(TRACEPARENT.to_owned(), span.traceparent());
         envelope.parent_id = request.parent_id;
         envelope.root_id = request.root_id;
         envelope.depth = request.depth;

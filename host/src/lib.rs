@@ -67,6 +67,7 @@ pub mod storage;
 pub mod stores;
 mod sync;
 pub mod task;
+pub mod telemetry;
 pub mod time;
 mod wait;
 pub mod worker;

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
@@ -18,6 +20,7 @@ use crate::codec::{CodecError, Codecs, Payload};
 use crate::envelope::Envelope;
 use crate::storage::StorageError;
 use crate::stores::revoke::{Revocation, RevokeStore};
+use crate::telemetry::{TRACEPARENT, TaskSpan};
 use crate::time::Timestamp;
 
 /// How long a published task id is remembered, so that advancing a canvas again publishes
@@ -80,7 +83,7 @@ impl CanvasError {
     }
 }
 
-/// Where a canvas comes from: a producer (all empty) or a running task.
+/// Where a canvas comes from: a producer (no parent) or a running task.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,6 +93,10 @@ pub struct Origin {
     /// The sub-task depth of the canvas's tasks.
     #[serde(default)]
     pub depth: u32,
+    /// The `traceparent` every task of the canvas continues. Not part of the canvas's
+    /// identity: a retried run that submits its canvas again names another span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// What the backend stores for a canvas.
@@ -286,7 +293,14 @@ impl Canvases {
             Some(id) => id.clone(),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        self.submit_as(id, root, Origin::default()).await
+        let span = TaskSpan::start("stem.canvas", SpanKind::Producer, None, || {
+            vec![KeyValue::new("stem.canvas.id", id.clone())]
+        });
+        let origin = Origin {
+            trace: Some(span.traceparent()),
+            ..Origin::default()
+        };
+        self.submit_as(id, root, origin).await
     }
 
     /// Submits a canvas under `id`. Submitting the same tree under the same id again publishes
@@ -311,12 +325,26 @@ impl Canvases {
             tree: text,
             created_at: Timestamp::now(),
         };
-        if let Some(existing) = self.backend.save_canvas(&record, None).await?
-            && existing.tree != record.tree
-        {
-            return Err(CanvasError::IdInUse(id));
-        }
-        let size = record.tree.len();
+        let (tree, size) = match self.backend.save_canvas(&record, None).await? {
+            Some(existing) if existing.tree != record.tree => {
+                // The same canvas, submitted again from another span, continues the trace
+                // stored first.
+                let stored: Tree = serde_json::from_str(&existing.tree)
+                    .map_err(|_| CanvasError::IdInUse(id.clone()))?;
+                let untraced = |tree: &Tree| {
+                    let origin = Origin {
+                        trace: None,
+                        ..tree.origin.clone()
+                    };
+                    (serde_json::to_value(&tree.root).ok(), origin)
+                };
+                if untraced(&stored) != untraced(&tree) {
+                    return Err(CanvasError::IdInUse(id));
+                }
+                (stored, existing.tree.len())
+            }
+            _ => (tree, record.tree.len()),
+        };
         let canvas = Arc::new(Canvas { id, tree });
         self.cache().insert(canvas.clone(), size);
         let kind = canvas.tree.root.kind();
@@ -706,7 +734,14 @@ impl Canvases {
             priority: node.priority,
             max_retries: node.max_retries,
             task_id: Some(node_id(&canvas.id, path)),
-            headers: BTreeMap::from([(CANVAS_HEADER.to_owned(), canvas.id.clone())]),
+            headers: BTreeMap::from_iter(
+                std::iter::once((CANVAS_HEADER.to_owned(), canvas.id.clone())).chain(
+                    origin
+                        .trace
+                        .clone()
+                        .map(|trace| (TRACEPARENT.to_owned(), trace)),
+                ),
+            ),
             parent_id: origin.parent_id.clone(),
             root_id: Some(canvas.root_id()),
             depth: origin.depth,

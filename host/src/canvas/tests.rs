@@ -357,3 +357,33 @@ async fn only_the_task_a_node_names_moves_the_canvas() {
         TaskState::Pending
     );
 }
+
+#[tokio::test]
+async fn every_task_of_a_canvas_continues_one_trace() {
+    let parts = parts().await;
+    let canvas = Node::chain([Node::group([add(1), add(2)]), add(3)]).with_id("traced");
+    parts.canvases.submit(canvas).await.unwrap();
+    let queues = vec!["default".to_owned()];
+    let mut traces = Vec::new();
+    while let Some(delivery) = parts
+        .broker
+        .consume(&queues, &ConsumeOptions::default())
+        .await
+        .unwrap()
+        .pop()
+    {
+        let envelope = &delivery.envelope;
+        let trace = crate::telemetry::parent(&envelope.headers).expect("a traceparent");
+        traces.push(trace.trace_id());
+        let status = TaskStatus {
+            task: Some(envelope.task.clone()),
+            result: Some(Payload::json("1".to_owned())),
+            ..TaskStatus::new(envelope.id.clone(), TaskState::Succeeded)
+        };
+        parts.backend.set(&status, None).await.unwrap();
+        parts.canvases.advance(envelope, &status).await.unwrap();
+        parts.broker.ack(&delivery.receipt).await.unwrap();
+    }
+    assert_eq!(traces.len(), 3, "both members and the last step ran");
+    assert!(traces.iter().all(|trace| *trace == traces[0]), "{traces:?}");
+}

@@ -411,7 +411,7 @@ async fn connect(addresses: &[SocketAddr], timeout: Duration) -> Result<TcpStrea
 }
 
 /// The system's trust roots, loaded once per process.
-fn tls_config() -> Arc<rustls::ClientConfig> {
+pub(crate) fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {

@@ -218,7 +218,22 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Runs the command, exporting its spans while it runs when `STEM_OTLP_ENDPOINT` is set.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let exporter = match std::env::var("STEM_OTLP_ENDPOINT") {
+        Ok(endpoint) if !endpoint.is_empty() => {
+            Some(crate::telemetry::export_to(&endpoint, "stem-host")?)
+        }
+        _ => None,
+    };
+    let result = dispatch(cli).await;
+    if let Some(exporter) = exporter {
+        exporter.shutdown().await;
+    }
+    result
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let connections = Connections::new(cli.connections);
     match cli.command {
         Command::Task(command) => task::run(command, &connections).await,

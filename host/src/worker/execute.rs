@@ -5,6 +5,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{SpanContext, SpanKind};
+
 use super::hooks::WorkerHooks;
 use super::retry::RetryPolicy;
 use super::{Recorded, RunSlot, Shared};
@@ -24,6 +27,7 @@ use crate::storage::StorageError;
 use crate::stores::rate_limit::Permit;
 use crate::stores::registry::TaskVersion;
 use crate::task::{Invocation, RateLimit};
+use crate::telemetry::TaskSpan;
 use crate::time::Timestamp;
 
 /// How long a delivery waits before it is tried again when the worker, not the task, could
@@ -37,12 +41,14 @@ pub(super) async fn process(
     slot: RunSlot,
     delivery: Delivery,
     recorded: Recorded,
+    mut consume: TaskSpan,
 ) {
     // Nothing of an envelope that fails its signature is trusted, its task id and canvas
     // included: it is dead-lettered with no status written and no canvas moved.
     if let Some(why) = refusal(shared, &delivery) {
         tracing::warn!(task.id = delivery.envelope.id, %why, "refusing an envelope whose signature fails");
         let reason = format!("{SIGNATURE_INVALID}: {why}");
+        consume.fail(|| short_error(&reason));
         finish(shared, &slot, &delivery, None, Settle::DeadLetter(reason)).await;
         return;
     }
@@ -51,6 +57,7 @@ pub(super) async fn process(
         delivery: &delivery,
         slot: &slot,
         component: None,
+        trace: consume.context(),
     };
     let ended_before = recorded.status.clone().filter(|s| s.state.is_terminal());
     // Boxed: the run's future is large, and every task future that held it inline would be
@@ -69,7 +76,20 @@ pub(super) async fn process(
     } else {
         (status, settle)
     };
+    if let Some(error) = status.as_ref().and_then(|status| status.error.as_ref()) {
+        consume.fail(|| short_error(&format!("{}: {}", error.kind, error.message)));
+    }
     finish(shared, &slot, &delivery, status, settle).await;
+}
+
+/// What a worker's spans say of the task they are about.
+pub(super) fn task_attributes(envelope: &Envelope, queue: &str) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("stem.task.id", envelope.id.clone()),
+        KeyValue::new("stem.task.name", envelope.task.clone()),
+        KeyValue::new("stem.task.attempt", i64::from(envelope.attempt)),
+        KeyValue::new("messaging.destination.name", queue.to_owned()),
+    ]
 }
 
 /// Why a verifying worker refuses the delivery: its signature fails, or its entry sits on
@@ -156,8 +176,16 @@ pub(super) async fn hand_over(shared: &Arc<Shared>, slot: RunSlot, delivery: Del
     }
 }
 
-/// The longest error an event carries; the status keeps the whole (cut) message.
+/// The longest error an event or a span carries; the status keeps the whole (cut) message.
 const EVENT_ERROR_BYTES: usize = 256;
+
+/// `text`, cut to [`EVENT_ERROR_BYTES`].
+fn short_error(text: &str) -> String {
+    match crate::runtime::head(text, EVENT_ERROR_BYTES) {
+        kept if kept.len() < text.len() => format!("{kept}…"),
+        _ => text.to_owned(),
+    }
+}
 
 /// Hands the outcome to the settle stage, unless the lease was lost, and counts it.
 async fn finish(
@@ -181,13 +209,7 @@ async fn finish(
         .as_ref()
         .and_then(|status| status.error.as_ref())
         .filter(|_| shared.events.is_enabled())
-        .map(|error| {
-            let text = format!("{}: {}", error.kind, error.message);
-            match crate::runtime::head(&text, EVENT_ERROR_BYTES) {
-                kept if kept.len() < text.len() => format!("{kept}…"),
-                _ => text,
-            }
-        });
+        .map(|error| short_error(&format!("{}: {}", error.kind, error.message)));
     let settlement = Settlement {
         receipt: delivery.receipt.clone(),
         status,
@@ -240,6 +262,8 @@ struct Execution<'a> {
     slot: &'a RunSlot,
     /// The digest of the task's component, once it is known.
     component: Option<String>,
+    /// The delivery's `stem.consume` span, parent of its run.
+    trace: &'a SpanContext,
 }
 
 impl Execution<'_> {
@@ -399,8 +423,12 @@ impl Execution<'_> {
             attempt: envelope.attempt,
             headers: envelope.headers.clone().into_iter().collect(),
         };
+        let mut span = TaskSpan::start("stem.run", SpanKind::Internal, Some(self.trace), || {
+            task_attributes(envelope, &self.delivery.receipt.queue)
+        });
         let started = self.status(TaskState::Started, None);
         let hooks = Arc::new(WorkerHooks {
+            trace: span.traceparent(),
             client: shared.client.clone(),
             backend: shared.backend.clone(),
             started: started.clone(),
@@ -426,19 +454,29 @@ impl Execution<'_> {
         }
         let mut run =
             Box::pin(component.run(&invocation, limits, capabilities, hooks, &self.slot.handle));
-        tokio::select! {
-            outcome = &mut run => return outcome,
-            () = tokio::time::sleep(shared.config.started_after) => {}
-        }
-        // Written beside the run, not before it: a slow backend must not pause the guest.
-        let backend = shared.backend.clone();
-        let id = envelope.id.clone();
-        tokio::spawn(async move {
-            if let Err(error) = backend.set(&started, None).await {
-                tracing::warn!(task.id = id, %error, "recording the start failed");
+        let quick = tokio::select! {
+            outcome = &mut run => Some(outcome),
+            () = tokio::time::sleep(shared.config.started_after) => None,
+        };
+        let outcome = match quick {
+            Some(outcome) => outcome,
+            None => {
+                // Written beside the run, not before it: a slow backend must not pause the
+                // guest.
+                let backend = shared.backend.clone();
+                let id = envelope.id.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = backend.set(&started, None).await {
+                        tracing::warn!(task.id = id, %error, "recording the start failed");
+                    }
+                });
+                run.await
             }
-        });
-        run.await
+        };
+        if let Err(error) = &outcome {
+            span.fail(|| short_error(&error.to_string()));
+        }
+        outcome
     }
 
     /// The settlement of a run that ended.

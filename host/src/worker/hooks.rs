@@ -3,6 +3,7 @@
 //! applied (a canvas's tasks count as sub-tasks); progress and heartbeats are recorded in the
 //! result backend.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use crate::backend::{ResultBackend, TaskProgress, TaskStatus};
 use crate::canvas::{Canvases, Node, Origin, spec};
 use crate::client::{Client, EnqueueError, EnqueueRequest};
 use crate::runtime::{SubTaskRequest, TaskHooks, TaskInfo};
+use crate::telemetry::TRACEPARENT;
 use crate::time::Timestamp;
 
 /// Largest canvas spec a task may submit.
@@ -22,6 +24,8 @@ pub const MAX_GUEST_SPEC_BYTES: usize = 4 << 20;
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 
 pub(super) struct WorkerHooks {
+    /// The `traceparent` of the run, parent of what it enqueues.
+    pub trace: String,
     pub client: Client,
     pub backend: Arc<dyn ResultBackend>,
     /// The `started` status of this run, which progress updates.
@@ -150,6 +154,7 @@ impl TaskHooks for WorkerHooks {
             parent_id: Some(parent.id.clone()),
             root_id: Some(self.root_id.clone()),
             depth,
+            headers: BTreeMap::from([(TRACEPARENT.to_owned(), self.trace.clone())]),
             ..EnqueueRequest::new(request.name, request.args)
         };
         match self.client.enqueue(sub_task).await {
@@ -204,6 +209,7 @@ impl TaskHooks for WorkerHooks {
             parent_id: Some(parent.id.clone()),
             root_id: Some(self.root_id.clone()),
             depth,
+            trace: Some(self.trace.clone()),
         };
         match self.canvas_service.submit_as(id, root, origin).await {
             Ok(submitted) => Ok(submitted.id),

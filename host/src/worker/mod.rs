@@ -50,6 +50,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::SpanKind;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -78,7 +79,9 @@ use crate::stores::rate_limit::RateLimiter;
 use crate::stores::registry::ComponentRegistry;
 use crate::stores::revoke::{Revocation, RevokeStore};
 use crate::sync::lock;
+use crate::telemetry::{self, TaskSpan};
 use crate::time::Timestamp;
+use execute::task_attributes;
 use settle::Settler;
 
 /// How long a fetched delivery waits for a run slot before it is given back for another
@@ -964,14 +967,23 @@ async fn run_when_free(shared: Arc<Shared>, taken: Taken, recorded: Recorded) {
             // Lines logged while the delivery is processed name it. At ERROR, so that any
             // level filter keeps the span; the fields as strings, so they are printed quoted
             // and escaped (they come from producers).
+            let envelope = &delivery.envelope;
+            let consume = TaskSpan::start(
+                "stem.consume",
+                SpanKind::Consumer,
+                telemetry::parent(&envelope.headers).as_ref(),
+                || task_attributes(envelope, &delivery.receipt.queue),
+            );
+            let trace_id = consume.trace_id().to_string();
             let span = tracing::error_span!(
                 "task",
-                task.id = delivery.envelope.id.as_str(),
-                task.name = delivery.envelope.task.as_str(),
+                task.id = envelope.id.as_str(),
+                task.name = envelope.task.as_str(),
                 queue = delivery.receipt.queue.as_str(),
-                attempt = delivery.envelope.attempt,
+                attempt = envelope.attempt,
+                trace.id = trace_id.as_str(),
             );
-            execute::process(&shared, slot, delivery, recorded)
+            execute::process(&shared, slot, delivery, recorded, consume)
                 .instrument(span)
                 .await;
             drop(busy);

@@ -1,8 +1,15 @@
-//! What operators watch, through real worker processes: `/metrics` counts what ran, and JSON
-//! log lines carry the span of the task they were logged for.
+//! What operators watch, through real worker processes: `/metrics` counts what ran, JSON
+//! log lines carry the span of the task they were logged for, and one trace joins a task's
+//! enqueue, its run and its sub-task's run at an OTLP receiver.
 
-use std::io::{Read, Write};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
 
 use crate::platform::{Platform, eventually, serial};
 
@@ -180,4 +187,161 @@ async fn json_log_lines_carry_the_span_of_their_task() {
         assert_eq!(span["attempt"], line["attempt"], "{line}");
         assert_eq!(line["level"], "INFO", "{line}");
     }
+    // Retries keep the trace the producer started.
+    let trace = retries[0]["span"]["trace.id"].as_str().unwrap_or_default();
+    assert!(
+        trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a trace id: {}",
+        retries[0]
+    );
+    assert_eq!(retries[1]["span"]["trace.id"], trace);
+}
+
+/// One span as a test reads it from an OTLP export.
+#[derive(Debug, Clone)]
+struct ReceivedSpan {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
+    attributes: HashMap<String, String>,
+}
+
+/// An OTLP/HTTP receiver on 127.0.0.1: it decodes every `POST /v1/traces` and keeps the spans.
+fn otlp_receiver() -> (String, Arc<Mutex<Vec<ReceivedSpan>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let kept = spans.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let (mut path, mut length) = (String::new(), 0);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    if path.is_empty() {
+                        path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                    }
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                    line.clear();
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                assert_eq!(path, "/v1/traces");
+                let request = ExportTraceServiceRequest::decode(body.as_slice())
+                    .expect("an OTLP protobuf export");
+                let mut received = kept.lock().unwrap();
+                for scope in request.resource_spans.iter().flat_map(|r| &r.scope_spans) {
+                    for span in &scope.spans {
+                        let attributes = span
+                            .attributes
+                            .iter()
+                            .map(|kv| {
+                                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                    Some(AnyValue::StringValue(s)) => s.clone(),
+                                    Some(AnyValue::IntValue(i)) => i.to_string(),
+                                    other => format!("{other:?}"),
+                                };
+                                (kv.key.clone(), value)
+                            })
+                            .collect();
+                        received.push(ReceivedSpan {
+                            name: span.name.clone(),
+                            trace_id: span.trace_id.clone(),
+                            span_id: span.span_id.clone(),
+                            parent_span_id: span.parent_span_id.clone(),
+                            attributes,
+                        });
+                    }
+                }
+                let mut stream = stream;
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\n\
+                      content-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
+        }
+    });
+    (endpoint, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_joins_enqueue_run_and_a_sub_tasks_run() {
+    let _serial = serial().await;
+    let (endpoint, spans) = otlp_receiver();
+    let platform = Platform::sqlite();
+    platform.upload("reports");
+    let mut worker = platform.worker_with(
+        &["--queues", "reports"],
+        &[("STEM_OTLP_ENDPOINT", endpoint.as_str())],
+    );
+    let args = r#"{"customerId":42,"deliverTo":"finance@example.com"}"#;
+    let output = platform
+        .command(&[
+            "enqueue",
+            "reports.generate",
+            "--args",
+            args,
+            "--wait",
+            "--json",
+        ])
+        .env("STEM_OTLP_ENDPOINT", &endpoint)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let parent_id = report["task_id"].as_str().unwrap().to_owned();
+    let child_id = report["result"]["deliveryTaskId"]
+        .as_str()
+        .expect("the delivery sub-task id")
+        .to_owned();
+    platform.run_ok(&["result", "wait", &child_id, "--timeout", "30s"]);
+    // A warm shutdown exports what the worker still holds.
+    worker.terminate(Duration::from_secs(30));
+
+    let spans = spans.lock().unwrap().clone();
+    let find = |name: &str, task: &str| {
+        let found: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| {
+                s.name == name && s.attributes.get("stem.task.id") == Some(&task.to_owned())
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "one {name} span of {task}: {spans:#?}");
+        found[0].clone()
+    };
+    let enqueue = find("stem.enqueue", &parent_id);
+    let consume = find("stem.consume", &parent_id);
+    let run = find("stem.run", &parent_id);
+    let sub_enqueue = find("stem.enqueue", &child_id);
+    let sub_consume = find("stem.consume", &child_id);
+    let sub_run = find("stem.run", &child_id);
+    for span in [&consume, &run, &sub_enqueue, &sub_consume, &sub_run] {
+        assert_eq!(span.trace_id, enqueue.trace_id, "one trace: {span:?}");
+    }
+    assert!(
+        enqueue.parent_span_id.is_empty(),
+        "the producer starts the trace"
+    );
+    for (child, parent) in [
+        (&consume, &enqueue),
+        (&run, &consume),
+        (&sub_enqueue, &run),
+        (&sub_consume, &sub_enqueue),
+        (&sub_run, &sub_consume),
+    ] {
+        assert_eq!(
+            child.parent_span_id, parent.span_id,
+            "{child:?} under {parent:?}"
+        );
+    }
+    assert_eq!(run.attributes["stem.task.name"], "reports.generate");
+    assert_eq!(run.attributes["messaging.destination.name"], "reports");
+    assert_eq!(run.attributes["stem.task.attempt"], "1");
+    assert_eq!(sub_run.attributes["stem.task.name"], "reports.deliver");
 }

@@ -147,8 +147,9 @@ impl Platform {
         for variable in ADAPTER_VARIABLES {
             command.env_remove(variable);
         }
-        // Tests read the worker's text log lines.
+        // Tests read the worker's text log lines, and export spans only where they ask to.
         command.env_remove("STEM_LOG_FORMAT");
+        command.env_remove("STEM_OTLP_ENDPOINT");
         command.env("STEM_COMPONENT_CACHE_DIR", cache_dir());
         if let Some((url, namespace)) = &self.shared {
             for role in [Role::Broker, Role::Backend, Role::Registry, Role::Revoke] {
