@@ -31,7 +31,8 @@
 //! - [`config`]: adapters chosen by URL (`memory://`, `sqlite://PATH`, `redis://`,
 //!   `postgres://`).
 //! - [`digest`]: content addresses (sha256) of components.
-//! - [`metrics`]: a worker's Prometheus metrics and the `/metrics` endpoint.
+//! - [`metrics`]: a worker's Prometheus metrics and the `/metrics` endpoint; [`telemetry`]:
+//!   trace context in envelopes and spans exported over OTLP; [`dashboard`]: the web UI.
 //! - [`cli`]: the `stem-host` command line.
 //!
 //! Each storage contract is a trait in its module, with the in-memory adapter (tests and demos)
@@ -52,8 +53,10 @@ pub mod codec;
 pub mod components;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod digest;
 pub mod envelope;
+mod http_server;
 pub mod metrics;
 mod postgres;
 mod redis;

@@ -35,10 +35,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use wasmtime_wasi_http::io::TokioIo;
 
 use crate::broker::QueueStats;
 use crate::control::events::EventKind;
+use crate::http_server::ServerLimits;
 use crate::runtime::RunMeasures;
 use crate::sync::lock;
 
@@ -287,38 +287,14 @@ fn task_queue(task: &str, queue: &str) -> TaskQueue {
 /// At most [`MAX_CONNECTIONS`] are served at once, each for at most [`CONNECTION_TIMEOUT`]:
 /// whoever can reach the port must not run the worker out of file descriptors.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
-    let open = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting a metrics connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = open.clone().try_acquire_owned() else {
-                tracing::debug!("too many metrics connections; one dropped");
-                continue;
-            };
-            let metrics = metrics.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let service = hyper::service::service_fn(move |request| {
-                    let metrics = metrics.clone();
-                    async move { Ok::<_, std::convert::Infallible>(respond(&metrics, &request)) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(8192)
-                    .serve_connection(TokioIo::new(stream), service);
-                match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::debug!(%error, "a metrics connection ended badly"),
-                    Err(_) => tracing::debug!("a metrics connection timed out"),
-                }
-            });
-        }
+    let limits = ServerLimits {
+        connections: MAX_CONNECTIONS,
+        connection_time: CONNECTION_TIMEOUT,
+        buffer_bytes: 8192,
+    };
+    crate::http_server::serve(listener, "metrics", limits, move |request| {
+        let response = respond(&metrics, &request);
+        async move { response }
     })
 }
 

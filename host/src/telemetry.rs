@@ -26,6 +26,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// How long one export may take, connecting included.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping process waits to export what it still holds: a collector that does
+/// not answer must not hold up every command.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The largest collector response read.
 const MAX_RESPONSE_BYTES: usize = 64 << 10;
 
@@ -47,11 +51,11 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// Exports the spans still buffered, waiting at most [`EXPORT_TIMEOUT`].
+    /// Exports the spans still buffered, waiting at most [`SHUTDOWN_TIMEOUT`].
     pub async fn shutdown(self) {
         let provider = self.provider;
         let flushed =
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(EXPORT_TIMEOUT))
+            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
                 .await;
         if let Ok(Err(error)) = flushed {
             tracing::warn!(%error, "exporting the last spans failed");
@@ -63,6 +67,9 @@ impl Exporter {
 /// collector at `endpoint` (its base URL, e.g. `http://127.0.0.1:4318`; `/v1/traces` is
 /// added). Must be called within a Tokio runtime, which sends the exports.
 pub fn export_to(endpoint: &str, service: &str) -> Result<Exporter, TelemetryError> {
+    if TRACER.get().is_some() {
+        return Err(TelemetryError::AlreadySet);
+    }
     let base = endpoint.trim_end_matches('/');
     let uri: http::Uri = base
         .parse()
@@ -95,11 +102,6 @@ pub fn export_to(endpoint: &str, service: &str) -> Result<Exporter, TelemetryErr
     let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "stem");
     TRACER.set(tracer).map_err(|_| TelemetryError::AlreadySet)?;
     Ok(Exporter { provider })
-}
-
-/// Whether spans are recorded in this process.
-pub fn is_exporting() -> bool {
-    TRACER.get().is_some()
 }
 
 /// The trace context `headers` carry, if they carry a valid one.
@@ -195,12 +197,6 @@ impl TaskSpan {
 
     pub fn context(&self) -> &SpanContext {
         &self.context
-    }
-
-    pub fn set_attribute(&mut self, attribute: impl FnOnce() -> KeyValue) {
-        if let Some(span) = &mut self.span {
-            span.set_attribute(attribute());
-        }
     }
 
     /// Marks the span as failed with `message`.

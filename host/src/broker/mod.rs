@@ -26,6 +26,7 @@ mod local_broadcast;
 pub mod memory;
 pub mod postgres;
 pub mod redis;
+pub mod replay;
 pub mod sqlite;
 
 use std::time::Duration;

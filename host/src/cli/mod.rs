@@ -5,6 +5,7 @@
 mod beat;
 mod bench;
 mod canvas;
+mod dashboard;
 mod enqueue;
 mod events;
 mod health;
@@ -182,6 +183,8 @@ enum Command {
     /// Check every configured adapter with one cheap call each; exits 1 naming the roles that
     /// fail.
     Health(health::HealthArgs),
+    /// Serve the web dashboard: queues, workers, tasks, dead letters and schedules, live.
+    Dashboard(dashboard::DashboardArgs),
     /// Show the routing file's rules, and which one picks a task's queue and priority.
     #[command(subcommand)]
     Routing(routing::RoutingCommand),
@@ -247,6 +250,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events(args) => events::run(args, &connections).await,
         Command::Signing(command) => signing::run(command),
         Command::Health(args) => health::run(args, &connections).await,
+        Command::Dashboard(args) => dashboard::run(args, &connections).await,
         Command::Routing(command) => routing::run(command, &connections).await,
         Command::Schedule(command) => schedule::run(command, &connections).await,
         Command::Beat(command) => beat::run(command, &connections).await,

@@ -7,8 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use super::Connections;
-use crate::backend::{TaskState, TaskStatus};
-use crate::broker::DeadLetterQuery;
+use crate::broker::{DeadLetterQuery, replay};
 use crate::signing::SIGNATURE_INVALID;
 
 #[derive(Subcommand)]
@@ -198,40 +197,11 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
             selection,
             include_invalid,
         }) => {
-            // A replay starts a task's history over: its terminal `failed` status is replaced
-            // first, or the worker would take the new delivery for a duplicate of a finished
-            // task and skip it.
             let backend = connections.backend().await?;
-            let mut selected = Vec::new();
-            let mut left_invalid = 0;
-            for letter in broker.dead_letters(&selection.query()?).await? {
-                if !include_invalid && letter.reason.starts_with(SIGNATURE_INVALID) {
-                    left_invalid += 1;
-                    continue;
-                }
-                if let Ok(envelope) = letter.replay_envelope()
-                    && backend
-                        .get(&envelope.id)
-                        .await?
-                        .is_none_or(|s| s.state != TaskState::Succeeded)
-                {
-                    let status = TaskStatus {
-                        task: Some(envelope.task.clone()),
-                        ..TaskStatus::new(envelope.id.clone(), TaskState::Pending)
-                    };
-                    backend.replace(&status, None).await?;
-                }
-                selected.push(letter.id);
-            }
-            let query = DeadLetterQuery {
-                queue: None,
-                ids: selected,
-                limit: None,
-            };
-            let report = match query.ids.is_empty() {
-                true => Default::default(),
-                false => broker.replay_dead_letters(&query).await?,
-            };
+            let query = selection.query()?;
+            let replayed =
+                replay::replay(broker.as_ref(), backend.as_ref(), &query, include_invalid).await?;
+            let (report, left_invalid) = (replayed.report, replayed.left_invalid);
             if selection.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

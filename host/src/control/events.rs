@@ -109,7 +109,7 @@ impl Event {
         }
     }
 
-    fn bare(event: EventKind) -> Event {
+    pub(crate) fn bare(event: EventKind) -> Event {
         Event {
             event,
             at: Timestamp::now(),

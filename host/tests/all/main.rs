@@ -9,6 +9,7 @@ mod capabilities;
 mod cli;
 mod conformance;
 mod control;
+mod dashboard;
 mod e2e;
 mod hardening;
 mod health;

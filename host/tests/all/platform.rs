@@ -142,8 +142,16 @@ impl Platform {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_stem-host"));
-        command.args(args).current_dir(self.dir.path());
+        let mut command = self.program(env!("CARGO_BIN_EXE_stem-host"));
+        command.args(args);
+        command
+    }
+
+    /// `program` run in the platform's directory with the environment `stem-host` gets
+    /// here, so that it can run `stem-host` itself.
+    pub fn program(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new(program);
+        command.current_dir(self.dir.path());
         for variable in ADAPTER_VARIABLES {
             command.env_remove(variable);
         }
@@ -250,12 +258,15 @@ impl Platform {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+                // After the line is in the log, so that the caller can read it there.
                 if line.contains(ready) {
                     let _ = ready_tx.send(());
                 }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         let started = ready_rx.recv_timeout(Duration::from_secs(60));

@@ -15,7 +15,7 @@ pub fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("host/ has a parent")
