@@ -51,6 +51,12 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections to `/metrics` served at once; more are dropped.
 const MAX_CONNECTIONS: usize = 16;
 
+/// Of those, how many one peer address may hold.
+const MAX_CONNECTIONS_PER_PEER: usize = 4;
+
+/// How long a request head may take to arrive, or a kept-alive connection may sit idle.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Queue depths are sampled only while someone scraped within this long: an unwatched worker
 /// costs its broker nothing.
 pub const SAMPLE_WHILE_SCRAPED: Duration = Duration::from_secs(60);
@@ -284,12 +290,16 @@ fn task_queue(task: &str, queue: &str) -> TaskQueue {
 }
 
 /// Serves `GET /metrics` on `listener` until the task is aborted; anything else gets 404.
-/// At most [`MAX_CONNECTIONS`] are served at once, each for at most [`CONNECTION_TIMEOUT`]:
-/// whoever can reach the port must not run the worker out of file descriptors.
+/// At most [`MAX_CONNECTIONS`] are served at once ([`MAX_CONNECTIONS_PER_PEER`] from one
+/// address), each for at most [`CONNECTION_TIMEOUT`], idle for at most [`HEADER_TIMEOUT`]:
+/// whoever can reach the port must not run the worker out of file descriptors, nor lock out
+/// the scraper.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
     let limits = ServerLimits {
         connections: MAX_CONNECTIONS,
+        per_peer: MAX_CONNECTIONS_PER_PEER,
         connection_time: CONNECTION_TIMEOUT,
+        header_time: HEADER_TIMEOUT,
         buffer_bytes: 8192,
     };
     crate::http_server::serve(listener, "metrics", limits, move |request| {

@@ -72,12 +72,15 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a revocation made here is remembered.
 const REVOKE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
-/// A wrong token costs its sender this long.
+/// A wrong token costs its sender this long, holding one of the connections its address may
+/// hold ([`ServerLimits::per_peer`]), not one of anybody else's.
 const LOGIN_FAILURE_DELAY: Duration = Duration::from_millis(300);
 
 const LIMITS: ServerLimits = ServerLimits {
     connections: 64,
+    per_peer: 16,
     connection_time: Duration::from_secs(120),
+    header_time: Duration::from_secs(10),
     buffer_bytes: 16 << 10,
 };
 
