@@ -269,16 +269,18 @@ impl State {
         self.dead.push((namespace.to_owned(), letter));
     }
 
-    fn dead_in<'a>(
-        &'a self,
-        namespace: &'a str,
-        query: &'a DeadLetterQuery,
-    ) -> impl Iterator<Item = &'a DeadLetter> + 'a {
-        self.dead
+    /// The dead letters `query` selects, in its order (they are stored oldest first).
+    fn dead_in(&self, namespace: &str, query: &DeadLetterQuery) -> Vec<DeadLetter> {
+        let selected = self
+            .dead
             .iter()
-            .filter(move |(ns, letter)| ns == namespace && query.selects(letter))
-            .map(|(_, letter)| letter)
-            .take(query.limit.unwrap_or(usize::MAX))
+            .filter(|(ns, letter)| ns == namespace && query.selects(letter))
+            .map(|(_, letter)| letter);
+        let limit = query.limit.unwrap_or(usize::MAX);
+        match query.newest_first {
+            true => selected.rev().take(limit).cloned().collect(),
+            false => selected.take(limit).cloned().collect(),
+        }
     }
 }
 
@@ -469,11 +471,28 @@ impl Broker for MemoryBroker {
     }
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
-        Ok(self
-            .lock()
-            .dead_in(&self.namespace, query)
-            .cloned()
-            .collect())
+        Ok(self.lock().dead_in(&self.namespace, query))
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StorageError> {
+        envelope.validate()?;
+        let mut state = self.lock();
+        let Some(at) = state
+            .dead
+            .iter()
+            .position(|(ns, letter)| *ns == self.namespace && letter.id == id)
+        else {
+            return Ok(false);
+        };
+        state.dead.remove(at);
+        state.store(&self.namespace, envelope, Timestamp::now());
+        drop(state);
+        self.shared.changed.notify_waiters();
+        Ok(true)
     }
 
     async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError> {

@@ -15,6 +15,8 @@
 //!   and [`Delivery::deliveries`] counts how often that happened.
 //! - Entries that cannot be run go to the dead-letter queue with a reason, either because the
 //!   worker says so or because the stored entry cannot be decoded (the consumer carries on).
+//!   Dead letters are numbered in the order they arrive; a replay
+//!   ([`Broker::requeue_dead_letter`]) deletes a letter and stores its entry in one step.
 //! - Broadcast channels fan a message out to every current subscriber (worker control).
 //! - Every adapter works inside a namespace; namespaces never see each other's entries.
 //!
@@ -160,6 +162,25 @@ impl DeadLetter {
     pub fn matches(&self, key: &str) -> bool {
         self.id == key || self.task_id.as_deref() == Some(key)
     }
+
+    /// The dead-letter id as a number: every adapter numbers its dead letters in the order
+    /// they arrive, and never reuses a number.
+    pub fn number(&self) -> Option<u64> {
+        self.id.parse().ok()
+    }
+}
+
+/// What the ids of a [`DeadLetterQuery`] name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeadLetterIds {
+    /// A dead-letter id or a task id, whichever matches (what people type at `dlq show`).
+    /// Dead-letter ids are small numbers, which a producer's task ids can collide with.
+    #[default]
+    Either,
+    /// Dead-letter ids only: an action on one listed letter, never mistaken for a task.
+    Letter,
+    /// Task ids only.
+    Task,
 }
 
 /// Which dead letters to list, replay or purge.
@@ -167,16 +188,109 @@ impl DeadLetter {
 pub struct DeadLetterQuery {
     /// Only this queue's; `None` for every queue.
     pub queue: Option<String>,
-    /// Only these (dead-letter ids or task ids); empty for all.
+    /// Only these (what they name: [`DeadLetterQuery::id_kind`]); empty for all.
     pub ids: Vec<String>,
-    /// At most this many, oldest first.
+    pub id_kind: DeadLetterIds,
+    /// Only those numbered above this ([`DeadLetter::number`]): the page after one seen.
+    pub after: Option<u64>,
+    /// Only those numbered up to this: the letters that existed when an action began.
+    pub up_to: Option<u64>,
+    /// Newest first instead of oldest first.
+    pub newest_first: bool,
+    /// At most this many.
     pub limit: Option<usize>,
 }
 
 impl DeadLetterQuery {
     pub(crate) fn selects(&self, letter: &DeadLetter) -> bool {
+        let number = letter.number();
         self.queue.as_ref().is_none_or(|q| *q == letter.queue)
-            && (self.ids.is_empty() || self.ids.iter().any(|id| letter.matches(id)))
+            && (self.ids.is_empty() || self.ids.iter().any(|id| self.names(letter, id)))
+            && self
+                .after
+                .is_none_or(|after| number.is_some_and(|n| n > after))
+            && self
+                .up_to
+                .is_none_or(|up_to| number.is_some_and(|n| n <= up_to))
+    }
+
+    fn names(&self, letter: &DeadLetter, id: &str) -> bool {
+        match self.id_kind {
+            DeadLetterIds::Either => letter.matches(id),
+            DeadLetterIds::Letter => letter.id == id,
+            DeadLetterIds::Task => letter.task_id.as_deref() == Some(id),
+        }
+    }
+}
+
+/// Dead letters read a page at a time, oldest first, for actions on many of them. Only those
+/// that existed when the first page was read are returned (unless the query bounds them
+/// itself): an action whose work makes new dead letters (a replayed task that fails at once)
+/// does not chase them.
+pub struct DeadLetterPages<'a, B: Broker + ?Sized> {
+    broker: &'a B,
+    query: DeadLetterQuery,
+    started: bool,
+    done: bool,
+}
+
+impl<'a, B: Broker + ?Sized> DeadLetterPages<'a, B> {
+    /// Most dead letters one page holds.
+    pub const PAGE: usize = 500;
+
+    pub fn new(broker: &'a B, query: &DeadLetterQuery) -> DeadLetterPages<'a, B> {
+        DeadLetterPages {
+            broker,
+            query: DeadLetterQuery {
+                newest_first: false,
+                ..query.clone()
+            },
+            started: false,
+            done: false,
+        }
+    }
+
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<DeadLetter>>, StorageError> {
+        if !self.started {
+            self.started = true;
+            if self.query.up_to.is_none() {
+                let newest = DeadLetterQuery {
+                    newest_first: true,
+                    limit: Some(1),
+                    ..self.query.clone()
+                };
+                match self.broker.dead_letters(&newest).await?.first() {
+                    Some(letter) => self.query.up_to = letter.number(),
+                    None => self.done = true,
+                }
+            }
+        }
+        if self.done {
+            return Ok(None);
+        }
+        let size = self
+            .query
+            .limit
+            .map_or(Self::PAGE, |left| left.min(Self::PAGE));
+        let page = self
+            .broker
+            .dead_letters(&DeadLetterQuery {
+                limit: Some(size),
+                ..self.query.clone()
+            })
+            .await?;
+        if let Some(left) = &mut self.query.limit {
+            *left -= page.len().min(*left);
+        }
+        // A short page, or one whose last letter has no number to go on from, is the last.
+        match page.last().and_then(DeadLetter::number) {
+            Some(last) if page.len() == size && self.query.limit != Some(0) => {
+                self.query.after = Some(last);
+            }
+            _ => self.done = true,
+        }
+        Ok((!page.is_empty()).then_some(page))
     }
 }
 
@@ -335,38 +449,59 @@ pub trait Broker: Send + Sync {
         lease: Duration,
     ) -> Result<Timestamp, StorageError>;
 
-    /// Dead letters, oldest first.
+    /// The dead letters `query` selects, oldest first unless it asks for newest first.
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError>;
 
     /// Deletes dead letters by their dead-letter ids; returns how many there were.
     async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError>;
 
-    /// Publishes the selected dead letters again as first attempts and removes them. A dead
-    /// letter too corrupt to replay stays, and the report says why.
+    /// Moves dead letter `id` back onto a queue as `envelope` (its replay, see
+    /// [`DeadLetter::replay_envelope`]): deletes the letter and stores the envelope together
+    /// (one transaction, one Lua script), and only if the letter is still there. Whether this
+    /// call moved it: `false` when another replay or a purge took it first, and then nothing
+    /// is stored. Two replays of the same letters, at once, publish each letter once, and a
+    /// crash leaves either the letter or its entry, never both or neither.
+    async fn requeue_dead_letter(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StorageError>;
+
+    /// Publishes the selected dead letters again as first attempts and removes them, a page
+    /// at a time, each with [`Broker::requeue_dead_letter`]: a letter that a concurrent replay
+    /// or purge took is left out of the report. A dead letter too corrupt to replay stays, and
+    /// the report says why. Letters that arrive meanwhile are left for the next replay.
     async fn replay_dead_letters(
         &self,
         query: &DeadLetterQuery,
     ) -> Result<ReplayReport, StorageError> {
         let mut report = ReplayReport::default();
-        for letter in self.dead_letters(query).await? {
-            match letter.replay_envelope() {
-                Ok(envelope) => {
-                    self.publish(&envelope).await?;
-                    self.delete_dead_letters(std::slice::from_ref(&letter.id))
-                        .await?;
-                    report.replayed.push(envelope.id);
+        let mut pages = DeadLetterPages::new(self, query);
+        while let Some(page) = pages.next().await? {
+            for letter in page {
+                match letter.replay_envelope() {
+                    Ok(envelope) => {
+                        if self.requeue_dead_letter(&letter.id, &envelope).await? {
+                            report.replayed.push(envelope.id);
+                        }
+                    }
+                    Err(error) => report.skipped.push((letter.id, error.to_string())),
                 }
-                Err(error) => report.skipped.push((letter.id, error.to_string())),
             }
         }
         Ok(report)
     }
 
-    /// Deletes the selected dead letters; returns how many.
+    /// Deletes the selected dead letters, a page at a time; returns how many. Letters that
+    /// arrive meanwhile are left.
     async fn purge_dead_letters(&self, query: &DeadLetterQuery) -> Result<u64, StorageError> {
-        let letters = self.dead_letters(query).await?;
-        let ids: Vec<String> = letters.into_iter().map(|letter| letter.id).collect();
-        self.delete_dead_letters(&ids).await
+        let mut purged = 0;
+        let mut pages = DeadLetterPages::new(self, query);
+        while let Some(page) = pages.next().await? {
+            let ids: Vec<String> = page.into_iter().map(|letter| letter.id).collect();
+            purged += self.delete_dead_letters(&ids).await?;
+        }
+        Ok(purged)
     }
 
     /// Deletes every entry of `queue` that is not leased; returns how many.
@@ -409,6 +544,27 @@ pub(crate) fn validate_all(envelopes: &[Envelope]) -> Result<(), StorageError> {
         envelope.validate()?;
     }
     Ok(())
+}
+
+/// A dead-letter id as the number SQL adapters store, if it is one (written as they write it).
+pub(crate) fn letter_number(id: &str) -> Option<i64> {
+    id.parse::<i64>()
+        .ok()
+        .filter(|number| *number > 0 && number.to_string() == id)
+}
+
+/// The ids of `ids` that can be dead-letter ids, as numbers.
+pub(crate) fn letter_numbers(ids: &[String]) -> Vec<i64> {
+    ids.iter().filter_map(|id| letter_number(id)).collect()
+}
+
+/// A query's `(after, up_to)` bounds as SQL numbers, open ends as the extremes.
+pub(crate) fn id_range(query: &DeadLetterQuery) -> (i64, i64) {
+    let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    (
+        query.after.map_or(0, number),
+        query.up_to.map_or(i64::MAX, number),
+    )
 }
 
 /// Fresh lease tokens; random so that two processes never mint the same one.

@@ -18,8 +18,9 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, SUBSCRIPTION_BUFFER, Settle, Subscription,
-    decode_entry, new_lease_token, validate_all, validate_settles,
+    DeadLetterIds, DeadLetterQuery, Delivery, QueueStats, Receipt, SUBSCRIPTION_BUFFER, Settle,
+    Subscription, decode_entry, id_range, letter_number, letter_numbers, new_lease_token,
+    validate_all, validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::sqlite::{self, placeholders};
@@ -268,24 +269,35 @@ impl SqliteBroker {
         let mut sql = String::from(
             "SELECT id, queue, reason, payload, dead_at FROM stem_dead_letters WHERE namespace = ?",
         );
-        let mut binds = vec![self.namespace()];
-        if let Some(queue) = &query.queue {
+        if query.queue.is_some() {
             sql.push_str(" AND queue = ?");
-            binds.push(queue);
         }
-        if !query.ids.is_empty() {
-            let list = placeholders(query.ids.len());
-            sql.push_str(&format!(
-                " AND (CAST(id AS TEXT) IN ({list}) OR task_id IN ({list}))"
-            ));
-            binds.extend(query.ids.iter().map(String::as_str));
-            binds.extend(query.ids.iter().map(String::as_str));
+        // Lists of ids are bound as one JSON array each: any number of them fits in the two
+        // bound values, far below SQLite's limit.
+        let (letters, tasks) = id_lists(query);
+        match (&letters, &tasks) {
+            (Some(_), Some(_)) => sql.push_str(
+                " AND (id IN (SELECT value FROM json_each(?))
+                       OR task_id IN (SELECT value FROM json_each(?)))",
+            ),
+            (Some(_), None) => sql.push_str(" AND id IN (SELECT value FROM json_each(?))"),
+            (None, Some(_)) => sql.push_str(" AND task_id IN (SELECT value FROM json_each(?))"),
+            (None, None) => {}
         }
-        sql.push_str(" ORDER BY id LIMIT ?");
-        let mut select = sqlx::query(&sql);
-        for bind in binds {
-            select = select.bind(bind);
+        sql.push_str(" AND id > ? AND id <= ?");
+        sql.push_str(match query.newest_first {
+            true => " ORDER BY id DESC LIMIT ?",
+            false => " ORDER BY id LIMIT ?",
+        });
+        let mut select = sqlx::query(&sql).bind(self.namespace());
+        if let Some(queue) = &query.queue {
+            select = select.bind(queue);
         }
+        for list in [letters, tasks].into_iter().flatten() {
+            select = select.bind(list);
+        }
+        let (after, up_to) = id_range(query);
+        select = select.bind(after).bind(up_to);
         let limit = query
             .limit
             .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
@@ -302,6 +314,20 @@ impl SqliteBroker {
                 )
             })
             .collect())
+    }
+}
+
+/// The query's dead-letter ids and task ids, each as a JSON array, when it selects by them.
+fn id_lists(query: &DeadLetterQuery) -> (Option<String>, Option<String>) {
+    if query.ids.is_empty() {
+        return (None, None);
+    }
+    let letters = || serde_json::to_string(&letter_numbers(&query.ids)).expect("serialises");
+    let tasks = || serde_json::to_string(&query.ids).expect("strings serialise");
+    match query.id_kind {
+        DeadLetterIds::Either => (Some(letters()), Some(tasks())),
+        DeadLetterIds::Letter => (Some(letters()), None),
+        DeadLetterIds::Task => (None, Some(tasks())),
     }
 }
 
@@ -692,15 +718,45 @@ impl Broker for SqliteBroker {
         if ids.is_empty() {
             return Ok(0);
         }
-        let sql = format!(
-            "DELETE FROM stem_dead_letters WHERE namespace = ? AND CAST(id AS TEXT) IN ({})",
-            placeholders(ids.len())
-        );
-        let mut delete = sqlx::query(&sql).bind(self.namespace());
-        for id in ids {
-            delete = delete.bind(id);
+        let numbers = serde_json::to_string(&letter_numbers(ids)).expect("numbers serialise");
+        let deleted = sqlx::query(
+            "DELETE FROM stem_dead_letters
+             WHERE namespace = ? AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(self.namespace())
+        .bind(numbers)
+        .execute(self.pool())
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StorageError> {
+        envelope.validate()?;
+        let Some(number) = letter_number(id) else {
+            return Ok(false);
+        };
+        // The delete is the claim: of two replays, the one whose delete found the letter
+        // stores its entry, in the same transaction.
+        let mut tx = self.pool().begin().await?;
+        let claimed = sqlx::query("DELETE FROM stem_dead_letters WHERE namespace = ? AND id = ?")
+            .bind(self.namespace())
+            .bind(number)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            > 0;
+        if claimed {
+            insert_entry(&mut tx, self.namespace(), envelope, Timestamp::now()).await?;
         }
-        Ok(delete.execute(self.pool()).await?.rows_affected())
+        tx.commit().await?;
+        if claimed {
+            self.inner.published.notify_waiters();
+        }
+        Ok(claimed)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {

@@ -85,7 +85,7 @@ impl Selection {
         Ok(DeadLetterQuery {
             queue: self.queue.clone(),
             ids: self.ids.clone(),
-            limit: None,
+            ..DeadLetterQuery::default()
         })
     }
 }
@@ -141,6 +141,7 @@ pub async fn run_dlq(command: DlqCommand, connections: &Connections) -> anyhow::
                 queue,
                 ids: Vec::new(),
                 limit: Some(limit),
+                ..DeadLetterQuery::default()
             };
             let letters = broker.dead_letters(&query).await?;
             if json {

@@ -561,6 +561,7 @@ async fn read(state: &State, segments: &[&str], query: &BTreeMap<String, String>
                     queue: query.get("queue").filter(|q| !q.is_empty()).cloned(),
                     ids: Vec::new(),
                     limit: Some(MAX_LIST),
+                    ..DeadLetterQuery::default()
                 })
                 .await?;
             let mut letters = json!(letters);
@@ -594,6 +595,7 @@ async fn task_detail(dashboard: &Dashboard, id: &str) -> ApiResult {
             queue: None,
             ids: vec![id.to_owned()],
             limit: Some(1),
+            ..DeadLetterQuery::default()
         })
         .await?
         .into_iter()
@@ -731,7 +733,7 @@ fn selection(body: &Value) -> Result<DeadLetterQuery, ApiError> {
     Ok(DeadLetterQuery {
         queue: None,
         ids,
-        limit: None,
+        ..DeadLetterQuery::default()
     })
 }
 

@@ -40,8 +40,9 @@ use tokio::sync::{Notify, OnceCell};
 use super::local_broadcast::LocalChannels;
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
-    new_lease_token, validate_all, validate_settles,
+    DeadLetterIds, DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription,
+    decode_entry, id_range, letter_number, letter_numbers, new_lease_token, validate_all,
+    validate_settles,
 };
 use crate::envelope::Envelope;
 use crate::postgres::{self, NOW_MS};
@@ -395,15 +396,26 @@ impl PostgresBroker {
         let limit = query
             .limit
             .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
-        let rows = sqlx::query(
+        let by_letter = matches!(query.id_kind, DeadLetterIds::Either | DeadLetterIds::Letter);
+        let by_task = matches!(query.id_kind, DeadLetterIds::Either | DeadLetterIds::Task);
+        let letters = (!query.ids.is_empty() && by_letter).then(|| letter_numbers(&query.ids));
+        let tasks = (!query.ids.is_empty() && by_task).then_some(&query.ids);
+        let (after, up_to) = id_range(query);
+        let order = if query.newest_first { "DESC" } else { "ASC" };
+        let rows = sqlx::query(&format!(
             "SELECT id, queue, reason, payload, dead_at FROM stem_dead_letters
              WHERE namespace = $1 AND ($2::text IS NULL OR queue = $2)
-               AND (cardinality($3::text[]) = 0 OR id::text = ANY($3) OR task_id = ANY($3))
-             ORDER BY id LIMIT $4",
-        )
+               AND (($3::bigint[] IS NULL AND $4::text[] IS NULL)
+                    OR id = ANY($3) OR task_id = ANY($4))
+               AND id > $5 AND id <= $6
+             ORDER BY id {order} LIMIT $7"
+        ))
         .bind(self.namespace())
         .bind(query.queue.as_deref())
-        .bind(&query.ids)
+        .bind(letters)
+        .bind(tasks)
+        .bind(after)
+        .bind(up_to)
         .bind(limit)
         .fetch_all(self.pool())
         .await?;
@@ -1004,14 +1016,46 @@ impl Broker for PostgresBroker {
         if ids.is_empty() {
             return Ok(0);
         }
-        let deleted = sqlx::query(
-            "DELETE FROM stem_dead_letters WHERE namespace = $1 AND id::text = ANY($2)",
-        )
-        .bind(self.namespace())
-        .bind(ids)
-        .execute(self.pool())
-        .await?;
+        let deleted =
+            sqlx::query("DELETE FROM stem_dead_letters WHERE namespace = $1 AND id = ANY($2)")
+                .bind(self.namespace())
+                .bind(letter_numbers(ids))
+                .execute(self.pool())
+                .await?;
         Ok(deleted.rows_affected())
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StorageError> {
+        envelope.validate()?;
+        let Some(number) = letter_number(id) else {
+            return Ok(false);
+        };
+        // One statement: the delete is the claim (a concurrent one waits for this row, then
+        // finds it gone and stores nothing), the entry is stored from what it returned.
+        let moved: i64 = sqlx::query_scalar(&format!(
+            "WITH claimed AS (
+                 DELETE FROM stem_dead_letters WHERE namespace = $1 AND id = $2 RETURNING 1),
+             stored AS (
+                 INSERT INTO stem_queue_entries (namespace, queue, priority, visible_at, payload)
+                 SELECT $1, $3, $4, GREATEST($5, {NOW_MS}), $6 FROM claimed
+                 RETURNING 1),
+             notified AS (SELECT pg_notify($7, $1) FROM stored)
+             SELECT count(*) FROM notified"
+        ))
+        .bind(self.namespace())
+        .bind(number)
+        .bind(&envelope.queue)
+        .bind(i16::from(envelope.priority))
+        .bind(envelope.not_before.map_or(0, Timestamp::as_sql))
+        .bind(envelope.to_json())
+        .bind(READY_CHANNEL)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(moved > 0)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {

@@ -44,8 +44,8 @@ use tokio::sync::{Notify, mpsc};
 
 use super::{
     Broker, ConsumeOptions, DEFAULT_NAMESPACE, DEFAULT_VISIBILITY_TIMEOUT, DeadLetter,
-    DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription, decode_entry,
-    validate_all, validate_settles,
+    DeadLetterIds, DeadLetterQuery, Delivery, QueueStats, Receipt, Settle, Subscription,
+    decode_entry, id_range, letter_numbers, validate_all, validate_settles,
 };
 use crate::backend::TaskStatus;
 use crate::backend::redis::STATUSES;
@@ -111,6 +111,7 @@ struct Scripts {
     stats: redis::Script,
     purge: redis::Script,
     delete_dead: redis::Script,
+    requeue_dead: redis::Script,
     sweep: redis::Script,
 }
 
@@ -126,6 +127,7 @@ impl Scripts {
             stats: script(include_str!("stats.lua")),
             purge: script(include_str!("purge.lua")),
             delete_dead: script(include_str!("delete_dead.lua")),
+            requeue_dead: script(include_str!("requeue_dead.lua")),
             sweep: script(include_str!("sweep.lua")),
         }
     }
@@ -398,38 +400,40 @@ impl RedisBroker {
         Ok(deliveries)
     }
 
-    async fn all_dead(&self) -> Result<Vec<DeadLetter>, StorageError> {
-        let mut conn = self.conn();
-        let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(self.key("dead"))
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
+    /// The ids of the dead letters `query` may select, in its order: the ones it names when
+    /// it names dead-letter ids only, else every one in its range.
+    async fn dead_ids(&self, query: &DeadLetterQuery) -> Result<Vec<String>, StorageError> {
+        if query.id_kind == DeadLetterIds::Letter && !query.ids.is_empty() {
+            let (after, up_to) = id_range(query);
+            let mut numbers: Vec<i64> = letter_numbers(&query.ids)
+                .into_iter()
+                .filter(|n| *n > after && *n <= up_to)
+                .collect();
+            numbers.sort_unstable();
+            numbers.dedup();
+            if query.newest_first {
+                numbers.reverse();
+            }
+            return Ok(numbers.iter().map(i64::to_string).collect());
         }
-        let texts: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(self.key("dead:data"))
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await?;
-        let mut letters = Vec::with_capacity(ids.len());
-        for (id, text) in ids.into_iter().zip(texts) {
-            let Some(text) = text else { continue };
-            let stored: StoredDeadLetter = serde_json::from_str(&text)
-                .map_err(|e| StorageError::corrupt(format!("dead letter {id}"), e))?;
-            letters.push(DeadLetter::new(
-                id,
-                stored.queue,
-                stored.payload,
-                stored.reason,
-                Timestamp::from_millis(stored.dead_at),
-            ));
-        }
-        Ok(letters)
+        let low = query
+            .after
+            .map_or("-inf".to_owned(), |after| format!("({after}"));
+        let high = query
+            .up_to
+            .map_or("+inf".to_owned(), |up_to| up_to.to_string());
+        let mut range = redis::cmd("ZRANGE");
+        range.arg(self.key("dead"));
+        match query.newest_first {
+            true => range.arg(high).arg(low).arg("BYSCORE").arg("REV"),
+            false => range.arg(low).arg(high).arg("BYSCORE"),
+        };
+        Ok(range.query_async(&mut self.conn()).await?)
     }
 }
+
+/// Dead letters read at once while looking for the ones a query selects.
+const DEAD_LETTERS_PER_READ: usize = 500;
 
 #[async_trait]
 impl Broker for RedisBroker {
@@ -632,13 +636,38 @@ impl Broker for RedisBroker {
 
     async fn dead_letters(&self, query: &DeadLetterQuery) -> Result<Vec<DeadLetter>, StorageError> {
         let limit = query.limit.unwrap_or(usize::MAX);
-        Ok(self
-            .all_dead()
-            .await?
-            .into_iter()
-            .filter(|letter| query.selects(letter))
-            .take(limit)
-            .collect())
+        let mut letters = Vec::new();
+        if limit == 0 {
+            return Ok(letters);
+        }
+        let ids = self.dead_ids(query).await?;
+        let mut conn = self.conn();
+        for chunk in ids.chunks(DEAD_LETTERS_PER_READ) {
+            let texts: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(self.key("dead:data"))
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await?;
+            for (id, text) in chunk.iter().zip(texts) {
+                let Some(text) = text else { continue };
+                let stored: StoredDeadLetter = serde_json::from_str(&text)
+                    .map_err(|e| StorageError::corrupt(format!("dead letter {id}"), e))?;
+                let letter = DeadLetter::new(
+                    id.clone(),
+                    stored.queue,
+                    stored.payload,
+                    stored.reason,
+                    Timestamp::from_millis(stored.dead_at),
+                );
+                if query.selects(&letter) {
+                    letters.push(letter);
+                    if letters.len() == limit {
+                        return Ok(letters);
+                    }
+                }
+            }
+        }
+        Ok(letters)
     }
 
     async fn delete_dead_letters(&self, ids: &[String]) -> Result<u64, StorageError> {
@@ -651,6 +680,38 @@ impl Broker for RedisBroker {
             invocation.arg(id);
         }
         Ok(invocation.invoke_async(&mut self.conn()).await?)
+    }
+
+    async fn requeue_dead_letter(
+        &self,
+        id: &str,
+        envelope: &Envelope,
+    ) -> Result<bool, StorageError> {
+        envelope.validate()?;
+        let now = Timestamp::now();
+        let ready_at = envelope.ready_at(now);
+        let (due, delayed_id) = match ready_at > now {
+            true => (
+                ready_at.as_millis(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            ),
+            false => (0, String::new()),
+        };
+        let moved: i64 = self
+            .inner
+            .scripts
+            .requeue_dead
+            .arg(self.namespace())
+            .arg(GROUP)
+            .arg(id)
+            .arg(&envelope.queue)
+            .arg(envelope.priority)
+            .arg(due)
+            .arg(delayed_id)
+            .arg(envelope.to_json())
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(moved == 1)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, StorageError> {

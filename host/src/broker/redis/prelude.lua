@@ -19,6 +19,21 @@ local function store_entry(q, p, due, delayed_id, payload)
   return due <= 0
 end
 
+-- Deletes dead letter `id`, keeping the per-queue counts; whether it was there.
+local function delete_dead(id)
+  local text = redis.call('HGET', ns .. ':dead:data', id)
+  redis.call('ZREM', ns .. ':dead', id)
+  if not text then return false end
+  local ok, letter = pcall(cjson.decode, text)
+  if ok and type(letter) == 'table' and letter.queue then
+    if redis.call('HINCRBY', ns .. ':dead:count', letter.queue, -1) <= 0 then
+      redis.call('HDEL', ns .. ':dead:count', letter.queue)
+    end
+  end
+  redis.call('HDEL', ns .. ':dead:data', id)
+  return true
+end
+
 -- The value of `name` in a flat {name, value, ...} reply.
 local function field(fields, name)
   for i = 1, #fields, 2 do if fields[i] == name then return fields[i + 1] end end

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use stem_host::broker::{Broker, ConsumeOptions, DeadLetterQuery, Delivery, Settle};
+use stem_host::broker::{
+    Broker, ConsumeOptions, DeadLetter, DeadLetterIds, DeadLetterPages, DeadLetterQuery, Delivery,
+    Settle,
+};
 use stem_host::codec::Payload;
 use stem_host::envelope::Envelope;
 use stem_host::storage::StorageError;
@@ -33,6 +36,8 @@ macro_rules! broker_suite {
                 expired_lease_is_redelivered_and_not_before, extend_lease_prevents_redelivery,
                 concurrent_consumers_never_share_a_delivery, consume_wakes_on_publish,
                 dead_letters_list_show_replay_purge, corrupt_entries_are_dead_lettered,
+                dead_letters_are_selected_by_kind_order_and_range,
+                concurrent_replays_publish_each_letter_once,
                 broadcast_reaches_every_subscriber, large_broadcasts_arrive_whole,
                 namespaces_are_isolated,
                 purge_and_stats, publish_batch_stores_everything, queue_names_cannot_share_keys,
@@ -662,6 +667,174 @@ async fn dead_letters_list_show_replay_purge(harness: &impl BrokerHarness) {
             .is_empty()
     );
     assert_eq!(broker.stats("work").await.unwrap().dead, 0);
+}
+
+/// Publishes `sent` to queue `work` and dead-letters every one of them, in order.
+async fn bury(broker: &dyn Broker, sent: &[Envelope]) -> Vec<DeadLetter> {
+    broker.publish_batch(sent).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < sent.len() {
+        let batch = broker
+            .consume(&queues(&["work"]), &take(sent.len() - got.len(), PATIENCE))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "every published entry is delivered");
+        got.extend(batch);
+    }
+    let settles: Vec<(_, _)> = got
+        .iter()
+        .map(|d| (d.receipt.clone(), Settle::DeadLetter("buried".into())))
+        .collect();
+    let held = broker.settle_many(&settles).await.unwrap();
+    assert!(held.iter().all(|h| *h));
+    broker
+        .dead_letters(&DeadLetterQuery::default())
+        .await
+        .unwrap()
+}
+
+async fn dead_letters_are_selected_by_kind_order_and_range(harness: &impl BrokerHarness) {
+    let broker = harness.connect(NS).await;
+    let first = bury(broker.as_ref(), &[envelope("t.dead").with_queue("work")]).await;
+    let letter = first[0].id.clone();
+    // A producer may choose a task id that is another letter's id.
+    let colliding = envelope("t.dead").with_queue("work").with_id(&letter);
+    let both = bury(broker.as_ref(), &[colliding]).await;
+    assert_eq!(both.len(), 2);
+    let (older, newer) = (both[0].clone(), both[1].clone());
+    assert_eq!(older.id, letter);
+    let number = |l: &DeadLetter| l.number().expect("dead-letter ids are numbers");
+    assert!(number(&newer) > number(&older), "ids grow");
+
+    let select = |id_kind| DeadLetterQuery {
+        ids: vec![letter.clone()],
+        id_kind,
+        ..DeadLetterQuery::default()
+    };
+    let found =
+        |letters: Vec<DeadLetter>| -> Vec<String> { letters.into_iter().map(|l| l.id).collect() };
+    let either = broker
+        .dead_letters(&select(DeadLetterIds::Either))
+        .await
+        .unwrap();
+    assert_eq!(found(either), vec![older.id.clone(), newer.id.clone()]);
+    let by_letter = broker
+        .dead_letters(&select(DeadLetterIds::Letter))
+        .await
+        .unwrap();
+    assert_eq!(found(by_letter), vec![older.id.clone()]);
+    let by_task = broker
+        .dead_letters(&select(DeadLetterIds::Task))
+        .await
+        .unwrap();
+    assert_eq!(found(by_task), vec![newer.id.clone()]);
+
+    let newest = DeadLetterQuery {
+        newest_first: true,
+        ..DeadLetterQuery::default()
+    };
+    let newest = broker.dead_letters(&newest).await.unwrap();
+    assert_eq!(found(newest), vec![newer.id.clone(), older.id.clone()]);
+    let after = DeadLetterQuery {
+        after: Some(number(&older)),
+        ..DeadLetterQuery::default()
+    };
+    assert_eq!(
+        found(broker.dead_letters(&after).await.unwrap()),
+        vec![newer.id.clone()]
+    );
+    let up_to = DeadLetterQuery {
+        up_to: Some(number(&older)),
+        ..DeadLetterQuery::default()
+    };
+    assert_eq!(
+        found(broker.dead_letters(&up_to).await.unwrap()),
+        vec![older.id.clone()]
+    );
+
+    // Long lists of ids fit (SQLite limits bound values to 32,766 per statement).
+    let mut many: Vec<String> = (0..40_000).map(|n| format!("no-such-{n}")).collect();
+    many.push(newer.id.clone());
+    let long = DeadLetterQuery {
+        ids: many.clone(),
+        id_kind: DeadLetterIds::Letter,
+        ..DeadLetterQuery::default()
+    };
+    assert_eq!(
+        found(broker.dead_letters(&long).await.unwrap()),
+        vec![newer.id.clone()]
+    );
+    assert_eq!(broker.delete_dead_letters(&many).await.unwrap(), 1);
+    assert_eq!(broker.stats("work").await.unwrap().dead, 1);
+}
+
+async fn concurrent_replays_publish_each_letter_once(harness: &impl BrokerHarness) {
+    let brokers = [harness.connect(NS).await, harness.connect(NS).await];
+    // More than a page, so that replays go on from one page to the next.
+    let count = DeadLetterPages::<dyn Broker>::PAGE + 20;
+    let sent: Vec<Envelope> = (0..count)
+        .map(|_| envelope("t.dead").with_queue("work"))
+        .collect();
+    let letters = bury(brokers[0].as_ref(), &sent).await;
+    assert_eq!(letters.len(), count);
+
+    // A letter moved once is gone for a second move, which stores nothing.
+    let first = &letters[0];
+    let again = first.replay_envelope().unwrap();
+    assert!(
+        brokers[0]
+            .requeue_dead_letter(&first.id, &again)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !brokers[1]
+            .requeue_dead_letter(&first.id, &again)
+            .await
+            .unwrap()
+    );
+    assert_eq!(brokers[0].stats("work").await.unwrap().ready, 1);
+
+    let start = Arc::new(tokio::sync::Barrier::new(2));
+    let replays: Vec<_> = brokers
+        .iter()
+        .map(|broker| {
+            let (broker, start) = (broker.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                broker
+                    .replay_dead_letters(&DeadLetterQuery::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut replayed = vec![first.task_id.clone().unwrap()];
+    for replay in replays {
+        replayed.extend(replay.await.unwrap().replayed);
+    }
+    let mut expected = ids_of(&sent);
+    replayed.sort();
+    expected.sort();
+    assert_eq!(
+        replayed, expected,
+        "each letter is replayed by one of the two"
+    );
+
+    let mut published = Vec::new();
+    loop {
+        let got = brokers[0]
+            .consume(&queues(&["work"]), &take(count, PATIENCE))
+            .await
+            .unwrap();
+        if got.is_empty() {
+            break;
+        }
+        published.extend(ids(&got));
+    }
+    published.sort();
+    assert_eq!(published, expected, "each letter is published exactly once");
+    assert_eq!(brokers[0].stats("work").await.unwrap().dead, 0);
 }
 
 async fn corrupt_entries_are_dead_lettered(harness: &impl BrokerHarness) {
