@@ -77,6 +77,10 @@ pub struct RuntimeConfig {
     pub outbound: OutboundLimits,
     /// Where granted secrets are read from.
     pub secrets: SecretStore,
+    /// Linear memory of a pooled instance slot that stays mapped between runs, reset in
+    /// place; pages above it are given back to the system and faulted in again by the next
+    /// run. Interpreted guests start with images of 12MiB and more (Python, JavaScript).
+    pub keep_resident_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -90,9 +94,13 @@ impl Default for RuntimeConfig {
             output_capture_bytes: 64 * 1024,
             outbound: OutboundLimits::default(),
             secrets: SecretStore::default(),
+            keep_resident_bytes: DEFAULT_KEEP_RESIDENT_BYTES,
         }
     }
 }
+
+/// The default memory a pooled slot keeps mapped between runs: a Python guest's whole image.
+pub const DEFAULT_KEEP_RESIDENT_BYTES: u64 = 16 << 20;
 
 /// The default ceiling on one run's memory.
 pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 256 << 20;
@@ -228,8 +236,14 @@ const MAX_RESOURCES_PER_RUN: usize = 1024;
 /// In-memory size of one set of HTTP headers a guest builds.
 const MAX_HTTP_FIELDS_BYTES: usize = 16 * 1024;
 
-/// Memory of a pooled slot that stays mapped between runs (Rust guests start near 1-2MiB).
-const KEEP_RESIDENT_BYTES: usize = 4 << 20;
+/// Pool entries one run slot may use. A Rust guest instantiates 3 core modules with 1 memory
+/// and 2 tables; a Python one (componentize-py) 14 modules with 2 memories and 2 tables (one
+/// of 5,700 functions); a JavaScript one (ComponentizeJS) 4 modules and a table of 7,700, under
+/// wasmtime's default of 20,000 elements. The pool is shared: a slot running a small guest
+/// leaves room for a larger one.
+const CORE_INSTANCES_PER_SLOT: u32 = 32;
+const MEMORIES_PER_SLOT: u32 = 4;
+const TABLES_PER_SLOT: u32 = 8;
 
 fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> {
     let mut wasm = Config::new();
@@ -237,17 +251,18 @@ fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> 
 
     let mut pool = PoolingAllocationConfig::default();
     let slots = config.max_instances;
+    let keep_resident = usize::try_from(config.keep_resident_bytes).unwrap_or(usize::MAX);
     pool.total_component_instances(slots)
-        .total_core_instances(slots * 8)
-        .total_memories(slots * 2)
-        .total_tables(slots * 8)
+        .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_SLOT))
+        .total_memories(slots.saturating_mul(MEMORIES_PER_SLOT))
+        .total_tables(slots.saturating_mul(TABLES_PER_SLOT))
         .total_stacks(slots)
         .max_memory_size(config.max_memory_bytes as usize)
         // Between runs, reset only the pages a guest dirtied and keep them mapped: far fewer
         // page faults and TLB shootdowns than unmapping a whole slot per run (Linux 6.7+).
         .pagemap_scan(wasmtime::Enabled::Auto)
-        .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-        .table_keep_resident(KEEP_RESIDENT_BYTES);
+        .linear_memory_keep_resident(keep_resident)
+        .table_keep_resident(keep_resident);
     let mut pooled = wasm.clone();
     pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     match Engine::new(&pooled) {
