@@ -13,6 +13,7 @@ mod dashboard;
 mod e2e;
 mod hardening;
 mod health;
+mod languages;
 mod observability;
 mod platform;
 mod postgres_enqueue;

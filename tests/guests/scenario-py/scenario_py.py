@@ -1,0 +1,51 @@
+"""The cross-language scenario in Python: the same tasks as tests/guests/scenario (Rust) and
+tests/guests/scenario-js, under the prefix `py.`."""
+
+import time
+
+from stem_guest import Reject, TaskContext, task
+
+
+@task(name="py.add")
+def add(a: int, b: int) -> int:
+    """Adds two integers."""
+    return a + b
+
+
+@task(name="py.fail", max_retries=2, retry_backoff="100ms")
+def fail(message: str):
+    """Raises, so the worker retries it twice, then records it failed."""
+    raise ValueError(message)
+
+
+@task(name="py.reject")
+def reject(reason: str):
+    raise Reject(reason)
+
+
+@task(name="py.spin", time_limit="2s")
+def spin():
+    """Loops until the hard time limit stops it."""
+    while True:
+        pass
+
+
+@task(name="py.hog", memory_limit="96MiB")
+def hog():
+    """Allocates until the memory limit stops it."""
+    blocks = []
+    while True:
+        blocks.append(bytearray(1 << 20))
+
+
+@task(name="py.spawn")
+def spawn(ctx: TaskContext, n: int) -> str:
+    """Enqueues py.add(n, n) and returns its id."""
+    return ctx.enqueue("py.add", {"a": n, "b": n})
+
+
+@task(name="py.sleep")
+def sleep(ms: int) -> int:
+    """Waits without computing; returns the attempt-independent argument."""
+    time.sleep(ms / 1000)
+    return ms
