@@ -27,11 +27,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::backend::{ResultBackend, StatusQuery, TaskState};
-use crate::broker::{Broker, DeadLetterQuery, replay};
+use crate::backend::{ResultBackend, StatusQuery, TaskState, TaskStatus};
+use crate::broker::{Broker, DeadLetter, DeadLetterIds, DeadLetterQuery, replay};
 use crate::canvas::Canvases;
 use crate::control::events::EventChannel;
 use crate::control::{self, Channels, Command, Request as ControlRequest, ShutdownMode};
+use crate::envelope::is_valid_queue_name;
 use crate::http_server::ServerLimits;
 use crate::storage::StorageError;
 use crate::stores::revoke::{Revocation, RevokeStore};
@@ -151,7 +152,7 @@ pub fn serve(dashboard: Dashboard, listener: TcpListener) -> Running {
     let follower = tokio::spawn(follow_events(state.clone()));
     let server = crate::http_server::serve(listener, "dashboard", LIMITS, move |request| {
         let state = state.clone();
-        async move { with_headers(handle(&state, request).await) }
+        async move { with_headers(handle(state, request).await) }
     });
     Running { server, follower }
 }
@@ -282,7 +283,7 @@ const PAGES: &[&str] = &[
     "/schedules",
 ];
 
-async fn handle(state: &State, request: Request<Incoming>) -> Reply {
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Reply {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match (&method, path.as_str()) {
@@ -293,7 +294,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Reply {
             return reply(StatusCode::OK, "text/css; charset=utf-8", APP_CSS);
         }
         (&Method::GET, "/login") => return login_page(StatusCode::OK, ""),
-        (&Method::POST, "/login") => return login(state, request).await,
+        (&Method::POST, "/login") => return login(&state, request).await,
         (&Method::POST, "/logout") => {
             let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
             return redirect("/login", Some(cookie));
@@ -301,7 +302,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Reply {
         _ => {}
     }
     let api = path.starts_with("/api/");
-    if !authorized(state, &request) {
+    if !authorized(&state, &request) {
         if request.headers().contains_key(header::AUTHORIZATION) {
             tokio::time::sleep(LOGIN_FAILURE_DELAY).await;
         }
@@ -329,11 +330,11 @@ async fn handle(state: &State, request: Request<Incoming>) -> Reply {
             &json!({ "error": "the path is not valid percent-encoded UTF-8" }),
         );
     };
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let outcome = match method {
         Method::GET => {
+            let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
             let query = query_params(request.uri().query().unwrap_or(""));
-            read(state, &segments, &query).await
+            read(&state, &segments, &query).await
         }
         Method::POST => match state.dashboard.token {
             None => Err(ApiError::forbidden(
@@ -341,7 +342,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Reply {
                  STEM_DASHBOARD_TOKEN to allow changes",
             )),
             Some(_) => match action_body(request).await {
-                Ok(body) => act(state, &segments, &body).await,
+                Ok(body) => detached(state, segments, body).await,
                 Err(error) => Err(error),
             },
         },
@@ -354,6 +355,22 @@ async fn handle(state: &State, request: Request<Incoming>) -> Reply {
         Ok(body) => json_reply(StatusCode::OK, &body),
         Err(error) => json_reply(error.status, &json!({ "error": error.message })),
     }
+}
+
+/// Runs an action in a task of its own, which the response waits for: a closed tab or a
+/// dropped connection does not cut a purge or a replay halfway.
+async fn detached(state: Arc<State>, segments: Vec<String>, body: Value) -> ApiResult {
+    let action = tokio::spawn(async move {
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+        act(&state, &segments, &body).await
+    });
+    action.await.unwrap_or_else(|error| {
+        tracing::error!(%error, "a dashboard action failed");
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the action failed; see the dashboard's log",
+        ))
+    })
 }
 
 fn authorized<B>(state: &State, request: &Request<B>) -> bool {
@@ -526,27 +543,10 @@ async fn read(state: &State, segments: &[&str], query: &BTreeMap<String, String>
         }
         ["workers"] => Ok(json!(dashboard.backend.workers().await?)),
         ["tasks"] => {
-            if let Some(id) = query.get("id").filter(|id| !id.is_empty()) {
-                let found = dashboard.backend.get(id).await?;
-                return Ok(json!(Vec::from_iter(found)));
-            }
-            let state_filter = match query.get("state").filter(|s| !s.is_empty()) {
-                Some(text) => Some(text.parse::<TaskState>().map_err(ApiError::bad)?),
-                None => None,
+            let statuses = match query.get("id").filter(|id| !id.is_empty()) {
+                Some(id) => Vec::from_iter(dashboard.backend.get(id).await?),
+                None => list_statuses(dashboard, query).await?,
             };
-            let limit = query
-                .get("limit")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(100)
-                .min(MAX_LIST);
-            let statuses = dashboard
-                .backend
-                .list(&StatusQuery {
-                    state: state_filter,
-                    task: query.get("name").filter(|n| !n.is_empty()).cloned(),
-                    limit,
-                })
-                .await?;
             let mut statuses = json!(statuses);
             for status in statuses.as_array_mut().into_iter().flatten() {
                 clip(&mut status["result"]["data"], LIST_PAYLOAD_BYTES);
@@ -559,7 +559,7 @@ async fn read(state: &State, segments: &[&str], query: &BTreeMap<String, String>
                 .broker
                 .dead_letters(&DeadLetterQuery {
                     queue: query.get("queue").filter(|q| !q.is_empty()).cloned(),
-                    ids: Vec::new(),
+                    newest_first: true,
                     limit: Some(MAX_LIST),
                     ..DeadLetterQuery::default()
                 })
@@ -578,6 +578,25 @@ async fn read(state: &State, segments: &[&str], query: &BTreeMap<String, String>
     }
 }
 
+/// The statuses a task search (`state`, `name`, `limit`) finds.
+async fn list_statuses(
+    dashboard: &Dashboard,
+    query: &BTreeMap<String, String>,
+) -> Result<Vec<TaskStatus>, ApiError> {
+    let state = match query.get("state").filter(|s| !s.is_empty()) {
+        Some(text) => Some(text.parse::<TaskState>().map_err(ApiError::bad)?),
+        None => None,
+    };
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .min(MAX_LIST);
+    let task = query.get("name").filter(|n| !n.is_empty()).cloned();
+    let query = StatusQuery { state, task, limit };
+    Ok(dashboard.backend.list(&query).await?)
+}
+
 async fn queue_stats(dashboard: &Dashboard) -> Result<Vec<crate::broker::QueueStats>, ApiError> {
     let mut stats = Vec::new();
     for queue in dashboard.broker.queues().await?.into_iter().take(MAX_LIST) {
@@ -586,20 +605,21 @@ async fn queue_stats(dashboard: &Dashboard) -> Result<Vec<crate::broker::QueueSt
     Ok(stats)
 }
 
-/// A task's status, its arguments when its entry is a dead letter, and its canvas.
+/// A task's status, its arguments when its entry is a dead letter (its newest), and its
+/// canvas.
 async fn task_detail(dashboard: &Dashboard, id: &str) -> ApiResult {
     let status = dashboard.backend.get(id).await?;
     let letter = dashboard
         .broker
         .dead_letters(&DeadLetterQuery {
-            queue: None,
             ids: vec![id.to_owned()],
+            id_kind: DeadLetterIds::Task,
+            newest_first: true,
             limit: Some(1),
             ..DeadLetterQuery::default()
         })
         .await?
-        .into_iter()
-        .find(|letter| letter.task_id.as_deref() == Some(id));
+        .pop();
     let args = letter
         .as_ref()
         .and_then(|letter| letter.replay_envelope().ok())
@@ -626,6 +646,9 @@ async fn act(state: &State, segments: &[&str], body: &Value) -> ApiResult {
     let dashboard = &state.dashboard;
     match segments {
         ["queues", queue, "purge"] => {
+            if !is_valid_queue_name(queue) {
+                return Err(ApiError::bad(format!("{queue:?} is not a queue name")));
+            }
             let purged = dashboard.broker.purge(queue).await?;
             Ok(json!({ "purged": purged }))
         }
@@ -697,7 +720,7 @@ async fn act(state: &State, segments: &[&str], body: &Value) -> ApiResult {
             Ok(json!({ "revoked": revoked }))
         }
         ["dead-letters", "replay"] => {
-            let query = selection(body)?;
+            let query = selection(dashboard, body).await?;
             let replayed = replay::replay(
                 dashboard.broker.as_ref(),
                 dashboard.backend.as_ref(),
@@ -708,15 +731,18 @@ async fn act(state: &State, segments: &[&str], body: &Value) -> ApiResult {
             Ok(json!(replayed))
         }
         ["dead-letters", "purge"] => {
-            let query = selection(body)?;
+            let query = selection(dashboard, body).await?;
             Ok(json!({ "purged": dashboard.broker.purge_dead_letters(&query).await? }))
         }
         _ => Err(ApiError::not_found("no such action")),
     }
 }
 
-/// The dead letters an action names: `"ids": [...]`, or `"all": true`.
-fn selection(body: &Value) -> Result<DeadLetterQuery, ApiError> {
+/// The dead letters an action names: `"ids": [...]`, dead-letter ids (never task ids, which
+/// a producer could make collide with them); or `"all": true` with `"expected": N`, the number
+/// of dead letters (of `"queue"`, if given) the user confirmed, which must still be the number
+/// there is. An action on all of them stops at the newest that existed when it was checked.
+async fn selection(dashboard: &Dashboard, body: &Value) -> Result<DeadLetterQuery, ApiError> {
     let ids: Vec<String> = body["ids"]
         .as_array()
         .map(|ids| {
@@ -725,14 +751,64 @@ fn selection(body: &Value) -> Result<DeadLetterQuery, ApiError> {
                 .collect()
         })
         .unwrap_or_default();
-    if ids.is_empty() && body["all"] != Value::Bool(true) {
+    let queue = match body["queue"].as_str().filter(|q| !q.is_empty()) {
+        Some(queue) if !is_valid_queue_name(queue) => {
+            return Err(ApiError::bad(format!("{queue:?} is not a queue name")));
+        }
+        queue => queue.map(str::to_owned),
+    };
+    if !ids.is_empty() {
+        return Ok(DeadLetterQuery {
+            queue,
+            ids,
+            id_kind: DeadLetterIds::Letter,
+            ..DeadLetterQuery::default()
+        });
+    }
+    if body["all"] != Value::Bool(true) {
         return Err(ApiError::bad(
             "name the dead letters (\"ids\": [...]) or send \"all\": true",
         ));
     }
+    let Some(expected) = body["expected"].as_u64() else {
+        return Err(ApiError::bad(
+            "with \"all\": true, send \"expected\": the number of dead letters you mean",
+        ));
+    };
+    let newest = DeadLetterQuery {
+        queue: queue.clone(),
+        newest_first: true,
+        limit: Some(1),
+        ..DeadLetterQuery::default()
+    };
+    // Read before counting: a letter that arrives in between makes the count differ.
+    let up_to = dashboard
+        .broker
+        .dead_letters(&newest)
+        .await?
+        .first()
+        .and_then(DeadLetter::number);
+    let queues = match &queue {
+        Some(queue) => vec![queue.clone()],
+        None => dashboard.broker.queues().await?,
+    };
+    let mut count = 0;
+    for queue in &queues {
+        count += dashboard.broker.stats(queue).await?.dead;
+    }
+    if count != expected {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "there are {count} dead letters{}, not {expected}: look again and confirm anew",
+                queue.as_ref().map_or(String::new(), |q| format!(" in {q}"))
+            ),
+        ));
+    }
     Ok(DeadLetterQuery {
-        queue: None,
-        ids,
+        queue,
+        // Nothing there: nothing to act on, even if letters arrive now.
+        up_to: Some(up_to.unwrap_or(0)),
         ..DeadLetterQuery::default()
     })
 }

@@ -59,7 +59,18 @@ async function main() {
   const page = await browser.newPage({ viewport: { width: 1280, height: 860 } });
   try {
     page.setDefaultTimeout(30000);
-    page.on("dialog", (dialog) => dialog.accept());
+    // Every confirmation is accepted, unless `dismissNext` says otherwise; `asked` keeps them.
+    const asked = [];
+    let dismissNext = false;
+    page.on("dialog", (dialog) => {
+      asked.push(dialog.message());
+      if (dismissNext) {
+        dismissNext = false;
+        dialog.dismiss();
+      } else {
+        dialog.accept();
+      }
+    });
 
     log("a page without a session shows the login form");
     const first = await page.goto(url + "/queues");
@@ -88,12 +99,28 @@ async function main() {
     await page.locator("#task-state", { hasText: "failed" }).waitFor();
     assert.match(await page.locator("#task-error").textContent(), /boom from the browser test/);
 
-    log("replay a dead letter and see it succeed");
+    log("replay all asks with the broker's count of dead letters");
     const dead = process.env.DEAD_TASK_ID;
     await page.goto(`${url}/dead-letters`);
     const row = page.locator(`tr[data-letter="${dead}"]`);
+    await row.waitFor();
+    const queues = await (await fetch(url + "/api/queues", { headers: { Authorization: `Bearer ${token}` } })).json();
+    const total = queues.reduce((n, q) => n + q.dead, 0);
+    dismissNext = true;
+    await page.getByRole("button", { name: "Replay all" }).click();
+    assert.equal(asked.at(-1), `Replay all ${total} dead letters?`);
+
+    log("replay a dead letter: its button stays disabled while the request is in flight");
+    let release;
+    const held = new Promise((resolve) => { release = resolve; });
+    await page.route("**/api/dead-letters/replay", async (route) => { await held; await route.continue(); });
     await row.getByRole("button", { name: "Replay" }).click();
+    await page.waitForTimeout(2500); // past a redraw of the page
+    assert.equal(await row.getByRole("button", { name: "Replay" }).isDisabled(), true,
+      "a replay in flight cannot be sent again");
+    release();
     await page.getByText("Replayed 1 task(s).").waitFor();
+    await page.unroute("**/api/dead-letters/replay");
     await row.waitFor({ state: "detached" });
     await page.goto(`${url}/tasks/${dead}`);
     await page.locator("#task-state", { hasText: "succeeded" }).waitFor();

@@ -3,7 +3,9 @@
 "use strict";
 
 const REFRESH_MS = 1500;
-const state = { canAct: false, expanded: new Set(), timer: null, page: null };
+// `busy` holds the actions whose request is in flight: their buttons stay disabled across
+// redraws, so a second click cannot send the same action again.
+const state = { canAct: false, expanded: new Set(), timer: null, page: null, busy: new Set() };
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -43,37 +45,57 @@ async function api(path) {
   return body;
 }
 
+// What makes two actions the same: the path and which ids or "all" they name.
+const actionKey = (path, extra) => path + " " + JSON.stringify((extra && (extra.ids || extra.all)) || null);
+
 // Asks first; the server refuses any action without the confirmation.
-async function act(path, question, extra) {
-  if (!window.confirm(question)) return null;
-  const response = await fetch("/api/" + path, {
-    method: "POST",
-    credentials: "same-origin",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(Object.assign({ confirm: true }, extra || {})),
-  });
-  const body = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    notice("Refused: " + (body.error || response.statusText), true);
+async function act(path, question, extra, target) {
+  const key = actionKey(path, extra);
+  if (state.busy.has(key) || !window.confirm(question)) return null;
+  state.busy.add(key);
+  if (target) target.disabled = true;
+  try {
+    const response = await fetch("/api/" + path, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(Object.assign({ confirm: true }, extra || {})),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      notice("Refused: " + (body.error || response.statusText), true);
+      return null;
+    }
+    return body;
+  } catch (error) {
+    notice("Failed: " + error.message, true);
     return null;
+  } finally {
+    state.busy.delete(key);
+    if (target) target.disabled = false;
+    refresh();
   }
-  refresh();
-  return body;
 }
 
 function button(label, question, path, extra, options) {
   const opts = options || {};
+  const busy = state.busy.has(actionKey(path, extra));
   return el("button", {
     type: "button",
     class: opts.danger ? "danger" : null,
-    disabled: !state.canAct,
+    disabled: !state.canAct || busy,
+    "aria-busy": busy ? "true" : null,
     title: state.canAct ? null : "Read-only: the dashboard was started without a token",
-    onclick: async () => {
-      const body = await act(path, question, extra);
+    onclick: async (event) => {
+      const body = await act(path, question, extra, event.currentTarget);
       if (body && opts.done) opts.done(body);
     },
   }, label);
 }
+
+const replayedNotice = (b) => notice(`Replayed ${b.replayed.length} task(s).` +
+  (b.skipped.length ? ` Skipped ${b.skipped.length} undecodable.` : "") +
+  (b.left_invalid ? ` Left ${b.left_invalid} refused as signature-invalid.` : ""));
 
 const enc = encodeURIComponent;
 const time = (ms) => (ms ? new Date(ms).toLocaleString() : "");
@@ -199,13 +221,21 @@ const pages = {
       s.result ? [el("h2", {}, "Result"), el("pre", { id: "task-result" }, payloadText(s.result))] : null,
       t.args ? [el("h2", {}, "Arguments (from its dead letter)"), el("pre", {}, payloadText(t.args))] : null,
       t.dead_letter ? el("p", {}, "In the dead-letter queue: ", t.dead_letter.reason, " ",
-        button("Replay", `Replay task ${id}?`, "dead-letters/replay", { ids: [t.dead_letter.id] })) : null,
+        button("Replay", `Replay task ${id}?`, "dead-letters/replay", { ids: [t.dead_letter.id] },
+          { done: replayedNotice })) : null,
       t.canvas ? [el("h2", {}, "Canvas"), el("pre", {}, JSON.stringify(t.canvas, null, 2))] : null,
     ];
   },
 
   async deadLetters() {
-    const letters = await api("dead-letters");
+    const params = new URLSearchParams(window.location.search);
+    const queue = params.get("queue") || "";
+    const [letters, queues] = await Promise.all(
+      [api("dead-letters" + (queue ? "?queue=" + enc(queue) : "")), api("queues")]);
+    // The count to confirm is the broker's, not the length of the list (at most 500 rows).
+    const total = queues.filter((q) => !queue || q.queue === queue).reduce((n, q) => n + q.dead, 0);
+    const scope = queue ? ` of queue ${queue}` : "";
+    const all = { all: true, expected: total, queue: queue || undefined };
     const rows = letters.flatMap((d) => {
       const key = d.id;
       const open = state.expanded.has(key);
@@ -216,18 +246,25 @@ const pages = {
         el("td", {},
           el("button", { type: "button", onclick: () => { open ? state.expanded.delete(key) : state.expanded.add(key); refresh(); } }, open ? "Hide" : "Show"),
           button("Replay", `Replay ${d.task_id || d.id} as a new run?`, "dead-letters/replay", { ids: [d.id] },
-            { done: (b) => notice(`Replayed ${b.replayed.length} task(s).`) }),
+            { done: replayedNotice }),
           button("Purge", `Delete dead letter ${d.task_id || d.id} for good?`, "dead-letters/purge", { ids: [d.id] },
             { danger: true, done: (b) => notice(`Purged ${b.purged} dead letter(s).`) })));
       return open ? [main, el("tr", {}, el("td", { colspan: 6 }, el("pre", {}, d.payload)))] : [main];
     });
+    const choices = queues.filter((q) => q.dead > 0 || q.queue === queue);
     return [
       el("h1", {}, "Dead letters"),
-      letters.length ? el("p", {},
-        button("Replay all", `Replay all ${letters.length} dead letters?`, "dead-letters/replay", { all: true },
-          { done: (b) => notice(`Replayed ${b.replayed.length} task(s).`) }), " ",
-        button("Purge all", "Delete every dead letter for good?", "dead-letters/purge", { all: true },
+      el("form", { class: "search", method: "get", action: "/dead-letters" },
+        el("select", { name: "queue", id: "dead-queue" },
+          el("option", { value: "", selected: !queue }, "every queue"),
+          choices.map((q) => el("option", { value: q.queue, selected: q.queue === queue }, `${q.queue} (${q.dead})`))),
+        el("button", { type: "submit" }, "Show")),
+      total ? el("p", {},
+        button("Replay all", `Replay all ${total} dead letters${scope}?`, "dead-letters/replay", all,
+          { done: replayedNotice }), " ",
+        button("Purge all", `Delete all ${total} dead letters${scope} for good?`, "dead-letters/purge", all,
           { danger: true, done: (b) => notice(`Purged ${b.purged} dead letter(s).`) })) : null,
+      letters.length < total ? el("p", { class: "muted" }, `The newest ${letters.length} of ${total} are listed.`) : null,
       table(["Task id", "Task", "Queue", "Dead at", "Reason", ""], rows, "The dead-letter queue is empty."),
     ];
   },
