@@ -2,10 +2,11 @@
 //! dead letters and schedules, kept live by polling a JSON API under `/api/`.
 //!
 //! Access: with a token (`STEM_DASHBOARD_TOKEN`), every page and API call needs it, as a
-//! session cookie from `/login` or an `Authorization: Bearer` header. Without one the
-//! dashboard only listens on loopback and is read-only. A change (purge, replay, revoke,
-//! worker commands) is a `POST` of JSON carrying `"confirm": true`: a form on another site can
-//! send neither that content type nor the `SameSite=Strict` session cookie.
+//! session cookie from `/login` (which expires, and ends when the process does) or an
+//! `Authorization: Bearer` header. Without one the dashboard only listens on loopback and is
+//! read-only. A change (purge, replay, revoke, worker commands) is a `POST` of JSON carrying
+//! `"confirm": true`: a form on another site can send neither that content type nor the
+//! `SameSite=Strict` session cookie, and a `POST` whose `Origin` is another site is refused.
 //!
 //! Throughput and failures come from the event stream, which the dashboard asks the workers
 //! to send ([`history`]); depths, workers, tasks and dead letters are read from the adapters
@@ -48,6 +49,9 @@ const APP_CSS: &str = include_str!("assets/app.css");
 
 /// The session cookie's name.
 const COOKIE: &str = "stem_session";
+
+/// How long a login lasts.
+const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 
 /// The largest request body read.
 const MAX_BODY_BYTES: usize = 64 << 10;
@@ -119,9 +123,8 @@ pub fn check_listen(addr: SocketAddr, token: Option<&str>) -> Result<(), Dashboa
 
 struct State {
     dashboard: Dashboard,
-    /// The cookie value a login sets: a MAC of a fixed text under the token, so the cookie
-    /// never holds the token itself.
-    session: Option<String>,
+    /// What logins are checked against; `None` without a token.
+    sessions: Option<Sessions>,
     history: Mutex<History>,
     /// Whether the event stream is subscribed now.
     following: AtomicBool,
@@ -142,10 +145,10 @@ impl Running {
 
 /// Serves the dashboard on `listener` and follows the event stream.
 pub fn serve(dashboard: Dashboard, listener: TcpListener) -> Running {
-    let session = dashboard.token.as_deref().map(session_of);
+    let sessions = dashboard.token.as_deref().map(Sessions::new);
     let state = Arc::new(State {
         dashboard,
-        session,
+        sessions,
         history: Mutex::default(),
         following: AtomicBool::new(false),
     });
@@ -157,9 +160,54 @@ pub fn serve(dashboard: Dashboard, listener: TcpListener) -> Running {
     Running { server, follower }
 }
 
-fn session_of(token: &str) -> String {
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
-    hex::encode(ring::hmac::sign(&key, b"stem-dashboard-session").as_ref())
+/// Session cookies: `ISSUED.MAC`, the login time (Unix seconds) and a MAC under the token of
+/// a random value of this process and that time. The cookie never holds the token; it
+/// expires after [`SESSION_TTL`], and a restart (or another dashboard with the same token)
+/// does not take it.
+struct Sessions {
+    key: ring::hmac::Key,
+    process: [u8; 32],
+}
+
+impl Sessions {
+    fn new(token: &str) -> Sessions {
+        let mut process = [0; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut process)
+            .expect("the system's random source works");
+        Sessions {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes()),
+            process,
+        }
+    }
+
+    fn mac(&self, issued: u64) -> String {
+        let mut context = ring::hmac::Context::with_key(&self.key);
+        context.update(&self.process);
+        context.update(&issued.to_be_bytes());
+        hex::encode(context.sign().as_ref())
+    }
+
+    /// The cookie value of a login at `now` (Unix seconds).
+    fn issue(&self, now: u64) -> String {
+        format!("{now}.{}", self.mac(now))
+    }
+
+    /// Whether `cookie` is a session of this process still valid at `now`.
+    fn check(&self, cookie: &str, now: u64) -> bool {
+        let Some((issued, mac)) = cookie.split_once('.') else {
+            return false;
+        };
+        let Ok(issued) = issued.parse::<u64>() else {
+            return false;
+        };
+        issued <= now
+            && now - issued < SESSION_TTL.as_secs()
+            && same(mac.as_bytes(), self.mac(issued).as_bytes())
+    }
+}
+
+fn unix_seconds() -> u64 {
+    Timestamp::now().as_millis() / 1000
 }
 
 /// Compares in time that depends on the lengths only.
@@ -242,7 +290,8 @@ fn redirect(to: &'static str, cookie: Option<String>) -> Reply {
     response
 }
 
-/// No page may be framed, and scripts and styles come only from the dashboard itself.
+/// No page may be framed, scripts and styles come only from the dashboard itself, and no
+/// other site is sent its addresses.
 fn with_headers(mut response: Reply) -> Reply {
     let headers = response.headers_mut();
     headers.insert(
@@ -258,9 +307,11 @@ fn with_headers(mut response: Reply) -> Reply {
         HeaderValue::from_static("nosniff"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // No other site learns the dashboard's addresses; its own forms keep their `Origin`
+    // (under `no-referrer` a browser sends `Origin: null`, which [`same_origin`] refuses).
     headers.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     response
 }
@@ -286,6 +337,12 @@ const PAGES: &[&str] = &[
 async fn handle(state: Arc<State>, request: Request<Incoming>) -> Reply {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    if method == Method::POST && !same_origin(&request) {
+        return json_reply(
+            StatusCode::FORBIDDEN,
+            &json!({ "error": "a change must come from the dashboard's own pages" }),
+        );
+    }
     match (&method, path.as_str()) {
         (&Method::GET, "/assets/app.js") => {
             return reply(StatusCode::OK, "text/javascript; charset=utf-8", APP_JS);
@@ -375,7 +432,7 @@ async fn detached(state: Arc<State>, segments: Vec<String>, body: Value) -> ApiR
 
 fn authorized<B>(state: &State, request: &Request<B>) -> bool {
     let headers = request.headers();
-    let (Some(token), Some(session)) = (&state.dashboard.token, &state.session) else {
+    let (Some(token), Some(sessions)) = (&state.dashboard.token, &state.sessions) else {
         // Open on loopback only, and only to pages asked for by a loopback name: a site whose
         // name was made to resolve to 127.0.0.1 (DNS rebinding) gets nothing.
         return headers
@@ -394,8 +451,26 @@ fn authorized<B>(state: &State, request: &Request<B>) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().strip_prefix(&format!("{COOKIE}=")))
-        .any(|given| same(given.as_bytes(), session.as_bytes()));
+        .any(|given| sessions.check(given, unix_seconds()));
     bearer || cookie
+}
+
+/// Whether a `POST` may come from where it says: a browser names the page that sent it in
+/// `Origin`, which must be this dashboard (the host the request addressed), never another
+/// site or `null`. Requests without one (curl, scripts) pass: the JSON content type and the
+/// `SameSite` cookie stop a form on another site already; this is defence in depth. A proxy
+/// in front must pass `Host` through.
+fn same_origin<B>(request: &Request<B>) -> bool {
+    let headers = request.headers();
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((origin, host), (Some(origin), Some(host)) if origin.eq_ignore_ascii_case(host))
 }
 
 /// Whether a `Host` header names this machine by a loopback name or address.
@@ -412,7 +487,7 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 async fn login(state: &State, request: Request<Incoming>) -> Reply {
-    let (Some(token), Some(session)) = (&state.dashboard.token, &state.session) else {
+    let (Some(token), Some(sessions)) = (&state.dashboard.token, &state.sessions) else {
         return redirect("/", None);
     };
     let Ok(body) = Limited::new(request.into_body(), MAX_BODY_BYTES)
@@ -427,7 +502,11 @@ async fn login(state: &State, request: Request<Incoming>) -> Reply {
         tokio::time::sleep(LOGIN_FAILURE_DELAY).await;
         return login_page(StatusCode::UNAUTHORIZED, "That token is not right.");
     }
-    let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        sessions.issue(unix_seconds()),
+        SESSION_TTL.as_secs()
+    );
     redirect("/", Some(cookie))
 }
 
@@ -886,6 +965,54 @@ mod tests {
         assert_eq!(percent_decode("id%3A1").as_deref(), Some("id:1"));
         assert_eq!(percent_decode("%ff"), None);
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
+    }
+
+    #[test]
+    fn sessions_expire_and_belong_to_their_process() {
+        let sessions = Sessions::new("a-token-long-enough");
+        let now = 1_700_000_000;
+        let cookie = sessions.issue(now);
+        assert!(sessions.check(&cookie, now));
+        assert!(sessions.check(&cookie, now + SESSION_TTL.as_secs() - 1));
+        assert!(
+            !sessions.check(&cookie, now + SESSION_TTL.as_secs()),
+            "expired"
+        );
+        assert!(!sessions.check(&cookie, now - 1), "issued in the future");
+        let (_, mac) = cookie.split_once('.').unwrap();
+        let moved = format!("{}.{mac}", now + 100);
+        assert!(
+            !sessions.check(&moved, now + 200),
+            "a changed time breaks the MAC"
+        );
+        let restarted = Sessions::new("a-token-long-enough");
+        assert!(!restarted.check(&cookie, now), "another process's session");
+        for bad in ["", ".", "x.y", &format!("{now}."), mac] {
+            assert!(!sessions.check(bad, now), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn posts_from_another_origin_are_refused() {
+        let post = |origin: Option<&str>| {
+            let mut request = Request::post("/api/x").header(header::HOST, "127.0.0.1:8080");
+            if let Some(origin) = origin {
+                request = request.header(header::ORIGIN, origin);
+            }
+            same_origin(&request.body(()).unwrap())
+        };
+        assert!(post(None), "no Origin: not a browser's cross-site request");
+        assert!(post(Some("http://127.0.0.1:8080")));
+        assert!(post(Some("https://127.0.0.1:8080")), "behind a TLS proxy");
+        for origin in [
+            "http://evil.example",
+            "http://127.0.0.1:8081",
+            "http://127.0.0.1:8080.evil.example",
+            "null",
+            "127.0.0.1:8080",
+        ] {
+            assert!(!post(Some(origin)), "{origin}");
+        }
     }
 
     #[test]

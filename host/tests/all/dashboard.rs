@@ -223,15 +223,32 @@ impl InProcess {
         headers: &[(&str, &str)],
         body: Value,
     ) -> (u16, Value) {
+        let bearer = format!("Bearer {TOKEN}");
+        let mut all = vec![("Authorization", bearer.as_str())];
+        all.extend_from_slice(headers);
+        let (status, _, body) = self
+            .raw(method, path, &all, "application/json", &body.to_string())
+            .await;
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+    }
+
+    /// `METHOD PATH` with just these headers: the status code, the head and the body.
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_type: &str,
+        body: &str,
+    ) -> (u16, String, String) {
         let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {TOKEN}\r\n\
-             Content-Type: application/json\r\nConnection: close\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\n\
+             Connection: close\r\n",
             self.addr
         );
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        let body = body.to_string();
         let request = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
         let mut stream = tokio::net::TcpStream::connect(&self.addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
@@ -239,7 +256,7 @@ impl InProcess {
         stream.read_to_string(&mut response).await.unwrap();
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
         let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap();
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        (status, head.to_owned(), body.to_owned())
     }
 
     /// Publishes `sent` and dead-letters all of them.
@@ -434,4 +451,65 @@ async fn an_action_goes_on_when_its_connection_closes() {
     .await;
     let ready = dashboard.broker.stats("work").await.unwrap().ready;
     assert_eq!(ready, count);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_expire_and_changes_come_from_the_dashboards_own_pages() {
+    let dashboard = InProcess::start().await;
+    let form = "application/x-www-form-urlencoded";
+    let (status, head, _) = dashboard
+        .raw("POST", "/login", &[], form, &format!("token={TOKEN}"))
+        .await;
+    assert_eq!(status, 303, "{head}");
+    let set = head
+        .lines()
+        .find_map(|line| line.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("a login sets a cookie: {head}"));
+    assert!(set.contains("Max-Age=43200"), "the cookie expires: {set}");
+    let session = set.split(';').next().unwrap();
+    let (status, _, _) = dashboard
+        .raw("GET", "/api/overview", &[("Cookie", session)], form, "")
+        .await;
+    assert_eq!(status, 200, "the session works");
+    // A cookie with the time moved on is not a session.
+    let (name_and_time, mac) = session.split_once('.').unwrap();
+    let (name, time) = name_and_time.split_once('=').unwrap();
+    let later: u64 = time.parse::<u64>().unwrap() - 100_000;
+    let forged = format!("{name}={later}.{mac}");
+    let (status, _, _) = dashboard
+        .raw("GET", "/api/overview", &[("Cookie", &forged)], form, "")
+        .await;
+    assert_eq!(status, 401);
+
+    let purge = json!({ "confirm": true, "all": true, "expected": 0 });
+    let other_site = [("Origin", "http://evil.example")];
+    let (status, body) = dashboard
+        .call_with(
+            "POST",
+            "/api/dead-letters/purge",
+            &other_site,
+            purge.clone(),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    let own = format!("http://{}", dashboard.addr);
+    let (status, body) = dashboard
+        .call_with(
+            "POST",
+            "/api/dead-letters/purge",
+            &[("Origin", &own)],
+            purge,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = dashboard
+        .raw(
+            "POST",
+            "/login",
+            &other_site,
+            form,
+            &format!("token={TOKEN}"),
+        )
+        .await;
+    assert_eq!(status, 403, "a login posted from another site");
 }
