@@ -7,11 +7,8 @@ use clap::Args;
 
 use super::Connections;
 use super::units::parse_duration;
-use crate::control::{self, Command, Request};
+use crate::control::revoke::Revoker;
 use crate::stores::revoke::Revocation;
-
-/// Task ids per pushed revocation message.
-const PUSH_BATCH: usize = 1_000;
 
 #[derive(Args)]
 pub struct RevokeArgs {
@@ -31,49 +28,43 @@ pub struct RevokeArgs {
 }
 
 pub async fn run(args: RevokeArgs, connections: &Connections) -> anyhow::Result<ExitCode> {
-    let store = connections.revokes().await?;
+    let revokes = connections.revokes().await?;
     let backend = connections.backend().await?;
+    let broker = connections.broker().await?;
+    let channels = connections.channels();
+    let revoker = Revoker {
+        revokes: revokes.as_ref(),
+        backend: backend.as_ref(),
+        broker: &broker,
+        channels: &channels,
+    };
+    let template = Revocation {
+        reason: args.reason.clone(),
+        ..Revocation::new("", args.terminate, args.ttl)
+    };
+    let done = revoker
+        .revoke(&args.ids, &template, || connections.canvases())
+        .await?;
     let what = if args.terminate {
         "revoked and terminating"
     } else {
         "revoked"
     };
-    let mut revoked = Vec::new();
-    for id in &args.ids {
-        let revocation = Revocation {
-            reason: args.reason.clone(),
-            ..Revocation::new(id, args.terminate, args.ttl)
-        };
-        if backend.get_canvas(id).await?.is_some() {
-            let canvases = connections.canvases().await?;
-            let tasks = canvases.revoke(store.as_ref(), id, &revocation).await?;
-            println!("{id} {what} (a canvas: {} unfinished tasks)", tasks.len());
-            revoked.extend(tasks);
-            continue;
+    for revoked in &done.revoked {
+        match revoked.canvas {
+            true => println!(
+                "{} {what} (a canvas: {} unfinished tasks)",
+                revoked.id,
+                revoked.tasks.len()
+            ),
+            false => println!("{} {what}", revoked.id),
         }
-        store.revoke(&revocation).await?;
-        println!("{id} {what}");
-        revoked.push(id.clone());
     }
-    // Stored first, then pushed: a worker that misses the push finds it by polling.
-    let broker = connections.broker().await?;
-    for chunk in revoked.chunks(PUSH_BATCH) {
-        let push = Request::new(
-            Command::Revoke {
-                task_ids: chunk.to_vec(),
-                terminate: args.terminate,
-            },
-            Vec::new(),
+    if let Some(error) = done.push_failed {
+        eprintln!(
+            "warning: telling the workers at once failed ({error}); they find the \
+             revocation in the revoke store within a second"
         );
-        let channels = connections.channels();
-        if let Err(error) = control::request(&broker, &channels, &push, None, Duration::ZERO).await
-        {
-            eprintln!(
-                "warning: telling the workers at once failed ({error}); they find the \
-                 revocation in the revoke store within a second"
-            );
-            break;
-        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,6 +17,7 @@
 //! it.
 
 pub mod events;
+pub mod revoke;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -32,6 +32,7 @@ use crate::backend::{ResultBackend, StatusQuery, TaskState, TaskStatus};
 use crate::broker::{Broker, DeadLetter, DeadLetterIds, DeadLetterQuery, replay};
 use crate::canvas::Canvases;
 use crate::control::events::EventChannel;
+use crate::control::revoke::Revoker;
 use crate::control::{self, Channels, Command, Request as ControlRequest, ShutdownMode};
 use crate::envelope::is_valid_queue_name;
 use crate::http_server::ServerLimits;
@@ -764,39 +765,26 @@ async fn act(state: &State, segments: &[&str], body: &Value) -> ApiResult {
         }
         ["tasks", id, "revoke"] => {
             let terminate = body["terminate"] == Value::Bool(true);
-            let revocation = Revocation {
+            let revoker = Revoker {
+                revokes: dashboard.revokes.as_ref(),
+                backend: dashboard.backend.as_ref(),
+                broker: &dashboard.broker,
+                channels: &dashboard.channels,
+            };
+            let template = Revocation {
                 reason: Some("revoked from the dashboard".to_owned()),
                 ..Revocation::new(*id, terminate, REVOKE_TTL)
             };
-            let revoked = if dashboard.backend.get_canvas(id).await?.is_some() {
-                dashboard
-                    .canvases
-                    .revoke(dashboard.revokes.as_ref(), id, &revocation)
-                    .await?
-            } else {
-                dashboard.revokes.revoke(&revocation).await?;
-                vec![(*id).to_owned()]
-            };
-            let push = ControlRequest::new(
-                Command::Revoke {
-                    task_ids: revoked.clone(),
-                    terminate,
-                },
-                Vec::new(),
-            );
-            // Stored first: a worker that misses the push finds it by polling.
-            if let Err(error) = control::request(
-                &dashboard.broker,
-                &dashboard.channels,
-                &push,
-                None,
-                Duration::ZERO,
-            )
-            .await
-            {
+            let ids = [(*id).to_owned()];
+            let done = revoker
+                .revoke(&ids, &template, || async {
+                    Ok::<_, ApiError>(&dashboard.canvases)
+                })
+                .await?;
+            if let Some(error) = &done.push_failed {
                 tracing::warn!(%error, "pushing a revocation to the workers failed");
             }
-            Ok(json!({ "revoked": revoked }))
+            Ok(json!({ "revoked": done.task_ids() }))
         }
         ["dead-letters", "replay"] => {
             let query = selection(dashboard, body).await?;
