@@ -250,9 +250,9 @@ async fn post(request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         .to_owned();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+    let stream = tokio::net::TcpStream::connect((unbracketed(&host), port)).await?;
     let io: Box<dyn Stream> = if https {
-        let name = rustls::pki_types::ServerName::try_from(host.clone())?;
+        let name = tls_name(&host)?;
         let tls = tokio_rustls::TlsConnector::from(crate::capabilities::outbound::tls_config());
         Box::new(tls.connect(name, stream).await?)
     } else {
@@ -275,9 +275,41 @@ async fn post(request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
     Ok(Response::from_parts(parts, body))
 }
 
+/// A URI's host without the brackets of an IPv6 literal (`[::1]` is `::1`).
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// The name a TLS connection to `host` (as a URI writes it) checks: a DNS name, or an IP
+/// address (an IPv6 one without its brackets, which no name may contain).
+fn tls_name(
+    host: &str,
+) -> Result<rustls::pki_types::ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+    rustls::pki_types::ServerName::try_from(unbracketed(host).to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_names_take_ipv6_literals_without_brackets() {
+        use rustls::pki_types::ServerName;
+        assert!(matches!(tls_name("[::1]"), Ok(ServerName::IpAddress(_))));
+        assert!(matches!(
+            tls_name("127.0.0.1"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(
+            tls_name("otel.example"),
+            Ok(ServerName::DnsName(_))
+        ));
+        assert!(tls_name("[otel.example").is_err());
+        assert_eq!(unbracketed("[fe80::1]"), "fe80::1");
+        assert_eq!(unbracketed("host"), "host");
+    }
 
     #[test]
     fn traceparent_round_trips_and_refuses_malformed_values() {
