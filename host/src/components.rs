@@ -202,42 +202,82 @@ impl ComponentSource {
                 reason: reason.clone(),
             });
         }
-        let cell = {
-            let mut loaded = lock(&self.loaded);
-            match loaded.get(digest) {
-                Some(cell) => cell.clone(),
-                None => loaded.entry(digest.clone()).or_default().clone(),
-            }
-        };
-        match cell.get_or_try_init(|| self.fetch(digest)).await {
-            Ok(component) => {
-                if current.capabilities.get().is_none() {
-                    // A component that cannot describe itself now (no memory left in the
-                    // worker's budget, say) runs with nothing granted this time, and its run
-                    // fails the way the description did.
-                    match component.describe().await {
-                        Ok(definitions) => {
-                            let declared = definitions
-                                .iter()
-                                .find(|definition| definition.name == name)
-                                .map(|definition| definition.capabilities.clone())
-                                .unwrap_or_default();
-                            let _ = current
-                                .capabilities
-                                .set(RunCapabilities::intersect(&declared, &current.grants));
-                        }
-                        Err(error) => {
-                            tracing::warn!(task.name = name, %error, "cannot read the component's declarations; this run gets no capabilities");
-                        }
-                    }
+        let component = self.load_once(digest).await?;
+        if current.capabilities.get().is_none() {
+            // A component that cannot describe itself now (no memory left in the
+            // worker's budget, say) runs with nothing granted this time, and its run
+            // fails the way the description did.
+            match component.describe().await {
+                Ok(definitions) => {
+                    let declared = definitions
+                        .iter()
+                        .find(|definition| definition.name == name)
+                        .map(|definition| definition.capabilities.clone())
+                        .unwrap_or_default();
+                    let _ = current
+                        .capabilities
+                        .set(RunCapabilities::intersect(&declared, &current.grants));
                 }
-                Ok((current.clone(), component.clone()))
+                Err(error) => {
+                    tracing::warn!(task.name = name, %error, "cannot read the component's declarations; this run gets no capabilities");
+                }
             }
+        }
+        Ok((current.clone(), component))
+    }
+
+    /// Fetches and compiles the current version of every registered task not loaded yet, one
+    /// after the other, so that the first delivery of a task finds its component compiled
+    /// (a Python component takes seconds). Failures are remembered as in [`Self::resolve`].
+    pub async fn prepare_registered(&self) -> Result<(), StorageError> {
+        let mut digests: Vec<String> = self
+            .registry
+            .tasks()
+            .await?
+            .into_iter()
+            .map(|version| version.digest)
+            .collect();
+        digests.sort_unstable();
+        digests.dedup();
+        for digest in digests {
+            let known = lock(&self.loaded)
+                .get(&digest)
+                .is_some_and(|cell| cell.initialized())
+                || lock(&self.failures)
+                    .get(&digest)
+                    .is_some_and(|(_, at)| at.elapsed() < FAILURE_BACKOFF);
+            if known {
+                continue;
+            }
+            match self.load_once(&digest).await {
+                // Instantiated once to read its declarations, as its first delivery would.
+                Ok(component) => {
+                    let _ = component.describe().await;
+                }
+                // Refused again at each delivery, with its reason in the task's status.
+                Err(ComponentError::Untrusted { .. }) => {}
+                Err(error) => {
+                    tracing::warn!(digest, %error, "cannot prepare a registered component")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The component with `digest`, fetched and compiled once however many deliveries ask at
+    /// the same time; a failure is remembered for [`FAILURE_BACKOFF`].
+    async fn load_once(&self, digest: &str) -> Result<Arc<TaskComponent>, ComponentError> {
+        let cell = lock(&self.loaded)
+            .entry(digest.to_owned())
+            .or_default()
+            .clone();
+        match cell.get_or_try_init(|| self.fetch(digest)).await {
+            Ok(component) => Ok(component.clone()),
             Err(error @ ComponentError::Untrusted { .. }) => Err(error),
             Err(error) => {
                 let mut failures = lock(&self.failures);
                 failures.retain(|_, (_, at)| at.elapsed() < FAILURE_BACKOFF);
-                failures.insert(digest.clone(), (error.to_string(), Instant::now()));
+                failures.insert(digest.to_owned(), (error.to_string(), Instant::now()));
                 Err(error)
             }
         }

@@ -489,6 +489,11 @@ pub struct RunCapabilities {
 }
 
 impl RunCapabilities {
+    /// Whether the run gets nothing beyond computing: no request, secret or directory.
+    pub fn opens_nothing(&self) -> bool {
+        self.outbound.allows_nothing() && self.secrets.is_empty() && self.dirs.is_empty()
+    }
+
     /// Intersects a task's declarations with its grants. Declarations were validated at upload;
     /// one that does not parse (from an older registry) grants nothing.
     pub fn intersect(declared: &Capabilities, grants: &[Grant]) -> RunCapabilities {

@@ -54,6 +54,11 @@ pub enum Decision {
 }
 
 impl OutboundPolicy {
+    /// Whether no request can be allowed: nothing declared or nothing granted.
+    pub fn allows_nothing(&self) -> bool {
+        self.declared.is_empty() || self.granted.is_empty()
+    }
+
     pub fn new(declared: Vec<UrlPattern>, granted: Vec<UrlPattern>) -> OutboundPolicy {
         OutboundPolicy { declared, granted }
     }

@@ -149,14 +149,26 @@ struct ConnectionArgs {
         value_name = "DIR"
     )]
     cache_dir: Option<PathBuf>,
-    /// Memory of a pooled sandbox slot kept mapped between runs: at least a guest's start
-    /// image (Rust about 1MiB, Python and JavaScript 12-20MiB) makes a run fault no page in.
+    /// Size budget of the compiled-component cache; past it, the artifacts used longest ago
+    /// are deleted.
+    #[arg(
+        long,
+        global = true,
+        env = "STEM_COMPONENT_CACHE_MAX",
+        value_parser = units::parse_size,
+        default_value = "4GiB",
+        value_name = "SIZE"
+    )]
+    cache_max: u64,
+    /// Memory of a pooled sandbox slot kept mapped between runs and reset in place; the rest
+    /// is given back to the system after each run (Rust guests use about 1MiB, Python and
+    /// JavaScript 9-16MiB). More costs resident memory per slot ever used.
     #[arg(
         long,
         global = true,
         env = "STEM_KEEP_RESIDENT",
         value_parser = units::parse_size,
-        default_value = "16MiB",
+        default_value = "4MiB",
         value_name = "SIZE"
     )]
     keep_resident: u64,
@@ -374,6 +386,7 @@ impl Connections {
             forwarded.push(("STEM_COMPONENT_CACHE_DIR", dir.display().to_string()));
         }
         forwarded.push(("STEM_KEEP_RESIDENT", args.keep_resident.to_string()));
+        forwarded.push(("STEM_COMPONENT_CACHE_MAX", args.cache_max.to_string()));
         forwarded
     }
 
@@ -500,6 +513,7 @@ impl Connections {
         let mut config = RuntimeConfig {
             cache_dir: self.args.cache_dir.clone().or(defaults.cache_dir),
             keep_resident_bytes: self.args.keep_resident,
+            cache_max_bytes: self.args.cache_max,
             ..defaults
         };
         tune(&mut config);

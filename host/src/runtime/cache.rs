@@ -1,6 +1,7 @@
 //! Compiled components on local disk, keyed by the component's sha256 and the engine's
 //! compatibility hash, so a worker compiles each component once per wasmtime build and
-//! configuration, not once per process.
+//! configuration, not once per process. The directory is held to a size budget: past it, the
+//! artifacts used longest ago are deleted (a process that mapped one keeps its mapping).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -13,20 +14,25 @@ use super::error::LoadError;
 pub(crate) struct DiskCache {
     dir: PathBuf,
     engine_key: String,
+    max_bytes: u64,
 }
 
+const ARTIFACT_EXTENSION: &str = "cwasm";
+
 impl DiskCache {
-    pub fn new(dir: PathBuf, engine: &Engine) -> Self {
+    pub fn new(dir: PathBuf, engine: &Engine, max_bytes: u64) -> Self {
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         DiskCache {
             dir,
             engine_key: format!("{:016x}", hasher.finish()),
+            max_bytes,
         }
     }
 
     fn path(&self, digest: &str) -> PathBuf {
-        self.dir.join(format!("{digest}-{}.cwasm", self.engine_key))
+        self.dir
+            .join(format!("{digest}-{}.{ARTIFACT_EXTENSION}", self.engine_key))
     }
 
     /// Loads the compiled artifact for `digest`, compiling `bytes` and storing the result
@@ -43,7 +49,12 @@ impl DiskCache {
             // under a name that carries the engine's compatibility hash; wasmtime checks its
             // header again and refuses an artifact from another version or configuration.
             match unsafe { Component::deserialize_file(engine, &path) } {
-                Ok(component) => return Ok(component),
+                Ok(component) => {
+                    // Its modification time is when it was last used: eviction goes by it.
+                    let _ = std::fs::File::open(&path)
+                        .and_then(|file| file.set_modified(std::time::SystemTime::now()));
+                    return Ok(component);
+                }
                 Err(error) => {
                     tracing::warn!(path = %path.display(), "discarding unusable compiled component: {error}");
                     let _ = std::fs::remove_file(&path);
@@ -53,8 +64,11 @@ impl DiskCache {
         let compiled = engine
             .precompile_component(bytes)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
-        if let Err(error) = self.store(&path, &compiled) {
-            tracing::warn!(dir = %self.dir.display(), "cannot cache the compiled component: {error}");
+        match self.store(&path, &compiled) {
+            Ok(()) => self.evict(&path),
+            Err(error) => {
+                tracing::warn!(dir = %self.dir.display(), "cannot cache the compiled component: {error}");
+            }
         }
         // SAFETY: `compiled` was produced by this engine a moment ago.
         unsafe { Component::deserialize(engine, &compiled) }
@@ -67,5 +81,34 @@ impl DiskCache {
         let temporary = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&temporary, compiled)?;
         std::fs::rename(&temporary, path)
+    }
+
+    /// Deletes the artifacts used longest ago until the directory holds at most `max_bytes`,
+    /// `keep` (the one just stored) aside.
+    fn evict(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut artifacts: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                entry.path().extension().and_then(|e| e.to_str()) == Some(ARTIFACT_EXTENSION)
+            })
+            .filter_map(|entry| {
+                let metadata = entry.metadata().ok()?;
+                Some((metadata.modified().ok()?, metadata.len(), entry.path()))
+            })
+            .collect();
+        let mut total: u64 = artifacts.iter().map(|(_, size, _)| size).sum();
+        artifacts.sort();
+        for (_, size, path) in artifacts {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path != keep && std::fs::remove_file(&path).is_ok() {
+                tracing::info!(path = %path.display(), "compiled-component cache over its budget: deleted the artifact used longest ago");
+                total -= size;
+            }
+        }
     }
 }

@@ -25,6 +25,7 @@ mod limits;
 mod output;
 pub(crate) mod secrets;
 mod state;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,6 +54,7 @@ use limits::{MemoryBudget, MemoryBudgetHit, MemoryLimitHit, MemoryLimiter};
 use output::CapturedOutput;
 use secrets::{Redactor, SecretAccess};
 use state::{LogBudget, RunState};
+use warm::{Live, WarmPool};
 
 use crate::capabilities::outbound::OutboundHooks;
 use crate::capabilities::{Capabilities, OutboundLimits, RunCapabilities, SecretStore};
@@ -63,6 +65,8 @@ use crate::task::{Invocation, TaskDefinition, TaskOptions};
 pub struct RuntimeConfig {
     /// Where compiled components are kept; `None` compiles in memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Size budget of `cache_dir`: past it, the artifacts used longest ago are deleted.
+    pub cache_max_bytes: u64,
     /// Instances that may exist at once (the pooling allocator's slots).
     pub max_instances: u32,
     /// Largest memory cap a run may be given: the operator's ceiling per run.
@@ -79,14 +83,18 @@ pub struct RuntimeConfig {
     pub secrets: SecretStore,
     /// Linear memory of a pooled instance slot that stays mapped between runs, reset in
     /// place; pages above it are given back to the system and faulted in again by the next
-    /// run. Interpreted guests start with images of 12MiB and more (Python, JavaScript).
+    /// run.
     pub keep_resident_bytes: u64,
+    /// Runs one instance may serve (see [`warm`]); 0 or 1 gives every run a fresh instance.
+    /// Reuse trades isolation between runs of the same task for speed.
+    pub warm_runs: u32,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             cache_dir: default_cache_dir(),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             max_instances: 256,
             max_memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
             memory_total_bytes: DEFAULT_MEMORY_TOTAL_BYTES,
@@ -95,12 +103,18 @@ impl Default for RuntimeConfig {
             outbound: OutboundLimits::default(),
             secrets: SecretStore::default(),
             keep_resident_bytes: DEFAULT_KEEP_RESIDENT_BYTES,
+            warm_runs: 0,
         }
     }
 }
 
-/// The default memory a pooled slot keeps mapped between runs: a Python guest's whole image.
-pub const DEFAULT_KEEP_RESIDENT_BYTES: u64 = 16 << 20;
+/// The default size budget of the compiled-component cache (a Python component compiles to
+/// about 36MiB, a Rust one to 1-2MiB).
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 4 << 30;
+
+/// The default memory a pooled slot keeps mapped between runs (Rust guests start near 1MiB;
+/// raising it to a Python image's 16MiB measured no faster Python runs, see the README).
+pub const DEFAULT_KEEP_RESIDENT_BYTES: u64 = 4 << 20;
 
 /// The default ceiling on one run's memory.
 pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 256 << 20;
@@ -134,6 +148,7 @@ pub struct Runtime {
     pooling: bool,
     ticker: Arc<EpochTicker>,
     memory: Arc<MemoryBudget>,
+    warm: Option<Arc<WarmPool>>,
 }
 
 impl Runtime {
@@ -151,11 +166,17 @@ impl Runtime {
             cache: config
                 .cache_dir
                 .clone()
-                .map(|dir| DiskCache::new(dir, &engine)),
+                .map(|dir| DiskCache::new(dir, &engine, config.cache_max_bytes)),
             engine,
             linker,
             components: Mutex::default(),
             memory: Arc::new(MemoryBudget::new(config.memory_total_bytes)),
+            warm: (config.warm_runs > 1).then(|| {
+                Arc::new(WarmPool::new(
+                    config.warm_runs,
+                    config.max_instances as usize,
+                ))
+            }),
             config,
             pooling,
             ticker,
@@ -194,6 +215,7 @@ impl Runtime {
             outbound: self.config.outbound,
             secrets: self.config.secrets.clone(),
             memory: self.memory.clone(),
+            warm: self.warm.clone(),
             definitions: OnceCell::new(),
             _ticker: self.ticker.clone(),
         });
@@ -239,8 +261,8 @@ const MAX_HTTP_FIELDS_BYTES: usize = 16 * 1024;
 /// Pool entries one run slot may use. A Rust guest instantiates 3 core modules with 1 memory
 /// and 2 tables; a Python one (componentize-py) 14 modules with 2 memories and 2 tables (one
 /// of 5,700 functions); a JavaScript one (ComponentizeJS) 4 modules and a table of 7,700, under
-/// wasmtime's default of 20,000 elements. The pool is shared: a slot running a small guest
-/// leaves room for a larger one.
+/// wasmtime's default of 20,000 elements. A run may use no more than its slot's share, so a
+/// component built to need more cannot starve the other runs of the pool (it fails to load).
 const CORE_INSTANCES_PER_SLOT: u32 = 32;
 const MEMORIES_PER_SLOT: u32 = 4;
 const TABLES_PER_SLOT: u32 = 8;
@@ -250,13 +272,20 @@ fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> 
     wasm.epoch_interruption(true).wasm_component_model(true);
 
     let mut pool = PoolingAllocationConfig::default();
-    let slots = config.max_instances;
+    // Idle warm instances hold a slot each, up to as many as the runs themselves.
+    let slots = match config.warm_runs {
+        0 | 1 => config.max_instances,
+        _ => config.max_instances.saturating_mul(2),
+    };
     let keep_resident = usize::try_from(config.keep_resident_bytes).unwrap_or(usize::MAX);
     pool.total_component_instances(slots)
         .total_core_instances(slots.saturating_mul(CORE_INSTANCES_PER_SLOT))
         .total_memories(slots.saturating_mul(MEMORIES_PER_SLOT))
         .total_tables(slots.saturating_mul(TABLES_PER_SLOT))
         .total_stacks(slots)
+        .max_core_instances_per_component(CORE_INSTANCES_PER_SLOT)
+        .max_memories_per_component(MEMORIES_PER_SLOT)
+        .max_tables_per_component(TABLES_PER_SLOT)
         .max_memory_size(config.max_memory_bytes as usize)
         // Between runs, reset only the pages a guest dirtied and keep them mapped: far fewer
         // page faults and TLB shootdowns than unmapping a whole slot per run (Linux 6.7+).
@@ -341,6 +370,7 @@ pub struct TaskComponent {
     outbound: OutboundLimits,
     secrets: SecretStore,
     memory: Arc<MemoryBudget>,
+    warm: Option<Arc<WarmPool>>,
     definitions: OnceCell<Vec<TaskDefinition>>,
     _ticker: Arc<EpochTicker>,
 }
@@ -372,6 +402,7 @@ impl TaskComponent {
                         &RunCapabilities::default(),
                         Arc::new(DetachedHooks),
                         &RunHandle::new(),
+                        None,
                         |task, store| {
                             Box::pin(
                                 async move { task.stem_task_handler().call_describe(store).await },
@@ -411,14 +442,26 @@ impl TaskComponent {
             attempt: invocation.attempt,
             headers: invocation.headers.clone(),
         };
+        let warm = self
+            .warm
+            .as_deref()
+            .filter(|_| capabilities.opens_nothing());
         let (returned, _, redactor) = self
-            .call(info, limits, capabilities, hooks, handle, |task, store| {
-                Box::pin(async move {
-                    task.stem_task_handler()
-                        .call_run(store, &wit_invocation)
-                        .await
-                })
-            })
+            .call(
+                info,
+                limits,
+                capabilities,
+                hooks,
+                handle,
+                warm,
+                |task, store| {
+                    Box::pin(async move {
+                        task.stem_task_handler()
+                            .call_run(store, &wit_invocation)
+                            .await
+                    })
+                },
+            )
             .await?;
         let mask = |text: String| {
             if redactor.is_empty() {
@@ -453,9 +496,10 @@ impl TaskComponent {
         }
     }
 
-    /// Instantiates the component in a fresh, limited store and calls one export; returns what
-    /// it returned, the bytes of memory the instance held when it started, and the secrets the
-    /// run read, to mask them in what it returned.
+    /// Calls one export in a limited store: a fresh instance, or with `warm` a warm one of the
+    /// same task when the pool has one. Returns what it returned, the bytes of memory the
+    /// instance held when the call began, and the secrets the run read, to mask them in what
+    /// it returned.
     async fn call<R>(
         &self,
         task: TaskInfo,
@@ -463,6 +507,7 @@ impl TaskComponent {
         capabilities: &RunCapabilities,
         hooks: Arc<dyn TaskHooks>,
         handle: &RunHandle,
+        warm: Option<&WarmPool>,
         export: impl for<'a> FnOnce(
             &'a Task,
             &'a mut Store<RunState>,
@@ -472,8 +517,172 @@ impl TaskComponent {
     ) -> Result<(R, u64, Redactor), RunError> {
         // A run that fails before it is measured must not report the last run's figures.
         handle.record(RunMeasures::default());
-        let stdout = CapturedOutput::new(self.output_capture_bytes);
-        let stderr = CapturedOutput::new(self.output_capture_bytes);
+        let memory_limit = limits.memory_bytes.min(self.max_memory_bytes);
+        let task_name = task.name.clone();
+        let reused = warm
+            .and_then(|pool| pool.take(&self.digest, &task_name))
+            // A run allowed less memory than the instance already holds starts afresh.
+            .filter(|live| live.store.data().limiter.in_use() <= memory_limit);
+        let started = Instant::now();
+        let hard_deadline = started + limits.hard_time_limit;
+        let task_id = task.id.clone();
+        let redactor = Redactor::default();
+        let outbound = OutboundHooks::new(
+            capabilities.outbound.clone(),
+            self.outbound,
+            hard_deadline,
+            task.name.clone(),
+            redactor.clone(),
+        );
+        let secrets = SecretAccess {
+            granted: capabilities.secrets.clone(),
+            ungranted: capabilities.ungranted_secrets.clone(),
+            store: self.secrets.clone(),
+            revealed: redactor.clone(),
+        };
+        let logs = LogBudget::new(limits.log_bytes, limits.log_lines);
+        let soft_deadline = limits.soft_time_limit.map(|soft| started + soft);
+        let (mut store, instance, stdout, stderr, runs) = match reused {
+            Some(live) => {
+                let mut store = live.store;
+                let state = store.data_mut();
+                state.outbound = outbound;
+                state.secrets = secrets;
+                state.limiter.limit = memory_limit;
+                state.logs = logs;
+                state.task = task;
+                state.handle = handle.clone();
+                state.soft_deadline = soft_deadline;
+                state.hooks = hooks;
+                (
+                    store,
+                    Some(live.instance),
+                    live.stdout,
+                    live.stderr,
+                    live.runs,
+                )
+            }
+            None => {
+                let stdout = CapturedOutput::new(self.output_capture_bytes);
+                let stderr = CapturedOutput::new(self.output_capture_bytes);
+                let state = RunState {
+                    wasi: self.wasi(capabilities, &stdout, &stderr)?,
+                    http: {
+                        let mut http = WasiHttpCtx::new();
+                        http.set_field_size_limit(MAX_HTTP_FIELDS_BYTES);
+                        http
+                    },
+                    outbound,
+                    secrets,
+                    table: {
+                        let mut table = ResourceTable::new();
+                        table.set_max_capacity(MAX_RESOURCES_PER_RUN);
+                        table
+                    },
+                    limiter: MemoryLimiter::new(memory_limit, self.memory.clone()),
+                    logs,
+                    task,
+                    handle: handle.clone(),
+                    soft_deadline,
+                    hooks,
+                };
+                let mut store = Store::new(self.pre.engine(), state);
+                store.limiter(|state| &mut state.limiter);
+                (store, None, stdout, stderr, 0)
+            }
+        };
+        let watched = handle.clone();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if watched.is_terminated() {
+                Err(Interrupted::Terminated.into())
+            } else if Instant::now() >= hard_deadline {
+                Err(Interrupted::TimeLimit.into())
+            } else {
+                // Yielding lets the select below notice a deadline or a termination.
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let mut instantiated = None;
+        let time_limit_exceeded = RunError::TimeLimitExceeded {
+            limit: limits.hard_time_limit,
+        };
+        let outcome = {
+            let run = async {
+                let instance = match instance {
+                    Some(instance) => instance,
+                    None => {
+                        let instantiating = Instant::now();
+                        let instance =
+                            self.pre
+                                .instantiate_async(&mut store)
+                                .await
+                                .map_err(|error| match memory_error(&error) {
+                                    Some(error) => error,
+                                    None => RunError::Instantiate(format!("{error:#}")),
+                                })?;
+                        instantiated = Some(instantiating.elapsed());
+                        instance
+                    }
+                };
+                let start_bytes = store.data().limiter.in_use();
+                let returned = export(&instance, &mut store)
+                    .await
+                    .map_err(|error| classify(error, &limits, &stderr, &redactor))?;
+                Ok((returned, start_bytes, instance))
+            };
+            tokio::select! {
+                biased;
+                _ = handle.terminated() => Err(RunError::Revoked),
+                _ = tokio::time::sleep_until(hard_deadline.into()) => Err(time_limit_exceeded),
+                outcome = run => outcome,
+            }
+        };
+        handle.record(RunMeasures {
+            instantiate: instantiated,
+            memory_bytes: store.data().limiter.in_use(),
+        });
+        let dropped = store.data().logs.dropped();
+        log_guest_output(&task_id, &stdout, &stderr, &redactor);
+        if let Some((lines, bytes)) = dropped {
+            tracing::warn!(
+                task.id = task_id,
+                lines,
+                bytes,
+                "the task logged past its budget; the rest was dropped"
+            );
+        }
+        match (outcome, warm) {
+            // Only an instance whose call returned goes back: a trap, a limit or a revocation
+            // may have left it anywhere.
+            (Ok((returned, start_bytes, instance)), Some(pool)) => {
+                stdout.clear();
+                stderr.clear();
+                let live = Live {
+                    store,
+                    instance,
+                    stdout,
+                    stderr,
+                    runs: runs + 1,
+                };
+                pool.give_back(&self.digest, &task_name, live);
+                Ok((returned, start_bytes, redactor))
+            }
+            (outcome, _) => {
+                outcome.map(|(returned, start_bytes, _)| (returned, start_bytes, redactor))
+            }
+        }
+    }
+
+    /// The run's WASI context: captured stdout and stderr, no sockets, and the directories
+    /// its capabilities open.
+    fn wasi(
+        &self,
+        capabilities: &RunCapabilities,
+        stdout: &CapturedOutput,
+        stderr: &CapturedOutput,
+    ) -> Result<wasmtime_wasi::WasiCtx, RunError> {
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(stdout.clone())
             .stderr(stderr.clone())
@@ -495,107 +704,7 @@ impl TaskComponent {
                     ))
                 })?;
         }
-        let wasi = wasi.build();
-        let started = Instant::now();
-        let hard_deadline = started + limits.hard_time_limit;
-        let task_id = task.id.clone();
-        let redactor = Redactor::default();
-        let mut store = Store::new(
-            self.pre.engine(),
-            RunState {
-                wasi,
-                http: {
-                    let mut http = WasiHttpCtx::new();
-                    http.set_field_size_limit(MAX_HTTP_FIELDS_BYTES);
-                    http
-                },
-                outbound: OutboundHooks::new(
-                    capabilities.outbound.clone(),
-                    self.outbound,
-                    hard_deadline,
-                    task.name.clone(),
-                    redactor.clone(),
-                ),
-                secrets: SecretAccess {
-                    granted: capabilities.secrets.clone(),
-                    ungranted: capabilities.ungranted_secrets.clone(),
-                    store: self.secrets.clone(),
-                    revealed: redactor.clone(),
-                },
-                table: {
-                    let mut table = ResourceTable::new();
-                    table.set_max_capacity(MAX_RESOURCES_PER_RUN);
-                    table
-                },
-                limiter: MemoryLimiter::new(
-                    limits.memory_bytes.min(self.max_memory_bytes),
-                    self.memory.clone(),
-                ),
-                logs: LogBudget::new(limits.log_bytes, limits.log_lines),
-                task,
-                handle: handle.clone(),
-                soft_deadline: limits.soft_time_limit.map(|soft| started + soft),
-                hooks,
-            },
-        );
-        store.limiter(|state| &mut state.limiter);
-        let watched = handle.clone();
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if watched.is_terminated() {
-                Err(Interrupted::Terminated.into())
-            } else if Instant::now() >= hard_deadline {
-                Err(Interrupted::TimeLimit.into())
-            } else {
-                // Yielding lets the select below notice a deadline or a termination.
-                Ok(UpdateDeadline::Yield(1))
-            }
-        });
-
-        let mut instantiated = None;
-        let time_limit_exceeded = RunError::TimeLimitExceeded {
-            limit: limits.hard_time_limit,
-        };
-        let outcome = {
-            let run = async {
-                let instantiating = Instant::now();
-                let instance =
-                    self.pre.instantiate_async(&mut store).await.map_err(
-                        |error| match memory_error(&error) {
-                            Some(error) => error,
-                            None => RunError::Instantiate(format!("{error:#}")),
-                        },
-                    )?;
-                instantiated = Some(instantiating.elapsed());
-                let start_bytes = store.data().limiter.in_use();
-                let returned = export(&instance, &mut store)
-                    .await
-                    .map_err(|error| classify(error, &limits, &stderr, &redactor))?;
-                Ok((returned, start_bytes))
-            };
-            tokio::select! {
-                biased;
-                _ = handle.terminated() => Err(RunError::Revoked),
-                _ = tokio::time::sleep_until(hard_deadline.into()) => Err(time_limit_exceeded),
-                outcome = run => outcome,
-            }
-        };
-        handle.record(RunMeasures {
-            instantiate: instantiated,
-            memory_bytes: store.data().limiter.in_use(),
-        });
-        let dropped = store.data().logs.dropped();
-        drop(store);
-        log_guest_output(&task_id, &stdout, &stderr, &redactor);
-        if let Some((lines, bytes)) = dropped {
-            tracing::warn!(
-                task.id = task_id,
-                lines,
-                bytes,
-                "the task logged past its budget; the rest was dropped"
-            );
-        }
-        outcome.map(|(returned, start_bytes)| (returned, start_bytes, redactor))
+        Ok(wasi.build())
     }
 }
 

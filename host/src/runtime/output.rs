@@ -42,6 +42,13 @@ impl CapturedOutput {
     }
 }
 
+impl CapturedOutput {
+    /// Empties the buffer, for the next run of a warm instance.
+    pub fn clear(&self) {
+        *self.buffer.lock().unwrap_or_else(|p| p.into_inner()) = Buffer::default();
+    }
+}
+
 impl IsTerminal for CapturedOutput {
     fn is_terminal(&self) -> bool {
         false

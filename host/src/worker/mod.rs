@@ -91,6 +91,9 @@ pub const PREFETCH_PATIENCE: Duration = Duration::from_secs(1);
 /// How long after giving back a waiting delivery the worker fetches only for free slots.
 const FAIR_FETCH_FOR: Duration = Duration::from_secs(3);
 
+/// How soon a worker compiles a newly uploaded component, ahead of its first delivery.
+const PREPARE_EVERY: Duration = Duration::from_secs(5);
+
 /// Revocations remembered for `inspect --revoked`.
 const RECENT_REVOCATIONS: usize = 1_000;
 
@@ -688,6 +691,7 @@ impl Worker {
             tokio::spawn(autoscale::run(shared.clone())),
             tokio::spawn(sweep_direct_queues(shared.clone())),
             tokio::spawn(sample_queues(shared.clone())),
+            tokio::spawn(prepare_components(shared.clone())),
         ];
         let mut batches = JoinSet::new();
         let mut queues = config.fetched_queues();
@@ -1081,6 +1085,19 @@ async fn sample_queues(shared: Arc<Shared>) {
                 Ok(stats) => metrics.queue_depth(&stats),
                 Err(error) => tracing::warn!(queue, %error, "sampling a queue's depth failed"),
             }
+        }
+    }
+}
+
+/// Compiles the registered components ahead of their first delivery: at start, then within
+/// [`PREPARE_EVERY`] of each upload.
+async fn prepare_components(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(PREPARE_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = shared.components.prepare_registered().await {
+            tracing::warn!(%error, "cannot list the registered components to prepare them");
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (`tests/guests/scenario*`) run unchanged against each language's component, and the Python
 //! and JavaScript examples.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -209,4 +210,108 @@ async fn the_python_and_javascript_examples_run() {
         report["result"],
         json!({"words": 12, "sentences": 3, "minutes": 3})
     );
+}
+
+/// The Python and JavaScript SDKs ship the WIT inside their packages: the same bytes as `wit/`.
+#[test]
+fn the_sdks_ship_the_hosts_wit() {
+    let root = crate::support::workspace_root();
+    let wit = std::fs::read_to_string(root.join("wit/task.wit")).unwrap();
+    for copy in [
+        "guest-sdk/python/src/stem_guest/wit/task.wit",
+        "guest-sdk/js/wit/task.wit",
+    ] {
+        let shipped = std::fs::read_to_string(root.join(copy)).unwrap();
+        assert!(
+            shipped == wit,
+            "{copy} differs from wit/task.wit: copy it over"
+        );
+    }
+}
+
+/// A fresh instance per run by default; with `warm_runs`, one instance serves that many runs
+/// of a task and is dropped after a run that did not end cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_instances_serve_a_bounded_number_of_clean_runs() {
+    use stem_host::capabilities::RunCapabilities;
+    use stem_host::runtime::{DetachedHooks, RunHandle, RunLimits, Runtime, RuntimeConfig};
+    use stem_host::task::Invocation;
+
+    let calls = |runtime: Arc<Runtime>, args: &'static str| async move {
+        let component = tokio::task::spawn_blocking(move || {
+            runtime.load_file(&crate::support::guest("scenario_py"))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        component
+            .run(
+                &Invocation::new("py.calls", args.to_owned()),
+                RunLimits::default(),
+                &RunCapabilities::default(),
+                Arc::new(DetachedHooks),
+                &RunHandle::new(),
+            )
+            .await
+    };
+    let config = RuntimeConfig {
+        cache_dir: Some(crate::support::cache_dir()),
+        ..RuntimeConfig::default()
+    };
+    let fresh = Arc::new(Runtime::new(config.clone()).unwrap());
+    for _ in 0..3 {
+        assert_eq!(calls(fresh.clone(), "{}").await.unwrap(), "1");
+    }
+    let warm = Arc::new(
+        Runtime::new(RuntimeConfig {
+            warm_runs: 3,
+            ..config
+        })
+        .unwrap(),
+    );
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        served.push(calls(warm.clone(), "{}").await.unwrap());
+    }
+    assert_eq!(
+        served,
+        ["1", "2", "3", "1"],
+        "three runs, then a new instance"
+    );
+    // A run that hits a limit is not given back: the next run starts afresh.
+    let crashed = calls(warm.clone(), r#"{"crash":true}"#).await;
+    assert!(
+        matches!(
+            crashed,
+            Err(stem_host::runtime::RunError::MemoryLimitExceeded { .. })
+        ),
+        "{crashed:?}"
+    );
+    assert_eq!(calls(warm.clone(), "{}").await.unwrap(), "1");
+}
+
+/// A worker compiles a component uploaded while it runs before any delivery asks for it, so
+/// the first run of a Python task does not wait seconds for the compiler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_compile_new_uploads_ahead_of_their_first_delivery() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let _worker = platform.worker_with(&[], &[("STEM_COMPONENT_CACHE_DIR", cache_dir)]);
+    platform.upload("scenario_py");
+    let compiled = || {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|entry| entry.file_name().to_string_lossy().ends_with(".cwasm"))
+    };
+    crate::platform::eventually(
+        Duration::from_secs(120),
+        "the worker compiled the uploaded component",
+        || async { compiled() },
+    )
+    .await;
+    let listed = platform.run_ok(&["result", "list", "--json"]);
+    assert_eq!(listed.trim(), "[]", "nothing was enqueued: {listed}");
 }

@@ -743,15 +743,66 @@ fn compiled_components_are_cached_on_disk_by_digest() {
     assert!(cached[0].starts_with(&digest) && cached[0].ends_with(".cwasm"));
 
     // A second process (here: a second runtime) loads the artifact instead of compiling and
-    // storing it again.
+    // storing it again (a store renames a new file into place).
+    use std::os::unix::fs::MetadataExt;
     let artifact = dir.path().join(&cached[0]);
-    let written = std::fs::metadata(&artifact).unwrap().modified().unwrap();
+    let written = std::fs::metadata(&artifact).unwrap().ino();
     let second = Runtime::new(config).unwrap();
     let loaded = second.load(&bytes).unwrap();
     assert_eq!(loaded.digest(), digest);
-    assert_eq!(
-        std::fs::metadata(&artifact).unwrap().modified().unwrap(),
-        written
-    );
+    assert_eq!(std::fs::metadata(&artifact).unwrap().ino(), written);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn the_compiled_component_cache_keeps_to_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |max| RuntimeConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        cache_max_bytes: max,
+        ..RuntimeConfig::default()
+    };
+    let artifacts = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let digest = |name: &str| stem_host::digest::sha256_hex(&std::fs::read(guest(name)).unwrap());
+    Runtime::new(config(u64::MAX))
+        .unwrap()
+        .load_file(&guest("hello"))
+        .unwrap();
+    Runtime::new(config(u64::MAX))
+        .unwrap()
+        .load_file(&guest("reports"))
+        .unwrap();
+    assert_eq!(artifacts().len(), 2);
+    // hello is used again: reports is now the one used longest ago.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    Runtime::new(config(u64::MAX))
+        .unwrap()
+        .load_file(&guest("hello"))
+        .unwrap();
+    // A third artifact past a budget of about two and a half: the one used longest ago goes.
+    let two = artifacts()
+        .iter()
+        .map(|name| std::fs::metadata(dir.path().join(name)).unwrap().len())
+        .sum::<u64>();
+    Runtime::new(config(two + two / 4))
+        .unwrap()
+        .load_file(&guest("media"))
+        .unwrap();
+    let kept = artifacts();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(
+        kept.iter().any(|name| name.starts_with(&digest("hello"))),
+        "{kept:?}"
+    );
+    assert!(
+        kept.iter().any(|name| name.starts_with(&digest("media"))),
+        "{kept:?}"
+    );
 }

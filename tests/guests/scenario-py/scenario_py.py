@@ -49,3 +49,16 @@ def sleep(ms: int) -> int:
     """Waits without computing; returns the attempt-independent argument."""
     time.sleep(ms / 1000)
     return ms
+
+
+_calls = []
+
+
+@task(name="py.calls", memory_limit="96MiB")
+def calls(crash: bool = False) -> int:
+    """How many runs this instance served: 1 with a fresh instance per run. With `crash`, it
+    then allocates until the memory limit stops it."""
+    _calls.append(1)
+    if crash:
+        hog()
+    return len(_calls)

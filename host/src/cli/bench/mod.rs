@@ -111,6 +111,10 @@ struct RuntimeBench {
     /// measure runs with capabilities; repeatable. The run gets what the task also declares.
     #[arg(long = "grant", value_name = "GRANT")]
     grants: Vec<String>,
+    /// Let one instance serve up to N runs (`worker start --warm-runs`); 0 measures a fresh
+    /// instance per run.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    warm_runs: u32,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -337,11 +341,12 @@ async fn runtime_bench(
         args,
         iterations,
         grants,
+        warm_runs,
         json,
     }: RuntimeBench,
     connections: &Connections,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = connections.sandbox(|_| {})?;
+    let runtime = connections.sandbox(|config| config.warm_runs = warm_runs)?;
     let pooling = runtime.uses_pooling_allocator();
     let path = component.clone();
     let component = tokio::task::spawn_blocking(move || runtime.load_file(&path))
@@ -377,16 +382,24 @@ async fn runtime_bench(
         once(&invocation).await?;
     }
     let mut samples = Vec::with_capacity(iterations as usize);
+    let mut instantiations = Vec::with_capacity(iterations as usize);
     let started = Instant::now();
     for _ in 0..iterations {
         let start = Instant::now();
         once(&invocation).await?;
         samples.push(start.elapsed());
+        instantiations.extend(handle.measures().instantiate);
     }
     let total = started.elapsed();
     samples.sort();
+    instantiations.sort();
     let p = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     let (p50, p99, max) = (p(0.50), p(0.99), p(1.0));
+    let instantiate_p50 = instantiations
+        .get(instantiations.len() / 2)
+        .copied()
+        .unwrap_or_default();
+    let memory_bytes = handle.measures().memory_bytes;
     let per_second = f64::from(iterations) / total.as_secs_f64();
     if json {
         let micros = |d: Duration| d.as_secs_f64() * 1e6;
@@ -398,6 +411,9 @@ async fn runtime_bench(
             "p50_us": micros(p50),
             "p99_us": micros(p99),
             "max_us": micros(max),
+            "warm_runs": warm_runs,
+            "instantiate_p50_us": micros(instantiate_p50),
+            "memory_bytes": memory_bytes,
             "runs_per_second": per_second,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -416,6 +432,11 @@ async fn runtime_bench(
             human_duration(p50),
             human_duration(p99),
             human_duration(max)
+        );
+        println!(
+            "  instantiation p50 {}, linear memory at the end of a run {} KiB",
+            human_duration(instantiate_p50),
+            memory_bytes / 1024
         );
         println!("  {per_second:.0} runs/s");
     }
