@@ -149,6 +149,8 @@ pub struct ComponentSource {
     /// Every task name resolved so far: registered names only, so it grows with the registry
     /// and not with what producers send.
     resolved: Mutex<std::collections::HashSet<String>>,
+    /// Digests [`Self::prepare_registered`] tried, to try each once.
+    prepared: Mutex<std::collections::HashSet<String>>,
 }
 
 impl ComponentSource {
@@ -165,6 +167,7 @@ impl ComponentSource {
             loaded: Mutex::default(),
             failures: Mutex::default(),
             resolved: Mutex::default(),
+            prepared: Mutex::default(),
         }
     }
 
@@ -226,27 +229,28 @@ impl ComponentSource {
         Ok((current.clone(), component))
     }
 
-    /// Fetches and compiles the current version of every registered task not loaded yet, one
-    /// after the other, so that the first delivery of a task finds its component compiled
-    /// (a Python component takes seconds). Failures are remembered as in [`Self::resolve`].
-    pub async fn prepare_registered(&self) -> Result<(), StorageError> {
+    /// Fetches and compiles, one after the other, the current version of every registered task
+    /// declared for one of `queues` (or for the default queue) that is not loaded yet, so that
+    /// its first delivery finds it compiled (a Python component takes seconds). Each digest is
+    /// tried once this way: one that fails is left to its deliveries, as before.
+    pub async fn prepare_registered(&self, queues: &[String]) -> Result<(), StorageError> {
         let mut digests: Vec<String> = self
             .registry
             .tasks()
             .await?
             .into_iter()
+            .filter(|version| {
+                let queue = version.definition.options.queue.as_deref();
+                queues
+                    .iter()
+                    .any(|q| q == queue.unwrap_or(crate::envelope::DEFAULT_QUEUE))
+            })
             .map(|version| version.digest)
             .collect();
         digests.sort_unstable();
         digests.dedup();
         for digest in digests {
-            let known = lock(&self.loaded)
-                .get(&digest)
-                .is_some_and(|cell| cell.initialized())
-                || lock(&self.failures)
-                    .get(&digest)
-                    .is_some_and(|(_, at)| at.elapsed() < FAILURE_BACKOFF);
-            if known {
+            if !lock(&self.prepared).insert(digest.clone()) {
                 continue;
             }
             match self.load_once(&digest).await {

@@ -39,6 +39,18 @@ function parse(argv) {
   return options;
 }
 
+// The task module's `stem-guest` and `stem-guest/canvas` are this SDK, whatever copy its own
+// node_modules has: one table of tasks.
+const SDK_MODULES = { 'stem-guest': 'src/index.js', 'stem-guest/canvas': 'src/canvas.js' };
+const thisSdk = {
+  name: 'stem-guest',
+  setup(build) {
+    build.onResolve({ filter: /^stem-guest(\/canvas)?$/ }, ({ path }) => ({
+      path: join(root, SDK_MODULES[path]),
+    }));
+  },
+};
+
 export async function build({ module, output, quiet }) {
   const source = resolve(module);
   await stat(source).catch(() => {
@@ -65,10 +77,9 @@ export async function build({ module, output, quiet }) {
       format: 'esm',
       platform: 'neutral',
       target: 'es2022',
+      mainFields: ['module', 'main'],
       external: ['stem:task/*'],
-      // The task module's `stem-guest` is this SDK, whatever copy its own node_modules has:
-      // one table of tasks.
-      alias: { 'stem-guest': join(root, 'src/index.js') },
+      plugins: [thisSdk],
       logLevel: 'error',
     });
     if (!quiet) console.error(`building ${basename(output)} from ${module} with ComponentizeJS ...`);

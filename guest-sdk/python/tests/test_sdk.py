@@ -65,6 +65,11 @@ def outcomes(kind: str):
     raise KeyError(kind)
 
 
+@task(name="t.tags")
+def tags(tags: set) -> int:
+    return len(tags)
+
+
 @task(name="t.spawn")
 def spawn(ctx: TaskContext, name: str) -> str:
     return ctx.enqueue(name, {"a": 1}, queue="q", countdown="5s")
@@ -101,6 +106,14 @@ class Arguments(unittest.TestCase):
         kind, message = _registry.run(FakeHost(), invocation)
         self.assertEqual(kind, "reject")
         self.assertIn("not JSON", message)
+
+    def test_arguments_too_deep_or_unhashable_reject(self):
+        invocation = {"id": "t", "name": "t.add", "args": "[" * 100_000 + "]" * 100_000,
+                      "attempt": 1, "headers": []}
+        kind, message = _registry.run(FakeHost(), invocation)
+        self.assertEqual(kind, "reject")
+        self.assertIn("RecursionError", message)
+        self.assertEqual(run("t.tags", {"tags": [{"a": 1}]})[0], "reject")
 
     def test_an_unknown_task_rejects(self):
         self.assertEqual(run("t.nope", {})[0], "reject")

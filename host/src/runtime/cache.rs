@@ -64,15 +64,18 @@ impl DiskCache {
         let compiled = engine
             .precompile_component(bytes)
             .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        // Loaded before it is stored: an artifact this engine refuses (a component over the
+        // pool's limits, say) is never written, so no later load deletes and compiles it again.
+        // SAFETY: `compiled` was produced by this engine a moment ago.
+        let component =
+            unsafe { Component::deserialize(engine, &compiled) }.map_err(super::compile_error)?;
         match self.store(&path, &compiled) {
             Ok(()) => self.evict(&path),
             Err(error) => {
                 tracing::warn!(dir = %self.dir.display(), "cannot cache the compiled component: {error}");
             }
         }
-        // SAFETY: `compiled` was produced by this engine a moment ago.
-        unsafe { Component::deserialize(engine, &compiled) }
-            .map_err(|e| LoadError::Compile(format!("{e:#}")))
+        Ok(component)
     }
 
     /// Writes through a temporary file and a rename, so a reader never sees half a file.
@@ -91,9 +94,7 @@ impl DiskCache {
         };
         let mut artifacts: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
             .filter_map(Result::ok)
-            .filter(|entry| {
-                entry.path().extension().and_then(|e| e.to_str()) == Some(ARTIFACT_EXTENSION)
-            })
+            .filter(|entry| is_artifact_name(&entry.file_name().to_string_lossy()))
             .filter_map(|entry| {
                 let metadata = entry.metadata().ok()?;
                 Some((metadata.modified().ok()?, metadata.len(), entry.path()))
@@ -111,4 +112,18 @@ impl DiskCache {
             }
         }
     }
+}
+
+/// `SHA256-ENGINEKEY.cwasm`, the names [`DiskCache`] writes: nothing else in the directory is
+/// counted or deleted.
+fn is_artifact_name(name: &str) -> bool {
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    name.strip_suffix(&format!(".{ARTIFACT_EXTENSION}"))
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(digest, engine)| hex(digest, 64) && hex(engine, 16))
 }

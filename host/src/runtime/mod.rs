@@ -172,9 +172,11 @@ impl Runtime {
             components: Mutex::default(),
             memory: Arc::new(MemoryBudget::new(config.memory_total_bytes)),
             warm: (config.warm_runs > 1).then(|| {
+                // Idle instances may hold a quarter of the memory budget of all runs.
                 Arc::new(WarmPool::new(
                     config.warm_runs,
                     config.max_instances as usize,
+                    config.memory_total_bytes / 4,
                 ))
             }),
             config,
@@ -199,8 +201,7 @@ impl Runtime {
         check_component_header(bytes)?;
         let component = match &self.cache {
             Some(cache) => cache.load_or_compile(&self.engine, &digest, bytes)?,
-            None => Component::new(&self.engine, bytes)
-                .map_err(|e| LoadError::Compile(format!("{e:#}")))?,
+            None => Component::new(&self.engine, bytes).map_err(compile_error)?,
         };
         let instance_pre = self
             .linker
@@ -234,6 +235,22 @@ impl Runtime {
     fn lock_components(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TaskComponent>>> {
         self.components.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Why a component did not compile or load, with the pool's per-run limits named when it
+/// needs more than they allow.
+fn compile_error(error: wasmtime::Error) -> LoadError {
+    let message = format!("{error:#}");
+    if message.contains("core module instances")
+        || message.contains("memories")
+        || message.contains("tables")
+    {
+        return LoadError::Compile(format!(
+            "{message}; a task's component may use at most {CORE_INSTANCES_PER_SLOT} core \
+             instances, {MEMORIES_PER_SLOT} memories and {TABLES_PER_SLOT} tables"
+        ));
+    }
+    LoadError::Compile(message)
 }
 
 /// A component that does not link: built against another version of the WIT package, or
@@ -297,8 +314,9 @@ fn create_engine(config: &RuntimeConfig) -> Result<(Engine, bool), EngineError> 
     match Engine::new(&pooled) {
         Ok(engine) => Ok((engine, true)),
         Err(error) => {
-            tracing::warn!(
-                "pooling allocator unavailable ({error}); falling back to on-demand allocation"
+            tracing::error!(
+                "pooling allocator unavailable ({error}); falling back to on-demand allocation: \
+                 slower instantiation, and no per-run limit on core instances, memories and tables"
             );
             Engine::new(&wasm)
                 .map(|engine| (engine, false))
@@ -352,6 +370,17 @@ fn check_component_header(bytes: &[u8]) -> Result<(), LoadError> {
     }
 }
 
+/// What one call of an export runs as and under.
+struct CallSetup<'a> {
+    task: TaskInfo,
+    limits: RunLimits,
+    capabilities: &'a RunCapabilities,
+    hooks: Arc<dyn TaskHooks>,
+    handle: &'a RunHandle,
+    /// Where a warm instance may come from and go back to; `None` for a fresh one.
+    warm: Option<&'a WarmPool>,
+}
+
 /// Why the epoch callback stopped a guest.
 #[derive(Debug, thiserror::Error)]
 enum Interrupted {
@@ -397,12 +426,14 @@ impl TaskComponent {
                 };
                 let (definitions, start_bytes, _) = self
                     .call(
-                        info,
-                        limits,
-                        &RunCapabilities::default(),
-                        Arc::new(DetachedHooks),
-                        &RunHandle::new(),
-                        None,
+                        CallSetup {
+                            task: info,
+                            limits,
+                            capabilities: &RunCapabilities::default(),
+                            hooks: Arc::new(DetachedHooks),
+                            handle: &RunHandle::new(),
+                            warm: None,
+                        },
                         |task, store| {
                             Box::pin(
                                 async move { task.stem_task_handler().call_describe(store).await },
@@ -448,12 +479,14 @@ impl TaskComponent {
             .filter(|_| capabilities.opens_nothing());
         let (returned, _, redactor) = self
             .call(
-                info,
-                limits,
-                capabilities,
-                hooks,
-                handle,
-                warm,
+                CallSetup {
+                    task: info,
+                    limits,
+                    capabilities,
+                    hooks,
+                    handle,
+                    warm,
+                },
                 |task, store| {
                     Box::pin(async move {
                         task.stem_task_handler()
@@ -502,12 +535,7 @@ impl TaskComponent {
     /// it returned.
     async fn call<R>(
         &self,
-        task: TaskInfo,
-        limits: RunLimits,
-        capabilities: &RunCapabilities,
-        hooks: Arc<dyn TaskHooks>,
-        handle: &RunHandle,
-        warm: Option<&WarmPool>,
+        setup: CallSetup<'_>,
         export: impl for<'a> FnOnce(
             &'a Task,
             &'a mut Store<RunState>,
@@ -515,6 +543,14 @@ impl TaskComponent {
             Box<dyn Future<Output = wasmtime::Result<R>> + Send + 'a>,
         >,
     ) -> Result<(R, u64, Redactor), RunError> {
+        let CallSetup {
+            task,
+            limits,
+            capabilities,
+            hooks,
+            handle,
+            warm,
+        } = setup;
         // A run that fails before it is measured must not report the last run's figures.
         handle.record(RunMeasures::default());
         let memory_limit = limits.memory_bytes.min(self.max_memory_bytes);

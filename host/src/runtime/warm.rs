@@ -7,10 +7,12 @@
 //! cleanly (a result or a task error, not a trap, a limit or a revocation) serves up to N runs
 //! of the same task on the same worker. Runs with capabilities granted always get a fresh
 //! instance. Idle instances keep their memory, counted against the worker's memory budget, and
-//! an instance slot each; the oldest idle one is dropped past the pool's capacity.
+//! an instance slot each: the oldest idle ones are dropped past the pool's count or memory
+//! bound, and any idle for [`IDLE_FOR`].
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 
@@ -29,29 +31,49 @@ pub(crate) struct Live {
     pub runs: u32,
 }
 
+/// How long an instance may wait for its next run before it is dropped.
+pub(crate) const IDLE_FOR: Duration = Duration::from_secs(30);
+
+struct Idle {
+    digest: String,
+    task: String,
+    since: Instant,
+    live: Live,
+}
+
 /// The idle warm instances of one runtime, oldest first.
 pub(crate) struct WarmPool {
     runs_per_instance: u32,
     capacity: usize,
-    idle: Mutex<VecDeque<(String, String, Live)>>,
+    /// Linear memory the idle instances may hold together.
+    max_idle_bytes: u64,
+    idle: Mutex<VecDeque<Idle>>,
 }
 
 impl WarmPool {
-    pub fn new(runs_per_instance: u32, capacity: usize) -> WarmPool {
+    pub fn new(runs_per_instance: u32, capacity: usize, max_idle_bytes: u64) -> WarmPool {
         WarmPool {
             runs_per_instance,
             capacity,
+            max_idle_bytes,
             idle: Mutex::default(),
         }
     }
 
     /// An idle instance of `task` in the component `digest`, if there is one.
     pub fn take(&self, digest: &str, task: &str) -> Option<Live> {
-        let mut idle = lock(&self.idle);
-        let at = idle
-            .iter()
-            .rposition(|(d, t, _)| d == digest && t == task)?;
-        idle.remove(at).map(|(_, _, live)| live)
+        let (found, expired) = {
+            let mut idle = lock(&self.idle);
+            let expired = self.expire(&mut idle);
+            let found = idle
+                .iter()
+                .rposition(|entry| entry.digest == digest && entry.task == task)
+                .and_then(|at| idle.remove(at))
+                .map(|entry| entry.live);
+            (found, expired)
+        };
+        drop(expired);
+        found
     }
 
     /// Keeps an instance that ended a run cleanly, unless it served its runs.
@@ -59,13 +81,35 @@ impl WarmPool {
         if live.runs >= self.runs_per_instance {
             return;
         }
-        let evicted: Vec<_> = {
+        let evicted = {
             let mut idle = lock(&self.idle);
-            idle.push_back((digest.to_owned(), task.to_owned(), live));
-            let over = idle.len().saturating_sub(self.capacity);
-            idle.drain(..over).collect()
+            idle.push_back(Idle {
+                digest: digest.to_owned(),
+                task: task.to_owned(),
+                since: Instant::now(),
+                live,
+            });
+            let mut evicted = self.expire(&mut idle);
+            let held = |idle: &VecDeque<Idle>| -> u64 {
+                idle.iter()
+                    .map(|entry| entry.live.store.data().limiter.in_use())
+                    .sum()
+            };
+            while idle.len() > self.capacity || held(&idle) > self.max_idle_bytes {
+                evicted.extend(idle.pop_front());
+            }
+            evicted
         };
         // Dropped outside the lock: freeing an instance takes a while.
         drop(evicted);
+    }
+
+    /// Takes out the instances idle for longer than [`IDLE_FOR`].
+    fn expire(&self, idle: &mut VecDeque<Idle>) -> Vec<Idle> {
+        let fresh = idle
+            .iter()
+            .position(|entry| entry.since.elapsed() < IDLE_FOR)
+            .unwrap_or(idle.len());
+        idle.drain(..fresh).collect()
     }
 }

@@ -1089,14 +1089,15 @@ async fn sample_queues(shared: Arc<Shared>) {
     }
 }
 
-/// Compiles the registered components ahead of their first delivery: at start, then within
-/// [`PREPARE_EVERY`] of each upload.
+/// Compiles the registered components of this worker's queues ahead of their first delivery:
+/// at start, then within [`PREPARE_EVERY`] of each upload.
 async fn prepare_components(shared: Arc<Shared>) {
     let mut ticks = tokio::time::interval(PREPARE_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        if let Err(error) = shared.components.prepare_registered().await {
+        let queues = shared.config.fetched_queues();
+        if let Err(error) = shared.components.prepare_registered(&queues).await {
             tracing::warn!(%error, "cannot list the registered components to prepare them");
         }
     }

@@ -117,6 +117,22 @@ async fn javascript_scenario() {
     scenario(component, lang).await;
 }
 
+/// `stem-guest/canvas` resolves to the SDK that builds the component: a chain submitted from
+/// JavaScript runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_task_submits_a_chain() {
+    let _serial = serial().await;
+    let platform = Platform::sqlite();
+    platform.upload("scenario_js");
+    let _worker = platform.worker(&[]);
+    let (succeeded, report) = platform.enqueue_and_wait("js.chain", r#"{"n":20}"#, &[]);
+    assert!(succeeded, "{report}");
+    let canvas = report["result"].as_str().expect("the canvas id");
+    let done: Value =
+        serde_json::from_str(&platform.run_ok(&["result", "wait", canvas, "--json"])).unwrap();
+    assert_eq!(done["result"], 41, "{done}");
+}
+
 /// The Python pool footprint (14 core instances a run) fits 300 runs at once on one worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_python_runs_at_once() {

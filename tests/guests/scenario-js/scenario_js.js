@@ -2,6 +2,7 @@
 // and tests/guests/scenario-py, under the prefix `js.`.
 
 import { Reject, task } from 'stem-guest';
+import { chain, task as step } from 'stem-guest/canvas';
 
 task({ name: 'js.add', params: { a: 'integer', b: 'integer' } }, ({ a, b }) => a + b);
 
@@ -26,3 +27,9 @@ task({ name: 'js.hog', memoryLimit: '96MiB' }, () => {
 });
 
 task({ name: 'js.spawn', params: { n: 'integer' } }, ({ n }, ctx) => ctx.enqueue('js.add', { a: n, b: n }));
+
+// A canvas through the SDK's `stem-guest/canvas` import: js.add(n, n), then js.add(input, 1).
+task({ name: 'js.chain', params: { n: 'integer' } }, ({ n }, ctx) =>
+  ctx.submit(chain([step('js.add', { a: n, b: n }), step('js.inc', {})])),
+);
+task({ name: 'js.inc', params: { input: 'integer' } }, ({ input }) => input + 1);

@@ -23,7 +23,8 @@ parameters; what it returns is stored as its JSON result::
 
 The module is imported once, when the component is built (its module-level code and imports
 run then, and their state is frozen into the component); every run starts from that state in a
-fresh instance, so nothing a run changes is seen by the next one.
+fresh instance, so nothing a run changes is seen by the next one, unless the worker's operator
+turned on warm instances (`worker start --warm-runs N`) for speed.
 """
 
 from ._context import LogLevel, StemError, TaskContext

@@ -4,6 +4,8 @@
 exists only while a component is built, so only the build's entry module imports this file.
 """
 
+import sys
+
 from componentize_py_types import Err
 from wit_world import exports
 from wit_world.imports import context, types
@@ -76,16 +78,23 @@ class Handler(exports.Handler):
         return [_definition(entry) for entry in _registry.definitions()]
 
     def run(self, invocation):
-        outcome = _registry.run(
-            _HOST,
-            {
-                "id": invocation.id,
-                "name": invocation.name,
-                "args": invocation.args,
-                "attempt": invocation.attempt,
-                "headers": invocation.headers,
-            },
-        )
+        try:
+            outcome = _registry.run(
+                _HOST,
+                {
+                    "id": invocation.id,
+                    "name": invocation.name,
+                    "args": invocation.args,
+                    "attempt": invocation.attempt,
+                    "headers": invocation.headers,
+                },
+            )
+        except BaseException as error:  # an SDK bug must fail the run, not trap the instance
+            outcome = ("fail", f"the Python SDK failed: {error!r}")
+        finally:
+            # Output a run printed belongs to its own log, not to a later run's.
+            sys.stdout.flush()
+            sys.stderr.flush()
         kind = outcome[0]
         if kind == "ok":
             return outcome[1]

@@ -89,6 +89,8 @@ class _Task:
             bound = self._bind(args)
         except _BadArguments as error:
             return ("reject", f"task `{self.name}`: {error}")
+        except Exception as error:  # too deep, unhashable, a dataclass's own checks, ...
+            return ("reject", f"task `{self.name}`: the arguments do not fit: {error!r}")
         try:
             if self.wants_context:
                 result = self.function(context, *bound.args, **bound.kwargs)
