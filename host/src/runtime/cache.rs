@@ -92,8 +92,19 @@ impl DiskCache {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
+        let entries: Vec<_> = entries.filter_map(Result::ok).collect();
+        // A process that died while storing leaves its temporary file behind.
+        for entry in &entries {
+            let stale = entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > STALE_TEMPORARY));
+            if stale && is_temporary_name(&entry.file_name().to_string_lossy()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let mut artifacts: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
-            .filter_map(Result::ok)
+            .iter()
             .filter(|entry| is_artifact_name(&entry.file_name().to_string_lossy()))
             .filter_map(|entry| {
                 let metadata = entry.metadata().ok()?;
@@ -114,16 +125,51 @@ impl DiskCache {
     }
 }
 
+/// How old a temporary file must be to count as left behind by a process that died.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// `SHA256-ENGINEKEY.cwasm`, the names [`DiskCache`] writes: nothing else in the directory is
 /// counted or deleted.
 fn is_artifact_name(name: &str) -> bool {
+    name.strip_suffix(&format!(".{ARTIFACT_EXTENSION}"))
+        .is_some_and(is_artifact_stem)
+}
+
+/// `SHA256-ENGINEKEY.tmpPID`, an artifact being written.
+fn is_temporary_name(name: &str) -> bool {
+    name.rsplit_once(".tmp").is_some_and(|(stem, pid)| {
+        is_artifact_stem(stem) && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+fn is_artifact_stem(stem: &str) -> bool {
     let hex = |part: &str, len: usize| {
         part.len() == len
             && part
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
-    name.strip_suffix(&format!(".{ARTIFACT_EXTENSION}"))
-        .and_then(|stem| stem.split_once('-'))
+    stem.split_once('-')
         .is_some_and(|(digest, engine)| hex(digest, 64) && hex(engine, 16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{is_artifact_name, is_temporary_name};
+
+    #[test]
+    fn only_the_caches_own_files_are_counted_or_deleted() {
+        let stem = format!("{}-{}", "a1".repeat(32), "0f".repeat(8));
+        assert!(is_artifact_name(&format!("{stem}.cwasm")));
+        assert!(is_temporary_name(&format!("{stem}.tmp4242")));
+        assert!(!is_artifact_name("notes.cwasm"));
+        assert!(!is_artifact_name(&format!("{stem}.cwasm.bak")));
+        assert!(!is_artifact_name(&format!(
+            "{}-{}.cwasm",
+            "A1".repeat(32),
+            "0f".repeat(8)
+        )));
+        assert!(!is_temporary_name(&format!("{stem}.tmp")));
+        assert!(!is_temporary_name(&format!("{stem}.tmpx1")));
+    }
 }
