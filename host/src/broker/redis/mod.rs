@@ -513,13 +513,7 @@ impl Broker for RedisBroker {
             .arg(GROUP)
             .arg(millis(window).max(1));
         for envelope in envelopes {
-            let ready_at = envelope.ready_at(now);
-            let (due, delayed_id) = if ready_at > now {
-                let id = uuid::Uuid::new_v4().simple().to_string();
-                (ready_at.as_millis(), id)
-            } else {
-                (0, String::new())
-            };
+            let (due, delayed_id) = delay_slot(envelope, now);
             invocation
                 .arg(&envelope.id)
                 .arg(&envelope.queue)
@@ -539,16 +533,7 @@ impl Broker for RedisBroker {
         window: Duration,
     ) -> Result<Option<String>, StorageError> {
         envelope.validate()?;
-        let now = Timestamp::now();
-        let ready_at = envelope.ready_at(now);
-        let (due, delayed_id) = if ready_at > now {
-            (
-                ready_at.as_millis(),
-                uuid::Uuid::new_v4().simple().to_string(),
-            )
-        } else {
-            (0, String::new())
-        };
+        let (due, delayed_id) = delay_slot(envelope, Timestamp::now());
         let holder: Option<String> = self
             .inner
             .scripts
@@ -688,15 +673,7 @@ impl Broker for RedisBroker {
         envelope: &Envelope,
     ) -> Result<bool, StorageError> {
         envelope.validate()?;
-        let now = Timestamp::now();
-        let ready_at = envelope.ready_at(now);
-        let (due, delayed_id) = match ready_at > now {
-            true => (
-                ready_at.as_millis(),
-                uuid::Uuid::new_v4().simple().to_string(),
-            ),
-            false => (0, String::new()),
-        };
+        let (due, delayed_id) = delay_slot(envelope, Timestamp::now());
         let moved: i64 = self
             .inner
             .scripts
@@ -796,6 +773,20 @@ impl Broker for RedisBroker {
             }
         });
         Ok(Subscription::fed_by(receiver, feeder))
+    }
+}
+
+/// Where the scripts put an entry: `(0, "")` when it is ready at `now`, else the millisecond
+/// it is due and a fresh id for its place in the delayed set.
+fn delay_slot(envelope: &Envelope, now: Timestamp) -> (u64, String) {
+    let ready_at = envelope.ready_at(now);
+    if ready_at > now {
+        (
+            ready_at.as_millis(),
+            uuid::Uuid::new_v4().simple().to_string(),
+        )
+    } else {
+        (0, String::new())
     }
 }
 
