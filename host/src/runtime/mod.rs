@@ -241,10 +241,9 @@ impl Runtime {
 /// needs more than they allow.
 fn compile_error(error: wasmtime::Error) -> LoadError {
     let message = format!("{error:#}");
-    if message.contains("core module instances")
-        || message.contains("memories")
-        || message.contains("tables")
-    {
+    // wasmtime's pooling allocator says "The component transitively contains N …, which
+    // exceeds the configured maximum" for each of the three.
+    if message.contains("The component transitively contains") {
         return LoadError::Compile(format!(
             "{message}; a task's component may use at most {CORE_INSTANCES_PER_SLOT} core \
              instances, {MEMORIES_PER_SLOT} memories and {TABLES_PER_SLOT} tables"

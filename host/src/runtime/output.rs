@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use crate::sync::lock;
+
 #[derive(Default)]
 struct Buffer {
     bytes: Vec<u8>,
@@ -31,7 +33,7 @@ impl CapturedOutput {
 
     /// What the guest wrote, lossily decoded, with a note when some of it was dropped.
     pub fn text(&self) -> String {
-        let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let buffer = lock(&self.buffer);
         let mut text = String::from_utf8_lossy(&buffer.bytes)
             .trim_end()
             .to_string();
@@ -40,12 +42,10 @@ impl CapturedOutput {
         }
         text
     }
-}
 
-impl CapturedOutput {
     /// Empties the buffer, for the next run of a warm instance.
     pub fn clear(&self) {
-        *self.buffer.lock().unwrap_or_else(|p| p.into_inner()) = Buffer::default();
+        *lock(&self.buffer) = Buffer::default();
     }
 }
 
@@ -73,7 +73,7 @@ impl Pollable for CapturedOutput {
 
 impl OutputStream for CapturedOutput {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buffer = lock(&self.buffer);
         let room = self.capacity.saturating_sub(buffer.bytes.len());
         let kept = bytes.len().min(room);
         buffer.bytes.extend_from_slice(&bytes[..kept]);

@@ -90,13 +90,14 @@ impl WarmPool {
                 live,
             });
             let mut evicted = self.expire(&mut idle);
-            let held = |idle: &VecDeque<Idle>| -> u64 {
-                idle.iter()
-                    .map(|entry| entry.live.store.data().limiter.in_use())
-                    .sum()
-            };
-            while idle.len() > self.capacity || held(&idle) > self.max_idle_bytes {
-                evicted.extend(idle.pop_front());
+            let held_by = |entry: &Idle| entry.live.store.data().limiter.in_use();
+            let mut held: u64 = idle.iter().map(held_by).sum();
+            while idle.len() > self.capacity || held > self.max_idle_bytes {
+                let Some(oldest) = idle.pop_front() else {
+                    break;
+                };
+                held -= held_by(&oldest);
+                evicted.push(oldest);
             }
             evicted
         };

@@ -46,7 +46,7 @@ def spawn(ctx: TaskContext, n: int) -> str:
 
 @task(name="py.sleep")
 def sleep(ms: int) -> int:
-    """Waits without computing; returns the attempt-independent argument."""
+    """Waits `ms` milliseconds without computing; returns `ms`."""
     time.sleep(ms / 1000)
     return ms
 

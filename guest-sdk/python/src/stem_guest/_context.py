@@ -3,7 +3,7 @@
 import json
 from enum import Enum
 
-from . import _options
+from . import _options, canvas
 
 
 class LogLevel(Enum):
@@ -86,18 +86,12 @@ class TaskContext:
             raise StemError(f"cannot submit the canvas: {error}") from None
 
     def chain(self, steps):
-        from . import canvas
-
         return self.submit(canvas.chain(steps))
 
     def group(self, members):
-        from . import canvas
-
         return self.submit(canvas.group(members))
 
     def chord(self, header, callback):
-        from . import canvas
-
         return self.submit(canvas.chord(header, callback))
 
     def secret(self, name):
